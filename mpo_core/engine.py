@@ -1,0 +1,508 @@
+"""The decoding engine: one thread owns the models and runs continuous batching.
+
+Each step (``_step``):
+1. admit waiting requests up to ``max_running`` and drop cancelled ones;
+2. every model runs once: a decode over its running rows' newest tokens, and a prefill
+   of the newcomers' prompts (a model runs only the rows where its coefficient is
+   non-zero, so a one-hot request costs one forward and s = 1 never runs the reference);
+3. mix the log-probs per row with that row's weights and strength (``mixing``);
+4. sample per row with that row's parameters and generator (``sampling``);
+5. emit a ``TokenEvent`` per row and retire finished rows from every model's batch.
+
+Scoring (teacher-forced log-probs for fitting) runs on the same thread in chunks between
+decode steps, so a fit never holds up serving for more than one chunk.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .errors import EngineNotRunning, InvalidParameter, Overloaded
+from .kvcache import ModelBatch
+from .mixing import WeightsInput, check_strength, mix_logprobs, normalize_weights
+from .policies import PolicySet
+from .sampling import SamplingParams, sample_tokens
+from .scoring import ScoreResult, score_sequences
+from .streams import GenerationResult, RequestStream, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLimits:
+    max_running: int = 16  # sequences decoded together
+    max_queued: int = 64  # requests waiting for a slot; beyond that submit raises Overloaded
+    max_context: int | None = None  # prompt + new tokens; None = the models' own limit
+    max_top_logprobs: int = 20
+    score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    weights: WeightsInput = None  # {name: w} or [w, ...]; None = uniform
+    strength: float = 1.0
+    request_id: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    steps: int
+    generated_tokens: int
+
+
+class EngineObserver(Protocol):
+    def on_step(self, batch_size: int, forward_seconds: dict[str, float]) -> None: ...
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one request."""
+
+    sid: int
+    request: GenerationRequest
+    stream: RequestStream
+    coefs: list[float]  # per model (policies, then reference): its weight in log p
+    generator: torch.Generator
+    token_ids: list[int]  # prompt + generated
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # detokenised reply so far
+    emitted: int = 0  # characters of ``text`` already sent
+    stop_at: int | None = None  # where a stop string begins in ``text``, once found
+    prefilled: bool = False
+
+
+class Engine:
+    """Holds a PolicySet and decodes mixtures for many concurrent requests."""
+
+    def __init__(
+        self,
+        policy_set: PolicySet,
+        limits: EngineLimits | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.policy_set = policy_set
+        self.limits = limits or EngineLimits()
+        self.observer = observer
+        self.max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
+        models = [*policy_set.policies]
+        if policy_set.reference is not None:
+            models.append(policy_set.reference)
+        self._batches = [ModelBatch(m, policy_set.vocab_size, policy_set.device) for m in models]
+        self._lock = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}
+        self._jobs: deque[Callable[[], bool]] = deque()  # return True when finished
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._steps = 0
+        self._generated_tokens = 0
+        self._special_ids = set(policy_set.tokenizer.all_special_ids)
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.policy_set.tokenizer
+
+    @property
+    def policy_names(self) -> list[str]:
+        return self.policy_set.names
+
+    @property
+    def has_reference(self) -> bool:
+        return self.policy_set.reference is not None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._failure is None
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(len(self._running), len(self._waiting), self._steps, self._generated_tokens)
+
+    def normalize_weights(self, weights: WeightsInput) -> dict[str, float]:
+        return dict(zip(self.policy_names, normalize_weights(weights, self.policy_names)))
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._accepting = True
+            self._thread = threading.Thread(target=self._loop, name="mpo-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to ``timeout`` s, cancel the rest."""
+        with self._lock:
+            self._accepting = False
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.is_alive:
+            with self._lock:
+                if not self._running and not self._waiting and not self._jobs:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            for seq in [*self._waiting, *self._running.values()]:
+                seq.stream.cancelled = True
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- requests --------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; its events arrive on the returned stream."""
+        seq = self._prepare(request)
+        with self._lock:
+            if not self._accepting or self._failure is not None:
+                raise EngineNotRunning("the engine is not running (not started, stopping or failed)")
+            if len(self._waiting) >= self.limits.max_queued:
+                raise Overloaded(
+                    f"{len(self._running)} sequences are running and {len(self._waiting)} are "
+                    f"queued (limit {self.limits.max_queued}); retry later",
+                    retry_after=1.0,
+                )
+            self._waiting.append(seq)
+            self._lock.notify_all()
+        return seq.stream
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Blocking convenience: submit and collect every event."""
+        stream = self.submit(request)
+        events = list(stream)
+        token_ids = [e.token_id for e in events]
+        return GenerationResult(
+            token_ids=token_ids,
+            text="".join(e.text for e in events),
+            finish_reason=events[-1].finish_reason or "length",
+            seed=stream.seed,
+            weights=stream.weights,
+            prompt_tokens=stream.prompt_tokens,
+            events=events,
+        )
+
+    def _prepare(self, request: GenerationRequest) -> _Sequence:
+        ps = self.policy_set
+        params = request.sampling
+        params.validate(ps.vocab_size, self.limits.max_top_logprobs)
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < ps.vocab_size), None)
+        if bad is not None:
+            raise InvalidParameter("prompt", f"prompt token id {bad!r} is outside [0, {ps.vocab_size})")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_context:
+            raise InvalidParameter(
+                "max_new_tokens",
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the context limit of {self.max_context} tokens",
+            )
+        weights = normalize_weights(request.weights, ps.names)
+        strength = check_strength(request.strength, self.has_reference)
+        coefs = [strength * w for w in weights]
+        if self.has_reference:
+            coefs.append(1.0 - strength)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=ps.device)
+        generator.manual_seed(seed)
+        sid = next(self._ids)
+        stream = RequestStream(
+            request_id=request.request_id or uuid.uuid4().hex,
+            weights=dict(zip(ps.names, weights)),
+            strength=strength,
+            prompt_tokens=len(prompt),
+            seed=seed,
+            on_cancel=self._wake,
+        )
+        return _Sequence(sid, request, stream, coefs, generator, prompt)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # -- scoring ---------------------------------------------------------------------
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> ScoreResult:
+        """Total log-prob of each completion given its prompt, under every model.
+
+        Runs on the engine thread, one chunk per loop turn, interleaved with decoding.
+        """
+        if len(prompts) != len(completions):
+            raise InvalidParameter("completions", "prompts and completions must have the same length")
+        for name, seqs in (("prompts", prompts), ("completions", completions)):
+            for s in seqs:
+                if any(not 0 <= t < self.policy_set.vocab_size for t in s):
+                    raise InvalidParameter(name, f"a token id in {name} is outside the vocabulary")
+        if self._thread is None or threading.current_thread() is self._thread:
+            return score_sequences(self.policy_set, prompts, completions, self.limits.score_chunk_tokens)
+        future: concurrent.futures.Future[ScoreResult] = concurrent.futures.Future()
+        parts: list[ScoreResult] = []
+        chunks = _chunk_indices([len(p) + len(c) for p, c in zip(prompts, completions)],
+                                self.limits.score_chunk_tokens)
+        pending = deque(chunks)
+
+        def run_one_chunk() -> bool:
+            if future.cancelled():
+                return True
+            try:
+                idx = pending.popleft()
+                parts.append(score_sequences(
+                    self.policy_set, [prompts[i] for i in idx], [completions[i] for i in idx],
+                    self.limits.score_chunk_tokens,
+                ))
+                if not pending:
+                    future.set_result(ScoreResult.concat(parts))
+                    return True
+            except BaseException as exc:  # delivered to the caller, not the loop
+                future.set_exception(exc)
+                return True
+            return False
+
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotRunning("the engine is not running")
+            self._jobs.append(run_one_chunk)
+            self._lock.notify_all()
+        return future.result()
+
+    # -- the loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._running or self._jobs or self._stopping):
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                    newcomers = self._admit()
+                if self._running or newcomers:
+                    self._step(newcomers)
+                self._run_one_job()
+        except BaseException as exc:  # report to every caller instead of hanging them
+            logger.exception("engine loop failed")
+            self._failure = exc
+        finally:
+            self._fail_all(self._failure)
+
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting requests into free slots (lock held)."""
+        for seq in [s for s in self._waiting if s.stream.cancelled]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        newcomers = []
+        while self._waiting and len(self._running) + len(newcomers) < self.limits.max_running:
+            newcomers.append(self._waiting.popleft())
+        return newcomers
+
+    def _run_one_job(self) -> None:
+        if not self._jobs:
+            return
+        job = self._jobs[0]
+        if job():
+            with self._lock:
+                self._jobs.popleft()
+
+    def _fail_all(self, failure: BaseException | None) -> None:
+        with self._lock:
+            self._accepting = False
+            pending = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+            self._running.clear()
+        for seq in pending:
+            if failure is None:
+                self._finish(seq, "cancelled")
+            else:
+                seq.stream.push(EngineNotRunning(f"the engine failed: {failure!r}"))
+
+    def _step(self, newcomers: list[_Sequence]) -> None:
+        running = [s for s in self._running.values() if not s.stream.cancelled]
+        cancelled = [s for s in self._running.values() if s.stream.cancelled]
+        self._retire(cancelled)
+        for seq in cancelled:
+            self._finish(seq, "cancelled")
+        if not running and not newcomers:
+            return
+        active = running + newcomers
+        row_of = {seq.sid: row for row, seq in enumerate(active)}
+        ps = self.policy_set
+        num_models = len(self._batches)
+        logprobs = torch.zeros(num_models, len(active), ps.vocab_size, device=ps.device)  # [M, B, V]
+        forward_seconds: dict[str, float] = {}
+        for m, batch in enumerate(self._batches):
+            started = time.perf_counter()
+            if len(batch):
+                seqs = [self._running[sid] for sid in batch.row_ids]
+                tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=ps.device)  # [Bm]
+                positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=ps.device)
+                rows = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)
+                logprobs[m, rows] = batch.decode(tokens, positions)  # [Bm, V]
+            joining = [s for s in newcomers if s.coefs[m] != 0]
+            if joining:
+                rows = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
+                logprobs[m, rows] = batch.prefill([s.sid for s in joining], [s.token_ids for s in joining])
+            if len(batch):
+                forward_seconds[batch.loaded.name] = time.perf_counter() - started
+        with self._lock:
+            self._running.update((seq.sid, seq) for seq in newcomers)
+        coefs = torch.tensor([s.coefs for s in active], device=ps.device)  # [B, M]
+        k = len(ps.policies)
+        mixed = mix_logprobs(
+            logprobs[:k],
+            coefs[:, :k],
+            logprobs[k] if self.has_reference else None,
+            coefs[:, k] if self.has_reference else None,
+        )  # [B, V]
+        tokens = sample_tokens(
+            mixed,
+            [s.request.sampling for s in active],
+            [s.generator for s in active],
+            [s.token_ids for s in active],
+        )  # [B]
+        self._emit(active, mixed, logprobs, tokens)
+        self._steps += 1
+        if self.observer is not None:
+            self.observer.on_step(len(active), forward_seconds)
+
+    def _emit(
+        self, active: list[_Sequence], mixed: torch.Tensor, logprobs: torch.Tensor, tokens: torch.Tensor
+    ) -> None:
+        """Build each row's event, detect finishes, retire finished rows."""
+        ps = self.policy_set
+        rows = torch.arange(len(active), device=mixed.device)
+        chosen = mixed[rows, tokens].tolist()  # [B]
+        per_model = logprobs[:, rows, tokens].t().tolist()  # [B, M]
+        top_n = max(s.request.sampling.top_logprobs for s in active)
+        top = mixed.topk(top_n, dim=-1) if top_n else None
+        top_values = top.values.tolist() if top else []
+        top_ids = top.indices.tolist() if top else []
+        finished = []
+        for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
+            params = seq.request.sampling
+            seq.token_ids.append(token)
+            seq.generated.append(token)
+            self._generated_tokens += 1
+            finish = self._finish_reason(seq, token)
+            text = self._new_text(seq, finish is not None)
+            if finish is None and params.stop and self._find_stop(seq):
+                finish = "stop_sequence"
+                text = self._new_text(seq, True)
+            n = params.top_logprobs
+            event = TokenEvent(
+                index=len(seq.generated) - 1,
+                token_id=token,
+                token_text=ps.tokenizer.decode([token]),
+                text=text,
+                logprob=chosen[row],
+                top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
+                policy_logprobs={
+                    name: per_model[row][m] if seq.coefs[m] != 0 else None
+                    for m, name in enumerate(ps.names)
+                },
+                special=token in self._special_ids,
+                finish_reason=finish,
+            )
+            seq.stream.push(event)
+            if finish is not None:
+                finished.append(seq)
+        self._retire(finished)
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+        params = seq.request.sampling
+        if token in params.stop_token_ids:
+            return "stop_sequence"
+        if not params.ignore_eos and token in self.policy_set.eos_token_ids:
+            return "eos_token"
+        if len(seq.generated) >= params.max_new_tokens or len(seq.token_ids) >= self.max_context:
+            return "length"
+        return None
+
+    def _new_text(self, seq: _Sequence, final: bool) -> str:
+        """Text to send now: decoded so far, minus what may still become a stop string."""
+        if seq.stop_at is None:
+            seq.text = self.policy_set.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        text = seq.text if seq.stop_at is None else seq.text[: seq.stop_at]
+        if final:
+            end = len(text)
+        elif text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its bytes
+            return ""
+        else:
+            end = len(text) - _stop_prefix_len(text, seq.request.sampling.stop)
+        new = text[seq.emitted : end] if end > seq.emitted else ""
+        seq.emitted = max(seq.emitted, end)
+        return new
+
+    def _find_stop(self, seq: _Sequence) -> bool:
+        """Look for a stop string in the text not yet sent; remember where it starts."""
+        stops = seq.request.sampling.stop
+        start = max(0, seq.emitted - max(len(s) for s in stops))
+        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            seq.stop_at = min(hits)
+        return bool(hits)
+
+    def _retire(self, seqs: list[_Sequence]) -> None:
+        """Free the slots of ``seqs`` in every model's batch (one index select per model)."""
+        if not seqs:
+            return
+        with self._lock:
+            for seq in seqs:
+                self._running.pop(seq.sid, None)
+            keep = set(self._running)
+        for batch in self._batches:
+            batch.keep(keep)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.stream.push(
+            TokenEvent(
+                index=len(seq.generated), token_id=-1, token_text="", text="", logprob=0.0,
+                top_logprobs=[], policy_logprobs={}, special=True, finish_reason=reason,
+            )
+        )
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+def _chunk_indices(lengths: list[int], budget: int) -> list[list[int]]:
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if chunks[-1] and used + n > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return [c for c in chunks if c]

@@ -1,0 +1,213 @@
+"""Load a policy family: K causal LMs (and an optional reference) that share one tokenizer.
+
+Everything the engine needs to know about the models is gathered here once: the shared
+vocabulary size (embedding rows past the tokenizer are padding and are ignored), the
+context limit, the EOS ids and the keyword a model's ``forward`` takes for its KV cache
+(``cache`` in transformers >= 5, ``past_key_values`` before).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .config import ModelSpec, PolicySetConfig
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CONTEXT = 2048
+
+
+@dataclass
+class LoadedModel:
+    """One loaded causal LM and the facts about its ``forward`` the engine relies on."""
+
+    name: str
+    model: PreTrainedModel
+    cache_kwarg: str  # keyword of forward() that takes the KV cache
+    accepts_logits_to_keep: bool  # prefill can skip the logits of all but the last token
+
+
+@dataclass
+class PolicySet:
+    """K policies (+ reference) on one device, with their shared tokenizer."""
+
+    config: PolicySetConfig
+    policies: list[LoadedModel]
+    reference: LoadedModel | None
+    tokenizer: Any
+    vocab_size: int  # len(tokenizer): logits are cut to this many columns
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int  # prompt + generated tokens, the smallest of the models' limits
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.policies]
+
+    @property
+    def models(self) -> list[PreTrainedModel]:
+        return [p.model for p in self.policies]
+
+    @property
+    def reference_name(self) -> str | None:
+        return self.reference.name if self.reference is not None else None
+
+    @property
+    def served_name(self) -> str:
+        return self.config.served_name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r} is not a valid torch device: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _looks_local(model: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else is taken as a local path."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or Path(model).expanduser().exists()
+    )
+
+
+def _source(spec: ModelSpec, role: str) -> str:
+    if _looks_local(spec.model):
+        path = Path(spec.model).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{role} {spec.name!r}: model path {spec.model!r} does not exist")
+        return str(path)
+    return spec.model
+
+
+def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
+    source = _source(spec, role)
+    try:
+        return AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{role} {spec.name!r}: cannot load tokenizer from {source!r}: {exc}") from None
+
+
+def _load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    source = _source(spec, role)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{role} {spec.name!r}: cannot load model from {source!r}: {exc}") from None
+    model.to(device).eval().requires_grad_(False)
+    params = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    return LoadedModel(spec.name, model, cache_kwarg, "logits_to_keep" in params)
+
+
+def check_tokenizers_agree(first: tuple[str, Any], other: tuple[str, Any]) -> None:
+    """Raise ConfigError naming both models and the first token on which they differ."""
+    (name_a, tok_a), (name_b, tok_b) = first, other
+    vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
+    if vocab_a != vocab_b:
+        by_id_a = {i: t for t, i in vocab_a.items()}
+        by_id_b = {i: t for t, i in vocab_b.items()}
+        for token_id in range(max(len(by_id_a), len(by_id_b), 1)):
+            a, b = by_id_a.get(token_id), by_id_b.get(token_id)
+            if a != b:
+                raise ConfigError(
+                    f"tokenizers of {name_a!r} and {name_b!r} disagree: token id {token_id} is "
+                    f"{a!r} in {name_a!r} but {b!r} in {name_b!r}; mixed policies must share a vocabulary"
+                )
+        raise ConfigError(f"tokenizers of {name_a!r} and {name_b!r} have different vocabularies")
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        a, b = getattr(tok_a, attr, None), getattr(tok_b, attr, None)
+        if a != b:
+            raise ConfigError(
+                f"tokenizers of {name_a!r} and {name_b!r} disagree on the special token {attr}: "
+                f"{a!r} vs {b!r}"
+            )
+
+
+def _context_limit(model: PreTrainedModel) -> int:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return _DEFAULT_CONTEXT
+
+
+def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+def load_policy_set(config: PolicySetConfig) -> PolicySet:
+    """Load every model of ``config`` on one device/dtype and check they can be mixed."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    specs: list[tuple[ModelSpec, str]] = [(p, "policy") for p in config.policies]
+    if config.reference is not None:
+        specs.append((config.reference, "reference"))
+
+    # Tokenizers first: they are cheap, and a mismatch should fail before loading weights.
+    tokenizers = [(spec.name, _load_tokenizer(spec, role)) for spec, role in specs]
+    for other in tokenizers[1:]:
+        check_tokenizers_agree(tokenizers[0], other)
+    tokenizer = tokenizers[0][1]
+    vocab_size = len(tokenizer)
+
+    loaded = []
+    for spec, role in specs:
+        logger.info("loading %s %r from %s on %s (%s)", role, spec.name, spec.model, device, dtype)
+        model = _load_model(spec, role, device, dtype)
+        rows = model.model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise ConfigError(
+                f"{role} {spec.name!r} has {rows} output rows but the tokenizer has {vocab_size} tokens"
+            )
+        loaded.append(model)
+    policies = loaded[: len(config.policies)]
+    reference = loaded[len(config.policies)] if config.reference is not None else None
+    return PolicySet(
+        config=config,
+        policies=policies,
+        reference=reference,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        device=device,
+        dtype=dtype,
+        max_context=min(_context_limit(m.model) for m in loaded),
+        eos_token_ids=_eos_ids(tokenizer, policies[0].model),
+    )

@@ -1,0 +1,83 @@
+"""Teacher-forced scoring: the total log-probability of completions under every model.
+
+Fitting (DESIGN.md §2.2) needs ``log pi_k(y | x)`` and ``log pi_ref(y | x)`` for sampled
+replies ``y``; prompt and padding tokens are masked out of the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .mixing import to_logprobs
+from .policies import LoadedModel, PolicySet
+
+
+@dataclass
+class ScoreResult:
+    policy_logprobs: torch.Tensor  # [N, K] sum of completion-token log-probs
+    reference_logprobs: torch.Tensor | None  # [N]
+
+    @staticmethod
+    def concat(parts: list[ScoreResult]) -> ScoreResult:
+        refs = [p.reference_logprobs for p in parts]
+        return ScoreResult(
+            torch.cat([p.policy_logprobs for p in parts]),
+            None if any(r is None for r in refs) else torch.cat(refs),  # type: ignore[misc]
+        )
+
+
+@torch.inference_mode()
+def _completion_logprobs(
+    loaded: LoadedModel,
+    vocab_size: int,
+    ids: torch.Tensor,  # [N, L] right-padded prompt + completion
+    mask: torch.Tensor,  # [N, L] 1 on real tokens
+    targets: torch.Tensor,  # [N, L] 1 on completion tokens
+) -> torch.Tensor:
+    logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [N, L, V']
+    logprobs = to_logprobs(logits[:, :-1], vocab_size)  # [N, L-1, V]: predicts token t+1
+    picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [N, L-1]
+    return (picked * targets[:, 1:]).sum(dim=-1)  # [N]
+
+
+def score_sequences(
+    policy_set: PolicySet,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    chunk_tokens: int = 4096,
+) -> ScoreResult:
+    """Score ``completions[i]`` after ``prompts[i]`` under every policy and the reference."""
+    device = policy_set.device
+    n = len(prompts)
+    policy_scores = torch.zeros(n, len(policy_set.policies))  # [N, K]
+    ref_scores = torch.zeros(n) if policy_set.reference is not None else None  # [N]
+    start = 0
+    while start < n:
+        longest = 0
+        end = start
+        while end < n:  # grow the chunk while (rows x longest row) fits the token budget
+            longest_next = max(longest, len(prompts[end]) + len(completions[end]))
+            if end > start and longest_next * (end - start + 1) > chunk_tokens:
+                break
+            longest, end = longest_next, end + 1
+        ids = torch.zeros(end - start, longest, dtype=torch.long, device=device)  # [n, L]
+        mask = torch.zeros_like(ids)
+        targets = torch.zeros(end - start, longest, device=device)  # [n, L]
+        for row, i in enumerate(range(start, end)):
+            seq = [*prompts[i], *completions[i]]
+            ids[row, : len(seq)] = torch.tensor(seq, device=device)
+            mask[row, : len(seq)] = 1
+            targets[row, len(prompts[i]) : len(seq)] = 1
+        for k, loaded in enumerate(policy_set.policies):
+            policy_scores[start:end, k] = _completion_logprobs(
+                loaded, policy_set.vocab_size, ids, mask, targets
+            ).cpu()
+        if policy_set.reference is not None and ref_scores is not None:
+            ref_scores[start:end] = _completion_logprobs(
+                policy_set.reference, policy_set.vocab_size, ids, mask, targets
+            ).cpu()
+        start = end
+    return ScoreResult(policy_scores, ref_scores)

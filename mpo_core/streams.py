@@ -1,0 +1,126 @@
+"""Token events and the stream that carries them from the engine thread to a caller.
+
+The engine thread pushes; the caller consumes either by blocking iteration (scripts,
+tests, the fit driver) or by ``async for`` (the HTTP server), with no thread per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+FINISH_REASONS = ("length", "eos_token", "stop_sequence", "cancelled")
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as the mixture saw it."""
+
+    index: int  # position among the generated tokens, from 0
+    token_id: int
+    token_text: str  # the token decoded alone
+    text: str  # new text to append to the reply (stop strings removed, may be "")
+    logprob: float  # under the mixed distribution at temperature 1
+    top_logprobs: list[tuple[int, float]]  # the mixture's best alternatives
+    policy_logprobs: dict[str, float | None]  # each policy's own log-prob; None if not run
+    special: bool  # a special token (EOS, ...)
+    finish_reason: str | None = None  # set on the last event only
+
+
+@dataclass
+class GenerationResult:
+    """Everything a finished request produced (``Engine.generate``)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    seed: int
+    weights: dict[str, float]
+    prompt_tokens: int
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+class RequestStream:
+    """The caller's handle on one request: iterate its events, or cancel it."""
+
+    def __init__(
+        self,
+        request_id: str,
+        weights: dict[str, float],
+        strength: float,
+        prompt_tokens: int,
+        seed: int,
+        on_cancel: Callable[[], None],
+    ) -> None:
+        self.request_id = request_id
+        self.weights = weights  # normalised, as used
+        self.strength = strength
+        self.prompt_tokens = prompt_tokens
+        self.seed = seed
+        self._on_cancel = on_cancel
+        self._items: collections.deque[TokenEvent | BaseException] = collections.deque()
+        self._cond = threading.Condition()
+        self._done = False
+        self.cancelled = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._ready = asyncio.Event()
+
+    # -- engine side ---------------------------------------------------------------
+    def push(self, item: TokenEvent | BaseException) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    # -- caller side ---------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop generating; the engine drops the sequence at its next step."""
+        if not self._done and not self.cancelled:
+            self.cancelled = True
+            self._on_cancel()
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def _take(self) -> TokenEvent:
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while not self._done:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                event = self._take()
+            yield event
+
+    async def _anext(self) -> TokenEvent:
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._take()
+                self._ready.clear()
+            await self._ready.wait()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[TokenEvent]:
+        while not self._done:
+            yield await self._anext()

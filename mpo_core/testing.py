@@ -1,0 +1,134 @@
+"""Tiny policy families for tests and benchmarks, built offline with ``save_pretrained``.
+
+The models are randomly initialised (no training), so their text is gibberish, but they
+go through exactly the loading path real checkpoints take: a folder per model with its
+config, weights and tokenizer, and a policy-set YAML that names them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedTokenizerFast
+
+POLICY_NAMES = ("helpful", "harmless", "concise", "honest", "funny", "formal")
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Could you please help me write a short poem about the sea?",
+    "Sure! Here is a short answer, kept brief and friendly.",
+    "Thank you so much, that was very kind of you.",
+    "I am sorry, I cannot do that, but I can suggest something else.",
+    "Numbers like 0 1 2 3 4 5 6 7 8 9 and symbols like ! ? , . : ; - work too.",
+]
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences: any text encodes, no UNK."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[*SPECIAL_TOKENS, "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _make_model(arch: str, vocab_rows: int, tokenizer: PreTrainedTokenizerFast, **size: Any):
+    common = dict(
+        vocab_size=vocab_rows,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    hidden, layers, heads = size["hidden"], size["layers"], size["heads"]
+    if arch == "llama":
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=size.get("intermediate", 4 * hidden),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=size.get("kv_heads", heads),
+            max_position_embeddings=size["max_positions"],
+            initializer_range=size["init_range"],
+            tie_word_embeddings=False,
+            **common,
+        )
+        return LlamaForCausalLM(config)
+    if arch == "gpt2":
+        config = GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=size["max_positions"],
+            initializer_range=size["init_range"],
+            **common,
+        )
+        return GPT2LMHeadModel(config)
+    raise ValueError(f"unknown arch {arch!r}: use 'llama' or 'gpt2'")
+
+
+def make_tiny_family(
+    folder: str | Path,
+    arch: str = "llama",
+    num_policies: int = 3,
+    with_reference: bool = True,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 256,
+    init_range: float = 0.2,
+    padded_rows: int = 8,
+    **extra: Any,
+) -> Path:
+    """Save ``num_policies`` random models (and a reference) under ``folder``; return the YAML.
+
+    ``padded_rows`` extra embedding rows beyond the tokenizer's vocabulary mimic the
+    padded embeddings of real checkpoints, which loading must truncate.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    vocab_rows = len(tokenizer) + padded_rows
+    size = dict(
+        hidden=hidden, layers=layers, heads=heads, max_positions=max_positions,
+        init_range=init_range, **extra,
+    )
+    names = list(POLICY_NAMES[:num_policies])
+    if num_policies > len(POLICY_NAMES):
+        names += [f"policy{i}" for i in range(len(POLICY_NAMES), num_policies)]
+    entries = [*names, "base"] if with_reference else names
+    for i, name in enumerate(entries):
+        torch.manual_seed(seed * 1000 + i)
+        model = _make_model(arch, vocab_rows, tokenizer, **size)
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    config: dict[str, Any] = {
+        "served_name": "tiny",
+        "policies": [{"name": n, "model": n} for n in names],
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    if with_reference:
+        config["reference"] = {"name": "base", "model": "base"}
+    path = folder / "policies.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
