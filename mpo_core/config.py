@@ -63,7 +63,9 @@ class PolicySetConfig(BaseModel):
         seen: set[str] = set()
         for name in names:
             if name in seen:
-                raise ValueError(f"duplicate model name {name!r}: policy and reference names must be unique")
+                raise ValueError(
+                    f"duplicate model name {name!r}: policy and reference names must be unique"
+                )
             seen.add(name)
         return self
 
@@ -78,7 +80,8 @@ def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
         config = PolicySetConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid policy-set config: {problems}") from None
     if base_dir is not None:

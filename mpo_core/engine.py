@@ -99,7 +99,9 @@ class Engine:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
         self.observer = observer
-        self.max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
+        self.max_context = min(
+            self.limits.max_context or policy_set.max_context, policy_set.max_context
+        )
         models = [*policy_set.policies]
         if policy_set.reference is not None:
             models.append(policy_set.reference)
@@ -136,7 +138,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(len(self._running), len(self._waiting), self._steps, self._generated_tokens)
+            return EngineStats(
+                len(self._running), len(self._waiting), self._steps, self._generated_tokens
+            )
 
     def normalize_weights(self, weights: WeightsInput) -> dict[str, float]:
         return dict(zip(self.policy_names, normalize_weights(weights, self.policy_names)))
@@ -180,7 +184,9 @@ class Engine:
         seq = self._prepare(request)
         with self._lock:
             if not self._accepting or self._failure is not None:
-                raise EngineNotRunning("the engine is not running (not started, stopping or failed)")
+                raise EngineNotRunning(
+                    "the engine is not running (not started, stopping or failed)"
+                )
             if len(self._waiting) >= self.limits.max_queued:
                 raise Overloaded(
                     f"{len(self._running)} sequences are running and {len(self._waiting)} are "
@@ -213,14 +219,19 @@ class Engine:
         prompt = list(request.prompt_ids)
         if not prompt:
             raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
-        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < ps.vocab_size), None)
+        bad = next(
+            (t for t in prompt if not isinstance(t, int) or not 0 <= t < ps.vocab_size), None
+        )
         if bad is not None:
-            raise InvalidParameter("prompt", f"prompt token id {bad!r} is outside [0, {ps.vocab_size})")
+            raise InvalidParameter(
+                "prompt", f"prompt token id {bad!r} is outside [0, {ps.vocab_size})"
+            )
         total = len(prompt) + params.max_new_tokens
         if total > self.max_context:
             raise InvalidParameter(
                 "max_new_tokens",
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"= {total} "
                 f"exceeds the context limit of {self.max_context} tokens",
             )
         weights = normalize_weights(request.weights, ps.names)
@@ -247,23 +258,30 @@ class Engine:
             self._lock.notify_all()
 
     # -- scoring ---------------------------------------------------------------------
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> ScoreResult:
+    def score(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> ScoreResult:
         """Total log-prob of each completion given its prompt, under every model.
 
         Runs on the engine thread, one chunk per loop turn, interleaved with decoding.
         """
         if len(prompts) != len(completions):
-            raise InvalidParameter("completions", "prompts and completions must have the same length")
+            raise InvalidParameter(
+                "completions", "prompts and completions must have the same length"
+            )
         for name, seqs in (("prompts", prompts), ("completions", completions)):
             for s in seqs:
                 if any(not 0 <= t < self.policy_set.vocab_size for t in s):
                     raise InvalidParameter(name, f"a token id in {name} is outside the vocabulary")
         if self._thread is None or threading.current_thread() is self._thread:
-            return score_sequences(self.policy_set, prompts, completions, self.limits.score_chunk_tokens)
+            return score_sequences(
+                self.policy_set, prompts, completions, self.limits.score_chunk_tokens
+            )
         future: concurrent.futures.Future[ScoreResult] = concurrent.futures.Future()
         parts: list[ScoreResult] = []
-        chunks = _chunk_indices([len(p) + len(c) for p, c in zip(prompts, completions)],
-                                self.limits.score_chunk_tokens)
+        chunks = _chunk_indices(
+            [len(p) + len(c) for p, c in zip(prompts, completions)], self.limits.score_chunk_tokens
+        )
         pending = deque(chunks)
 
         def run_one_chunk() -> bool:
@@ -271,10 +289,14 @@ class Engine:
                 return True
             try:
                 idx = pending.popleft()
-                parts.append(score_sequences(
-                    self.policy_set, [prompts[i] for i in idx], [completions[i] for i in idx],
-                    self.limits.score_chunk_tokens,
-                ))
+                parts.append(
+                    score_sequences(
+                        self.policy_set,
+                        [prompts[i] for i in idx],
+                        [completions[i] for i in idx],
+                        self.limits.score_chunk_tokens,
+                    )
+                )
                 if not pending:
                     future.set_result(ScoreResult.concat(parts))
                     return True
@@ -314,7 +336,7 @@ class Engine:
         for seq in [s for s in self._waiting if s.stream.cancelled]:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled")
-        newcomers = []
+        newcomers: list[_Sequence] = []
         while self._waiting and len(self._running) + len(newcomers) < self.limits.max_running:
             newcomers.append(self._waiting.popleft())
         return newcomers
@@ -351,7 +373,9 @@ class Engine:
         row_of = {seq.sid: row for row, seq in enumerate(active)}
         ps = self.policy_set
         num_models = len(self._batches)
-        logprobs = torch.zeros(num_models, len(active), ps.vocab_size, device=ps.device)  # [M, B, V]
+        logprobs = torch.zeros(
+            num_models, len(active), ps.vocab_size, device=ps.device
+        )  # [M, B, V]
         forward_seconds: dict[str, float] = {}
         for m, batch in enumerate(self._batches):
             started = time.perf_counter()
@@ -364,7 +388,9 @@ class Engine:
             joining = [s for s in newcomers if s.coefs[m] != 0]
             if joining:
                 rows = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
-                logprobs[m, rows] = batch.prefill([s.sid for s in joining], [s.token_ids for s in joining])
+                logprobs[m, rows] = batch.prefill(
+                    [s.sid for s in joining], [s.token_ids for s in joining]
+                )
             if len(batch):
                 forward_seconds[batch.loaded.name] = time.perf_counter() - started
         with self._lock:
@@ -389,7 +415,11 @@ class Engine:
             self.observer.on_step(len(active), forward_seconds)
 
     def _emit(
-        self, active: list[_Sequence], mixed: torch.Tensor, logprobs: torch.Tensor, tokens: torch.Tensor
+        self,
+        active: list[_Sequence],
+        mixed: torch.Tensor,
+        logprobs: torch.Tensor,
+        tokens: torch.Tensor,
     ) -> None:
         """Build each row's event, detect finishes, retire finished rows."""
         ps = self.policy_set
@@ -479,8 +509,15 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.stream.push(
             TokenEvent(
-                index=len(seq.generated), token_id=-1, token_text="", text="", logprob=0.0,
-                top_logprobs=[], policy_logprobs={}, special=True, finish_reason=reason,
+                index=len(seq.generated),
+                token_id=-1,
+                token_text="",
+                text="",
+                logprob=0.0,
+                top_logprobs=[],
+                policy_logprobs={},
+                special=True,
+                finish_reason=reason,
             )
         )
 

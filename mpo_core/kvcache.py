@@ -22,7 +22,7 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, 
 
 
 def cache_layers(cache: DynamicCache) -> Layers:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
 
 def build_cache(layers: Layers) -> DynamicCache:
@@ -88,7 +88,9 @@ class ModelBatch:
         # Padding positions never get attended to, but their keys/values can hold NaN (a
         # query row with nothing to attend to); 0 * NaN would leak through the softmax.
         pad = (mask == 0)[:, None, :, None]  # [n, 1, L, 1]
-        layers = [(k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)) for k, v in cache_layers(cache)]
+        layers = [
+            (k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)) for k, v in cache_layers(cache)
+        ]
         self._append(row_ids, layers, mask)
         return to_logprobs(logits[:, -1], self.vocab_size)  # [n, V]
 

@@ -110,19 +110,26 @@ def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
         return AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{role} {spec.name!r}: cannot load tokenizer from {source!r}: {exc}") from None
+    except Exception as exc:  # tokenizers raises bare Exception on a corrupt file
+        raise ConfigError(
+            f"{role} {spec.name!r}: cannot load tokenizer from {source!r}: {exc}"
+        ) from None
 
 
-def _load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_model(
+    spec: ModelSpec, role: str, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
     source = _source(spec, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype
         )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{role} {spec.name!r}: cannot load model from {source!r}: {exc}") from None
-    model.to(device).eval().requires_grad_(False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"{role} {spec.name!r}: cannot load model from {source!r}: {exc}"
+        ) from None
+    model.to(device)  # type: ignore[arg-type]
+    model.eval().requires_grad_(False)
     params = inspect.signature(model.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
     return LoadedModel(spec.name, model, cache_kwarg, "logits_to_keep" in params)
@@ -140,7 +147,8 @@ def check_tokenizers_agree(first: tuple[str, Any], other: tuple[str, Any]) -> No
             if a != b:
                 raise ConfigError(
                     f"tokenizers of {name_a!r} and {name_b!r} disagree: token id {token_id} is "
-                    f"{a!r} in {name_a!r} but {b!r} in {name_b!r}; mixed policies must share a vocabulary"
+                    f"{a!r} in {name_a!r} but {b!r} in {name_b!r}; "
+                    "mixed policies must share a vocabulary"
                 )
         raise ConfigError(f"tokenizers of {name_a!r} and {name_b!r} have different vocabularies")
     for attr in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -195,7 +203,8 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
         rows = model.model.get_output_embeddings().weight.shape[0]
         if rows < vocab_size:
             raise ConfigError(
-                f"{role} {spec.name!r} has {rows} output rows but the tokenizer has {vocab_size} tokens"
+                f"{role} {spec.name!r} has {rows} output rows "
+                f"but the tokenizer has {vocab_size} tokens"
             )
         loaded.append(model)
     policies = loaded[: len(config.policies)]

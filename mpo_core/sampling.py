@@ -51,17 +51,21 @@ class SamplingParams:
             if self.seed > MAX_SEED:
                 raise InvalidParameter("seed", f"seed must be at most {MAX_SEED}, got {self.seed}")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidParameter("stop", f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise InvalidParameter(
+                "stop", f"stop must be a list of non-empty strings, got {self.stop!r}"
+            )
         for token_id in self.stop_token_ids:
             _int_at_least("stop_token_ids", token_id, 0)
             if vocab_size is not None and token_id >= vocab_size:
                 raise InvalidParameter(
-                    "stop_token_ids", f"stop token id {token_id} is outside the vocabulary of {vocab_size}"
+                    "stop_token_ids",
+                    f"stop token id {token_id} is outside the vocabulary of {vocab_size}",
                 )
         _int_at_least("top_logprobs", self.top_logprobs, 0)
         if self.top_logprobs > max_top_logprobs:
             raise InvalidParameter(
-                "top_logprobs", f"top_logprobs must be at most {max_top_logprobs}, got {self.top_logprobs}"
+                "top_logprobs",
+                f"top_logprobs must be at most {max_top_logprobs}, got {self.top_logprobs}",
             )
 
 
@@ -70,16 +74,16 @@ def _int_at_least(param: str, value: object, low: int) -> None:
         raise InvalidParameter(param, f"{param} must be an integer >= {low}, got {value!r}")
 
 
-def _float_in(
-    param: str, value: object, low: float, high: float, low_open: bool = False
-) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
+def _float_in(param: str, value: object, low: float, high: float, low_open: bool = False) -> None:
+    ok = False
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value):
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"> {low}" if low_open else f">= {low}"
         upper = "" if math.isinf(high) else f" and <= {high}"
-        raise InvalidParameter(param, f"{param} must be a finite number {bound}{upper}, got {value!r}")
+        raise InvalidParameter(
+            param, f"{param} must be a finite number {bound}{upper}, got {value!r}"
+        )
 
 
 def apply_repetition_penalty(

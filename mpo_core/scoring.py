@@ -22,10 +22,10 @@ class ScoreResult:
 
     @staticmethod
     def concat(parts: list[ScoreResult]) -> ScoreResult:
-        refs = [p.reference_logprobs for p in parts]
+        refs = [p.reference_logprobs for p in parts if p.reference_logprobs is not None]
         return ScoreResult(
             torch.cat([p.policy_logprobs for p in parts]),
-            None if any(r is None for r in refs) else torch.cat(refs),  # type: ignore[misc]
+            torch.cat(refs) if len(refs) == len(parts) else None,
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -77,10 +78,9 @@ class RequestStream:
             self._items.append(item)
             self._cond.notify_all()
         if self._loop is not None:
-            try:
+            # a closed loop raises RuntimeError: its caller is gone, nobody is listening
+            with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._ready.set)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
 
     # -- caller side ---------------------------------------------------------------
     def cancel(self) -> None:

@@ -13,8 +13,13 @@ from typing import Any
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 POLICY_NAMES = ("helpful", "harmless", "concise", "honest", "funny", "formal")
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
@@ -51,7 +56,7 @@ def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     return fast
 
 
-def _make_model(arch: str, vocab_rows: int, tokenizer: PreTrainedTokenizerFast, **size: Any):
+def _make_model(arch: str, vocab_rows: int, tokenizer: PreTrainedTokenizerFast, **size: Any) -> Any:
     common = dict(
         vocab_size=vocab_rows,
         bos_token_id=tokenizer.bos_token_id,
@@ -60,7 +65,7 @@ def _make_model(arch: str, vocab_rows: int, tokenizer: PreTrainedTokenizerFast, 
     )
     hidden, layers, heads = size["hidden"], size["layers"], size["heads"]
     if arch == "llama":
-        config = LlamaConfig(
+        llama = LlamaConfig(
             hidden_size=hidden,
             intermediate_size=size.get("intermediate", 4 * hidden),
             num_hidden_layers=layers,
@@ -71,9 +76,9 @@ def _make_model(arch: str, vocab_rows: int, tokenizer: PreTrainedTokenizerFast, 
             tie_word_embeddings=False,
             **common,
         )
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(llama)
     if arch == "gpt2":
-        config = GPT2Config(
+        gpt2 = GPT2Config(
             n_embd=hidden,
             n_layer=layers,
             n_head=heads,
@@ -81,7 +86,7 @@ def _make_model(arch: str, vocab_rows: int, tokenizer: PreTrainedTokenizerFast, 
             initializer_range=size["init_range"],
             **common,
         )
-        return GPT2LMHeadModel(config)
+        return GPT2LMHeadModel(gpt2)
     raise ValueError(f"unknown arch {arch!r}: use 'llama' or 'gpt2'")
 
 
@@ -109,8 +114,12 @@ def make_tiny_family(
     tokenizer = make_tokenizer()
     vocab_rows = len(tokenizer) + padded_rows
     size = dict(
-        hidden=hidden, layers=layers, heads=heads, max_positions=max_positions,
-        init_range=init_range, **extra,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        max_positions=max_positions,
+        init_range=init_range,
+        **extra,
     )
     names = list(POLICY_NAMES[:num_policies])
     if num_policies > len(POLICY_NAMES):

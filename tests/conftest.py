@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny policy families saved to disk and loaded through the real path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpo_core.config import load_config
+from mpo_core.engine import Engine, EngineLimits
+from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.testing import make_tiny_family
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_family(tmp_path_factory.mktemp("llama"), arch="llama", num_policies=3)
+
+
+@pytest.fixture(scope="session")
+def gpt2_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_family(tmp_path_factory.mktemp("gpt2"), arch="gpt2", num_policies=2)
+
+
+@pytest.fixture(scope="session")
+def no_reference_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_family(tmp_path_factory.mktemp("noref"), num_policies=2, with_reference=False)
+
+
+@pytest.fixture(scope="session")
+def llama_set(llama_family: Path) -> PolicySet:
+    return load_policy_set(load_config(llama_family))
+
+
+@pytest.fixture(scope="session")
+def gpt2_set(gpt2_family: Path) -> PolicySet:
+    return load_policy_set(load_config(gpt2_family))
+
+
+@pytest.fixture(scope="session")
+def policy_sets(llama_set: PolicySet, gpt2_set: PolicySet) -> dict[str, PolicySet]:
+    return {"llama": llama_set, "gpt2": gpt2_set}
+
+
+@pytest.fixture()
+def engine(llama_set: PolicySet):
+    """A started engine on the tiny Llama family, stopped after the test."""
+    eng = Engine(llama_set, EngineLimits(max_running=8, max_queued=16)).start()
+    yield eng
+    eng.stop(timeout=5)

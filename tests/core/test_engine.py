@@ -1,0 +1,320 @@
+"""Engine tests on tiny random models loaded from disk (GPT-2 and Llama shapes)."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from mpo_core.config import load_config
+from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.errors import EngineNotRunning, InvalidParameter, Overloaded
+from mpo_core.policies import load_policy_set
+from mpo_core.sampling import SamplingParams
+
+PROMPT = "Could you please help me write a short poem?"
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_hot_greedy_matches_transformers_generate(policy_sets, arch):
+    ps = policy_sets[arch]
+    ids = ps.tokenizer.encode(PROMPT)
+    with Engine(ps) as engine:
+        for k, name in enumerate(ps.names):
+            result = engine.generate(GenerationRequest(ids, greedy(12), weights={name: 1.0}))
+            expected = hf_greedy(ps, ps.policies[k].model, ids, 12)
+            assert result.token_ids == expected, name
+            # only the chosen policy ran, and it reports its own log-prob
+            assert result.events[0].policy_logprobs[name] is not None
+            assert all(v is None for n, v in result.events[0].policy_logprobs.items() if n != name)
+
+
+def hf_greedy(ps, model, ids, n):
+    """transformers' own greedy decoding, with the padding rows past the vocabulary banned."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=ps.tokenizer.pad_token_id,
+        suppress_tokens=list(range(ps.vocab_size, rows)),
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def _first_step_logprobs(model, ids):
+    logits = model(torch.tensor([ids])).logits[0, -1]
+    return logits.float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_half_half_first_step_matches_independent_mixture(policy_sets, arch):
+    ps = policy_sets[arch]
+    ids = ps.tokenizer.encode(PROMPT)
+    v = ps.vocab_size
+    a = _first_step_logprobs(ps.policies[0].model, ids)[:v].log_softmax(-1)
+    b = _first_step_logprobs(ps.policies[1].model, ids)[:v].log_softmax(-1)
+    expected = torch.log_softmax(0.5 * a + 0.5 * b, dim=-1)
+    weights = {ps.names[0]: 0.5, ps.names[1]: 0.5}
+    with Engine(ps) as engine:
+        first = engine.generate(
+            GenerationRequest(ids, greedy(1, top_logprobs=20), weights=weights)
+        ).events[0]
+    top_ids = [i for i, _ in first.top_logprobs]
+    top_values = torch.tensor([lp for _, lp in first.top_logprobs])
+    torch.testing.assert_close(top_values, expected[top_ids], atol=1e-5, rtol=0)
+    assert top_ids == expected.topk(20).indices.tolist()
+    assert first.token_id == int(expected.argmax())
+    assert first.logprob == pytest.approx(expected.max().item(), abs=1e-5)
+    assert first.policy_logprobs[ps.names[0]] == pytest.approx(a[first.token_id].item(), abs=1e-5)
+    assert first.policy_logprobs[ps.names[1]] == pytest.approx(b[first.token_id].item(), abs=1e-5)
+
+
+def test_strength_zero_decodes_the_reference_and_two_extrapolates(llama_set):
+    ps = llama_set
+    ids = ps.tokenizer.encode(PROMPT)
+    with Engine(ps) as engine:
+        ref_only = engine.generate(GenerationRequest(ids, greedy(10), strength=0.0))
+        expected = hf_greedy(ps, ps.reference.model, ids, 10)
+        assert ref_only.token_ids == expected
+        assert all(v is None for v in ref_only.events[0].policy_logprobs.values())
+        event = engine.generate(
+            GenerationRequest(ids, greedy(1, top_logprobs=5), weights={"helpful": 1}, strength=2.0)
+        ).events[0]
+    pol = _first_step_logprobs(ps.policies[0].model, ids)[: ps.vocab_size].log_softmax(-1)
+    ref = _first_step_logprobs(ps.reference.model, ids)[: ps.vocab_size].log_softmax(-1)
+    expected = torch.log_softmax(2 * pol - ref, dim=-1)
+    assert event.token_id == int(expected.argmax())
+    assert event.logprob == pytest.approx(expected.max().item(), abs=1e-5)
+
+
+def _collect(stream, tokens):
+    tokens.extend(e.token_id for e in stream if e.finish_reason != "cancelled")
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_changing_batch(llama_set):
+    tok = llama_set.tokenizer
+    target = GenerationRequest(
+        tok.encode("Thank you so much for the help"),
+        SamplingParams(
+            max_new_tokens=24,
+            temperature=0.9,
+            top_p=0.95,
+            seed=1234,
+            ignore_eos=True,
+            top_logprobs=3,
+        ),
+        weights={"helpful": 0.2, "harmless": 0.5, "concise": 0.3},
+    )
+    with Engine(llama_set, EngineLimits(max_running=16)) as engine:
+        alone = engine.generate(target)
+        others = []
+        # seven other requests, each joining a few steps after the previous one, with
+        # their own weights, strengths, lengths and sampling parameters
+        for i in range(7):
+            params = SamplingParams(
+                max_new_tokens=8 + 5 * i,
+                temperature=0.3 * i,
+                top_k=i * 3,
+                seed=i,
+                repetition_penalty=1.0 + 0.1 * i,
+                ignore_eos=True,
+            )
+            stream = engine.submit(
+                GenerationRequest(
+                    tok.encode("x" * (i + 1) + " hello"),
+                    params,
+                    weights=[1 + i, 1, 0.5],
+                    strength=1.0 - 0.1 * i,
+                )
+            )
+            others.append(stream)
+            if i == 3:
+                mixed_stream = engine.submit(target)
+            for _ in range(2):  # let the batch advance before the next one joins
+                next(iter(stream))
+        batch_events = list(mixed_stream)
+        for stream in others:
+            list(stream)
+    assert [e.token_id for e in batch_events] == alone.token_ids
+    for got, want in zip(batch_events, alone.events):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        for (gi, gv), (wi, wv) in zip(got.top_logprobs, want.top_logprobs):
+            assert gi == wi and gv == pytest.approx(wv, abs=1e-4)
+    assert alone.seed == 1234
+
+
+def test_cancel_stops_within_one_step_and_frees_the_slot(llama_set):
+    tok = llama_set.tokenizer
+    with Engine(llama_set, EngineLimits(max_running=1, max_queued=4)) as engine:
+        stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(200)))
+        events = iter(stream)
+        for _ in range(3):
+            next(events)
+        stream.cancel()
+        rest = list(events)
+        assert rest[-1].finish_reason == "cancelled"
+        assert len(rest) <= 2  # at most the token of the step already under way
+        # the single slot is free again: a new request runs to completion
+        follow = engine.generate(GenerationRequest(tok.encode("hi"), greedy(3)))
+        assert len(follow.token_ids) == 3 and follow.finish_reason == "length"
+        assert engine.stats().running == 0
+
+
+def test_cancel_while_queued(llama_set):
+    tok = llama_set.tokenizer
+    with Engine(llama_set, EngineLimits(max_running=1, max_queued=4)) as engine:
+        first = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(60)))
+        queued = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(60)))
+        queued.cancel()
+        events = list(queued)
+        assert [e.finish_reason for e in events] == ["cancelled"]
+        first.cancel()
+        list(first)
+
+
+def test_overload_raises_at_once(llama_set):
+    tok = llama_set.tokenizer
+    with Engine(llama_set, EngineLimits(max_running=1, max_queued=1)) as engine:
+        running = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(100)))
+        next(iter(running))  # it holds the only slot now
+        queued = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(5)))
+        started = time.monotonic()
+        with pytest.raises(Overloaded):
+            engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(5)))
+        assert time.monotonic() - started < 0.5
+        running.cancel()
+        list(running)
+        assert len(list(queued)) == 5
+
+
+def test_input_errors_name_the_parameter(llama_set, no_reference_family):
+    tok = llama_set.tokenizer
+    with Engine(llama_set) as engine:
+        cases = [
+            (
+                GenerationRequest(tok.encode(PROMPT), greedy(300)),
+                "max_new_tokens",
+                "context limit of 256",
+            ),
+            (GenerationRequest([], greedy(3)), "prompt", "empty"),
+            (GenerationRequest([99999], greedy(3)), "prompt", "outside"),
+            (
+                GenerationRequest([5], greedy(3), weights={"nope": 1}),
+                "weights.nope",
+                "unknown policy",
+            ),
+            (GenerationRequest([5], greedy(3), strength=-1), "strength", ">= 0"),
+            (GenerationRequest([5], SamplingParams(top_p=0)), "top_p", "top_p"),
+        ]
+        for request, param, fragment in cases:
+            with pytest.raises(InvalidParameter, match=fragment) as err:
+                engine.submit(request)
+            assert err.value.param == param
+    noref = load_policy_set(load_config(no_reference_family))
+    with Engine(noref) as engine, pytest.raises(InvalidParameter, match="needs a reference"):
+        engine.submit(GenerationRequest([5], greedy(3), strength=0.5))
+
+
+def test_stop_strings_and_stop_tokens(llama_set):
+    tok = llama_set.tokenizer
+    ids = tok.encode(PROMPT)
+    with Engine(llama_set) as engine:
+        full = engine.generate(GenerationRequest(ids, greedy(20)))
+        assert len(full.text) > 6
+        stop = full.text[3:6]
+        cut = engine.generate(GenerationRequest(ids, greedy(20, stop=[stop])))
+        assert cut.finish_reason == "stop_sequence"
+        assert cut.text == full.text[: full.text.find(stop)]
+        stop_id = full.token_ids[4]
+        by_id = engine.generate(GenerationRequest(ids, greedy(20, stop_token_ids=[stop_id])))
+        assert by_id.finish_reason == "stop_sequence"
+        assert by_id.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
+
+
+def test_eos_finishes_unless_ignored(llama_set, monkeypatch):
+    tok = llama_set.tokenizer
+    ids = tok.encode(PROMPT)
+    with Engine(llama_set) as engine:
+        full = engine.generate(GenerationRequest(ids, greedy(10)))
+        # pretend the third greedy token is EOS
+        monkeypatch.setattr(llama_set, "eos_token_ids", [full.token_ids[2]])
+        stopped = engine.generate(
+            GenerationRequest(ids, SamplingParams(max_new_tokens=10, temperature=0))
+        )
+        assert stopped.finish_reason == "eos_token"
+        assert stopped.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[2]) + 1]
+        ignored = engine.generate(GenerationRequest(ids, greedy(10)))
+        assert ignored.token_ids == full.token_ids and ignored.finish_reason == "length"
+
+
+def _teacher_forced(model, prompt, completion, vocab):
+    ids = torch.tensor([prompt + completion])
+    logprobs = model(ids).logits[0, :-1, :vocab].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked[len(prompt) - 1 :].sum().item()
+
+
+def test_score_equals_direct_teacher_forcing(llama_set):
+    tok = llama_set.tokenizer
+    prompts = [tok.encode(PROMPT), tok.encode("hi"), tok.encode("Sure! Here is")]
+    completions = [tok.encode(" a poem"), tok.encode(" there, friend."), tok.encode(" it")]
+    with Engine(llama_set, EngineLimits(score_chunk_tokens=24)) as engine:  # forces 2+ chunks
+        # a generation running meanwhile must not disturb scoring, nor scoring it
+        stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(30)))
+        result = engine.score(prompts, completions)
+        assert len(list(stream)) == 30
+    assert result.policy_logprobs.shape == (3, 3)
+    assert result.reference_logprobs is not None
+    models = [p.model for p in llama_set.policies]
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        for k, model in enumerate(models):
+            want = _teacher_forced(model, p, c, llama_set.vocab_size)
+            assert result.policy_logprobs[i, k].item() == pytest.approx(want, abs=1e-4)
+        want_ref = _teacher_forced(llama_set.reference.model, p, c, llama_set.vocab_size)
+        assert result.reference_logprobs[i].item() == pytest.approx(want_ref, abs=1e-4)
+
+
+def test_async_iteration_and_observer(llama_set):
+    import asyncio
+
+    steps = []
+
+    class Observer:
+        def on_step(self, batch_size, forward_seconds):
+            steps.append((batch_size, sorted(forward_seconds)))
+
+    tok = llama_set.tokenizer
+    with Engine(llama_set, observer=Observer()) as engine:
+
+        async def run():
+            stream = engine.submit(
+                GenerationRequest(tok.encode(PROMPT), greedy(5), weights=[1, 1, 0])
+            )
+            return [e async for e in stream]
+
+        events = asyncio.run(run())
+    assert [e.index for e in events] == [0, 1, 2, 3, 4]
+    assert events[-1].finish_reason == "length"
+    assert steps and all(names == ["harmless", "helpful"] for _, names in steps)
+
+
+def test_stopped_engine_refuses_and_stop_cancels_running(llama_set):
+    tok = llama_set.tokenizer
+    engine = Engine(llama_set).start()
+    stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(200)))
+    next(iter(stream))
+    stopper = threading.Thread(target=engine.stop, kwargs={"timeout": 0.2})
+    stopper.start()
+    events = list(stream)
+    stopper.join()
+    assert events[-1].finish_reason == "cancelled"
+    assert not engine.is_alive
+    with pytest.raises(EngineNotRunning):
+        engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(2)))
