@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import EngineNotRunning, InvalidParameter, Overloaded
+from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .kvcache import ModelBatch
 from .mixing import WeightsInput, check_strength, mix_logprobs, normalize_weights
 from .policies import PolicySet
@@ -118,6 +118,7 @@ class Engine:
         self._steps = 0
         self._generated_tokens = 0
         self._special_ids = set(policy_set.tokenizer.all_special_ids)
+        self._token_texts: dict[int, str] = {}  # token id -> the token decoded alone
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -187,7 +188,8 @@ class Engine:
                 raise EngineNotRunning(
                     "the engine is not running (not started, stopping or failed)"
                 )
-            if len(self._waiting) >= self.limits.max_queued:
+            free_slots = max(0, self.limits.max_running - len(self._running))
+            if len(self._waiting) >= self.limits.max_queued + free_slots:
                 raise Overloaded(
                     f"{len(self._running)} sequences are running and {len(self._waiting)} are "
                     f"queued (limit {self.limits.max_queued}); retry later",
@@ -323,13 +325,27 @@ class Engine:
                         break
                     newcomers = self._admit()
                 if self._running or newcomers:
-                    self._step(newcomers)
+                    try:
+                        self._step(newcomers)
+                    except Exception as exc:  # fail this step's requests; keep serving
+                        logger.exception("decoding step failed; failing its requests")
+                        self._abort_running(newcomers, exc)
                 self._run_one_job()
         except BaseException as exc:  # report to every caller instead of hanging them
             logger.exception("engine loop failed")
             self._failure = exc
         finally:
             self._fail_all(self._failure)
+
+    def _abort_running(self, newcomers: list[_Sequence], exc: Exception) -> None:
+        """After a failed step the caches may be inconsistent: drop every running row."""
+        with self._lock:
+            failed = {s.sid: s for s in [*self._running.values(), *newcomers]}
+            self._running.clear()
+        for batch in self._batches:
+            batch.keep(set())
+        for seq in failed.values():
+            seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _admit(self) -> list[_Sequence]:
         """Move waiting requests into free slots (lock held)."""
@@ -403,6 +419,11 @@ class Engine:
             logprobs[k] if self.has_reference else None,
             coefs[:, k] if self.has_reference else None,
         )  # [B, V]
+        broken = ~torch.isfinite(mixed.logsumexp(dim=-1))  # [B] NaN, or no token possible
+        if bool(broken.any()):
+            active, mixed, logprobs = self._drop_broken(active, mixed, logprobs, broken)
+            if not active:
+                return
         tokens = sample_tokens(
             mixed,
             [s.request.sampling for s in active],
@@ -413,6 +434,28 @@ class Engine:
         self._steps += 1
         if self.observer is not None:
             self.observer.on_step(len(active), forward_seconds)
+
+    def _drop_broken(
+        self,
+        active: list[_Sequence],
+        mixed: torch.Tensor,  # [B, V]
+        logprobs: torch.Tensor,  # [M, B, V]
+        broken: torch.Tensor,  # [B] bool
+    ) -> tuple[list[_Sequence], torch.Tensor, torch.Tensor]:
+        """Fail the rows whose mixed distribution is not finite; return the others."""
+        flags = broken.tolist()
+        failed = [seq for seq, bad in zip(active, flags) if bad]
+        self._retire(failed)
+        for seq in failed:
+            seq.stream.push(
+                GenerationFailed(
+                    "the mixture's log-probabilities are not finite (weights "
+                    f"{seq.stream.weights}, strength {seq.stream.strength})"
+                )
+            )
+        keep = (~broken).nonzero().squeeze(-1)  # [B']
+        survivors = [seq for seq, bad in zip(active, flags) if not bad]
+        return survivors, mixed[keep], logprobs[:, keep]
 
     def _emit(
         self,
@@ -437,15 +480,15 @@ class Engine:
             seq.generated.append(token)
             self._generated_tokens += 1
             finish = self._finish_reason(seq, token)
-            text = self._new_text(seq, finish is not None)
-            if finish is None and params.stop and self._find_stop(seq):
+            self._decode_text(seq)
+            if params.stop and self._find_stop(seq):
                 finish = "stop_sequence"
-                text = self._new_text(seq, True)
+            text = self._new_text(seq, finish is not None)
             n = params.top_logprobs
             event = TokenEvent(
                 index=len(seq.generated) - 1,
                 token_id=token,
-                token_text=ps.tokenizer.decode([token]),
+                token_text=self._token_text(token),
                 text=text,
                 logprob=chosen[row],
                 top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
@@ -461,6 +504,12 @@ class Engine:
                 finished.append(seq)
         self._retire(finished)
 
+    def _token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.policy_set.tokenizer.decode([token])
+        return text
+
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         params = seq.request.sampling
         if token in params.stop_token_ids:
@@ -471,10 +520,12 @@ class Engine:
             return "length"
         return None
 
-    def _new_text(self, seq: _Sequence, final: bool) -> str:
-        """Text to send now: decoded so far, minus what may still become a stop string."""
+    def _decode_text(self, seq: _Sequence) -> None:
         if seq.stop_at is None:
             seq.text = self.policy_set.tokenizer.decode(seq.generated, skip_special_tokens=True)
+
+    def _new_text(self, seq: _Sequence, final: bool) -> str:
+        """Text to send now: decoded so far, minus what may still become a stop string."""
         text = seq.text if seq.stop_at is None else seq.text[: seq.stop_at]
         if final:
             end = len(text)

@@ -43,5 +43,9 @@ class Overloaded(MPOError):
         self.retry_after = retry_after
 
 
+class GenerationFailed(MPOError):
+    """One request could not be decoded (its stream raises this); the engine goes on."""
+
+
 class EngineNotRunning(MPOError):
     """The engine loop is not started, is shutting down or has died."""

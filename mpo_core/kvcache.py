@@ -47,6 +47,9 @@ class ModelBatch:
         self.row_ids: list[int] = []  # sequence ids, in cache row order
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B, T] 1 = real token
+        # False while no row has left padding: the forward then gets no mask at all and
+        # transformers skips building a [B, 1, 1, T] mask per layer call (pure causal).
+        self.padded = False
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -62,7 +65,7 @@ class ModelBatch:
         self.mask = torch.cat([self.mask, ones], dim=1)  # [B, T + 1]
         logits = self._forward(
             input_ids=tokens.unsqueeze(1),  # [B, 1]
-            attention_mask=self.mask,
+            attention_mask=self.mask if self.padded else None,
             position_ids=positions.unsqueeze(1),  # [B, 1]
             cache=self.cache,
         )
@@ -97,6 +100,7 @@ class ModelBatch:
     def _append(self, row_ids: list[int], layers: Layers, mask: torch.Tensor) -> None:
         if self.cache is None or not self.row_ids:
             self.cache, self.mask, self.row_ids = build_cache(layers), mask, list(row_ids)
+            self.padded = not bool(mask.all())
             return
         length = max(self.mask.shape[1], mask.shape[1])
         merged = [
@@ -108,6 +112,7 @@ class ModelBatch:
         ]
         self.cache = build_cache(merged)
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+        self.padded = not bool(self.mask.all())
         self.row_ids += row_ids
 
     def keep(self, keep_ids: set[int]) -> None:
@@ -117,12 +122,13 @@ class ModelBatch:
             return
         self.row_ids = [self.row_ids[i] for i in rows]
         if not rows or self.cache is None:
-            self.cache, self.mask = None, self.mask[:0, :0]
+            self.cache, self.mask, self.padded = None, self.mask[:0, :0], False
             return
         index = torch.tensor(rows, device=self.device)
         mask = self.mask.index_select(0, index)  # [B', T]
         start = int((mask.sum(dim=0) > 0).nonzero()[0])  # first column some row uses
         self.mask = mask[:, start:]
+        self.padded = not bool(self.mask.all())
         self.cache = build_cache(
             [
                 (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])

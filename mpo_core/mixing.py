@@ -18,6 +18,7 @@ import torch
 
 from .errors import InvalidParameter
 
+MAX_STRENGTH = 100.0  # far past any useful extrapolation; keeps s * log p finite
 WeightsInput = Mapping[str, float] | Sequence[float] | None
 
 
@@ -57,7 +58,12 @@ def normalize_weights(weights: WeightsInput, names: Sequence[str]) -> list[float
                 f"({', '.join(names)})",
             )
         raw = [_check_value(f"weights[{i}]", w) for i, w in enumerate(weights)]
-    total = math.fsum(raw)
+    try:
+        total = math.fsum(raw)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        raise InvalidParameter("weights", "weights are too large: their sum is not finite")
     if total <= 0:
         raise InvalidParameter("weights", "weights must not all be zero")
     return [w / total for w in raw]
@@ -68,8 +74,10 @@ def check_strength(strength: object, has_reference: bool) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
         raise InvalidParameter("strength", f"strength must be a number, got {strength!r}")
     value = float(strength)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidParameter("strength", f"strength must be finite and >= 0, got {strength!r}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_STRENGTH:
+        raise InvalidParameter(
+            "strength", f"strength must be between 0 and {MAX_STRENGTH}, got {strength!r}"
+        )
     if value != 1.0 and not has_reference:
         raise InvalidParameter(
             "strength",

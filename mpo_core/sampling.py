@@ -142,7 +142,7 @@ def sample_tokens(
     scores = scores / temperature.unsqueeze(-1)
     scores = filter_scores(
         scores,
-        torch.tensor([p.top_k for p in params], device=device),
+        torch.tensor([min(p.top_k, scores.shape[-1]) for p in params], device=device),
         torch.tensor([p.top_p for p in params], device=device, dtype=scores.dtype),
         torch.tensor([p.min_p for p in params], device=device, dtype=scores.dtype),
     )

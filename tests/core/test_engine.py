@@ -209,7 +209,7 @@ def test_input_errors_name_the_parameter(llama_set, no_reference_family):
                 "weights.nope",
                 "unknown policy",
             ),
-            (GenerationRequest([5], greedy(3), strength=-1), "strength", ">= 0"),
+            (GenerationRequest([5], greedy(3), strength=-1), "strength", "between 0 and 100"),
             (GenerationRequest([5], SamplingParams(top_p=0)), "top_p", "top_p"),
         ]
         for request, param, fragment in cases:
@@ -318,3 +318,57 @@ def test_stopped_engine_refuses_and_stop_cancels_running(llama_set):
     assert not engine.is_alive
     with pytest.raises(EngineNotRunning):
         engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(2)))
+
+
+def test_stop_string_spanning_two_tokens(llama_set):
+    tok = llama_set.tokenizer
+    ids = tok.encode(PROMPT)
+    with Engine(llama_set) as engine:
+        full = engine.generate(GenerationRequest(ids, greedy(20)))
+        # find a token boundary inside the text and take two characters across it
+        boundary = len(tok.decode(full.token_ids[:3], skip_special_tokens=True))
+        assert 0 < boundary < len(full.text) - 1
+        stop = full.text[boundary - 1 : boundary + 1]
+        cut = engine.generate(GenerationRequest(ids, greedy(20, stop=[stop])))
+    assert cut.finish_reason == "stop_sequence"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert stop not in cut.text
+
+
+def test_extreme_parameters_do_not_break_the_engine(llama_set):
+    tok = llama_set.tokenizer
+    with Engine(llama_set, EngineLimits(max_running=2, max_queued=0)) as engine:
+        # max_queued=0 still admits a request when a slot is free
+        huge_k = SamplingParams(max_new_tokens=3, top_k=2**70, seed=0, ignore_eos=True)
+        assert len(engine.generate(GenerationRequest(tok.encode(PROMPT), huge_k)).token_ids) == 3
+        with pytest.raises(InvalidParameter, match="between 0 and 100") as err:
+            engine.submit(GenerationRequest([5], greedy(2), strength=1e308))
+        assert err.value.param == "strength"
+        with pytest.raises(InvalidParameter, match="not finite"):
+            engine.submit(GenerationRequest([5], greedy(2), weights=[1e308, 1e308, 1]))
+        far = engine.generate(GenerationRequest([5], greedy(2), strength=100.0))
+        assert len(far.token_ids) == 2
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama_set, monkeypatch):
+    from mpo_core.errors import GenerationFailed
+    from mpo_core.kvcache import ModelBatch
+
+    tok = llama_set.tokenizer
+    original = ModelBatch.decode
+    calls = {"n": 0}
+
+    def flaky(self, tokens, positions):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device error")
+        return original(self, tokens, positions)
+
+    with Engine(llama_set) as engine:
+        monkeypatch.setattr(ModelBatch, "decode", flaky)
+        stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(10), weights=[1, 0, 0]))
+        with pytest.raises(GenerationFailed, match="simulated device error"):
+            list(stream)
+        assert engine.is_alive
+        after = engine.generate(GenerationRequest(tok.encode(PROMPT), greedy(4)))
+        assert len(after.token_ids) == 4
