@@ -1,0 +1,131 @@
+"""``create_app(settings, engine=None)``: the FastAPI app; its lifespan loads the engine.
+
+Startup: open the profile store, load the policy set from ``settings.config`` (or build
+the demo family) and start the engine, unless a running engine is given (tests pass a
+small one). Shutdown (after uvicorn has drained connections on SIGTERM): stop the engine,
+which finishes what runs within its timeout and cancels the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI
+
+from mpo_core import __version__
+from mpo_core.config import load_config
+from mpo_core.engine import Engine, EngineLimits
+from mpo_core.policies import load_policy_set
+
+from .errors import install_error_handlers
+from .jobs import FitJobs
+from .metrics import Metrics
+from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from .routes import admin, generate, openai, ops
+from .serving import Serving
+from .settings import Settings
+from .store import open_store
+
+logger = logging.getLogger(__name__)
+
+
+def config_path(settings: Settings) -> Path:
+    """The policy-set YAML to serve: the configured one, else the demo family (built once)."""
+    if settings.config is not None:
+        return settings.config
+    from mpo_core.demo import build_demo  # lazy: only the demo needs it
+
+    logger.info("no --config / MPO_CONFIG given: serving the embedded demo family")
+    return Path(build_demo(home=settings.home))
+
+
+def load_engine(settings: Settings, metrics: Metrics) -> Engine:
+    """Load the models and start the decoding thread (blocking: run it off the event loop)."""
+    config = load_config(config_path(settings))
+    policy_set = load_policy_set(config)
+    limits = EngineLimits(
+        max_running=settings.max_running,
+        max_queued=settings.max_queued,
+        max_top_logprobs=settings.max_top_logprobs,
+    )
+    return Engine(policy_set, limits=limits, observer=metrics).start()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    store = open_store(settings.resolved_store_url())
+    app.state.store = store
+    engine: Engine | None = app.state.given_engine
+    owns_engine = engine is None
+    if engine is None:
+        engine = await anyio.to_thread.run_sync(load_engine, settings, metrics)
+    else:
+        if engine.observer is None or isinstance(engine.observer, Metrics):
+            engine.observer = metrics  # a shared test engine reports to the newest app
+        if not engine.is_alive:
+            engine.start()
+    ready_engine = engine
+    metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
+    app.state.serving = Serving(engine, store, settings, metrics)
+    app.state.fit_jobs = FitJobs(engine, store, metrics, settings.data_path)
+    logger.info("serving %s: policies %s", engine.policy_set.served_name, engine.policy_names)
+    try:
+        yield
+    finally:
+        app.state.serving = None  # new requests get 503 from here on
+        for job in app.state.fit_jobs.jobs():
+            app.state.fit_jobs.cancel(job.id)
+        if owns_engine:
+            logger.info("stopping the engine (up to %.0f s)", settings.shutdown_timeout_s)
+            await anyio.to_thread.run_sync(ready_engine.stop, settings.shutdown_timeout_s)
+        store.close()
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app; ``engine`` (started or not) replaces loading one from ``settings``."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="MPO server",
+        version=__version__,
+        summary="A log-linear blend of aligned LMs behind TGI- and OpenAI-compatible APIs",
+        lifespan=lifespan,
+    )
+    metrics = Metrics()
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.given_engine = engine
+    app.state.serving = None
+    app.state.store = None
+    app.state.started_at = time.time()
+
+    install_error_handlers(app)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+    include_optional_routers(app)
+
+    # Outermost last: metrics see every status, including the body limit's 413.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+
+
+def include_optional_routers(app: FastAPI) -> None:
+    """Routers that live in their own modules and may not exist yet.
+
+    Fit jobs (``POST/GET/DELETE /admin/fit``) go here: ``server/routes/fit.py`` exposes
+    ``router`` (guarded by ``deps.require_admin``) and ``server/jobs.py`` the job manager.
+    """
+    try:
+        from .routes import fit  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    app.include_router(fit.router)

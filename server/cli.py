@@ -1,0 +1,163 @@
+"""The ``mpo`` command: ``mpo serve``, ``mpo demo build``, ``mpo fit``.
+
+Flags map onto ``Settings`` fields; a flag left out falls back to its ``MPO_*`` variable,
+then to the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# flag -> (Settings field, type, help)
+_SERVE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--config", "config", Path, "policy-set YAML (default: MPO_CONFIG, else the demo family)"),
+    ("--host", "host", str, "address to bind (MPO_HOST, default 127.0.0.1)"),
+    ("--port", "port", int, "port to bind (MPO_PORT, default 8000)"),
+    ("--api-key", "api_key", str, "bearer key for inference routes (MPO_API_KEY)"),
+    ("--admin-token", "admin_token", str, "bearer token for /admin (MPO_ADMIN_TOKEN)"),
+    ("--data-dir", "data_dir", Path, "profiles database folder (MPO_DATA_DIR)"),
+    ("--store-url", "store_url", str, "profile store URL (MPO_STORE_URL)"),
+    ("--max-running", "max_running", int, "sequences decoded together (MPO_MAX_RUNNING)"),
+    ("--max-queued", "max_queued", int, "sequences waiting before 429 (MPO_MAX_QUEUED)"),
+    ("--max-body-bytes", "max_body_bytes", int, "request body limit (MPO_MAX_BODY_BYTES)"),
+    ("--max-n", "max_n", int, "choices per OpenAI request (MPO_MAX_N)"),
+    ("--log-level", "log_level", str, "debug, info, warning, error (MPO_LOG_LEVEL)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpo", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the HTTP server (uvicorn)")
+    for flag, dest, type_, help_ in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="the embedded demo family")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    build = demo_commands.add_parser("build", help="build the demo family; print its YAML path")
+    build.add_argument("--variant", default=None, help="which demo family to build")
+    build.add_argument("--seed", type=int, default=None, help="random seed")
+    build.set_defaults(handler=cmd_demo_build)
+
+    fit = commands.add_parser("fit", help="fit mixing weights offline (MPO mirror descent)")
+    fit.add_argument("--config", type=Path, required=True, help="policy-set YAML")
+    fit.add_argument("--prompts", type=Path, required=True, help="prompts file, one a line")
+    fit.add_argument("--samples-per-prompt", type=int, default=None, help="responses (m)")
+    fit.add_argument("--max-new-tokens", type=int, default=None, help="response length")
+    fit.add_argument("--iterations", type=int, default=None, help="mirror-descent steps (T)")
+    fit.add_argument("--step-size", type=float, default=None, help="eta (default c/sqrt(T))")
+    fit.add_argument("--batch-size", type=int, default=None, help="prompts per step (b)")
+    fit.add_argument("--seed", type=int, default=None, help="random seed")
+    fit.add_argument("--save", metavar="NAME", default=None, help="store as this profile")
+    fit.set_defaults(handler=cmd_fit)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from .settings import Settings
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it shut down on, with the handler found at start; a
+    # no-op handler turns a SIGTERM that was handled gracefully into a plain exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()  # SIGTERM/SIGINT: stop accepting, drain, then the lifespan stops the engine
+    return 0 if server.started else 1
+
+
+def cmd_demo_build(args: argparse.Namespace) -> int:
+    from mpo_core.demo import build_demo
+
+    from .settings import Settings
+
+    kwargs = {
+        k: v for k, v in {"variant": args.variant, "seed": args.seed}.items() if v is not None
+    }
+    print(build_demo(home=Settings().home, **kwargs))
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    # lazy: the fitting driver pulls in the models
+    from mpo_core import fit_driver
+    from mpo_core.config import load_config
+    from mpo_core.engine import Engine
+    from mpo_core.policies import load_policy_set
+
+    given = {
+        "samples_per_prompt": args.samples_per_prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "iterations": args.iterations,
+        "step_size": args.step_size,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    options = fit_driver.FitOptions(**{k: v for k, v in given.items() if v is not None})
+    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    engine = Engine(load_policy_set(load_config(args.config))).start()
+    try:
+        report = fit_driver.run_fit(engine, prompts, options)
+    finally:
+        engine.stop(timeout=5)
+    print(fit_driver.format_report_table(report))
+    if args.save:
+        save_profile(args.save, dict(report.weights))
+    return 0
+
+
+def save_profile(name: str, weights: dict[str, float]) -> None:
+    from .settings import Settings
+    from .store import open_store
+
+    store = open_store(Settings().resolved_store_url())
+    version = store.put(name, weights, meta={"source": "mpo fit"})
+    store.close()
+    print(f"stored profile {name!r} version {version.version}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a readable one-liner for config and input errors
+        from mpo_core.errors import MPOError
+
+        if isinstance(exc, MPOError):
+            print(f"mpo: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

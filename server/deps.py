@@ -1,0 +1,59 @@
+"""FastAPI dependencies: what routes reach through ``Annotated[..., Depends(...)]``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mpo_core.engine import Engine
+from mpo_core.errors import EngineNotRunning
+
+from .auth import check_admin_token, check_api_key
+from .metrics import Metrics
+from .serving import Serving
+from .settings import Settings
+from .store import ProfileStore
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_serving(request: Request) -> Serving:
+    serving: Serving | None = getattr(request.app.state, "serving", None)
+    if serving is None or not serving.engine.is_alive:
+        raise EngineNotRunning("the engine is not loaded or not running; retry shortly")
+    return serving
+
+
+def get_engine(serving: Annotated[Serving, Depends(get_serving)]) -> Engine:
+    return serving.engine
+
+
+def get_store(request: Request) -> ProfileStore:
+    store: ProfileStore | None = getattr(request.app.state, "store", None)
+    if store is None:
+        raise EngineNotRunning("the profile store is not open yet; retry shortly")
+    return store
+
+
+def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    check_api_key(request, settings.api_key)
+
+
+def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+    check_admin_token(request, settings.admin_token)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+StoreDep = Annotated[ProfileStore, Depends(get_store)]

@@ -1,0 +1,201 @@
+"""Map every failure to OpenAI's error body with the status DESIGN §4 gives it.
+
+Engine errors (``mpo_core.errors``) and request validation errors get app-wide handlers,
+so routes raise and never build error responses themselves. Bad input never becomes a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mpo_core.errors import (
+    EngineNotRunning,
+    GenerationFailed,
+    InvalidParameter,
+    Overloaded,
+    UnknownProfile,
+)
+
+from .protocol.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error raised by the server layer itself (auth, unknown model, limits)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    type_ = _TYPE_BY_STATUS.get(status, "server_error")
+    body = error_body(message, type_, param=param, code=code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def bad_request(param: str, message: str, code: str = "invalid_parameter") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """Retry-After takes whole seconds; round up so a client never retries too early."""
+    return {"Retry-After": str(max(1, int(-(-seconds // 1))))}
+
+
+def _loc_to_param(loc: Sequence[Any]) -> str:
+    """("body", "parameters", "top_p") -> "parameters.top_p"; list indices kept: "stop.2"."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in {"body", "query", "path", "header"}:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _is_json_request(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """One 400 naming the first offending field; the count of the others follows."""
+    errors = list(exc.errors())
+    if request.method in {"POST", "PUT", "PATCH"} and not _is_json_request(request):
+        got = request.headers.get("content-type") or "none"
+        message = f"Content-Type must be application/json (got {got})"
+        return error_response(400, message, code="unsupported_content_type")
+    if not errors:
+        return error_response(400, "invalid request", code="invalid_request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        pos = first["loc"][-1] if first.get("loc") else "?"
+        return error_response(
+            400, f"invalid JSON body: {reason} at position {pos}", code="json_invalid"
+        )
+    param = _loc_to_param(first.get("loc", ()))
+    message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    if "input" in first and first.get("type") not in {"missing", "extra_forbidden"}:
+        message += f" (got {_short_repr(first['input'])})"
+    if first.get("type") == "extra_forbidden":
+        message = f"{param}: unknown field"
+    more = len(errors) - 1
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return error_response(400, message, param=param or None, code=first.get("type"))
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+
+async def _on_invalid_parameter(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidParameter)
+    return error_response(400, exc.message, param=exc.param, code="invalid_parameter")
+
+
+async def _on_unknown_profile(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnknownProfile)
+    return error_response(404, str(exc), param="profile", code="profile_not_found")
+
+
+async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Overloaded)
+    headers = retry_after_header(exc.retry_after)
+    return error_response(429, str(exc), code="overloaded", headers=headers)
+
+
+async def _on_not_running(request: Request, exc: Exception) -> JSONResponse:
+    message = str(exc) or "the engine is not running"
+    return error_response(503, message, code="engine_not_running", headers={"Retry-After": "5"})
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_error_response(request, exc)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    if isinstance(exc.detail, str) and exc.detail:
+        message = exc.detail
+    else:
+        message = HTTPStatus(status).phrase
+    if status == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    return error_response(
+        status,
+        message,
+        code=HTTPStatus(status).phrase.lower().replace(" ", "_"),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _on_generation_failed(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("generation failed on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(500, str(exc), code="generation_failed")
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal server error", code="internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers; most specific first does not matter (FastAPI walks the MRO)."""
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(InvalidParameter, _on_invalid_parameter)
+    app.add_exception_handler(UnknownProfile, _on_unknown_profile)
+    app.add_exception_handler(Overloaded, _on_overloaded)
+    app.add_exception_handler(EngineNotRunning, _on_not_running)
+    app.add_exception_handler(GenerationFailed, _on_generation_failed)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,225 @@
+"""Fit jobs: run the MPO weight fit in a background thread, one at a time.
+
+A job samples from the reference through the shared engine (its requests queue with
+everyone else's, a bounded number at a time, so serving continues), scores, runs mirror
+descent, and on success stores the weights as a new version of a profile. A failed or
+cancelled job stores nothing. Jobs live in this process's memory: a restart forgets them
+(the stored profiles, with their reports, persist).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mpo_core.engine import Engine
+from mpo_core.errors import InvalidParameter
+
+from .errors import APIError
+from .metrics import Metrics
+from .protocol.fit import FitRequest
+from .store import ProfileStore
+
+logger = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("queued", "sampling", "scoring", "optimising")
+FINAL_STATES = ("done", "failed", "cancelled")
+# Share of the whole job each phase accounts for, for one progress figure and an ETA.
+_PHASE_SPAN = {"sampling": (0.0, 0.7), "scoring": (0.7, 0.95), "optimising": (0.95, 1.0)}
+MAX_KEPT_JOBS = 100
+
+
+@dataclass
+class FitJob:
+    id: str
+    request: FitRequest
+    state: str = "queued"
+    phase_progress: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    weights: dict[str, float] | None = None
+    profile: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def progress(self) -> float:
+        if self.state == "done":
+            return 1.0
+        low, high = _PHASE_SPAN.get(self.state, (0.0, 0.0))
+        return low + (high - low) * self.phase_progress
+
+    def eta_seconds(self) -> float | None:
+        if self.state not in ACTIVE_STATES or self.started_at is None or self.progress <= 0.01:
+            return None
+        elapsed = time.time() - self.started_at
+        return elapsed * (1 - self.progress) / self.progress
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "phase_progress": round(self.phase_progress, 4),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "eta_seconds": self.eta_seconds(),
+            "request": self.request.model_dump(),
+            "error": self.error,
+            "weights": self.weights,
+            "profile": self.profile,
+            "report": self.report,
+        }
+
+
+class FitJobs:
+    """Starts, tracks and cancels fit jobs; at most one is active."""
+
+    def __init__(self, engine: Engine, store: ProfileStore, metrics: Metrics, data_dir: Path):
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+        self.prompt_dir = data_dir / "prompts"
+        self._jobs: dict[str, FitJob] = {}
+        self._lock = threading.Lock()
+
+    def start(self, request: FitRequest) -> FitJob:
+        if not self.engine.has_reference:
+            raise InvalidParameter(
+                "reference",
+                "fitting samples from the reference policy, and this policy set has none: "
+                "add `reference:` to the policy-set config",
+            )
+        prompts = self._prompts(request)
+        with self._lock:
+            active = [j for j in self._jobs.values() if j.state in ACTIVE_STATES]
+            if active:
+                raise APIError(
+                    409, f"fit job {active[0].id} is still {active[0].state}; one fit at a time",
+                    code="fit_in_progress",
+                )  # fmt: skip
+            job = FitJob(id=uuid.uuid4().hex[:16], request=request)
+            self._jobs[job.id] = job
+            self._forget_old()
+        self._set_state(job, "queued")
+        thread = threading.Thread(target=self._run, args=(job, prompts), name=f"fit-{job.id}")
+        thread.daemon = True
+        thread.start()
+        return job
+
+    def get(self, job_id: str) -> FitJob:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise APIError(
+                404, f"fit job {job_id!r} does not exist", param="id", code="job_not_found"
+            )
+        return job
+
+    def jobs(self) -> list[FitJob]:
+        return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+
+    def cancel(self, job_id: str) -> FitJob:
+        job = self.get(job_id)
+        if job.state in ACTIVE_STATES:
+            job.cancel_requested.set()
+        return job
+
+    def wait(self, job_id: str, timeout: float) -> FitJob:
+        """Block until the job ends or ``timeout`` passes (tests and the CLI)."""
+        deadline = time.monotonic() + timeout
+        job = self.get(job_id)
+        while job.state not in FINAL_STATES and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return job
+
+    # -- internals -------------------------------------------------------------------
+    def _prompts(self, request: FitRequest) -> list[str]:
+        if request.prompts is not None:
+            prompts = request.prompts
+        else:
+            assert request.prompt_file is not None  # the request model checks one is given
+            path = (self.prompt_dir / request.prompt_file).resolve()
+            if self.prompt_dir.resolve() not in path.parents or not path.is_file():
+                raise InvalidParameter(
+                    "prompt_file",
+                    f"prompt_file {request.prompt_file!r} is not a file under {self.prompt_dir}",
+                )
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts or any(not p.strip() for p in prompts):
+            raise InvalidParameter("prompts", "prompts must be non-empty strings")
+        return prompts
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self.jobs() if j.state in FINAL_STATES]
+        for job in finished[MAX_KEPT_JOBS:]:
+            del self._jobs[job.id]
+
+    def _set_state(self, job: FitJob, state: str) -> None:
+        with self._lock:
+            job.state = state
+            job.phase_progress = 0.0
+            counts = {s: 0 for s in (*ACTIVE_STATES, *FINAL_STATES)}
+            for other in self._jobs.values():
+                counts[other.state] += 1
+        for name, count in counts.items():
+            self.metrics.fit_jobs.labels(state=name).set(count)
+
+    def _progress(self, job: FitJob, phase: str, fraction: float) -> None:
+        if job.cancel_requested.is_set():
+            return
+        if phase != job.state:
+            self._set_state(job, phase)
+        job.phase_progress = min(max(fraction, 0.0), 1.0)
+
+    def _run(self, job: FitJob, prompts: list[str]) -> None:
+        from mpo_core.fit_driver import FitOptions, run_fit
+        from mpo_core.fitting import FitCancelled
+
+        request = job.request
+        job.started_at = time.time()
+        try:
+            options = FitOptions(
+                samples_per_prompt=request.samples_per_prompt,
+                max_new_tokens=request.max_new_tokens,
+                iterations=request.iterations,
+                step_size=request.step_size,
+                batch_size=request.batch_size,
+                seed=request.seed,
+            )
+            report = run_fit(
+                self.engine,
+                prompts,
+                options,
+                progress=lambda phase, fraction: self._progress(job, phase, fraction),
+                should_cancel=job.cancel_requested.is_set,
+            )
+            if job.cancel_requested.is_set():
+                raise FitCancelled("cancelled")
+            job.report = report.to_dict()
+            job.weights = dict(report.weights)
+            version = self.store.put(
+                request.profile, job.weights, 1.0, {"fit_job": job.id, "report": job.report}
+            )
+            if request.activate:
+                self.store.set_default(request.profile)
+            job.profile = version.to_dict()
+            self._finish(job, "done")
+        except FitCancelled:
+            self._finish(job, "cancelled")
+        except Exception as exc:  # a job failure is reported on the job, not raised
+            logger.exception("fit job %s failed", job.id)
+            job.error = f"{type(exc).__name__}: {exc}"
+            self._finish(job, "failed")
+
+    def _finish(self, job: FitJob, state: str) -> None:
+        job.finished_at = time.time()
+        self._set_state(job, state)
+        logger.info("fit job %s %s", job.id, state)

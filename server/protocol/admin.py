@@ -1,0 +1,57 @@
+"""Admin shapes: weight profiles under ``/admin/profiles``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .common import MAX_INT, MAX_STRENGTH, Weights
+
+
+class ProfilePut(BaseModel):
+    """``PUT /admin/profiles/{name}``: new content, or ``version`` to roll back to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Weights = None
+    strength: float = Field(default=1.0, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
+    meta: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(
+        default=None, ge=1, le=MAX_INT
+    )  # copy this old version as the newest
+    default: bool | None = None  # true: mark this profile default
+
+    @model_validator(mode="after")
+    def _weights_xor_version(self) -> ProfilePut:
+        if (self.weights is None) == (self.version is None):
+            raise ValueError("give either weights (new content) or version (a rollback)")
+        return self
+
+
+class DefaultPut(BaseModel):
+    """``PUT /admin/profiles``: mark the default profile (null: uniform weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default: str | None
+
+
+class ProfileOut(BaseModel):
+    name: str
+    version: int
+    weights: dict[str, float]
+    strength: float
+    meta: dict[str, Any]
+    created_at: float
+    is_default: bool = False
+
+
+class ProfileList(BaseModel):
+    default: str | None
+    profiles: list[ProfileOut]
+
+
+class ProfileHistory(BaseModel):
+    name: str
+    versions: list[ProfileOut]

@@ -1,0 +1,48 @@
+"""Shapes of the fit-job admin routes: ``/admin/fit[/{id}]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_FIT_PROMPTS = 10_000
+
+
+class FitRequest(BaseModel):
+    """``POST /admin/fit``: learn MaxMin mixing weights (DESIGN.md §2.2) and store them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_FIT_PROMPTS)
+    prompt_file: str | None = None  # a file under <data_dir>/prompts: one prompt a line
+    samples_per_prompt: int = Field(default=8, ge=2, le=256)  # m
+    max_new_tokens: int = Field(default=32, ge=1)
+    iterations: int = Field(default=500, ge=1, le=1_000_000)  # T
+    step_size: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # eta
+    batch_size: int | None = Field(default=None, ge=1)  # prompts per step (b)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    profile: str = Field(default="fitted", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    activate: bool = False  # make the stored profile the default
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> FitRequest:
+        if (self.prompts is None) == (self.prompt_file is None):
+            raise ValueError("give exactly one of prompts (a list) or prompt_file")
+        return self
+
+
+class FitJobOut(BaseModel):
+    id: str
+    state: str  # queued, sampling, scoring, optimising, done, failed, cancelled
+    progress: float  # 0..1 over the whole job
+    phase_progress: float  # 0..1 within the current phase
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    eta_seconds: float | None
+    request: dict[str, Any]
+    error: str | None = None
+    weights: dict[str, float] | None = None
+    profile: dict[str, Any] | None = None  # the stored profile version, once done
+    report: dict[str, Any] | None = None

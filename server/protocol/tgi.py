@@ -1,0 +1,99 @@
+"""TGI shapes: ``POST /generate`` and ``POST /generate_stream``.
+
+Sampling follows TGI: greedy unless ``do_sample`` is true or a sampling knob
+(``temperature``, ``top_k``, ``top_p``) is set. ``temperature`` 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo
+
+
+class TGIParameters(MixingFields):
+    model_config = ConfigDict(extra="forbid")
+
+    best_of: int | None = Field(default=None, ge=1, le=1)  # only 1: no best-of search
+    decoder_input_details: Literal[False] = False  # prompt logprobs are not computed
+    details: bool = False
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    return_full_text: bool = False
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_INT)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
+    truncate: int | None = Field(
+        default=None, ge=1, le=MAX_INT
+    )  # keep only the last N prompt tokens
+    typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
+    watermark: Literal[False] = False
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stop
+
+    @field_validator("typical_p")
+    @classmethod
+    def _no_typical(cls, typical_p: float | None) -> float | None:
+        if typical_p is not None and typical_p < 1:
+            raise ValueError("typical sampling is not supported; leave typical_p unset")
+        return typical_p
+
+
+class TGIRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+    stream: bool = False  # accepted for compatibility; the route decides
+
+
+class TGIToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+    policy_logprobs: dict[str, float | None] | None = None  # each policy's log-prob of it
+
+
+class TGIDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TGIToken] = Field(default_factory=list)
+    tokens: list[TGIToken] = Field(default_factory=list)
+    top_tokens: list[list[TGIToken]] | None = None
+    best_of_sequences: None = None
+
+
+class TGIResponse(BaseModel):
+    generated_text: str
+    details: TGIDetails | None = None
+    mixing: MixingInfo
+
+
+class TGIStreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+
+
+class TGIStreamEvent(BaseModel):
+    index: int
+    token: TGIToken
+    top_tokens: list[TGIToken] | None = None
+    generated_text: str | None = None
+    details: TGIStreamDetails | None = None
+    mixing: MixingInfo | None = None  # on the last event

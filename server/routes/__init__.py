@@ -1,0 +1,1 @@
+"""Thin route modules: parse, call ``serving`` or the store, shape the response."""

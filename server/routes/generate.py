@@ -1,0 +1,146 @@
+"""TGI routes: ``POST /generate`` and ``POST /generate_stream``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from mpo_core.sampling import SamplingParams
+from mpo_core.streams import RequestStream, TokenEvent
+
+from ..deps import ServingDep, require_api_key
+from ..protocol.errors import ErrorResponse
+from ..protocol.tgi import TGIParameters, TGIRequest, TGIResponse
+from ..serving import Choice, ClientGone, Mixing, Serving
+from .sse import SSEResponse, sse
+
+router = APIRouter(tags=["tgi"], dependencies=[Depends(require_api_key)])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+
+def is_sampling(p: TGIParameters) -> bool:
+    """TGI samples when asked to, or when any sampling knob is set; temperature 0 is greedy."""
+    if p.temperature == 0:
+        return False
+    knobs = (p.temperature not in (None, 1.0)) or bool(p.top_k) or (p.top_p not in (None, 1.0))
+    return p.do_sample or knobs or (p.min_p not in (None, 0.0))
+
+
+def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
+    sampling = is_sampling(p)
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        min_p=p.min_p or 0.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        seed=p.seed,
+        stop=list(p.stop),
+        ignore_eos=p.ignore_eos,
+        top_logprobs=p.top_n_tokens or 0,
+    )
+
+
+def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingParams, Mixing]:
+    p = body.parameters
+    mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
+    prompt_ids = serving.encode(body.inputs)
+    if p.truncate is not None:
+        prompt_ids = prompt_ids[-p.truncate :]
+    serving.check_top_logprobs(p.top_n_tokens or 0, "parameters.top_n_tokens")
+    max_new = serving.budget(
+        len(prompt_ids), p.max_new_tokens, "parameters.max_new_tokens", "inputs"
+    )
+    return prompt_ids, to_sampling(p, max_new), mixing
+
+
+def token_dict(serving: Serving, event: TokenEvent, with_policies: bool) -> dict[str, Any]:
+    token: dict[str, Any] = {
+        "id": event.token_id,
+        "text": event.token_text,
+        "logprob": event.logprob,
+        "special": event.special,
+    }
+    if with_policies:
+        token["policy_logprobs"] = event.policy_logprobs
+    return token
+
+
+def top_tokens(serving: Serving, event: TokenEvent) -> list[dict[str, Any]]:
+    return [
+        {"id": i, "text": serving.token_text(i), "logprob": lp, "special": serving.is_special(i)}
+        for i, lp in event.top_logprobs
+    ]
+
+
+def response_body(
+    serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: Mixing
+) -> dict[str, Any]:
+    p = body.parameters
+    text = (body.inputs if p.return_full_text else "") + choice.text
+    out: dict[str, Any] = {"generated_text": text, "mixing": mixing.as_dict()}
+    if p.details:
+        details: dict[str, Any] = {
+            "finish_reason": choice.finish_reason,
+            "generated_tokens": len(choice.events),
+            "seed": choice.seed if sampled else None,
+            "prefill": [],
+            "tokens": [token_dict(serving, ev, True) for ev in choice.events],
+            "best_of_sequences": None,
+        }
+        if p.top_n_tokens:
+            details["top_tokens"] = [top_tokens(serving, ev) for ev in choice.events]
+        out["details"] = details
+    return out
+
+
+@router.post("/generate", response_model=TGIResponse, responses=ERRORS)
+async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+    prompt_ids, sampling, mixing = prepare(serving, body)
+    streams = serving.submit_many([prompt_ids], [sampling], mixing)
+    try:
+        (choice,) = await serving.collect(streams, request.receive)
+    except ClientGone:
+        return Response(status_code=499)
+    content = response_body(serving, body, choice, not sampling.greedy, mixing)
+    return JSONResponse(content, headers=mixing.headers())
+
+
+async def stream_events(
+    serving: Serving, body: TGIRequest, stream: RequestStream, sampled: bool, mixing: Mixing
+) -> AsyncIterator[str]:
+    p = body.parameters
+    text = body.inputs if p.return_full_text else ""
+    async for event in serving.events(stream):
+        text += event.text
+        chunk: dict[str, Any] = {
+            "index": event.index,
+            "token": token_dict(serving, event, True),
+            "top_tokens": top_tokens(serving, event) if p.top_n_tokens else None,
+            "generated_text": None,
+            "details": None,
+        }
+        if event.finish_reason is not None:
+            chunk["generated_text"] = text
+            chunk["mixing"] = mixing.as_dict()
+            if p.details:
+                chunk["details"] = {
+                    "finish_reason": event.finish_reason,
+                    "generated_tokens": event.index + 1,
+                    "seed": stream.seed if sampled else None,
+                }
+        yield sse(chunk)
+
+
+@router.post("/generate_stream", responses=ERRORS)
+async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
+    prompt_ids, sampling, mixing = prepare(serving, body)
+    (stream,) = serving.submit_many([prompt_ids], [sampling], mixing)
+    events = stream_events(serving, body, stream, not sampling.greedy, mixing)
+    return SSEResponse(events, mixing.headers(), on_close=stream.cancel)

@@ -1,0 +1,58 @@
+"""Operational routes: ``/health``, ``/info``, ``/metrics`` (no auth, like TGI and vLLM)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from mpo_core import __version__
+
+from ..deps import MetricsDep, ServingDep, SettingsDep, StoreDep
+from ..errors import error_response
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+def health(request: Request) -> Response:
+    """200 only when the engine is loaded and its loop is alive; else 503."""
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        return error_response(503, "the engine is not loaded", code="engine_not_loaded")
+    if not serving.engine.is_alive:
+        return error_response(503, "the engine loop is not running", code="engine_not_running")
+    return Response(content='{"status":"ok"}', media_type="application/json")
+
+
+@router.get("/info")
+def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    engine = serving.engine
+    ps = engine.policy_set
+    return {
+        "model_id": serving.served_name,
+        "served_name": serving.served_name,
+        "policies": list(engine.policy_names),
+        "reference": ps.reference_name,
+        "vocab_size": int(ps.vocab_size),
+        "device": str(ps.device),
+        "dtype": str(ps.dtype).removeprefix("torch."),
+        "profiles": [p.name for p in store.list()],
+        "default_profile": store.get_default(),
+        "limits": {
+            "max_context": int(engine.max_context),
+            "max_running": engine.limits.max_running,
+            "max_queued": engine.limits.max_queued,
+            "max_top_logprobs": settings.max_top_logprobs,
+            "max_n": settings.max_n,
+            "max_body_bytes": settings.max_body_bytes,
+            "default_max_tokens": settings.default_max_tokens,
+        },
+        "version": __version__,
+    }
+
+
+@router.get("/metrics")
+def metrics(metrics: MetricsDep) -> Response:
+    body, content_type = metrics.render()
+    return Response(content=body, media_type=content_type)

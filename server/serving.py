@@ -1,0 +1,360 @@
+"""From validated requests to engine streams; shared by the TGI and OpenAI routes.
+
+The routes parse and shape; this module decides: which weights (model name, profile,
+explicit weights, default profile), how many tokens fit the context, which sampling
+parameters, and how a sequence is submitted, timed and cancelled when its client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mpo_core.engine import Engine, GenerationRequest
+from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
+from mpo_core.sampling import SamplingParams
+from mpo_core.streams import RequestStream, TokenEvent
+
+from .errors import APIError
+from .metrics import Metrics
+from .settings import Settings
+from .store import ProfileStore
+
+logger = logging.getLogger(__name__)
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was complete."""
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """The mixture a request decodes from, after resolution and normalisation."""
+
+    weights: dict[str, float]  # on the simplex, every policy named
+    strength: float
+    profile: str | None  # the stored profile used, or None (explicit or uniform weights)
+
+    @property
+    def label(self) -> str:
+        """For the requests_by_profile metric: profile name, "custom" or "uniform"."""
+        if self.profile is not None:
+            return self.profile
+        return "custom" if len(set(self.weights.values())) > 1 else "uniform"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "strength": self.strength, "profile": self.profile}
+
+    def headers(self) -> dict[str, str]:
+        """The weights actually used, echoed in response headers."""
+        pairs = ",".join(f"{name}={w:.6g}" for name, w in self.weights.items())
+        headers = {"X-MPO-Weights": pairs, "X-MPO-Strength": f"{self.strength:.6g}"}
+        if self.profile is not None:
+            headers["X-MPO-Profile"] = self.profile
+        return headers
+
+
+@dataclass
+class Choice:
+    """One finished sequence: its events and what the client sees of them."""
+
+    events: list[TokenEvent]
+    seed: int
+
+    @property
+    def text(self) -> str:
+        return "".join(ev.text for ev in self.events)
+
+    @property
+    def finish_reason(self) -> str:
+        reason = self.events[-1].finish_reason if self.events else None
+        return reason or "length"
+
+
+class Serving:
+    """Everything routes need to run a generation; one per app."""
+
+    def __init__(
+        self, engine: Engine, store: ProfileStore, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self._token_text: dict[int, str] = {}
+        self._special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+
+    # -- names ---------------------------------------------------------------------
+    @property
+    def served_name(self) -> str:
+        return str(self.engine.policy_set.served_name)
+
+    def model_names(self) -> list[tuple[str, str | None]]:
+        """(model id, profile) pairs: the served name, then ``name:profile`` per profile."""
+        names: list[tuple[str, str | None]] = [(self.served_name, None)]
+        names += [(f"{self.served_name}:{p.name}", p.name) for p in self.store.list()]
+        return names
+
+    def profile_from_model(self, model: str | None) -> str | None:
+        """``<served>`` -> None (default profile), ``<served>:<profile>`` -> profile; else 404."""
+        if model is None or model == self.served_name:
+            return None
+        prefix = f"{self.served_name}:"
+        if model.startswith(prefix) and len(model) > len(prefix):
+            return model[len(prefix) :]
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; use {self.served_name!r} or "
+            f"'{self.served_name}:<profile>' (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+    # -- mixing --------------------------------------------------------------------
+    def resolve_mixing(
+        self,
+        weights: dict[str, float] | list[float] | None,
+        profile: str | None,
+        strength: float | None,
+        model_profile: str | None = None,
+    ) -> Mixing:
+        """Explicit weights, else the named profile, else the default profile, else uniform."""
+        if profile is not None and model_profile is not None and profile != model_profile:
+            raise InvalidParameter(
+                "profile",
+                f"profile {profile!r} conflicts with the profile {model_profile!r} named by model",
+            )
+        profile = profile or model_profile
+        if weights is not None and profile is not None:
+            raise InvalidParameter("weights", "give either weights or a profile, not both")
+        if weights is not None:
+            used = None
+            raw: Any = weights
+            base_strength = 1.0
+        else:
+            used = profile if profile is not None else self._default_profile()
+            if used is None:
+                raw, base_strength = None, 1.0
+            else:
+                stored = self.store.get(used)  # UnknownProfile -> 404
+                raw, base_strength = stored.weights, stored.strength
+        final_strength = base_strength if strength is None else strength
+        normalised = self._normalise(raw, used)
+        if final_strength != 1.0 and not self.engine.has_reference:
+            raise InvalidParameter(
+                "strength",
+                f"strength {final_strength} needs a reference model, and none is loaded; "
+                "use strength 1",
+            )
+        return Mixing(normalised, float(final_strength), used)
+
+    def _default_profile(self) -> str | None:
+        name = self.store.get_default()
+        if name is None:
+            return None
+        try:
+            self.store.get(name)
+        except UnknownProfile:  # deleted by another process between the two reads
+            return None
+        return name
+
+    def _normalise(self, raw: Any, profile: str | None) -> dict[str, float]:
+        try:
+            return dict(self.engine.normalize_weights(raw))
+        except InvalidParameter as exc:
+            if profile is None:
+                raise
+            raise InvalidParameter(
+                "profile", f"stored profile {profile!r} does not fit the loaded policies: {exc}"
+            ) from None
+
+    # -- tokens --------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def check_token_ids(self, ids: Sequence[int], param: str) -> list[int]:
+        vocab = int(self.engine.policy_set.vocab_size)
+        for token_id in ids:
+            if not 0 <= token_id < vocab:
+                raise InvalidParameter(
+                    param, f"token id {token_id} is outside the vocabulary (0..{vocab - 1})"
+                )
+        return list(ids)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def budget(
+        self, prompt_tokens: int, max_new_tokens: int | None, param: str, prompt_param: str
+    ) -> int:
+        """The number of new tokens to allow, or a 400 naming the context limit."""
+        limit = int(self.engine.max_context)
+        if prompt_tokens >= limit:
+            raise InvalidParameter(
+                prompt_param,
+                f"the prompt has {prompt_tokens} tokens; the context limit is {limit} tokens "
+                "(prompt + new tokens), which leaves no room to generate",
+            )
+        if max_new_tokens is None:
+            return min(self.settings.default_max_tokens, limit - prompt_tokens)
+        if prompt_tokens + max_new_tokens > limit:
+            raise InvalidParameter(
+                param,
+                f"prompt ({prompt_tokens} tokens) + {param} ({max_new_tokens}) = "
+                f"{prompt_tokens + max_new_tokens} exceeds the context limit of {limit} tokens",
+            )
+        return max_new_tokens
+
+    def check_top_logprobs(self, value: int, param: str) -> int:
+        limit = min(self.settings.max_top_logprobs, self.engine.limits.max_top_logprobs)
+        if value > limit:
+            raise InvalidParameter(param, f"{param} must be at most {limit}, got {value}")
+        return value
+
+    def check_n(self, n: int) -> int:
+        if n > self.settings.max_n:
+            raise InvalidParameter("n", f"n must be at most {self.settings.max_n}, got {n}")
+        return n
+
+    # -- running -------------------------------------------------------------------
+    def submit(
+        self, prompt_ids: list[int], sampling: SamplingParams, mixing: Mixing
+    ) -> RequestStream:
+        """Hand one sequence to the engine (call on the event loop's thread)."""
+        request = GenerationRequest(
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            weights=mixing.weights,
+            strength=mixing.strength,
+        )
+        stream = self.engine.submit(request)  # InvalidParameter / Overloaded / EngineNotRunning
+        self.metrics.prompt_tokens.inc(stream.prompt_tokens)
+        return stream
+
+    def submit_many(
+        self, prompts: list[list[int]], samplings: list[SamplingParams], mixing: Mixing
+    ) -> list[RequestStream]:
+        """Submit several sequences; if one is refused, cancel those already admitted."""
+        streams: list[RequestStream] = []
+        try:
+            for prompt_ids, sampling in zip(prompts, samplings, strict=True):
+                streams.append(self.submit(prompt_ids, sampling, mixing))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        self.metrics.requests_by_profile.labels(profile=mixing.label).inc()
+        return streams
+
+    async def events(self, stream: RequestStream) -> AsyncIterator[TokenEvent]:
+        """The stream's events, timed into the latency histograms; cancels if abandoned."""
+        start = last = time.perf_counter()
+        count = 0
+        try:
+            async for event in stream:
+                now = time.perf_counter()
+                if event.finish_reason == "cancelled":  # we never read after cancelling
+                    raise EngineNotRunning("the request was cancelled: the server is shutting down")
+                if count == 0:
+                    self.metrics.ttft.observe(now - start)
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                count += 1
+                yield event
+            self.metrics.e2e.observe(time.perf_counter() - start)
+        finally:
+            self.metrics.generation_tokens.inc(count)
+            if not stream.finished:
+                stream.cancel()
+
+    async def collect(self, streams: list[RequestStream], receive: Receive) -> list[Choice]:
+        """Run sequences to the end (non-streaming); a client disconnect cancels them all."""
+
+        async def run(stream: RequestStream) -> Choice:
+            return Choice([ev async for ev in self.events(stream)], stream.seed)
+
+        work: asyncio.Future[list[Choice]] = asyncio.gather(*(run(s) for s in streams))
+        watcher: asyncio.Future[None] = asyncio.ensure_future(wait_for_disconnect(receive))
+        both: set[asyncio.Future[Any]] = {work, watcher}
+        try:
+            done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                raise ClientGone()
+            return list(work.result())
+        finally:
+            watcher.cancel()
+            if not work.done():
+                work.cancel()
+                for stream in streams:
+                    stream.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client goes away (the body has been read by then)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def merge(
+    iterators: list[AsyncIterator[TokenEvent]],
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Interleave several event streams as their events arrive: (choice index, event)."""
+    if len(iterators) == 1:
+        try:
+            async for event in iterators[0]:
+                yield 0, event
+        finally:
+            await _aclose(iterators[0])
+        return
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, iterator: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for event in iterator:
+                await queue.put((index, event))
+            await queue.put((index, None))
+        except Exception as exc:  # surfaced to the consumer below
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(iterators)]
+    open_count = len(tasks)
+    try:
+        while open_count:
+            index, item = await queue.get()
+            if item is None:
+                open_count -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for iterator in iterators:
+            await _aclose(iterator)
+
+
+async def _aclose(iterator: AsyncIterator[TokenEvent]) -> None:
+    """Close an abandoned event generator now (its ``finally`` cancels the sequence)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,61 @@
+"""Server settings: pydantic-settings with the ``MPO_`` env prefix; CLI flags map onto them.
+
+Precedence: explicit keyword arguments (what ``mpo serve`` passes from its flags), then
+``MPO_*`` environment variables, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """``MPO_HOME`` or ``~/.cache/mpo`` (as ``mpo_core.demo``): demo family and data folder."""
+    return Path(os.environ.get("MPO_HOME") or "~/.cache/mpo").expanduser()
+
+
+class Settings(BaseSettings):
+    """Everything the HTTP service needs to start; one instance per app."""
+
+    model_config = SettingsConfigDict(env_prefix="MPO_", extra="ignore")
+
+    config: Path | None = None  # policy-set YAML; None serves the embedded demo family
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: SecretStr | None = None  # bearer key for inference routes; None: open
+    admin_token: SecretStr | None = None  # bearer token for /admin/*; None: admin is off
+    home: Path = Field(default_factory=default_home)
+    data_dir: Path | None = None  # profile database and fit artefacts; default home/data
+    store_url: str | None = None  # "sqlite:///path.db" (default under data_dir) or later postgres
+    max_running: int = Field(default=16, ge=1)  # sequences decoded together
+    max_queued: int = Field(default=64, ge=1)  # sequences waiting; past it requests get 429
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
+    max_n: int = Field(default=8, ge=1)  # choices per OpenAI request
+    max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap
+    default_max_tokens: int = Field(default=256, ge=1)  # when a request gives none
+    retry_after_s: float = Field(default=1.0, gt=0)  # Retry-After on 429
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: wait for running requests
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _fill_data_dir(self) -> Settings:
+        if self.data_dir is None:
+            self.data_dir = self.home / "data"
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        """The data folder, created on first use."""
+        assert self.data_dir is not None  # filled by the validator
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return self.data_dir
+
+    def resolved_store_url(self) -> str:
+        """The profile store's URL; SQLite under the data folder unless one is set."""
+        if self.store_url:
+            return self.store_url
+        return f"sqlite:///{self.data_path / 'profiles.sqlite3'}"

@@ -1,0 +1,97 @@
+"""Settings from the environment and from ``mpo`` flags; the CLI's wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server import cli
+from server.settings import Settings
+
+
+def test_env_prefix_and_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    monkeypatch.setenv("MPO_PORT", "9001")
+    monkeypatch.setenv("MPO_API_KEY", "sk-env")
+    monkeypatch.setenv("MPO_MAX_RUNNING", "3")
+    settings = Settings()
+    assert settings.port == 9001 and settings.max_running == 3
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "sk-env"
+    assert "sk-env" not in repr(settings)  # secrets never show in logs or reprs
+    assert settings.admin_token is None
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.resolved_store_url() == f"sqlite:///{tmp_path / 'data' / 'profiles.sqlite3'}"
+
+
+def test_invalid_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPO_MAX_RUNNING", "0")
+    with pytest.raises(ValueError, match="max_running"):
+        Settings()
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    monkeypatch.setenv("MPO_PORT", "9001")
+    monkeypatch.setenv("MPO_HOST", "0.0.0.0")
+    args = cli.build_parser().parse_args(
+        ["serve", "--config", "fam.yaml", "--port", "7000", "--admin-token", "tok"]
+    )
+    settings = cli.settings_from_args(args)
+    assert settings.port == 7000  # flag
+    assert settings.host == "0.0.0.0"  # env, no flag given
+    assert settings.config == Path("fam.yaml")
+    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "tok"
+
+
+def test_demo_build_passes_variant_and_seed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    calls: list[dict] = []
+
+    def fake_build_demo(**kwargs: object) -> Path:
+        calls.append(kwargs)
+        return tmp_path / "policy_set.yaml"
+
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    monkeypatch.setattr("mpo_core.demo.build_demo", fake_build_demo)
+    assert cli.main(["demo", "build", "--variant", "small", "--seed", "3"]) == 0
+    assert calls == [{"home": tmp_path, "variant": "small", "seed": 3}]
+    assert capsys.readouterr().out.strip() == str(tmp_path / "policy_set.yaml")
+
+
+def test_serve_without_config_uses_the_demo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from server.app import config_path
+
+    monkeypatch.setattr("mpo_core.demo.build_demo", lambda home: Path(home) / "demo.yaml")
+    assert config_path(Settings(home=tmp_path)) == tmp_path / "demo.yaml"
+    assert config_path(Settings(home=tmp_path, config=Path("x.yaml"))) == Path("x.yaml")
+
+
+def test_subcommand_required() -> None:
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_fit_prints_the_table_and_saves_a_profile(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_yaml: Path,
+) -> None:
+    from server.store import open_store
+
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\n\nThank you\n")
+    argv = ["fit", "--config", str(tiny_yaml), "--prompts", str(prompts),
+            "--samples-per-prompt", "2", "--max-new-tokens", "3", "--iterations", "10",
+            "--save", "fitted"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fitted" in out and "uniform" in out and "policy:helpful" in out
+    stored = open_store(Settings().resolved_store_url()).get("fitted")
+    assert stored.version == 1 and abs(sum(stored.weights.values()) - 1) < 1e-6
+    assert stored.meta == {"source": "mpo fit"}

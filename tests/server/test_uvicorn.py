@@ -1,0 +1,178 @@
+"""The real thing: ``python -m server serve`` (the ``mpo`` CLI) under uvicorn on loopback.
+
+One server process serves the module (starting one costs seconds: torch and transformers
+imports); the last test stops it with SIGTERM in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_helpers import ADMIN_TOKEN, metric_value
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "sk-loopback"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, config: Path, home: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "MPO_HOME": str(home),
+            "MPO_API_KEY": API_KEY,
+            "MPO_ADMIN_TOKEN": ADMIN_TOKEN,
+            "MPO_SHUTDOWN_TIMEOUT_S": "10",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.log = (home / f"server-{self.port}.log").open("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--config", str(config),
+             "--port", str(self.port), "--log-level", "info"],
+            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server did not become healthy:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mpo-home")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_yaml: Path, home: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tiny_yaml, home)
+    yield proc
+    if proc.proc.poll() is None:
+        proc.proc.kill()
+        proc.proc.wait()
+
+
+def test_openai_client(server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=2,
+        extra_body={"weights": {"helpful": 1, "harmless": 1, "concise": 2}},
+    )  # fmt: skip
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage is not None and chat.usage.completion_tokens <= 4
+    assert chat.choices[0].logprobs is not None
+    assert len(chat.choices[0].logprobs.content or []) == chat.usage.completion_tokens
+    assert chat.model_extra is not None
+    assert chat.model_extra["mixing"]["weights"]["concise"] == 0.5
+
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"weights": {"helpful": 1, "harmless": 1, "concise": 2}},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+    completion = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, n=2, seed=1)
+    assert [c.index for c in completion.choices] == [0, 1]
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=-1)
+    assert "temperature" in str(info.value)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
+
+
+def test_tgi_stream_and_disconnect(server: ServerProcess) -> None:
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as http:
+        with http.stream("POST", "/generate_stream", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            assert json.loads(first[5:])["index"] == 0
+        # the connection is closed mid-stream: the engine must drop the sequence
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            metrics = http.get("/metrics").text
+            if metric_value(metrics, "mpo_num_requests_running") == 0:
+                break
+            time.sleep(0.05)
+        assert metric_value(metrics, "mpo_num_requests_running") == 0
+        assert metric_value(metrics, "mpo_generation_tokens_total") < 150
+
+
+def test_sigterm_finishes_running_requests_then_exits(server: ServerProcess) -> None:
+    events: list[dict] = []
+
+    def stream_during_shutdown() -> None:
+        body = {"inputs": "Hi", "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
+        with httpx.stream("POST", f"{server.url}/generate_stream", json=body, headers=AUTH,
+                          timeout=30) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+
+    reader = threading.Thread(target=stream_during_shutdown)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events, server.output()
+    assert server.terminate() == 0, server.output()
+    reader.join(timeout=10)
+    assert len(events) == 60  # the running request was finished, not cut
+    assert events[-1]["generated_text"] is not None
+    with pytest.raises(httpx.TransportError):  # no longer accepting
+        httpx.get(f"{server.url}/health", timeout=1)
+    log = server.output()
+    assert "Application shutdown complete" in log
+    assert API_KEY not in log and ADMIN_TOKEN not in log
