@@ -108,6 +108,8 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     # lazy: the fitting driver pulls in the models
+    from tqdm import tqdm
+
     from mpo_core import fit_driver
     from mpo_core.config import load_config
     from mpo_core.engine import Engine
@@ -125,7 +127,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
     engine = Engine(load_policy_set(load_config(args.config))).start()
     try:
-        report = fit_driver.run_fit(engine, prompts, options)
+        with tqdm(total=100, unit="%", desc="fit", file=sys.stderr) as bar:
+
+            def progress(phase: str, fraction: float) -> None:
+                bar.set_description(phase)
+                bar.n = round(100 * fraction)
+                bar.refresh()
+
+            report = fit_driver.run_fit(engine, prompts, options, progress=progress)
     finally:
         engine.stop(timeout=5)
     print(fit_driver.format_report_table(report))
