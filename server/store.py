@@ -77,6 +77,15 @@ def validate_profile_content(weights: dict[str, float], strength: float) -> None
         raise InvalidParameter("strength", f"strength must be finite and >= 0, got {strength!r}")
 
 
+def prepare_put(
+    name: str, weights: dict[str, float], strength: float, meta: dict[str, Any] | None
+) -> tuple[dict[str, float], dict[str, Any], float]:
+    """Validate a new version's content; return weights, meta and the time, as stored."""
+    validate_profile_name(name)
+    validate_profile_content(weights, strength)
+    return {str(k): float(v) for k, v in weights.items()}, dict(meta or {}), time.time()
+
+
 @runtime_checkable
 class ProfileStore(Protocol):
     """What the server needs from a profile backend. Implementations must be thread-safe."""
@@ -217,11 +226,7 @@ class SQLiteProfileStore:
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        validate_profile_name(name)
-        validate_profile_content(weights, strength)
-        weights = {str(k): float(v) for k, v in weights.items()}
-        meta = dict(meta or {})
-        now = time.time()
+        weights, meta, now = prepare_put(name, weights, strength, meta)
         with self._write() as conn:
             version = _next_version(conn, name)
             conn.execute(

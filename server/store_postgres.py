@@ -37,12 +37,7 @@ from psycopg_pool import ConnectionPool
 
 from mpo_core.errors import ConfigError, EngineNotRunning, UnknownProfile
 
-from .store import (
-    ProfileVersion,
-    ProfileVersions,
-    validate_profile_content,
-    validate_profile_name,
-)
+from .store import ProfileVersion, ProfileVersions, prepare_put
 
 logger = logging.getLogger(__name__)
 
@@ -394,11 +389,7 @@ class PostgresProfileStore:
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        validate_profile_name(name)
-        validate_profile_content(weights, strength)
-        weights = {str(k): float(v) for k, v in weights.items()}
-        meta = dict(meta or {})
-        now = time.time()
+        weights, meta, now = prepare_put(name, weights, strength, meta)
         with self._write(name) as conn:
             version = _next_version(conn, name)
             conn.execute(
