@@ -1,0 +1,35 @@
+"""The MPO fit on the (small) demo family: the fitted mixture is the fairest one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpo_core.config import load_config
+from mpo_core.demo import build_demo, train_prompts
+from mpo_core.engine import Engine, EngineLimits
+from mpo_core.fit_driver import FitOptions, run_fit
+from mpo_core.policies import load_policy_set
+
+
+@pytest.fixture(scope="module")
+def demo_engine(tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)  # tiny models: one thread beats two on a shared 2-core box
+    yaml_path = build_demo(home=tmp_path_factory.mktemp("home"), variant="small", progress=False)
+    with Engine(load_policy_set(load_config(yaml_path)), EngineLimits(max_running=32)) as engine:
+        yield engine
+
+
+def test_fitted_weights_have_the_best_regularised_maxmin(demo_engine: Engine) -> None:
+    prompts = [p.text for p in train_prompts()[:24]]
+    options = FitOptions(samples_per_prompt=8, max_new_tokens=16, iterations=1500, seed=0)
+    report = run_fit(demo_engine, prompts, options)
+    rows = report.rows
+    assert set(rows) == {"fitted", "uniform", "policy:polite", "policy:concise", "policy:upbeat"}
+    fitted = rows["fitted"]["maxmin"]
+    for name, row in rows.items():
+        if name != "fitted":
+            assert fitted >= row["maxmin"] - 1e-3, (name, fitted, row["maxmin"])
+    # at the optimum, F equals the regularised MaxMin value (strong duality)
+    assert report.objective == pytest.approx(fitted, abs=0.02)
+    assert sum(report.weights.values()) == pytest.approx(1.0)
