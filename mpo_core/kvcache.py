@@ -5,8 +5,11 @@ A row joins after a prefill of its prompt (newcomers are prefilled together, the
 cache is padded to the batch's length and concatenated), and leaves by an index select;
 columns that only padding occupies are then trimmed from the left.
 
-transformers' ``DynamicCache`` holds the tensors; this module touches them only through
-``cache.layers[i].keys/values`` and the ``DynamicCache(ddp_cache_data=...)`` constructor.
+Each layer's keys and values live in a buffer with spare columns (``GrowingLayer``), so
+a decode step writes its column in place instead of concatenating a new tensor, as
+transformers' ``DynamicLayer`` does: no copy of the whole cache per step, and no heap
+fragmentation from blocks that grow by one column at a time. The buffer grows by half
+its length when full. transformers sees an ordinary ``Cache`` of layers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .mixing import to_logprobs
 from .policies import LoadedModel
@@ -21,12 +25,61 @@ from .policies import LoadedModel
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H, T, D]
 
 
-def cache_layers(cache: DynamicCache) -> Layers:
+MIN_SPARE = 32  # free columns a buffer keeps at least, so growth is rare
+
+
+class GrowingLayer(DynamicLayer):
+    """A layer cache whose buffer has spare columns; ``keys``/``values`` are views of it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self._length = 0
+        self._key_buf = self._value_buf = keys[:, :, :0]
+        self._reserve(keys.shape[2])
+        self._write(keys, values)
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._key_buf.shape[2]
+        if needed <= capacity:
+            return
+        shape = list(self._key_buf.shape)
+        shape[2] = needed + max(MIN_SPARE, needed // 2)
+        key_buf = self._key_buf.new_empty(shape)  # [B, H, C, D]
+        value_buf = self._value_buf.new_empty(shape[:3] + [self._value_buf.shape[3]])
+        key_buf[:, :, : self._length] = self._key_buf[:, :, : self._length]
+        value_buf[:, :, : self._length] = self._value_buf[:, :, : self._length]
+        self._key_buf, self._value_buf = key_buf, value_buf
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        start, end = self._length, self._length + keys.shape[2]
+        self._key_buf[:, :, start:end] = keys
+        self._value_buf[:, :, start:end] = values
+        self._length = end
+        self.keys = self._key_buf[:, :, :end]  # [B, H, T, D] views
+        self.values = self._value_buf[:, :, :end]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("GrowingLayer is built with its tensors")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._reserve(self._length + key_states.shape[2])
+        self._write(key_states, value_states)
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+
+def cache_layers(cache: Cache) -> Layers:
     return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
 
-def build_cache(layers: Layers) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=layers)
+def build_cache(layers: Layers) -> Cache:
+    return Cache(layers=[GrowingLayer(k, v) for k, v in layers])
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -45,7 +98,7 @@ class ModelBatch:
         self.vocab_size = vocab_size
         self.device = device
         self.row_ids: list[int] = []  # sequence ids, in cache row order
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B, T] 1 = real token
         # False while no row has left padding: the forward then gets no mask at all and
         # transformers skips building a [B, 1, 1, T] mask per layer call (pure causal).
