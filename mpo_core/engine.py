@@ -29,12 +29,13 @@ from typing import Any, Protocol
 
 import torch
 
+from .detokenize import ReplyText
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .kvcache import ModelBatch
 from .mixing import WeightsInput, check_strength, mix_logprobs, normalize_weights
 from .policies import PolicySet
 from .sampling import SamplingParams, sample_tokens
-from .scoring import ScoreResult, score_sequences
+from .scoring import ScoreResult, chunk_indices, score_sequences
 from .streams import GenerationResult, RequestStream, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -80,11 +81,8 @@ class _Sequence:
     coefs: list[float]  # per model (policies, then reference): its weight in log p
     generator: torch.Generator
     token_ids: list[int]  # prompt + generated
+    reply: ReplyText  # the reply's text so far, stop strings applied
     generated: list[int] = field(default_factory=list)
-    text: str = ""  # detokenised reply so far
-    emitted: int = 0  # characters of ``text`` already sent
-    stop_at: int | None = None  # where a stop string begins in ``text``, once found
-    prefilled: bool = False
 
 
 class Engine:
@@ -253,7 +251,8 @@ class Engine:
             seed=seed,
             on_cancel=self._wake,
         )
-        return _Sequence(sid, request, stream, coefs, generator, prompt)
+        reply = ReplyText(ps.tokenizer, list(params.stop))
+        return _Sequence(sid, request, stream, coefs, generator, prompt, reply)
 
     def _wake(self) -> None:
         with self._lock:
@@ -281,7 +280,7 @@ class Engine:
             )
         future: concurrent.futures.Future[ScoreResult] = concurrent.futures.Future()
         parts: list[ScoreResult] = []
-        chunks = _chunk_indices(
+        chunks = chunk_indices(
             [len(p) + len(c) for p, c in zip(prompts, completions)], self.limits.score_chunk_tokens
         )
         pending = deque(chunks)
@@ -480,10 +479,10 @@ class Engine:
             seq.generated.append(token)
             self._generated_tokens += 1
             finish = self._finish_reason(seq, token)
-            self._decode_text(seq)
-            if params.stop and self._find_stop(seq):
+            seq.reply.update(seq.generated)
+            if seq.reply.find_stop():
                 finish = "stop_sequence"
-            text = self._new_text(seq, finish is not None)
+            text = seq.reply.take(final=finish is not None)
             n = params.top_logprobs
             event = TokenEvent(
                 index=len(seq.generated) - 1,
@@ -520,32 +519,6 @@ class Engine:
             return "length"
         return None
 
-    def _decode_text(self, seq: _Sequence) -> None:
-        if seq.stop_at is None:
-            seq.text = self.policy_set.tokenizer.decode(seq.generated, skip_special_tokens=True)
-
-    def _new_text(self, seq: _Sequence, final: bool) -> str:
-        """Text to send now: decoded so far, minus what may still become a stop string."""
-        text = seq.text if seq.stop_at is None else seq.text[: seq.stop_at]
-        if final:
-            end = len(text)
-        elif text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its bytes
-            return ""
-        else:
-            end = len(text) - _stop_prefix_len(text, seq.request.sampling.stop)
-        new = text[seq.emitted : end] if end > seq.emitted else ""
-        seq.emitted = max(seq.emitted, end)
-        return new
-
-    def _find_stop(self, seq: _Sequence) -> bool:
-        """Look for a stop string in the text not yet sent; remember where it starts."""
-        stops = seq.request.sampling.stop
-        start = max(0, seq.emitted - max(len(s) for s in stops))
-        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            seq.stop_at = min(hits)
-        return bool(hits)
-
     def _retire(self, seqs: list[_Sequence]) -> None:
         """Free the slots of ``seqs`` in every model's batch (one index select per model)."""
         if not seqs:
@@ -571,26 +544,3 @@ class Engine:
                 finish_reason=reason,
             )
         )
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that begins some stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
-
-
-def _chunk_indices(lengths: list[int], budget: int) -> list[list[int]]:
-    chunks: list[list[int]] = [[]]
-    used = 0
-    for i, n in enumerate(lengths):
-        if chunks[-1] and used + n > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(i)
-        used += n
-    return [c for c in chunks if c]

@@ -81,3 +81,16 @@ def score_sequences(
             ).cpu()
         start = end
     return ScoreResult(policy_scores, ref_scores)
+
+
+def chunk_indices(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sequence indices into chunks of at most ``budget`` tokens (one may exceed it)."""
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if chunks[-1] and used + n > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return [c for c in chunks if c]

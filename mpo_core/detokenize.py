@@ -1,0 +1,61 @@
+"""A reply's text as its tokens arrive: what may be sent now, and where a stop string cut it.
+
+Two things hold text back from a stream: a trailing incomplete UTF-8 character (byte-level
+tokenizers split characters across tokens; its bytes decode to U+FFFD until complete)
+and a suffix that may still grow into a stop string. A stop string found in the text
+ends the reply just before it; the stop string itself is never sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ReplyText:
+    """Incremental detokenisation of one reply, with stop strings."""
+
+    def __init__(self, tokenizer: Any, stops: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.text = ""  # the reply decoded so far
+        self.emitted = 0  # characters of ``text`` already sent
+        self.stop_at: int | None = None  # where a stop string begins in ``text``, once found
+
+    def update(self, token_ids: list[int]) -> None:
+        """Decode the reply's tokens so far (nothing changes once a stop string was found)."""
+        if self.stop_at is None:
+            self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def find_stop(self) -> bool:
+        """Look for a stop string in the text not yet sent; remember where it starts."""
+        if not self.stops:
+            return False
+        start = max(0, self.emitted - max(len(s) for s in self.stops))
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.stop_at = min(hits)
+        return bool(hits)
+
+    def take(self, final: bool) -> str:
+        """Text to send now; with ``final`` everything up to the end (or the stop string)."""
+        text = self.text if self.stop_at is None else self.text[: self.stop_at]
+        if final:
+            end = len(text)
+        elif text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its bytes
+            return ""
+        else:
+            end = len(text) - stop_prefix_len(text, self.stops)
+        new = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return new
+
+
+def stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
