@@ -487,7 +487,7 @@ class Engine:
             event = TokenEvent(
                 index=len(seq.generated) - 1,
                 token_id=token,
-                token_text=self._token_text(token),
+                token_text=self.token_text(token),
                 text=text,
                 logprob=chosen[row],
                 top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
@@ -495,7 +495,7 @@ class Engine:
                     name: per_model[row][m] if seq.coefs[m] != 0 else None
                     for m, name in enumerate(ps.names)
                 },
-                special=token in self._special_ids,
+                special=self.is_special(token),
                 finish_reason=finish,
             )
             seq.stream.push(event)
@@ -503,7 +503,11 @@ class Engine:
                 finished.append(seq)
         self._retire(finished)
 
-    def _token_text(self, token: int) -> str:
+    def is_special(self, token: int) -> bool:
+        return token in self._special_ids
+
+    def token_text(self, token: int) -> str:
+        """The token decoded alone, cached (also used for reported alternatives)."""
         text = self._token_texts.get(token)
         if text is None:
             text = self._token_texts[token] = self.policy_set.tokenizer.decode([token])

@@ -88,8 +88,6 @@ class Serving:
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
-        self._token_text: dict[int, str] = {}
-        self._special_ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
 
     # -- names ---------------------------------------------------------------------
     @property
@@ -189,14 +187,10 @@ class Serving:
         return list(ids)
 
     def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._token_text[token_id] = text
-        return text
+        return self.engine.token_text(token_id)
 
     def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
+        return self.engine.is_special(token_id)
 
     def budget(
         self, prompt_tokens: int, max_new_tokens: int | None, param: str, prompt_param: str
