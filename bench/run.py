@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", help="the policy set's kv_cache_dtype (auto = --dtype)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument(
         "--diy-requests", type=int, default=0, help="cap on the requests diy-mix serves"
@@ -52,7 +55,8 @@ def worker_command(args: argparse.Namespace, mode: str, k: int, run: int) -> lis
     command = [sys.executable, "-m", "bench.worker", "--size", args.size, "--mode", mode]
     command += ["--k", str(k), "--concurrency", args.concurrency, "--run", str(run)]
     command += ["--new-tokens", str(args.new_tokens), "--device", args.device]
-    command += ["--dtype", args.dtype, "--threads", str(args.threads)]
+    command += ["--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype]
+    command += ["--threads", str(args.threads)]
     command += ["--models-dir", str(args.models_dir), "--diy-requests", str(args.diy_requests)]
     return command
 
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "device": args.device,
         "dtype": args.dtype,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "diy_requests": args.diy_requests,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--models-dir", type=Path, required=True)
     parser.add_argument(
@@ -62,8 +63,9 @@ def load(args: argparse.Namespace) -> Any:
 
     path = family_yaml(args.size, args.k, args.models_dir)
     raw = yaml.safe_load(path.read_text())
-    raw.update(device=args.device, dtype=args.dtype)
-    path = path.with_name(f"policies_k{args.k}_{args.device}_{args.dtype}.yaml")
+    raw.update(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+    name = f"policies_k{args.k}_{args.device}_{args.dtype}_kv-{args.kv_cache_dtype}.yaml"
+    path = path.with_name(name)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path, load_policy_set(load_config(path))
 

@@ -9,6 +9,7 @@ A policy set is a YAML file::
       - {name: harmless, model: <hub id or local path>, revision: main}
     device: auto      # cuda when available, else cpu
     dtype: auto       # bfloat16 on cuda, float32 on cpu
+    kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
 
 Relative local paths are resolved against the YAML file's folder.
 """
@@ -47,6 +48,9 @@ class PolicySetConfig(BaseModel):
     policies: list[ModelSpec]
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # The dtype the KV cache is stored in; attention still runs in ``dtype`` (each layer's
+    # cache is cast up when read). "auto" stores it in ``dtype``.
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @field_validator("policies")
     @classmethod

@@ -103,7 +103,10 @@ class Engine:
         models = [*policy_set.policies]
         if policy_set.reference is not None:
             models.append(policy_set.reference)
-        self._batches = [ModelBatch(m, policy_set.vocab_size, policy_set.device) for m in models]
+        self._batches = [
+            ModelBatch(m, policy_set.vocab_size, policy_set.device, policy_set.kv_dtype)
+            for m in models
+        ]
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}

@@ -47,6 +47,7 @@ class PolicySet:
     vocab_size: int  # len(tokenizer): logits are cut to this many columns
     device: torch.device
     dtype: torch.dtype
+    kv_dtype: torch.dtype  # what the KV cache is stored in (config.kv_cache_dtype)
     max_context: int  # prompt + generated tokens, the smallest of the models' limits
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -217,6 +218,9 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
         vocab_size=vocab_size,
         device=device,
         dtype=dtype,
+        kv_dtype=dtype
+        if config.kv_cache_dtype == "auto"
+        else resolve_dtype(config.kv_cache_dtype, device),
         max_context=min(_context_limit(m.model) for m in loaded),
         eos_token_ids=_eos_ids(tokenizer, policies[0].model),
     )

@@ -48,3 +48,15 @@ def engine(llama_set: PolicySet):
     eng = Engine(llama_set, EngineLimits(max_running=8, max_queued=16)).start()
     yield eng
     eng.stop(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def llama_set_f16_cache(llama_family: Path) -> PolicySet:
+    """The tiny Llama family again, its KV cache stored in float16 under float32 weights."""
+    import yaml
+
+    from mpo_core.config import parse_config
+
+    raw = yaml.safe_load(llama_family.read_text())
+    raw["kv_cache_dtype"] = "float16"
+    return load_policy_set(parse_config(raw, base_dir=llama_family.parent))

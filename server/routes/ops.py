@@ -37,6 +37,7 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
         "vocab_size": int(ps.vocab_size),
         "device": str(ps.device),
         "dtype": str(ps.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(ps.kv_dtype).removeprefix("torch."),
         "profiles": [p.name for p in store.list()],
         "default_profile": store.get_default(),
         "limits": {
