@@ -30,9 +30,12 @@ def load(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[dict[str, An
     for path in paths:
         data = json.loads(path.read_text())
         tokens = data["meta"].get("new_tokens", 64)
+        kv = data["meta"].get("kv_cache_dtype", "auto")
         for row in data["rows"]:  # a shorter run is its own group, never mixed with 64
             if tokens != 64:
                 row["size"] = f"{row['size']} ({tokens} tok)"
+            if kv != "auto":  # so is a run with a narrower KV cache
+                row["size"] = f"{row['size']} (kv {kv})"
         rows += data["rows"]
         metas.append(data["meta"])
     return rows, metas
@@ -91,13 +94,23 @@ def _paired(
     return [ratio(left[run], right[run]) for run in sorted(left) if run in right]
 
 
+def _pairs(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """(engine c = 1, bare step times) pairs of one run: the measurement and its step
+    times, then the alternated extra pairs (``--overhead-pairs``) where recorded."""
+    first = {**row, "policy_step_s": row["extra"].get("policy_step_s")}
+    return [first, *row["extra"].get("overhead_pairs", [])]
+
+
 def overhead_ratios(rows: list[dict[str, Any]], size: str, k: int) -> list[float]:
-    """Engine tokens/s at c = 1 over 1 / (sum of the policies' bare step times), per run."""
+    """Engine tokens/s at c = 1 over 1 / (sum of the policies' bare step times): per run,
+    the median over that run's pairs."""
     out = []
     for row in _by_run(rows, size, "engine", k, 1).values():
-        steps = row["extra"].get("policy_step_s")
-        if steps:
-            out.append(row["tokens_per_s"] * sum(steps))
+        values = [
+            p["tokens_per_s"] * sum(p["policy_step_s"]) for p in _pairs(row) if p["policy_step_s"]
+        ]
+        if values:
+            out.append(statistics.median(values))
     return out
 
 
@@ -105,9 +118,13 @@ def decode_ratios(rows: list[dict[str, Any]], size: str, k: int) -> list[float]:
     """Like ``overhead_ratios`` but without the prefill: bare step sum / engine's ITL p50."""
     out = []
     for row in _by_run(rows, size, "engine", k, 1).values():
-        steps = row["extra"].get("policy_step_s")
-        if steps and row["itl_ms_p50"]:
-            out.append(1000 * sum(steps) / row["itl_ms_p50"])
+        values = [
+            1000 * sum(p["policy_step_s"]) / p["itl_ms_p50"]
+            for p in _pairs(row)
+            if p["policy_step_s"] and p["itl_ms_p50"]
+        ]
+        if values:
+            out.append(statistics.median(values))
     return out
 
 

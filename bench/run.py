@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--diy-requests", type=int, default=0, help="cap on the requests diy-mix serves"
     )
+    parser.add_argument(
+        "--overhead-pairs",
+        type=int,
+        default=3,
+        help="extra alternated (engine c=1, bare step time) pairs per run, for target 1",
+    )
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-models"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/results.json"))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
@@ -58,6 +64,7 @@ def worker_command(args: argparse.Namespace, mode: str, k: int, run: int) -> lis
     command += ["--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype]
     command += ["--threads", str(args.threads)]
     command += ["--models-dir", str(args.models_dir), "--diy-requests", str(args.diy_requests)]
+    command += ["--overhead-pairs", str(args.overhead_pairs)]
     return command
 
 
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "kv_cache_dtype": args.kv_cache_dtype,
         "diy_requests": args.diy_requests,
+        "overhead_pairs": args.overhead_pairs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (mode, k, run) in enumerate(jobs, 1):

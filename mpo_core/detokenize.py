@@ -4,6 +4,12 @@ Two things hold text back from a stream: a trailing incomplete UTF-8 character (
 tokenizers split characters across tokens; its bytes decode to U+FFFD until complete)
 and a suffix that may still grow into a stop string. A stop string found in the text
 ends the reply just before it; the stop string itself is never sent.
+
+Each token decodes a short window, not the whole reply: the text of the tokens already
+settled is kept, and the newest tokens are decoded together with the last settled
+one(s) as context (tokenizers that drop a word's leading space at the start of a decode
+would otherwise glue words together), then the context's own text is cut off the front.
+The window moves on once its text no longer ends in an incomplete character.
 """
 
 from __future__ import annotations
@@ -20,11 +26,31 @@ class ReplyText:
         self.text = ""  # the reply decoded so far
         self.emitted = 0  # characters of ``text`` already sent
         self.stop_at: int | None = None  # where a stop string begins in ``text``, once found
+        self._settled = ""  # the text of token_ids[: self._read]
+        self._context = 0  # the window starts here: the tokens before _read give context
+        self._read = 0
+        self._context_text = ""  # token_ids[_context:_read] decoded alone
+
+    def _decode(self, token_ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return text
 
     def update(self, token_ids: list[int]) -> None:
-        """Decode the reply's tokens so far (nothing changes once a stop string was found)."""
-        if self.stop_at is None:
-            self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """Take the reply's tokens so far (nothing changes once a stop string was found)."""
+        if self.stop_at is not None:
+            return
+        window = self._decode(token_ids[self._context :])
+        if not window.startswith(self._context_text):
+            # The tokenizer's clean-up rewrote the context inside the window: decode the
+            # whole reply this time.
+            self.text = self._decode(token_ids)
+            return
+        tail = window[len(self._context_text) :]
+        self.text = self._settled + tail
+        if not tail.endswith("\ufffd"):  # complete: settle it and move the window on
+            self._settled = self.text
+            self._context, self._read = self._read, len(token_ids)
+            self._context_text = self._decode(token_ids[self._context : self._read])
 
     def find_stop(self) -> bool:
         """Look for a stop string in the text not yet sent; remember where it starts."""

@@ -31,7 +31,7 @@ import torch
 
 from .detokenize import ReplyText
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
-from .kvcache import ModelBatch
+from .kvcache import KVStorage, ModelBatch
 from .mixing import WeightsInput, check_strength, mix_logprobs, normalize_weights
 from .policies import PolicySet
 from .sampling import SamplingParams, sample_tokens
@@ -103,9 +103,9 @@ class Engine:
         models = [*policy_set.policies]
         if policy_set.reference is not None:
             models.append(policy_set.reference)
+        storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
         self._batches = [
-            ModelBatch(m, policy_set.vocab_size, policy_set.device, policy_set.kv_dtype)
-            for m in models
+            ModelBatch(m, policy_set.vocab_size, policy_set.device, storage) for m in models
         ]
         self._lock = threading.Condition()
         self._waiting: deque[_Sequence] = deque()

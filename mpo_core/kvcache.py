@@ -64,25 +64,57 @@ def release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+class KVStorage:
+    """How caches are stored: their dtype (None: the model's), and, when that is narrower
+    than the model's, one reusable buffer that a layer's cache is cast up into for
+    attention. One instance may serve every batch of an engine: layers (and models) run
+    one at a time on its thread, and attention is done with a layer's cast before the
+    next layer casts. Reusing the buffer avoids allocating a cast copy per layer and step,
+    one column bigger each step, which fragments the heap."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self._flat: torch.Tensor | None = None  # [N] holding keys then values
+
+    def widen(
+        self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys``/``values`` cast to ``dtype``: views of the buffer, valid until the next call."""
+        nk, nv = keys.numel(), values.numel()
+        flat = self._flat
+        if (
+            flat is None
+            or flat.numel() < nk + nv
+            or flat.dtype != dtype
+            or flat.device != keys.device
+        ):
+            flat = self._flat = keys.new_empty((nk + nv) * 3 // 2, dtype=dtype)
+        wide_keys = flat[:nk].view(keys.shape)
+        wide_values = flat[nk : nk + nv].view(values.shape)
+        wide_keys.copy_(keys)
+        wide_values.copy_(values)
+        return wide_keys, wide_values
+
+
 class GrowingLayer(DynamicLayer):
     """A layer cache whose buffer has spare columns; ``keys``/``values`` are views of it.
 
-    ``dtype`` is the buffer's (default: that of the first keys written). Built empty, the
-    layer allocates its buffer at the first ``update``, so a prefill writes its keys and
-    values straight into the buffer that decoding goes on filling.
+    The buffer's dtype is ``storage.dtype`` (default: that of the first keys written).
+    Built empty, the layer allocates its buffer at the first ``update``, so a prefill
+    writes its keys and values straight into the buffer that decoding goes on filling.
     """
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, storage: KVStorage | None = None) -> None:
         super().__init__()
-        self._storage_dtype = dtype
+        self._storage = storage or KVStorage()
         self._length = 0
 
     @classmethod
-    def stacking(cls, parts: Layers, length: int, dtype: torch.dtype | None = None) -> GrowingLayer:
+    def stacking(cls, parts: Layers, length: int, storage: KVStorage | None = None) -> GrowingLayer:
         """The rows of ``parts`` (keys, values) in order, each left-padded with zeros to
         ``length`` columns, in one new buffer."""
         keys, values = parts[0]
-        layer = cls(dtype)
+        layer = cls(storage)
         layer._allocate(keys, values, sum(k.shape[0] for k, _ in parts), length, zeroed=True)
         row = 0
         for keys, values in parts:
@@ -104,7 +136,7 @@ class GrowingLayer(DynamicLayer):
         self, keys: torch.Tensor, values: torch.Tensor, rows: int, needed: int, zeroed: bool
     ) -> None:
         self.device = keys.device
-        self.dtype = self._storage_dtype or keys.dtype
+        self.dtype = self._storage.dtype or keys.dtype
         capacity = needed + max(MIN_SPARE, needed // 2) if needed else 0
         new = keys.new_zeros if zeroed else keys.new_empty
         self._key_buf = new((rows, keys.shape[1], capacity, keys.shape[3]), dtype=self.dtype)
@@ -141,7 +173,7 @@ class GrowingLayer(DynamicLayer):
         keys, values = self.keys, self.values
         assert keys is not None and values is not None
         if self.dtype != key_states.dtype:  # stored narrower: attention reads a cast copy
-            return keys.to(key_states.dtype), values.to(value_states.dtype)
+            return self._storage.widen(keys, values, key_states.dtype)
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -174,12 +206,12 @@ class ModelBatch:
         loaded: LoadedModel,
         vocab_size: int,
         device: torch.device,
-        kv_dtype: torch.dtype | None = None,
+        storage: KVStorage | None = None,
     ) -> None:
         self.loaded = loaded
         self.vocab_size = vocab_size
         self.device = device
-        self.kv_dtype = kv_dtype  # None: the model's own dtype
+        self.storage = storage or KVStorage()  # the cache's dtype (default: the model's)
         self.row_ids: list[int] = []  # sequence ids, in cache row order
         self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [B, T] 1 = real token
@@ -226,7 +258,7 @@ class ModelBatch:
             mask[row, length - len(prompt) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [n, L]
         # The prompt's keys and values go straight into growing buffers (in the cache dtype).
-        new_layer = functools.partial(GrowingLayer, self.kv_dtype)
+        new_layer = functools.partial(GrowingLayer, self.storage)
         cache = Cache(layer_class_to_replicate=new_layer)  # type: ignore[arg-type]
         kwargs: dict[str, object] = {}
         if self.loaded.accepts_logits_to_keep:
@@ -258,7 +290,7 @@ class ModelBatch:
         layers = growing_layers(self.cache)
         for i, (old, new) in enumerate(zip(layers, growing_layers(cache))):
             parts = [(old.keys, old.values), (new.keys, new.values)]
-            layers[i] = GrowingLayer.stacking(parts, length, self.kv_dtype)  # type: ignore[arg-type]
+            layers[i] = GrowingLayer.stacking(parts, length, self.storage)  # type: ignore[arg-type]
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
         self.padded = not bool(self.mask.all())
         self.row_ids += row_ids
@@ -287,5 +319,5 @@ class ModelBatch:
                     layer.values.index_select(0, index)[:, :, start:],
                 )
             ]
-            layers[i] = GrowingLayer.stacking(parts, self.mask.shape[1], self.kv_dtype)
+            layers[i] = GrowingLayer.stacking(parts, self.mask.shape[1], self.storage)
         self._release()

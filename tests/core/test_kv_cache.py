@@ -6,7 +6,7 @@ import torch
 from mpo_core.config import parse_config
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import ConfigError
-from mpo_core.kvcache import GrowingLayer, ModelBatch, growing_layers
+from mpo_core.kvcache import GrowingLayer, KVStorage, ModelBatch, growing_layers
 from mpo_core.sampling import SamplingParams
 
 
@@ -25,7 +25,7 @@ def test_policy_set_resolves_the_cache_dtype(llama_set, llama_set_f16_cache):
 
 
 def _batch(ps, dtype):
-    return ModelBatch(ps.policies[0], ps.vocab_size, ps.device, dtype)
+    return ModelBatch(ps.policies[0], ps.vocab_size, ps.device, KVStorage(dtype))
 
 
 def _run_script(batch, tok):
@@ -97,7 +97,7 @@ def test_a_row_decodes_the_same_alone_as_in_a_changing_batch(llama_set):
 
 def test_growing_layer_keeps_its_columns_across_growth():
     keys = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
-    layer = GrowingLayer.stacking([(keys, -keys)], 3, torch.float16)
+    layer = GrowingLayer.stacking([(keys, -keys)], 3, KVStorage(torch.float16))
     capacity = layer._key_buf.shape[2]
     for i in range(capacity):  # one column at a time, past the capacity
         k = torch.full((2, 1, 1, 2), float(i))
