@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 common=(--k 3 --concurrency 1,16 --modes single,diy-mix,engine,http --device cuda
-        --dtype bfloat16 --new-tokens 64 --diy-requests 4 --models-dir "$MODELS")
+        --dtype bfloat16 --new-tokens 64 --diy-requests 4 --overhead-pairs 1
+        --models-dir "$MODELS")
 # 100M: medians of 3 runs; ~1B: one run (its build and load dominate the budget)
 # (bench.run writes its JSON after every worker, so a timeout keeps what was measured)
 rm -f "$OUT/gpu_100m.json" "$OUT/gpu_1b.json"

@@ -2,7 +2,7 @@
 
 Rows are left-padded so that every row's next token lands in the same cache column.
 A row joins after a prefill of its prompt (newcomers are prefilled together, then their
-cache is padded to the batch's length and concatenated), and leaves by an index select;
+cache is stacked with the batch's, left-padded to a common length), and leaves by an index select;
 columns that only padding occupies are then trimmed from the left.
 
 Each layer's keys and values live in a buffer with spare columns (``GrowingLayer``), so
@@ -12,7 +12,7 @@ fragmentation from blocks that grow by one column at a time. The buffer grows by
 its length when full. transformers sees an ordinary ``Cache`` of layers.
 
 The buffer may be kept in a narrower dtype than the model computes in (the policy set's
-``kv_cache_dtype``, e.g. bfloat16 under float32 weights): a new column is rounded when
+``kv_cache_dtype``, e.g. float16 under float32 weights): a new column is rounded when
 written, and each layer's cache is cast back up when attention reads it. That halves
 the cache's memory at the price of one cast of the cache per layer and step, and of
 rounding the keys and values (the mixture's log-probs move by ~1e-2, not 1e-6).

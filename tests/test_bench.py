@@ -8,7 +8,7 @@ from pathlib import Path
 from bench import run
 from bench.baselines import diy_mix_one, policy_step_seconds
 from bench.common import family_yaml, prompt_ids, prompt_texts
-from bench.report import ratios, table
+from bench.report import load, ratios, table
 from mpo_core.config import load_config
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.policies import load_policy_set
@@ -47,3 +47,36 @@ def test_diy_mix_matches_engine_greedy(tmp_path: Path) -> None:
     assert result.token_ids == expected
     steps = policy_step_seconds(policy_set, prompt, NEW_TOKENS)
     assert len(steps) == 2 and all(s > 0 for s in steps)
+
+
+def test_overhead_pairs_narrow_cache_label_and_memory_probe(tmp_path: Path, capsys) -> None:
+    from bench import memory_probe
+
+    out = tmp_path / "c1.json"
+    argv = ["--size", "tiny", "--k", "2", "--concurrency", "1", "--runs", "1"]
+    argv += ["--modes", "engine", "--new-tokens", str(NEW_TOKENS), "--overhead-pairs", "2"]
+    argv += ["--kv-cache-dtype", "float16", "--threads", "1"]
+    argv += ["--models-dir", str(tmp_path / "models"), "--out", str(out)]
+    assert run.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["kv_cache_dtype"] == "float16"
+    (row,) = data["rows"]
+    pairs = row["extra"]["overhead_pairs"]
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair["tokens_per_s"] > 0 and pair["itl_ms_p50"] > 0
+        assert len(pair["policy_step_s"]) == 2 and min(pair["policy_step_s"]) > 0
+    # a narrow-cache run is reported under its own label, never pooled with float32 runs
+    rows, _ = load([out])
+    assert "(kv float16) | 1. overhead" in ratios(rows)
+
+    assert (
+        memory_probe.main(
+            ["--size", "tiny", "--k", "2", "--concurrency", "2", "--new-tokens", "4"]
+            + ["--kv-cache-dtype", "float16", "--models-dir", str(tmp_path / "models")]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "(peak - baseline) / params = " in printed
+    assert "| prefill |" in printed or "| decode |" in printed
