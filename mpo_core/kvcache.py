@@ -38,6 +38,11 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, 
 MIN_SPARE = 32  # free columns a buffer keeps at least, so growth is rare
 
 
+def _capacity_for(needed: int) -> int:
+    """Columns to allocate for ``needed``: half as many again spare, at least MIN_SPARE."""
+    return needed + max(MIN_SPARE, needed // 2)
+
+
 def _find_malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -137,7 +142,7 @@ class GrowingLayer(DynamicLayer):
     ) -> None:
         self.device = keys.device
         self.dtype = self._storage.dtype or keys.dtype
-        capacity = needed + max(MIN_SPARE, needed // 2) if needed else 0
+        capacity = _capacity_for(needed) if needed else 0
         new = keys.new_zeros if zeroed else keys.new_empty
         self._key_buf = new((rows, keys.shape[1], capacity, keys.shape[3]), dtype=self.dtype)
         self._value_buf = new((rows, values.shape[1], capacity, values.shape[3]), dtype=self.dtype)
@@ -148,7 +153,7 @@ class GrowingLayer(DynamicLayer):
         if needed <= capacity:
             return
         shape = list(self._key_buf.shape)
-        shape[2] = needed + max(MIN_SPARE, needed // 2)
+        shape[2] = _capacity_for(needed)
         key_buf = self._key_buf.new_empty(shape)  # [B, H, C, D]
         value_buf = self._value_buf.new_empty([*shape[:3], self._value_buf.shape[3]])
         key_buf[:, :, : self._length] = self._key_buf[:, :, : self._length]
