@@ -28,6 +28,11 @@ def _batch(ps, dtype):
     return ModelBatch(ps.policies[0], ps.vocab_size, ps.device, KVStorage(dtype))
 
 
+def _next_token(last: int, position: int) -> int:
+    """A fixed, varied token stream for the scripted decodes (ids inside the vocabulary)."""
+    return (last * 7 + position) % 200 + 10
+
+
 def _run_script(batch, tok):
     """Join, decode, join at a different length, decode, drop a row, decode; collect
     every step's log-probs keyed by row id."""
@@ -38,7 +43,7 @@ def _run_script(batch, tok):
 
     def step():
         ids = batch.row_ids
-        tokens = torch.tensor([(last[r] * 7 + pos[r]) % 200 + 10 for r in ids])
+        tokens = torch.tensor([_next_token(last[r], pos[r]) for r in ids])
         lp = batch.decode(tokens, torch.tensor([pos[r] for r in ids]))
         for row, rid in enumerate(ids):
             last[rid], pos[rid] = int(tokens[row]), pos[rid] + 1
@@ -87,7 +92,7 @@ def test_a_row_decodes_the_same_alone_as_in_a_changing_batch(llama_set):
     alone = [alone_batch.prefill([2], [prompt])[0]]
     last, pos = prompt[-1], len(prompt)
     for _ in range(len(together) - 1):
-        token = (last * 7 + pos) % 200 + 10
+        token = _next_token(last, pos)
         alone.append(alone_batch.decode(torch.tensor([token]), torch.tensor([pos]))[0])
         last, pos = token, pos + 1
     assert len(together) == 44
