@@ -8,14 +8,16 @@ of ``--new-tokens`` tokens together, as ``bench.worker``'s engine mode does, whi
 recording RSS before and after, and the rise of the peak during, every
 ``ModelBatch.prefill``/``decode``/``keep``. Prints target 4's ratio and the operations
 that raised the peak most. ``--no-trim`` turns off the ``malloc_trim`` after cache
-surgery, to see what it saves. glibc's heap layout varies from run to run: compare a
-few runs, not one.
+surgery, to see what it saves; otherwise its calls are timed. glibc's heap layout
+varies from run to run: compare a few runs, not one.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     _, policy_set = worker.load(worker_args)
     params = param_mb(policy_set.models)
+    trim_seconds: list[float] = []
     if args.no_trim:
         kvcache.release_free_memory = lambda: None  # type: ignore[assignment]
+    else:
+        release = kvcache.release_free_memory
+
+        def timed_release() -> None:
+            start = time.perf_counter()
+            release()
+            trim_seconds.append(time.perf_counter() - start)
+
+        kvcache.release_free_memory = timed_release  # type: ignore[assignment]
 
     log: list[tuple[str, str, float, float, float]] = []  # op, model, rss before/after, rise
 
@@ -91,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{params:.0f} MiB, at reset {at_reset:.0f} MiB, peak {peak:.0f} MiB, "
         f"(peak - baseline) / params = {(peak - baseline) / params:.3f}"
     )
+    if trim_seconds:
+        print(
+            f"malloc_trim: {len(trim_seconds)} calls, median "
+            f"{1000 * statistics.median(trim_seconds):.2f} ms, "
+            f"max {1000 * max(trim_seconds):.2f} ms"
+        )
     print("| op # | operation | model | RSS before MiB | RSS after MiB | peak rise MiB |")
     print("|--:|---|---|--:|--:|--:|")
     ranked = sorted(range(len(log)), key=lambda i: -log[i][4])[: args.top]

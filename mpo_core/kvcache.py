@@ -62,8 +62,8 @@ def release_free_memory() -> None:
 
     After a prefill, a join, a leave or a growth the freed blocks (old buffers, the
     prefill's activations) lie between live cache buffers, and glibc keeps them resident;
-    on the 100M benchmark that was ~50 MiB per model at a 16-row prefill. It takes
-    about a millisecond, against hundreds for the prefill that precedes it.
+    on the 100M benchmark that was ~50 MiB per model at a 16-row prefill. It takes a
+    few milliseconds, against hundreds for the prefill that precedes it.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
