@@ -60,8 +60,7 @@ def sample_row(
                 temperature=args.temperature,
                 seed=seed * 1_000_003 + i,
             ),
-            weights=row.weights,
-            strength=row.strength,
+            mixture=engine.mixture(row.weights, row.strength),
         )
         streams.append((prompt, engine.submit(request)))
     return [(prompt, "".join(e.text for e in stream).strip()) for prompt, stream in streams]

@@ -2,61 +2,42 @@
 
 Each step (``_step``):
 1. admit waiting requests up to ``max_running`` and drop cancelled ones;
-2. every model runs once: a decode over its running rows' newest tokens, and a prefill
-   of the newcomers' prompts (a model runs only the rows where its coefficient is
-   non-zero, so a one-hot request costs one forward and s = 1 never runs the reference);
-3. mix the log-probs per row with that row's weights and strength (``mixing``);
+2. the policy runner (``runners``) decodes the running rows' newest tokens and prefills
+   the newcomers, returning each row's log-probs under each model it needs;
+3. mix the log-probs per row with that row's ``Mixture`` (``mixing``);
 4. sample per row with that row's parameters and generator (``sampling``);
-5. emit a ``TokenEvent`` per row and retire finished rows from every model's batch.
+5. emit a ``TokenEvent`` per row (``events``) and retire finished rows.
 
 Scoring (teacher-forced log-probs for fitting) runs on the same thread in chunks between
-decode steps, so a fit never holds up serving for more than one chunk.
+decode steps (``score_jobs``), so a fit never holds up serving for more than one chunk.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import logging
-import secrets
 import threading
-import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from .detokenize import ReplyText
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
-from .kvcache import KVStorage, ModelBatch
-from .mixing import WeightsInput, check_strength, mix_logprobs, normalize_weights
+from .events import EventBuilder, final_event
+from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
-from .sampling import SamplingParams, sample_tokens
-from .scoring import ScoreResult, chunk_indices, score_sequences
-from .streams import GenerationResult, RequestStream, TokenEvent
+from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
+from .runners import PolicyRunner, SeparateModelsRunner
+from .sampling import sample_tokens
+from .score_jobs import ScoreJob
+from .scoring import ScoreResult
+from .streams import GenerationResult, RequestStream
+
+__all__ = ["Engine", "EngineLimits", "EngineStats", "GenerationRequest"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineLimits:
-    max_running: int = 16  # sequences decoded together
-    max_queued: int = 64  # requests waiting for a slot; beyond that submit raises Overloaded
-    max_context: int | None = None  # prompt + new tokens; None = the models' own limit
-    max_top_logprobs: int = 20
-    score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    weights: WeightsInput = None  # {name: w} or [w, ...]; None = uniform
-    strength: float = 1.0
-    request_id: str | None = None
 
 
 @dataclass
@@ -71,20 +52,6 @@ class EngineObserver(Protocol):
     def on_step(self, batch_size: int, forward_seconds: dict[str, float]) -> None: ...
 
 
-@dataclass
-class _Sequence:
-    """Engine-side state of one request."""
-
-    sid: int
-    request: GenerationRequest
-    stream: RequestStream
-    coefs: list[float]  # per model (policies, then reference): its weight in log p
-    generator: torch.Generator
-    token_ids: list[int]  # prompt + generated
-    reply: ReplyText  # the reply's text so far, stop strings applied
-    generated: list[int] = field(default_factory=list)
-
-
 class Engine:
     """Holds a PolicySet and decodes mixtures for many concurrent requests."""
 
@@ -93,6 +60,7 @@ class Engine:
         policy_set: PolicySet,
         limits: EngineLimits | None = None,
         observer: EngineObserver | None = None,
+        runner: PolicyRunner | None = None,
     ) -> None:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
@@ -100,17 +68,12 @@ class Engine:
         self.max_context = min(
             self.limits.max_context or policy_set.max_context, policy_set.max_context
         )
-        models = [*policy_set.policies]
-        if policy_set.reference is not None:
-            models.append(policy_set.reference)
-        storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
-        self._batches = [
-            ModelBatch(m, policy_set.vocab_size, policy_set.device, storage) for m in models
-        ]
+        self.runner: PolicyRunner = runner or SeparateModelsRunner(policy_set)
+        self.events = EventBuilder(policy_set, self.max_context)
         self._lock = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: dict[int, _Sequence] = {}
-        self._jobs: deque[Callable[[], bool]] = deque()  # return True when finished
+        self._waiting: deque[SequenceState] = deque()
+        self._running: dict[int, SequenceState] = {}
+        self._jobs: deque[ScoreJob] = deque()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -118,8 +81,6 @@ class Engine:
         self._failure: BaseException | None = None
         self._steps = 0
         self._generated_tokens = 0
-        self._special_ids = set(policy_set.tokenizer.all_special_ids)
-        self._token_texts: dict[int, str] = {}  # token id -> the token decoded alone
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -144,8 +105,15 @@ class Engine:
                 len(self._running), len(self._waiting), self._steps, self._generated_tokens
             )
 
-    def normalize_weights(self, weights: WeightsInput) -> dict[str, float]:
-        return dict(zip(self.policy_names, normalize_weights(weights, self.policy_names)))
+    def mixture(self, weights: WeightsInput = None, strength: object = 1.0) -> Mixture:
+        """A mixture of this engine's policies (InvalidParameter names what is wrong)."""
+        return Mixture.build(self.policy_names, weights, strength, has_reference=self.has_reference)
+
+    def is_special(self, token: int) -> bool:
+        return self.events.is_special(token)
+
+    def token_text(self, token: int) -> str:
+        return self.events.token_text(token)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Engine:
@@ -160,13 +128,10 @@ class Engine:
         with self._lock:
             self._accepting = False
             self._lock.notify_all()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.is_alive:
-            with self._lock:
-                if not self._running and not self._waiting and not self._jobs:
-                    break
-            time.sleep(0.01)
-        with self._lock:
+            self._lock.wait_for(
+                lambda: not (self._running or self._waiting or self._jobs) or not self.is_alive,
+                timeout=timeout,
+            )
             for seq in [*self._waiting, *self._running.values()]:
                 seq.stream.cancelled = True
             self._stopping = True
@@ -183,7 +148,9 @@ class Engine:
     # -- requests --------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream."""
-        seq = self._prepare(request)
+        seq = prepare(
+            request, self.policy_set, self.limits, self.max_context, next(self._ids), self._wake
+        )
         with self._lock:
             if not self._accepting or self._failure is not None:
                 raise EngineNotRunning(
@@ -194,7 +161,7 @@ class Engine:
                 raise Overloaded(
                     f"{len(self._running)} sequences are running and {len(self._waiting)} are "
                     f"queued (limit {self.limits.max_queued}); retry later",
-                    retry_after=1.0,
+                    retry_after=self.limits.retry_after_s,
                 )
             self._waiting.append(seq)
             self._lock.notify_all()
@@ -204,9 +171,8 @@ class Engine:
         """Blocking convenience: submit and collect every event."""
         stream = self.submit(request)
         events = list(stream)
-        token_ids = [e.token_id for e in events]
         return GenerationResult(
-            token_ids=token_ids,
+            token_ids=[e.token_id for e in events],
             text="".join(e.text for e in events),
             finish_reason=events[-1].finish_reason or "length",
             seed=stream.seed,
@@ -214,48 +180,6 @@ class Engine:
             prompt_tokens=stream.prompt_tokens,
             events=events,
         )
-
-    def _prepare(self, request: GenerationRequest) -> _Sequence:
-        ps = self.policy_set
-        params = request.sampling
-        params.validate(ps.vocab_size, self.limits.max_top_logprobs)
-        prompt = list(request.prompt_ids)
-        if not prompt:
-            raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
-        bad = next(
-            (t for t in prompt if not isinstance(t, int) or not 0 <= t < ps.vocab_size), None
-        )
-        if bad is not None:
-            raise InvalidParameter(
-                "prompt", f"prompt token id {bad!r} is outside [0, {ps.vocab_size})"
-            )
-        total = len(prompt) + params.max_new_tokens
-        if total > self.max_context:
-            raise InvalidParameter(
-                "max_new_tokens",
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"= {total} "
-                f"exceeds the context limit of {self.max_context} tokens",
-            )
-        weights = normalize_weights(request.weights, ps.names)
-        strength = check_strength(request.strength, self.has_reference)
-        coefs = [strength * w for w in weights]
-        if self.has_reference:
-            coefs.append(1.0 - strength)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = torch.Generator(device=ps.device)
-        generator.manual_seed(seed)
-        sid = next(self._ids)
-        stream = RequestStream(
-            request_id=request.request_id or uuid.uuid4().hex,
-            weights=dict(zip(ps.names, weights)),
-            strength=strength,
-            prompt_tokens=len(prompt),
-            seed=seed,
-            on_cancel=self._wake,
-        )
-        reply = ReplyText(ps.tokenizer, list(params.stop))
-        return _Sequence(sid, request, stream, coefs, generator, prompt, reply)
 
     def _wake(self) -> None:
         with self._lock:
@@ -277,44 +201,20 @@ class Engine:
             for s in seqs:
                 if any(not 0 <= t < self.policy_set.vocab_size for t in s):
                     raise InvalidParameter(name, f"a token id in {name} is outside the vocabulary")
+        chunk = self.limits.score_chunk_tokens
+
+        def scorer(p: Sequence[Sequence[int]], c: Sequence[Sequence[int]]) -> ScoreResult:
+            return self.runner.score(p, c, chunk)
+
         if self._thread is None or threading.current_thread() is self._thread:
-            return score_sequences(
-                self.policy_set, prompts, completions, self.limits.score_chunk_tokens
-            )
-        future: concurrent.futures.Future[ScoreResult] = concurrent.futures.Future()
-        parts: list[ScoreResult] = []
-        chunks = chunk_indices(
-            [len(p) + len(c) for p, c in zip(prompts, completions)], self.limits.score_chunk_tokens
-        )
-        pending = deque(chunks)
-
-        def run_one_chunk() -> bool:
-            if future.cancelled():
-                return True
-            try:
-                idx = pending.popleft()
-                parts.append(
-                    score_sequences(
-                        self.policy_set,
-                        [prompts[i] for i in idx],
-                        [completions[i] for i in idx],
-                        self.limits.score_chunk_tokens,
-                    )
-                )
-                if not pending:
-                    future.set_result(ScoreResult.concat(parts))
-                    return True
-            except BaseException as exc:  # delivered to the caller, not the loop
-                future.set_exception(exc)
-                return True
-            return False
-
+            return scorer(prompts, completions)
+        job = ScoreJob(scorer, prompts, completions, chunk)
         with self._lock:
             if not self._accepting:
                 raise EngineNotRunning("the engine is not running")
-            self._jobs.append(run_one_chunk)
+            self._jobs.append(job)
             self._lock.notify_all()
-        return future.result()
+        return job.future.result()
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
@@ -322,6 +222,7 @@ class Engine:
             while True:
                 with self._lock:
                     while not (self._waiting or self._running or self._jobs or self._stopping):
+                        self._lock.notify_all()  # idle: a stop() waiting for the drain sees it
                         self._lock.wait()
                     if self._stopping:
                         break
@@ -339,82 +240,63 @@ class Engine:
         finally:
             self._fail_all(self._failure)
 
-    def _abort_running(self, newcomers: list[_Sequence], exc: Exception) -> None:
+    def _abort_running(self, newcomers: list[SequenceState], exc: Exception) -> None:
         """After a failed step the caches may be inconsistent: drop every running row."""
         with self._lock:
             failed = {s.sid: s for s in [*self._running.values(), *newcomers]}
             self._running.clear()
-        for batch in self._batches:
-            batch.keep(set())
+        self.runner.keep(set())
         for seq in failed.values():
             seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _admit(self) -> list[_Sequence]:
+    def _admit(self) -> list[SequenceState]:
         """Move waiting requests into free slots (lock held)."""
         for seq in [s for s in self._waiting if s.stream.cancelled]:
             self._waiting.remove(seq)
-            self._finish(seq, "cancelled")
-        newcomers: list[_Sequence] = []
+            seq.stream.push(final_event(seq, "cancelled"))
+        newcomers: list[SequenceState] = []
         while self._waiting and len(self._running) + len(newcomers) < self.limits.max_running:
             newcomers.append(self._waiting.popleft())
         return newcomers
 
     def _run_one_job(self) -> None:
-        if not self._jobs:
-            return
-        job = self._jobs[0]
-        if job():
+        if self._jobs and self._jobs[0].run_one():
             with self._lock:
                 self._jobs.popleft()
+                self._lock.notify_all()
 
     def _fail_all(self, failure: BaseException | None) -> None:
         with self._lock:
             self._accepting = False
             pending = [*self._waiting, *self._running.values()]
+            jobs = list(self._jobs)
             self._waiting.clear()
             self._running.clear()
+            self._jobs.clear()
+            self._lock.notify_all()
         for seq in pending:
             if failure is None:
-                self._finish(seq, "cancelled")
+                seq.stream.push(final_event(seq, "cancelled"))
             else:
                 seq.stream.push(EngineNotRunning(f"the engine failed: {failure!r}"))
+        for job in jobs:
+            job.fail(EngineNotRunning("the engine stopped before the scoring finished"))
 
-    def _step(self, newcomers: list[_Sequence]) -> None:
-        running = [s for s in self._running.values() if not s.stream.cancelled]
+    def _step(self, newcomers: list[SequenceState]) -> None:
         cancelled = [s for s in self._running.values() if s.stream.cancelled]
         self._retire(cancelled)
         for seq in cancelled:
-            self._finish(seq, "cancelled")
+            seq.stream.push(final_event(seq, "cancelled"))
+        running = list(self._running.values())
         if not running and not newcomers:
             return
-        active = running + newcomers
-        row_of = {seq.sid: row for row, seq in enumerate(active)}
-        ps = self.policy_set
-        num_models = len(self._batches)
-        logprobs = torch.zeros(
-            num_models, len(active), ps.vocab_size, device=ps.device
-        )  # [M, B, V]
-        forward_seconds: dict[str, float] = {}
-        for m, batch in enumerate(self._batches):
-            started = time.perf_counter()
-            if len(batch):
-                seqs = [self._running[sid] for sid in batch.row_ids]
-                tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=ps.device)  # [Bm]
-                positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=ps.device)
-                rows = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)
-                logprobs[m, rows] = batch.decode(tokens, positions)  # [Bm, V]
-            joining = [s for s in newcomers if s.coefs[m] != 0]
-            if joining:
-                rows = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
-                logprobs[m, rows] = batch.prefill(
-                    [s.sid for s in joining], [s.token_ids for s in joining]
-                )
-            if len(batch):
-                forward_seconds[batch.loaded.name] = time.perf_counter() - started
+        output = self.runner.step(running, newcomers)
         with self._lock:
             self._running.update((seq.sid, seq) for seq in newcomers)
-        coefs = torch.tensor([s.coefs for s in active], device=ps.device)  # [B, M]
-        k = len(ps.policies)
+        active = running + newcomers
+        logprobs = output.logprobs  # [M, B, V]
+        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
+        k = len(self.policy_names)
         mixed = mix_logprobs(
             logprobs[:k],
             coefs[:, :k],
@@ -428,22 +310,29 @@ class Engine:
                 return
         tokens = sample_tokens(
             mixed,
-            [s.request.sampling for s in active],
+            [s.sampling for s in active],
             [s.generator for s in active],
             [s.token_ids for s in active],
         )  # [B]
-        self._emit(active, mixed, logprobs, tokens)
+        events = self.events.step_events(active, mixed, logprobs, tokens)
+        self._generated_tokens += len(events)
+        finished = []
+        for seq, event in zip(active, events):
+            seq.stream.push(event)
+            if event.finish_reason is not None:
+                finished.append(seq)
+        self._retire(finished)
         self._steps += 1
         if self.observer is not None:
-            self.observer.on_step(len(active), forward_seconds)
+            self.observer.on_step(len(active), output.forward_seconds)
 
     def _drop_broken(
         self,
-        active: list[_Sequence],
+        active: list[SequenceState],
         mixed: torch.Tensor,  # [B, V]
         logprobs: torch.Tensor,  # [M, B, V]
         broken: torch.Tensor,  # [B] bool
-    ) -> tuple[list[_Sequence], torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[SequenceState], torch.Tensor, torch.Tensor]:
         """Fail the rows whose mixed distribution is not finite; return the others."""
         flags = broken.tolist()
         failed = [seq for seq, bad in zip(active, flags) if bad]
@@ -459,95 +348,12 @@ class Engine:
         survivors = [seq for seq, bad in zip(active, flags) if not bad]
         return survivors, mixed[keep], logprobs[:, keep]
 
-    def _emit(
-        self,
-        active: list[_Sequence],
-        mixed: torch.Tensor,
-        logprobs: torch.Tensor,
-        tokens: torch.Tensor,
-    ) -> None:
-        """Build each row's event, detect finishes, retire finished rows."""
-        ps = self.policy_set
-        rows = torch.arange(len(active), device=mixed.device)
-        chosen = mixed[rows, tokens].tolist()  # [B]
-        per_model = logprobs[:, rows, tokens].t().tolist()  # [B, M]
-        top_n = max(s.request.sampling.top_logprobs for s in active)
-        top = mixed.topk(top_n, dim=-1) if top_n else None
-        top_values = top.values.tolist() if top else []
-        top_ids = top.indices.tolist() if top else []
-        finished = []
-        for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
-            params = seq.request.sampling
-            seq.token_ids.append(token)
-            seq.generated.append(token)
-            self._generated_tokens += 1
-            finish = self._finish_reason(seq, token)
-            seq.reply.update(seq.generated)
-            if seq.reply.find_stop():
-                finish = "stop_sequence"
-            text = seq.reply.take(final=finish is not None)
-            n = params.top_logprobs
-            event = TokenEvent(
-                index=len(seq.generated) - 1,
-                token_id=token,
-                token_text=self.token_text(token),
-                text=text,
-                logprob=chosen[row],
-                top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
-                policy_logprobs={
-                    name: per_model[row][m] if seq.coefs[m] != 0 else None
-                    for m, name in enumerate(ps.names)
-                },
-                special=self.is_special(token),
-                finish_reason=finish,
-            )
-            seq.stream.push(event)
-            if finish is not None:
-                finished.append(seq)
-        self._retire(finished)
-
-    def is_special(self, token: int) -> bool:
-        return token in self._special_ids
-
-    def token_text(self, token: int) -> str:
-        """The token decoded alone, cached (also used for reported alternatives)."""
-        text = self._token_texts.get(token)
-        if text is None:
-            text = self._token_texts[token] = self.policy_set.tokenizer.decode([token])
-        return text
-
-    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
-        params = seq.request.sampling
-        if token in params.stop_token_ids:
-            return "stop_sequence"
-        if not params.ignore_eos and token in self.policy_set.eos_token_ids:
-            return "eos_token"
-        if len(seq.generated) >= params.max_new_tokens or len(seq.token_ids) >= self.max_context:
-            return "length"
-        return None
-
-    def _retire(self, seqs: list[_Sequence]) -> None:
-        """Free the slots of ``seqs`` in every model's batch (one index select per model)."""
+    def _retire(self, seqs: list[SequenceState]) -> None:
+        """Free the rows of ``seqs`` in the runner."""
         if not seqs:
             return
         with self._lock:
             for seq in seqs:
                 self._running.pop(seq.sid, None)
             keep = set(self._running)
-        for batch in self._batches:
-            batch.keep(keep)
-
-    def _finish(self, seq: _Sequence, reason: str) -> None:
-        seq.stream.push(
-            TokenEvent(
-                index=len(seq.generated),
-                token_id=-1,
-                token_text="",
-                text="",
-                logprob=0.0,
-                top_logprobs=[],
-                policy_logprobs={},
-                special=True,
-                finish_reason=reason,
-            )
-        )
+        self.runner.keep(keep)

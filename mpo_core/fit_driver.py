@@ -200,13 +200,14 @@ def sample_replies(
     """
     m = options.samples_per_prompt
     seeds = random.Random(options.seed)
+    reference_only = engine.mixture(strength=0.0)  # s = 0: the mixture is pi_ref alone
     pending = deque(
         GenerationRequest(
             prompt_ids=ids,
             sampling=SamplingParams(
                 max_new_tokens=options.max_new_tokens, temperature=1.0, seed=seeds.getrandbits(63)
             ),
-            strength=0.0,  # s = 0: the mixture is pi_ref alone
+            mixture=reference_only,
             request_id=f"fit-{i}-{j}",
         )
         for i, ids in enumerate(prompt_ids)

@@ -12,25 +12,78 @@ approximation.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .errors import InvalidParameter
 
-MAX_STRENGTH = 100.0  # far past any useful extrapolation; keeps s * log p finite
+# Strength extrapolates away from the reference past 1; far past it s * log p overflows
+# float32 to -inf/NaN, so it is bounded (DESIGN.md §2.1 uses s in about [0, 2]).
+MAX_STRENGTH = 100.0
+# Weights are relative, so a bound costs nothing and keeps their sum finite.
+MAX_WEIGHT = 1e9
+# A stored profile's name (also the ``<served>:<profile>`` model suffix).
+PROFILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 WeightsInput = Mapping[str, float] | Sequence[float] | None
 
 
-def _check_value(param: str, value: object) -> float:
+def check_weight(param: str, value: object) -> float:
+    """One raw weight: a finite number in [0, MAX_WEIGHT] (``-0.0`` becomes ``0.0``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameter(param, f"{param} must be a number, got {value!r}")
     number = float(value)
-    if not math.isfinite(number):
-        raise InvalidParameter(param, f"{param} must be finite, got {value!r}")
-    if number < 0:
-        raise InvalidParameter(param, f"{param} must be >= 0, got {value!r}")
-    return number
+    if not math.isfinite(number) or not 0 <= number <= MAX_WEIGHT:
+        raise InvalidParameter(
+            param, f"{param} must be finite, >= 0 and <= {MAX_WEIGHT:g}, got {value!r}"
+        )
+    return number + 0.0
+
+
+def check_weight_map(weights: object) -> dict[str, float]:
+    """Raw ``{name: w}`` whose values obey every weight rule, whatever the names (stores)."""
+    if not isinstance(weights, Mapping) or not weights:
+        raise InvalidParameter("weights", f"weights must be a non-empty object, got {weights!r}")
+    checked = {str(n): check_weight(f"weights.{n}", w) for n, w in weights.items()}
+    _total(list(checked.values()))
+    return checked
+
+
+def check_strength(strength: object, has_reference: bool = True) -> float:
+    """Validate s in [0, MAX_STRENGTH]; s != 1 needs the reference policy."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise InvalidParameter("strength", f"strength must be a number, got {strength!r}")
+    value = float(strength) + 0.0
+    if not math.isfinite(value) or not 0 <= value <= MAX_STRENGTH:
+        raise InvalidParameter(
+            "strength", f"strength must be between 0 and {MAX_STRENGTH:g}, got {strength!r}"
+        )
+    if value != 1.0 and not has_reference:
+        raise InvalidParameter(
+            "strength",
+            f"strength {value:g} needs a reference model, and this policy set has none; "
+            "use strength 1 or add a reference to the policy-set config",
+        )
+    return value
+
+
+def check_profile_name(name: object, param: str = "name") -> str:
+    if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
+        raise InvalidParameter(
+            param,
+            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def _total(raw: list[float]) -> float:
+    total = math.fsum(raw)  # each <= MAX_WEIGHT, so finite
+    if total <= 0:
+        raise InvalidParameter("weights", "weights must not all be zero")
+    return total
 
 
 def normalize_weights(weights: WeightsInput, names: Sequence[str]) -> list[float]:
@@ -47,7 +100,7 @@ def normalize_weights(weights: WeightsInput, names: Sequence[str]) -> list[float
                 f"weights.{unknown[0]}",
                 f"unknown policy {unknown[0]!r} in weights; policies are {', '.join(names)}",
             )
-        raw = [_check_value(f"weights.{n}", weights.get(n, 0.0)) for n in names]
+        raw = [check_weight(f"weights.{n}", weights.get(n, 0.0)) for n in names]
     elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise InvalidParameter("weights", f"weights must be an object or a list, got {weights!r}")
     else:
@@ -57,34 +110,51 @@ def normalize_weights(weights: WeightsInput, names: Sequence[str]) -> list[float
                 f"weights has {len(weights)} entries but there are {len(names)} policies "
                 f"({', '.join(names)})",
             )
-        raw = [_check_value(f"weights[{i}]", w) for i, w in enumerate(weights)]
-    try:
-        total = math.fsum(raw)
-    except OverflowError:
-        total = math.inf
-    if not math.isfinite(total):
-        raise InvalidParameter("weights", "weights are too large: their sum is not finite")
-    if total <= 0:
-        raise InvalidParameter("weights", "weights must not all be zero")
+        raw = [check_weight(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    total = _total(raw)
     return [w / total for w in raw]
 
 
-def check_strength(strength: object, has_reference: bool) -> float:
-    """Validate s; s != 1 needs the reference policy."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise InvalidParameter("strength", f"strength must be a number, got {strength!r}")
-    value = float(strength)
-    if not math.isfinite(value) or not 0 <= value <= MAX_STRENGTH:
-        raise InvalidParameter(
-            "strength", f"strength must be between 0 and {MAX_STRENGTH}, got {strength!r}"
-        )
-    if value != 1.0 and not has_reference:
-        raise InvalidParameter(
-            "strength",
-            f"strength {value} needs a reference model, and this policy set has none; "
-            "use strength 1 or add `reference:` to the policy-set config",
-        )
-    return value
+@dataclass(frozen=True)
+class Mixture:
+    """What one request decodes from: weights on the simplex (policy order) and strength.
+
+    Built only through :meth:`build` (or :meth:`uniform`), which holds every rule; the
+    engine, the server, the stores and the fit all take this object rather than loose
+    fields. ``coefficients`` are the factors of each model's log-probs in ``log p``.
+    """
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]  # [K] >= 0, summing to 1
+    strength: float = 1.0
+
+    @classmethod
+    def build(
+        cls,
+        names: Sequence[str],
+        weights: WeightsInput = None,
+        strength: object = 1.0,
+        *,
+        has_reference: bool,
+    ) -> Mixture:
+        normalised = normalize_weights(weights, names)
+        return cls(tuple(names), tuple(normalised), check_strength(strength, has_reference))
+
+    @classmethod
+    def uniform(cls, names: Sequence[str]) -> Mixture:
+        return cls.build(names, None, 1.0, has_reference=False)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.weights))
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        """[K + 1]: ``s * w_k`` per policy, then ``1 - s`` for the reference."""
+        return (*(self.strength * w for w in self.weights), 1.0 - self.strength)
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.weights)) == 1
 
 
 def to_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

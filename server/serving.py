@@ -16,6 +16,7 @@ from typing import Any
 
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
+from mpo_core.mixing import Mixture
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
@@ -35,18 +36,25 @@ class ClientGone(Exception):
 
 @dataclass(frozen=True)
 class Mixing:
-    """The mixture a request decodes from, after resolution and normalisation."""
+    """The core ``Mixture`` a request decodes from, and the stored profile it came from."""
 
-    weights: dict[str, float]  # on the simplex, every policy named
-    strength: float
+    mixture: Mixture
     profile: str | None  # the stored profile used, or None (explicit or uniform weights)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.mixture.as_dict()
+
+    @property
+    def strength(self) -> float:
+        return self.mixture.strength
 
     @property
     def label(self) -> str:
         """For the requests_by_profile metric: profile name, "custom" or "uniform"."""
         if self.profile is not None:
             return self.profile
-        return "custom" if len(set(self.weights.values())) > 1 else "uniform"
+        return "uniform" if self.mixture.is_uniform else "custom"
 
     def as_dict(self) -> dict[str, Any]:
         return {"weights": self.weights, "strength": self.strength, "profile": self.profile}
@@ -144,14 +152,7 @@ class Serving:
                 stored = self.store.get(used)  # UnknownProfile -> 404
                 raw, base_strength = stored.weights, stored.strength
         final_strength = base_strength if strength is None else strength
-        normalised = self._normalise(raw, used)
-        if final_strength != 1.0 and not self.engine.has_reference:
-            raise InvalidParameter(
-                "strength",
-                f"strength {final_strength} needs a reference model, and none is loaded; "
-                "use strength 1",
-            )
-        return Mixing(normalised, float(final_strength), used)
+        return Mixing(self._build(raw, final_strength, used), used)
 
     def _default_profile(self) -> str | None:
         name = self.store.get_default()
@@ -163,11 +164,11 @@ class Serving:
             return None
         return name
 
-    def _normalise(self, raw: Any, profile: str | None) -> dict[str, float]:
+    def _build(self, raw: Any, strength: float, profile: str | None) -> Mixture:
         try:
-            return dict(self.engine.normalize_weights(raw))
+            return self.engine.mixture(raw, strength)
         except InvalidParameter as exc:
-            if profile is None:
+            if profile is None or exc.param == "strength":
                 raise
             raise InvalidParameter(
                 "profile", f"stored profile {profile!r} does not fit the loaded policies: {exc}"
@@ -232,8 +233,7 @@ class Serving:
         request = GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=sampling,
-            weights=mixing.weights,
-            strength=mixing.strength,
+            mixture=mixing.mixture,
         )
         stream = self.engine.submit(request)  # InvalidParameter / Overloaded / EngineNotRunning
         self.metrics.prompt_tokens.inc(stream.prompt_tokens)

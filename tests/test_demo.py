@@ -262,8 +262,7 @@ def test_engine_generates_from_the_small_family(small_family: Path) -> None:
                 GenerationRequest(
                     prompt_ids=prompt_ids,
                     sampling=SamplingParams(max_new_tokens=12, seed=1),
-                    weights=weights,
-                    strength=strength,
+                    mixture=engine.mixture(weights, strength),
                 )
             )
             assert 1 <= len(result.token_ids) <= 12

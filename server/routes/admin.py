@@ -70,7 +70,7 @@ def put_profile(name: str, body: ProfilePut, store: StoreDep, engine: EngineDep)
         raise InvalidParameter(
             "strength", f"strength {strength} needs a reference model, and none is loaded"
         )
-    version = store.put(name, engine.normalize_weights(checked), strength, meta)
+    version = store.put(name, engine.mixture(checked, strength).as_dict(), strength, meta)
     if body.default:
         store.set_default(name)
     status = 201 if version.version == 1 else 200

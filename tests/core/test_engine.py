@@ -9,6 +9,7 @@ import torch
 from mpo_core.config import load_config
 from mpo_core.engine import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, Overloaded
+from mpo_core.mixing import Mixture
 from mpo_core.policies import load_policy_set
 from mpo_core.sampling import SamplingParams
 
@@ -25,7 +26,9 @@ def test_one_hot_greedy_matches_transformers_generate(policy_sets, arch):
     ids = ps.tokenizer.encode(PROMPT)
     with Engine(ps) as engine:
         for k, name in enumerate(ps.names):
-            result = engine.generate(GenerationRequest(ids, greedy(12), weights={name: 1.0}))
+            result = engine.generate(
+                GenerationRequest(ids, greedy(12), engine.mixture({name: 1.0}))
+            )
             expected = hf_greedy(ps, ps.policies[k].model, ids, 12)
             assert result.token_ids == expected, name
             # only the chosen policy ran, and it reports its own log-prob
@@ -63,7 +66,7 @@ def test_half_half_first_step_matches_independent_mixture(policy_sets, arch):
     weights = {ps.names[0]: 0.5, ps.names[1]: 0.5}
     with Engine(ps) as engine:
         first = engine.generate(
-            GenerationRequest(ids, greedy(1, top_logprobs=20), weights=weights)
+            GenerationRequest(ids, greedy(1, top_logprobs=20), engine.mixture(weights))
         ).events[0]
     top_ids = [i for i, _ in first.top_logprobs]
     top_values = torch.tensor([lp for _, lp in first.top_logprobs])
@@ -79,12 +82,14 @@ def test_strength_zero_decodes_the_reference_and_two_extrapolates(llama_set):
     ps = llama_set
     ids = ps.tokenizer.encode(PROMPT)
     with Engine(ps) as engine:
-        ref_only = engine.generate(GenerationRequest(ids, greedy(10), strength=0.0))
+        ref_only = engine.generate(GenerationRequest(ids, greedy(10), engine.mixture(strength=0.0)))
         expected = hf_greedy(ps, ps.reference.model, ids, 10)
         assert ref_only.token_ids == expected
         assert all(v is None for v in ref_only.events[0].policy_logprobs.values())
         event = engine.generate(
-            GenerationRequest(ids, greedy(1, top_logprobs=5), weights={"helpful": 1}, strength=2.0)
+            GenerationRequest(
+                ids, greedy(1, top_logprobs=5), engine.mixture({"helpful": 1}, strength=2.0)
+            )
         ).events[0]
     pol = _first_step_logprobs(ps.policies[0].model, ids)[: ps.vocab_size].log_softmax(-1)
     ref = _first_step_logprobs(ps.reference.model, ids)[: ps.vocab_size].log_softmax(-1)
@@ -109,7 +114,9 @@ def test_seeded_request_is_the_same_alone_and_in_a_changing_batch(llama_set):
             ignore_eos=True,
             top_logprobs=3,
         ),
-        weights={"helpful": 0.2, "harmless": 0.5, "concise": 0.3},
+        Mixture.build(
+            llama_set.names, {"helpful": 0.2, "harmless": 0.5, "concise": 0.3}, has_reference=True
+        ),
     )
     with Engine(llama_set, EngineLimits(max_running=16)) as engine:
         alone = engine.generate(target)
@@ -129,8 +136,7 @@ def test_seeded_request_is_the_same_alone_and_in_a_changing_batch(llama_set):
                 GenerationRequest(
                     tok.encode("x" * (i + 1) + " hello"),
                     params,
-                    weights=[1 + i, 1, 0.5],
-                    strength=1.0 - 0.1 * i,
+                    engine.mixture([1 + i, 1, 0.5], strength=1.0 - 0.1 * i),
                 )
             )
             others.append(stream)
@@ -204,21 +210,27 @@ def test_input_errors_name_the_parameter(llama_set, no_reference_family):
             ),
             (GenerationRequest([], greedy(3)), "prompt", "empty"),
             (GenerationRequest([99999], greedy(3)), "prompt", "outside"),
-            (
-                GenerationRequest([5], greedy(3), weights={"nope": 1}),
-                "weights.nope",
-                "unknown policy",
-            ),
-            (GenerationRequest([5], greedy(3), strength=-1), "strength", "between 0 and 100"),
             (GenerationRequest([5], SamplingParams(top_p=0)), "top_p", "top_p"),
         ]
         for request, param, fragment in cases:
             with pytest.raises(InvalidParameter, match=fragment) as err:
                 engine.submit(request)
             assert err.value.param == param
+        for kwargs, param, fragment in [
+            ({"weights": {"nope": 1}}, "weights.nope", "unknown policy"),
+            ({"strength": -1}, "strength", "between 0 and 100"),
+        ]:
+            with pytest.raises(InvalidParameter, match=fragment) as err:
+                engine.mixture(**kwargs)
+            assert err.value.param == param
     noref = load_policy_set(load_config(no_reference_family))
-    with Engine(noref) as engine, pytest.raises(InvalidParameter, match="needs a reference"):
-        engine.submit(GenerationRequest([5], greedy(3), strength=0.5))
+    with Engine(noref) as engine:
+        with pytest.raises(InvalidParameter, match="needs a reference"):
+            engine.mixture(strength=0.5)
+        # a mixture built for another policy set is checked again at submit
+        foreign = Mixture.build(noref.names, None, 0.5, has_reference=True)
+        with pytest.raises(InvalidParameter, match="needs a reference"):
+            engine.submit(GenerationRequest([5], greedy(3), foreign))
 
 
 def test_stop_strings_and_stop_tokens(llama_set):
@@ -295,7 +307,7 @@ def test_async_iteration_and_observer(llama_set):
 
         async def run():
             stream = engine.submit(
-                GenerationRequest(tok.encode(PROMPT), greedy(5), weights=[1, 1, 0])
+                GenerationRequest(tok.encode(PROMPT), greedy(5), engine.mixture([1, 1, 0]))
             )
             return [e async for e in stream]
 
@@ -342,11 +354,11 @@ def test_extreme_parameters_do_not_break_the_engine(llama_set):
         huge_k = SamplingParams(max_new_tokens=3, top_k=2**70, seed=0, ignore_eos=True)
         assert len(engine.generate(GenerationRequest(tok.encode(PROMPT), huge_k)).token_ids) == 3
         with pytest.raises(InvalidParameter, match="between 0 and 100") as err:
-            engine.submit(GenerationRequest([5], greedy(2), strength=1e308))
+            engine.mixture(strength=1e308)
         assert err.value.param == "strength"
-        with pytest.raises(InvalidParameter, match="not finite"):
-            engine.submit(GenerationRequest([5], greedy(2), weights=[1e308, 1e308, 1]))
-        far = engine.generate(GenerationRequest([5], greedy(2), strength=100.0))
+        with pytest.raises(InvalidParameter, match=r"must be finite, >= 0 and <= 1e\+09"):
+            engine.mixture([1e308, 1e308, 1])
+        far = engine.generate(GenerationRequest([5], greedy(2), engine.mixture(strength=100.0)))
         assert len(far.token_ids) == 2
 
 
@@ -366,7 +378,9 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama_set, mon
 
     with Engine(llama_set) as engine:
         monkeypatch.setattr(ModelBatch, "decode", flaky)
-        stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(10), weights=[1, 0, 0]))
+        stream = engine.submit(
+            GenerationRequest(tok.encode(PROMPT), greedy(10), engine.mixture([1, 0, 0]))
+        )
         with pytest.raises(GenerationFailed, match="simulated device error"):
             list(stream)
         assert engine.is_alive

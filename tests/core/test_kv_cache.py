@@ -121,7 +121,7 @@ def test_engine_with_float16_cache_matches_float32_greedy_tokens(llama_set, llam
     results = []
     for ps in (llama_set, llama_set_f16_cache):
         with Engine(ps) as engine:
-            results.append(engine.generate(GenerationRequest(ids, params, weights=weights)))
+            results.append(engine.generate(GenerationRequest(ids, params, engine.mixture(weights))))
     wide, narrow = results
     gaps = [abs(a.logprob - b.logprob) for a, b in zip(wide.events, narrow.events)]
     # The tiny models' greedy choices are not close calls, so rounding the cache keeps them.

@@ -1,0 +1,100 @@
+"""From a step's sampled tokens to the events each request's stream receives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .policies import PolicySet
+from .requests import SequenceState
+from .streams import TokenEvent
+
+
+class EventBuilder:
+    """Builds ``TokenEvent``s and decides when a sequence is finished."""
+
+    def __init__(self, policy_set: PolicySet, max_context: int) -> None:
+        self.policy_set = policy_set
+        self.max_context = max_context
+        self._special_ids = set(policy_set.tokenizer.all_special_ids)
+        self._token_texts: dict[int, str] = {}  # token id -> the token decoded alone
+
+    def is_special(self, token: int) -> bool:
+        return token in self._special_ids
+
+    def token_text(self, token: int) -> str:
+        """The token decoded alone, cached (also used for reported alternatives)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.policy_set.tokenizer.decode([token])
+        return text
+
+    def finish_reason(self, seq: SequenceState, token: int) -> str | None:
+        params = seq.sampling
+        if token in params.stop_token_ids:
+            return "stop_sequence"
+        if not params.ignore_eos and token in self.policy_set.eos_token_ids:
+            return "eos_token"
+        if len(seq.generated) >= params.max_new_tokens or len(seq.token_ids) >= self.max_context:
+            return "length"
+        return None
+
+    def step_events(
+        self,
+        active: Sequence[SequenceState],
+        mixed: torch.Tensor,  # [B, V]
+        logprobs: torch.Tensor,  # [M, B, V]
+        tokens: torch.Tensor,  # [B]
+    ) -> list[TokenEvent]:
+        """Append each row's token to its sequence and build its event (in row order)."""
+        names = self.policy_set.names
+        rows = torch.arange(len(active), device=mixed.device)
+        chosen = mixed[rows, tokens].tolist()  # [B]
+        per_model = logprobs[:, rows, tokens].t().tolist()  # [B, M]
+        top_n = max(s.sampling.top_logprobs for s in active)
+        top = mixed.topk(top_n, dim=-1) if top_n else None
+        top_values = top.values.tolist() if top else []
+        top_ids = top.indices.tolist() if top else []
+        events = []
+        for row, (seq, token) in enumerate(zip(active, tokens.tolist())):
+            seq.token_ids.append(token)
+            seq.generated.append(token)
+            finish = self.finish_reason(seq, token)
+            seq.reply.update(seq.generated)
+            if seq.reply.find_stop():
+                finish = "stop_sequence"
+            n = seq.sampling.top_logprobs
+            coefs = seq.coefs
+            events.append(
+                TokenEvent(
+                    index=len(seq.generated) - 1,
+                    token_id=token,
+                    token_text=self.token_text(token),
+                    text=seq.reply.take(final=finish is not None),
+                    logprob=chosen[row],
+                    top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
+                    policy_logprobs={
+                        name: per_model[row][m] if coefs[m] != 0 else None
+                        for m, name in enumerate(names)
+                    },
+                    special=self.is_special(token),
+                    finish_reason=finish,
+                )
+            )
+        return events
+
+
+def final_event(seq: SequenceState, reason: str) -> TokenEvent:
+    """The closing event of a sequence that ends without a token (e.g. cancelled)."""
+    return TokenEvent(
+        index=len(seq.generated),
+        token_id=-1,
+        token_text="",
+        text="",
+        logprob=0.0,
+        top_logprobs=[],
+        policy_logprobs={},
+        special=True,
+        finish_reason=reason,
+    )

@@ -1,0 +1,58 @@
+"""Scoring jobs that share the engine thread with decoding, one chunk per loop turn.
+
+A fit scores thousands of replies; run at once it would hold every streaming request up
+for seconds. Split into chunks of about ``chunk_tokens`` tokens, it delays a decode step
+by one chunk at most.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from .scoring import ScoreResult, chunk_indices
+
+Scorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], ScoreResult]
+
+
+class ScoreJob:
+    """One ``score`` call cut into chunks; ``run_one`` does the next chunk."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> None:
+        self.scorer = scorer
+        self.prompts = prompts
+        self.completions = completions
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        self.pending = deque(chunk_indices(lengths, chunk_tokens))
+        self.parts: list[ScoreResult] = []
+        self.future: concurrent.futures.Future[ScoreResult] = concurrent.futures.Future()
+        if not self.pending:  # nothing to score
+            self.future.set_result(scorer([], []))
+
+    def run_one(self) -> bool:
+        """Score the next chunk; True once the job is over (result, error or abandoned)."""
+        if self.future.done():
+            return True
+        try:
+            idx = self.pending.popleft()
+            self.parts.append(
+                self.scorer([self.prompts[i] for i in idx], [self.completions[i] for i in idx])
+            )
+            if not self.pending:
+                self.future.set_result(ScoreResult.concat(self.parts))
+                return True
+        except BaseException as exc:  # delivered to the caller, not the loop
+            self.future.set_exception(exc)
+            return True
+        return False
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
