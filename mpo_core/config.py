@@ -51,6 +51,14 @@ class PolicySetConfig(BaseModel):
     # The dtype the KV cache is stored in; attention still runs in ``dtype`` (each layer's
     # cache is cast up when read). "auto" stores it in ``dtype``.
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Static KV caches (preallocated slots x max_cache_len columns, docs/engine.md) let a
+    # decode step run as one CUDA graph. "auto": static with graphs on CUDA, the growing
+    # cache on CPU; "on": static everywhere (graphs only on CUDA); "off": growing cache.
+    static_cache: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: bool = True  # capture the static decode step; false = run it eagerly
+    # Columns per slot of a static cache: the longest prompt + reply it can hold. None:
+    # the models' context, at most DEFAULT_MAX_CACHE_LEN (each column costs memory).
+    max_cache_len: int | None = Field(default=None, ge=2)
 
     @field_validator("policies")
     @classmethod

@@ -203,6 +203,44 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return F.pad(tensor, pad)
 
 
+@torch.inference_mode()
+def prefill_prompts(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    vocab_size: int,
+    device: torch.device,
+    storage: KVStorage,
+) -> tuple[torch.Tensor, Cache, torch.Tensor]:
+    """Run left-padded prompts through a fresh cache of growing layers.
+
+    Returns the last position's log-probs [n, V], the cache (keys and values [n, H, L, D],
+    padding columns zeroed) and the mask [n, L] (1 = real token).
+    """
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long, device=device)  # [n, L]
+    mask = torch.zeros_like(ids)  # [n, L]
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, length - len(prompt) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [n, L]
+    # The prompt's keys and values go straight into growing buffers (in the cache dtype).
+    cache = Cache(layer_class_to_replicate=functools.partial(GrowingLayer, storage))  # type: ignore[arg-type]
+    kwargs: dict[str, object] = {loaded.cache_kwarg: cache}
+    if loaded.accepts_logits_to_keep:
+        kwargs["logits_to_keep"] = 1
+    logits = loaded.model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+    ).logits
+    if not bool(mask.all()):
+        # Padding positions never get attended to, but their keys/values can hold NaN (a
+        # query row with nothing to attend to); 0 * NaN would leak through the softmax.
+        pad = (mask == 0)[:, None, :, None]  # [n, 1, L, 1]
+        for keys, values in cache_layers(cache):
+            keys.masked_fill_(pad, 0.0)  # views of the buffers: zeroed in place
+            values.masked_fill_(pad, 0.0)
+    return to_logprobs(logits[:, -1], vocab_size), cache, mask  # [n, V]
+
+
 class ModelBatch:
     """The sequences that one model (a policy or the reference) is decoding."""
 
@@ -255,33 +293,11 @@ class ModelBatch:
     @torch.inference_mode()
     def prefill(self, row_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run the newcomers' prompts, add them to the batch; return their log-probs [n, V]."""
-        length = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), length, dtype=torch.long, device=self.device)  # [n, L]
-        mask = torch.zeros_like(ids)  # [n, L]
-        for row, prompt in enumerate(prompts):
-            ids[row, length - len(prompt) :] = torch.tensor(prompt, device=self.device)
-            mask[row, length - len(prompt) :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [n, L]
-        # The prompt's keys and values go straight into growing buffers (in the cache dtype).
-        new_layer = functools.partial(GrowingLayer, self.storage)
-        cache = Cache(layer_class_to_replicate=new_layer)  # type: ignore[arg-type]
-        kwargs: dict[str, object] = {}
-        if self.loaded.accepts_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        logits = self._forward(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, **kwargs
+        result, cache, mask = prefill_prompts(
+            self.loaded, prompts, self.vocab_size, self.device, self.storage
         )
-        if not bool(mask.all()):
-            # Padding positions never get attended to, but their keys/values can hold NaN (a
-            # query row with nothing to attend to); 0 * NaN would leak through the softmax.
-            pad = (mask == 0)[:, None, :, None]  # [n, 1, L, 1]
-            for keys, values in cache_layers(cache):
-                keys.masked_fill_(pad, 0.0)  # views of the buffers: zeroed in place
-                values.masked_fill_(pad, 0.0)
         self._append(row_ids, cache, mask)
         del cache
-        result = to_logprobs(logits[:, -1], self.vocab_size)  # [n, V]
-        del logits
         self._release()
         return result
 

@@ -12,6 +12,7 @@ a backend must provide.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +21,11 @@ from typing import Protocol
 import torch
 
 from .kvcache import KVStorage, ModelBatch
-from .policies import PolicySet
+from .policies import LoadedModel, PolicySet
 from .scoring import ScoreResult, score_sequences
+from .static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
+
+logger = logging.getLogger(__name__)
 
 
 class Row(Protocol):
@@ -45,6 +49,10 @@ class StepOutput:
 
 class PolicyRunner(Protocol):
     """The contract every backend meets (the engine calls it from its own thread only)."""
+
+    # The longest prompt + reply the runner can hold (a static cache's columns); None: no
+    # limit of its own. The engine caps requests at it.
+    max_context: int | None
 
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
         """Decode the running rows' newest token and prefill the newcomers' prompts.
@@ -75,17 +83,19 @@ class SeparateModelsRunner:
     costs one forward and s = 1 never runs the reference.
     """
 
-    def __init__(self, policy_set: PolicySet, batches: list[ModelBatch] | None = None) -> None:
+    def __init__(
+        self, policy_set: PolicySet, batches: Sequence[ModelBatch | StaticBatch] | None = None
+    ) -> None:
         self.policy_set = policy_set
-        models = [*policy_set.policies]
-        if policy_set.reference is not None:
-            models.append(policy_set.reference)
         if batches is None:
             storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
             batches = [
-                ModelBatch(m, policy_set.vocab_size, policy_set.device, storage) for m in models
+                ModelBatch(m, policy_set.vocab_size, policy_set.device, storage)
+                for m in all_models(policy_set)
             ]
-        self.batches = batches
+        self.batches = list(batches)
+        static = [b.max_len for b in self.batches if isinstance(b, StaticBatch)]
+        self.max_context: int | None = min(static) if static else None
 
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
         ps = self.policy_set
@@ -123,3 +133,49 @@ class SeparateModelsRunner:
         chunk_tokens: int,
     ) -> ScoreResult:
         return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
+
+
+def all_models(policy_set: PolicySet) -> list[LoadedModel]:
+    """The policies, then the reference if there is one (the order of ``logprobs``)."""
+    models = [*policy_set.policies]
+    if policy_set.reference is not None:
+        models.append(policy_set.reference)
+    return models
+
+
+def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> PolicyRunner:
+    """The runner a policy set's config asks for: static caches (and CUDA graphs) or not."""
+    config = policy_set.config
+    on_cuda = policy_set.device.type == "cuda"
+    static = config.static_cache == "on" or (
+        config.static_cache == "auto" and on_cuda and config.cuda_graphs
+    )
+    if not static:
+        return SeparateModelsRunner(policy_set)
+    max_len = min(max_context, config.max_cache_len or DEFAULT_MAX_CACHE_LEN)
+    graphs = on_cuda and config.cuda_graphs
+    pool = torch.cuda.graph_pool_handle() if graphs else None
+    storage = KVStorage(policy_set.kv_dtype)
+    batches: list[ModelBatch | StaticBatch] = []
+    for model in all_models(policy_set):
+        reason = static_unsupported(model, max_len)
+        if reason is None:
+            try:
+                batches.append(
+                    StaticBatch(
+                        model,
+                        policy_set.vocab_size,
+                        policy_set.device,
+                        slots=max_rows,
+                        max_len=max_len,
+                        kv_dtype=policy_set.kv_dtype,
+                        graphs=graphs,
+                        pool=pool,
+                    )
+                )
+                continue
+            except Exception as exc:  # a forward that cannot be captured: eager is still right
+                reason = f"{'graph capture' if graphs else 'static cache'} failed: {exc!r}"
+        logger.warning("model %r decodes eagerly with a growing cache: %s", model.name, reason)
+        batches.append(ModelBatch(model, policy_set.vocab_size, policy_set.device, storage))
+    return SeparateModelsRunner(policy_set, batches)
