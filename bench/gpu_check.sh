@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# GPU check: the 100M and ~1B configurations on CUDA in bfloat16, K = 3, concurrency 1
-# and 16, every mode; prints the same table and ratios as the CPU benchmark.
-# Budget: under 8 minutes on one H100 (model building included). Results land in
-# ${OUT:-bench/results}/gpu_*.json, gpu_tables.md and gpu_throughput.png.
+# GPU check, one short run on a lent device (about 4 minutes on an H200):
+#  1. the CUDA tests (graphed static step vs eager, the engine on graphs vs eager);
+#  2. bench.gpu_graphs: 100M and ~1B Llama shapes built on the GPU in bfloat16, K = 3:
+#     one model's step graphed vs eager, the engine at c = 1 and 16 graphed vs eager,
+#     GPU memory, and graphed-vs-eager exactness. Results: $OUT/gpu_graphs.json.
+# FULL=1 also runs the older bench.run matrix (every mode incl. http; ~8 more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python
+[ -x "$PY" ] || PY=python3
 OUT=${OUT:-bench/results}
-MODELS=${MODELS:-/tmp/mpo-bench-models}
 mkdir -p "$OUT"
-"$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name(0))'
+"$PY" -c 'import torch, transformers; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name(0), torch.__version__, transformers.__version__)'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-common=(--k 3 --concurrency 1,16 --modes single,diy-mix,engine,http --device cuda
-        --dtype bfloat16 --new-tokens 64 --diy-requests 4 --overhead-pairs 1
-        --models-dir "$MODELS")
-# 100M: medians of 3 runs; ~1B: one run (its build and load dominate the budget)
-# (bench.run writes its JSON after every worker, so a timeout keeps what was measured)
-rm -f "$OUT/gpu_100m.json" "$OUT/gpu_1b.json"
-timeout 270 "$PY" -m bench.run --size 100m --runs 3 "${common[@]}" --out "$OUT/gpu_100m.json" \
-    || echo "gpu_check: the 100M matrix stopped early (status $?); reporting what finished"
-timeout 180 "$PY" -m bench.run --size 1b --runs 1 "${common[@]}" --out "$OUT/gpu_1b.json" \
-    || echo "gpu_check: the 1B matrix stopped early (status $?); reporting what finished"
-results=()
-for f in "$OUT/gpu_100m.json" "$OUT/gpu_1b.json"; do [ -f "$f" ] && results+=("$f"); done
-"$PY" -m bench.report "${results[@]}" --markdown "$OUT/gpu_tables.md" \
-    --plot "$OUT/gpu_throughput.png"
+echo "== CUDA tests"
+"$PY" -m pytest -q -p no:cacheprovider tests/core/test_static_cache.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 \
+    || echo "gpu_check: CUDA tests failed (see $OUT/gpu_tests.log)"
+
+echo "== graphed vs eager"
+timeout 420 "$PY" -m bench.gpu_graphs --sizes "${SIZES:-100m,1b}" --k 3 --out "$OUT/gpu_graphs.json" \
+    2>&1 | tee "$OUT/gpu_graphs.log" | grep -v '^ *"\|^ *[{}]' || true
+"$PY" -m bench.gpu_report "$OUT/gpu_graphs.json" | tee "$OUT/gpu_graphs.md" || true
+
+if [ "${FULL:-0}" = 1 ]; then
+    common=(--k 3 --concurrency 1,16 --modes single,diy-mix,engine,http --device cuda
+            --dtype bfloat16 --new-tokens 64 --diy-requests 4 --overhead-pairs 1
+            --models-dir "${MODELS:-/tmp/mpo-bench-models}")
+    timeout 270 "$PY" -m bench.run --size 100m --runs 3 "${common[@]}" --out "$OUT/gpu_100m.json" || true
+    timeout 180 "$PY" -m bench.run --size 1b --runs 1 "${common[@]}" --out "$OUT/gpu_1b.json" || true
+fi

@@ -130,10 +130,15 @@ def _load_model(
             f"{role} {spec.name!r}: cannot load model from {source!r}: {exc}"
         ) from None
     model.to(device)  # type: ignore[arg-type]
+    return wrap_model(spec.name, model)
+
+
+def wrap_model(name: str, model: PreTrainedModel) -> LoadedModel:
+    """A model already on its device, in eval mode, with the facts about its forward."""
     model.eval().requires_grad_(False)
     params = inspect.signature(model.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
-    return LoadedModel(spec.name, model, cache_kwarg, "logits_to_keep" in params)
+    return LoadedModel(name, model, cache_kwarg, "logits_to_keep" in params)
 
 
 def check_tokenizers_agree(first: tuple[str, Any], other: tuple[str, Any]) -> None:
