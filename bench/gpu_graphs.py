@@ -104,7 +104,7 @@ def with_config(ps: PolicySet, **update: Any) -> PolicySet:
 
 
 def prompt(i: int, length: int = 16) -> list[int]:
-    return [(i * 31 + j * 7) % 1000 + 3 for j in range(length)]
+    return [(i * 31 + j * 7) % 400 + 3 for j in range(length)]  # needs --vocab >= 403
 
 
 CUDA = torch.cuda.is_available()

@@ -80,3 +80,20 @@ def test_overhead_pairs_narrow_cache_label_and_memory_probe(tmp_path: Path, caps
     printed = capsys.readouterr().out
     assert "(peak - baseline) / params = " in printed
     assert "| prefill |" in printed or "| decode |" in printed
+
+
+def test_gpu_graphs_smoke_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_check.sh's script runs end to end (without graphs off a GPU) and the
+    static path it measures agrees with the growing cache."""
+    from bench import gpu_graphs
+
+    out = tmp_path / "gpu.json"
+    argv = ["--sizes", "tiny", "--vocab", "500", "--new-tokens", "4", "--single-steps", "2"]
+    assert gpu_graphs.main([*argv, "--context", "128", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["sizes"]["tiny"]
+    assert row["graphed_vs_eager_static_max_abs"] == 0.0
+    assert row["compactions"] == 1
+    assert row["greedy_token_agreement_c16"] == 1.0
+    for mode in ("graphed", "eager"):
+        for c in (1, 16):
+            assert row[f"engine_{mode}_c{c}"]["tokens_per_s"] > 0
