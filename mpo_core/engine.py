@@ -29,7 +29,7 @@ from .events import EventBuilder, final_event
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
-from .runners import PolicyRunner, SeparateModelsRunner
+from .runners import PolicyRunner, make_runner
 from .sampling import sample_tokens
 from .score_jobs import ScoreJob
 from .scoring import ScoreResult
@@ -68,7 +68,7 @@ class Engine:
         self.max_context = min(
             self.limits.max_context or policy_set.max_context, policy_set.max_context
         )
-        self.runner: PolicyRunner = runner or SeparateModelsRunner(policy_set)
+        self.runner: PolicyRunner = runner or make_runner(policy_set)
         self.events = EventBuilder(policy_set, self.max_context)
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()

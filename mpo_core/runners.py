@@ -123,3 +123,14 @@ class SeparateModelsRunner:
         chunk_tokens: int,
     ) -> ScoreResult:
         return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
+
+
+def make_runner(policy_set: PolicySet) -> PolicyRunner:
+    """The backend a policy set runs on by default: grouped LoRA for an adapter family,
+    K separate models otherwise."""
+    if policy_set.adapters is not None:
+        # Imported here: adapter_runner builds on this module's Row and StepOutput.
+        from .adapter_runner import AdapterRunner
+
+        return AdapterRunner(policy_set)
+    return SeparateModelsRunner(policy_set)
