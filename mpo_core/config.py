@@ -11,16 +11,34 @@ A policy set is a YAML file::
     dtype: auto       # bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
 
+or an *adapter family*: one base model and K PEFT LoRA adapters of it, where the base
+with the adapters switched off is the reference (docs/adapters.md)::
+
+    served_name: mpo
+    base: {name: base, model: <hub id or local path>}
+    policies:
+      - {name: helpful,  adapter: <hub id or local folder>}
+      - {name: harmless, adapter: ./adapters/harmless, revision: main}
+
 Relative local paths are resolved against the YAML file's folder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -38,6 +56,32 @@ class ModelSpec(BaseModel):
     trust_remote_code: bool = False
 
 
+class AdapterSpec(BaseModel):
+    """One policy given as a PEFT LoRA adapter of the family's ``base`` model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    adapter: str = Field(min_length=1)  # hub id ("org/repo") or a local adapter folder
+    revision: str | None = None  # hub branch, tag or commit; ignored for local folders
+    # Compare the adapter's recorded base_model_name_or_path with the family's base
+    # (mpo_core/adapters.py gives the rule); false skips it, the shapes are still checked.
+    check_base: bool = True
+
+
+def _policy_kind(value: Any) -> str:
+    """Which spec a policy entry is: ``adapter:`` entries are adapters, the rest models."""
+    if isinstance(value, AdapterSpec) or (isinstance(value, dict) and "adapter" in value):
+        return "adapter"
+    return "model"
+
+
+PolicySpec = Annotated[
+    Annotated[ModelSpec, Tag("model")] | Annotated[AdapterSpec, Tag("adapter")],
+    Discriminator(_policy_kind),
+]
+
+
 class PolicySetConfig(BaseModel):
     """The family of aligned policies served together (DESIGN.md §2.1)."""
 
@@ -45,7 +89,10 @@ class PolicySetConfig(BaseModel):
 
     served_name: str = Field(default="mpo", pattern=_NAME_PATTERN)
     reference: ModelSpec | None = None  # needed for strength != 1 and for fitting
-    policies: list[ModelSpec]
+    # An adapter family's base model: every policy is a LoRA adapter of it, and the base
+    # with the adapters switched off is the reference (so ``reference`` stays unset).
+    base: ModelSpec | None = None
+    policies: list[PolicySpec]
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # The dtype the KV cache is stored in; attention still runs in ``dtype`` (each layer's
@@ -68,10 +115,38 @@ class PolicySetConfig(BaseModel):
         return policies
 
     @model_validator(mode="after")
+    def _one_kind_of_family(self) -> PolicySetConfig:
+        adapters = [p.name for p in self.policies if isinstance(p, AdapterSpec)]
+        models = [p.name for p in self.policies if isinstance(p, ModelSpec)]
+        if adapters and models:
+            raise ValueError(
+                f"policies {adapters} are adapters and {models} are full models: a family is "
+                "either full models or LoRA adapters of one `base:`, not both (merge the "
+                "adapters into full models, or make every policy an adapter)"
+            )
+        if adapters and self.base is None:
+            raise ValueError(
+                f"adapter policy {adapters[0]!r} needs the family's `base:` model "
+                "(base: {name: ..., model: <hub id or path>})"
+            )
+        if self.base is not None and models:
+            raise ValueError(
+                f"policy {models[0]!r} is a full model, but `base:` makes this an adapter "
+                "family: give every policy an `adapter:` instead of a `model:`"
+            )
+        if self.base is not None and self.reference is not None:
+            raise ValueError(
+                "an adapter family's reference is its `base:` with the adapters off; "
+                "remove `reference:`"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> PolicySetConfig:
         names = [p.name for p in self.policies]
-        if self.reference is not None:
-            names.append(self.reference.name)
+        for extra in (self.reference, self.base):
+            if extra is not None:
+                names.append(extra.name)
         seen: set[str] = set()
         for name in names:
             if name in seen:
@@ -84,6 +159,20 @@ class PolicySetConfig(BaseModel):
     @property
     def policy_names(self) -> list[str]:
         return [p.name for p in self.policies]
+
+    @property
+    def is_adapter_family(self) -> bool:
+        return self.base is not None
+
+    @property
+    def model_policies(self) -> list[ModelSpec]:
+        """The policies of a full-model family (empty for an adapter family)."""
+        return [p for p in self.policies if isinstance(p, ModelSpec)]
+
+    @property
+    def adapter_policies(self) -> list[AdapterSpec]:
+        """The policies of an adapter family (empty for a full-model family)."""
+        return [p for p in self.policies if isinstance(p, AdapterSpec)]
 
 
 def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
@@ -101,6 +190,10 @@ def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
             candidate = base_dir / spec.model
             if not Path(spec.model).is_absolute() and candidate.exists():
                 spec.model = str(candidate.resolve())
+        for adapter in config.adapter_policies:
+            candidate = base_dir / adapter.adapter
+            if not Path(adapter.adapter).is_absolute() and candidate.exists():
+                adapter.adapter = str(candidate.resolve())
     return config
 
 
@@ -117,7 +210,8 @@ def load_config(path: str | Path) -> PolicySetConfig:
 
 
 def _all_specs(config: PolicySetConfig) -> list[ModelSpec]:
-    specs = list(config.policies)
-    if config.reference is not None:
-        specs.append(config.reference)
+    specs = config.model_policies
+    for extra in (config.reference, config.base):
+        if extra is not None:
+            specs.append(extra)
     return specs

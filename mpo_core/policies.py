@@ -13,11 +13,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .adapters import AdapterFamily, load_adapters
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
 
@@ -50,6 +51,9 @@ class PolicySet:
     kv_dtype: torch.dtype  # what the KV cache is stored in (config.kv_cache_dtype)
     max_context: int  # prompt + generated tokens, the smallest of the models' limits
     eos_token_ids: list[int] = field(default_factory=list)
+    # An adapter family's shared model and adapter index (policies and reference are then
+    # views of it, each running one adapter); None for a family of full models.
+    adapters: AdapterFamily | None = None
 
     @property
     def names(self) -> list[str]:
@@ -187,11 +191,22 @@ def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
     return sorted(ids)
 
 
+def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
+    rows = loaded.model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ConfigError(
+            f"{role} {loaded.name!r} has {rows} output rows "
+            f"but the tokenizer has {vocab_size} tokens"
+        )
+
+
 def load_policy_set(config: PolicySetConfig) -> PolicySet:
     """Load every model of ``config`` on one device/dtype and check they can be mixed."""
+    if config.base is not None:
+        return _load_adapter_family(config, config.base)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    specs: list[tuple[ModelSpec, str]] = [(p, "policy") for p in config.policies]
+    specs: list[tuple[ModelSpec, str]] = [(p, "policy") for p in config.model_policies]
     if config.reference is not None:
         specs.append((config.reference, "reference"))
 
@@ -206,12 +221,7 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
     for spec, role in specs:
         logger.info("loading %s %r from %s on %s (%s)", role, spec.name, spec.model, device, dtype)
         model = _load_model(spec, role, device, dtype)
-        rows = model.model.get_output_embeddings().weight.shape[0]
-        if rows < vocab_size:
-            raise ConfigError(
-                f"{role} {spec.name!r} has {rows} output rows "
-                f"but the tokenizer has {vocab_size} tokens"
-            )
+        _check_output_rows(model, role, vocab_size)
         loaded.append(model)
     policies = loaded[: len(config.policies)]
     reference = loaded[len(config.policies)] if config.reference is not None else None
@@ -223,9 +233,46 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
         vocab_size=vocab_size,
         device=device,
         dtype=dtype,
-        kv_dtype=dtype
-        if config.kv_cache_dtype == "auto"
-        else resolve_dtype(config.kv_cache_dtype, device),
+        kv_dtype=_kv_dtype(config, device, dtype),
         max_context=min(_context_limit(m.model) for m in loaded),
         eos_token_ids=_eos_ids(tokenizer, policies[0].model),
+    )
+
+
+def _kv_dtype(config: PolicySetConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    if config.kv_cache_dtype == "auto":
+        return dtype
+    return resolve_dtype(config.kv_cache_dtype, device)
+
+
+def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> PolicySet:
+    """One base model with K LoRA adapters; the base with the adapters off is the reference."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = _load_tokenizer(base_spec, "base")
+    vocab_size = len(tokenizer)
+    logger.info(
+        "loading base %r from %s on %s (%s)", base_spec.name, base_spec.model, device, dtype
+    )
+    base = _load_model(base_spec, "base", device, dtype)
+    _check_output_rows(base, "base", vocab_size)
+    family = load_adapters(base.model, base_spec, config.adapter_policies, dtype, device)
+
+    def member(name: str, adapter: int) -> LoadedModel:
+        view = cast(PreTrainedModel, family.view(adapter))  # runs like a model of its own
+        return LoadedModel(name, view, base.cache_kwarg, base.accepts_logits_to_keep)
+
+    policies = [member(spec.name, 1 + k) for k, spec in enumerate(config.adapter_policies)]
+    return PolicySet(
+        config=config,
+        policies=policies,
+        reference=member(base_spec.name, 0),
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        device=device,
+        dtype=dtype,
+        kv_dtype=_kv_dtype(config, device, dtype),
+        max_context=_context_limit(family.model),
+        eos_token_ids=_eos_ids(tokenizer, family.model),
+        adapters=family,
     )

@@ -179,3 +179,43 @@ def test_cuda_graphs_equal_the_eager_static_step(llama_family):
             results.append([list(engine.submit(r)) for r in _requests(engine, tok)])
     for got, expected in zip(*results):
         assert [e.token_id for e in got] == [e.token_id for e in expected]
+
+
+def test_adapter_family_on_a_static_cache_matches_the_growing_cache(tmp_path):
+    """The grouped-LoRA backend on one static batch (a slot per request and model it
+    needs): same greedy tokens and log-probs as on the growing cache, with joins."""
+    from mpo_core.adapter_runner import AdapterRunner
+    from mpo_core.testing_lora import LoraShape, make_adapter_family
+
+    shapes = [LoraShape(r=4, targets="attention"), LoraShape(r=2, targets="all")]
+    paths = make_adapter_family(tmp_path, shapes, merged=False)
+    growing = load_policy_set(load_config(paths.adapters_yaml))
+    static = _with(growing, static_cache="on", max_cache_len=64)
+    prompts = ["Thank you so much", "hi", "Could you please help me write a short poem?"]
+    results = []
+    for ps in (growing, static):
+        with Engine(ps, EngineLimits(max_running=3)) as engine:
+            assert isinstance(engine.runner, AdapterRunner)
+            assert isinstance(engine.runner.batch, StaticBatch) == (ps is static)
+            mixes = [
+                engine.mixture([1, 0]),
+                engine.mixture([0.3, 0.7], strength=0.6),
+                engine.mixture(strength=0.0),
+            ]
+            streams = [
+                engine.submit(
+                    GenerationRequest(
+                        ps.tokenizer.encode(prompts[i % 3]),
+                        SamplingParams(max_new_tokens=6 + 4 * i, temperature=0, ignore_eos=True),
+                        mixes[i % 3],
+                    )
+                )
+                for i in range(6)
+            ]
+            results.append([list(s) for s in streams])
+            if ps is static:
+                assert engine.runner.batch.slots == 3 * 3  # max_running x (K + 1)
+    for got, expected in zip(results[1], results[0]):
+        assert [e.token_id for e in got] == [e.token_id for e in expected]
+        for a, b in zip(got, expected):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)

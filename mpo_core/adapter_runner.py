@@ -1,0 +1,95 @@
+"""The adapter-family backend: every row of every request, under every policy it needs,
+in one forward of the shared base per step (grouped LoRA, ``lora``).
+
+A request whose coefficient for model m (``s * w_k`` for adapter k, ``1 - s`` for the
+base) is not zero owns one *slot* of the batch for m: its own KV-cache row, keyed
+``sid * (K + 1) + m``, running adapter ``1 + m`` (or 0, no adapter, for the base). Before
+each decode and prefill the runner writes every slot's adapter into the shared index in
+the batch's row order. So a request with weights on 2 of 3 adapters and s = 0.6 holds 3
+slots; a one-hot request at s = 1 holds one, and costs what one base row costs plus its
+LoRA deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .kvcache import KVStorage, ModelBatch
+from .lora import BASE
+from .policies import LoadedModel, PolicySet
+from .runners import Row, StepOutput
+from .scoring import ScoreResult, score_sequences
+from .static_cache import StaticBatch
+
+# (shared model, vocab size, device, storage) -> a batch with ModelBatch's interface.
+BatchFactory = Callable[[LoadedModel, int, torch.device, KVStorage], ModelBatch | StaticBatch]
+
+
+class AdapterRunner:
+    """One batch over the shared base; a slot per (request, model it needs)."""
+
+    def __init__(self, policy_set: PolicySet, batch_factory: BatchFactory = ModelBatch) -> None:
+        family, reference = policy_set.adapters, policy_set.reference
+        assert family is not None and reference is not None, "not an adapter family"
+        self.policy_set = policy_set
+        self.index = family.index
+        self.models = len(policy_set.policies) + 1  # K adapters, then the base
+        self.shared = LoadedModel(
+            reference.name, family.model, reference.cache_kwarg, reference.accepts_logits_to_keep
+        )
+        storage = KVStorage(policy_set.kv_dtype)
+        self.batch = batch_factory(self.shared, policy_set.vocab_size, policy_set.device, storage)
+        self.max_context = self.batch.max_len if isinstance(self.batch, StaticBatch) else None
+
+    def _slot(self, sid: int, model: int) -> int:
+        return sid * self.models + model
+
+    def _set_index(self, slots: Sequence[int]) -> torch.Tensor:
+        """Write the slots' adapters into the shared index; return their models [S].
+
+        Model m < K is adapter 1 + m; model K, the base, runs no adapter."""
+        models = torch.tensor([slot % self.models for slot in slots])  # [S]
+        adapters = torch.where(models == self.models - 1, BASE, models + 1)  # [S]
+        self.index.set(adapters.to(self.policy_set.device))
+        return models.to(self.policy_set.device)
+
+    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
+        ps = self.policy_set
+        rows = [*running, *newcomers]
+        row_of = {row.sid: i for i, row in enumerate(rows)}
+        by_sid = {row.sid: row for row in running}
+        logprobs = torch.zeros(self.models, len(rows), ps.vocab_size, device=ps.device)
+        started = time.perf_counter()
+        if len(self.batch):
+            slots = self.batch.row_ids
+            seqs = [by_sid[slot // self.models] for slot in slots]
+            tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=ps.device)  # [S]
+            positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=ps.device)
+            models = self._set_index(slots)  # [S]
+            index = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)  # [S]
+            logprobs[models, index] = self.batch.decode(tokens, positions)  # [S, V]
+        joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
+        if joining:
+            slots = [self._slot(s.sid, m) for s, m in joining]
+            models = self._set_index(slots)  # [S']
+            index = torch.tensor([row_of[s.sid] for s, _ in joining], device=ps.device)
+            prompts = [s.token_ids for s, _ in joining]
+            logprobs[models, index] = self.batch.prefill(slots, prompts)  # [S', V]
+        seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
+        return StepOutput(logprobs, seconds)
+
+    def keep(self, sids: set[int]) -> None:
+        self.batch.keep({self._slot(sid, m) for sid in sids for m in range(self.models)})
+
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> ScoreResult:
+        # One teacher-forced forward per model, each through a view that runs its adapter
+        # on every row: the same chunks and masks as a family of full models.
+        return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
