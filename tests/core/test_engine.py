@@ -155,6 +155,19 @@ def test_seeded_request_is_the_same_alone_and_in_a_changing_batch(llama_set):
     assert alone.seed == 1234
 
 
+def test_different_seeds_give_different_samples(llama_set):
+    tok = llama_set.tokenizer
+
+    def sample(seed):
+        params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        return engine.generate(GenerationRequest(tok.encode(PROMPT), params)).token_ids
+
+    with Engine(llama_set) as engine:
+        samples = [sample(seed) for seed in range(4)]
+        assert sample(2) == samples[2]
+    assert len({tuple(s) for s in samples}) == 4  # 320 tokens, 12 draws: no chance collision
+
+
 def test_cancel_stops_within_one_step_and_frees_the_slot(llama_set):
     tok = llama_set.tokenizer
     with Engine(llama_set, EngineLimits(max_running=1, max_queued=4)) as engine:

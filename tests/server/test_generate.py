@@ -49,6 +49,8 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(client: TestCl
     s2 = generate(client, max_new_tokens=6, do_sample=True, seed=7, details=True, ignore_eos=True)
     assert s1["details"]["seed"] == 7
     assert [t["id"] for t in s1["details"]["tokens"]] == [t["id"] for t in s2["details"]["tokens"]]
+    s3 = generate(client, max_new_tokens=6, do_sample=True, seed=8, details=True, ignore_eos=True)
+    assert [t["id"] for t in s3["details"]["tokens"]] != [t["id"] for t in s1["details"]["tokens"]]
 
 
 def test_sampling_without_seed_reports_the_seed_it_drew(client: TestClient) -> None:
