@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mpo_core.config import load_config
-from mpo_core.demo import SCORERS, build_demo, corpus, family_dir
+from mpo_core.demo import RECIPES, SCORERS, build_demo, corpus, family_dir, pipeline, train
 from mpo_core.demo import build as demo_build
+from mpo_core.demo.recipe import ModelShape
+from mpo_core.demo.tokenizer import encode_prompt
 from mpo_core.errors import InvalidParameter
+from mpo_core.testing import make_tokenizer
 
 NAMES = ("polite", "concise", "upbeat")
 
@@ -28,10 +32,7 @@ def small_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def small_family(small_home: Path) -> Path:
-    started = time.perf_counter()
-    path = build_demo(home=small_home, variant="small", seed=0, progress=False)
-    assert time.perf_counter() - started < 30  # the issue's budget for the small variant
-    return path
+    return build_demo(home=small_home, variant="small", seed=0, progress=False)
 
 
 # -- the build ---------------------------------------------------------------------------
@@ -81,21 +82,70 @@ def test_chat_template(small_family: Path) -> None:
     assert tokenizer.decode(tokenizer.encode(odd, add_special_tokens=False)) == odd
 
 
-def test_policies_differ_from_reference(small_family: Path) -> None:
-    base = AutoModelForCausalLM.from_pretrained(small_family.parent / "base")
-    polite = AutoModelForCausalLM.from_pretrained(small_family.parent / "polite")
-    weights = [(a - b).abs().max().item() for a, b in zip(base.parameters(), polite.parameters())]
-    assert max(weights) > 0
+# The smallest recipe found whose fine-tunes measurably move towards their rewards: the
+# "small" variant's reference never learns the corpus's grammar (its replies carry no tone
+# phrases to re-weight), so its fine-tunes score the same as the reference. This one builds
+# in about 30 s on one thread (docs/demo.md); the full variant takes 75 s or more.
+CI_RECIPE = dataclasses.replace(
+    RECIPES["small"],
+    shape=ModelShape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
+    vocab_size=1280,
+    ref_steps=200,
+    ref_lr=5e-3,
+    samples_per_prompt=4,
+    max_new_tokens=40,
+    ft_steps=30,
+    ft_batch=16,
+    ft_lr=1.5e-3,
+)
+
+
+@pytest.fixture(scope="module")
+def ci_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ci_family") / "family"
+    pipeline.build_family(out, CI_RECIPE, "ci", seed=0, progress=False, recipe_version="test")
+    return out
+
+
+def test_each_policy_beats_the_reference_on_its_own_objective(ci_family: Path) -> None:
+    """192 sampled replies to the held-out prompts per model, scored by every scorer."""
+    tokenizer = AutoTokenizer.from_pretrained(ci_family / "base")
+    prompt_ids = [encode_prompt(tokenizer, p.text) for p in corpus.heldout_prompts()]
+
+    def mean_scores(name: str) -> dict[str, float]:
+        model = AutoModelForCausalLM.from_pretrained(ci_family / name)
+        torch.manual_seed(1)  # the same sampling randomness for every model
+        groups = train.sample_replies(
+            model, tokenizer, prompt_ids, per_prompt=8, max_new_tokens=40, batch_prompts=32
+        )
+        texts = [t for group in groups for t in tokenizer.batch_decode(group, True)]
+        return {k: sum(map(scorer, texts)) / len(texts) for k, scorer in SCORERS.items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is ~10x faster on a busy 2-core box
+    try:
+        reference = mean_scores("base")
+        own = {name: mean_scores(name)[name] for name in NAMES}
+    finally:
+        torch.set_num_threads(threads)
+    for name in NAMES:
+        # seed 0 measured margins of +0.37, +0.22 and +0.32; a standard error is ~0.04
+        assert own[name] > reference[name] + 0.1, (name, own, reference)
 
 
 # -- the cache ---------------------------------------------------------------------------
 
 
-def test_second_call_hits_cache(small_home: Path, small_family: Path) -> None:
+def test_second_call_hits_cache(
+    small_home: Path, small_family: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mtime = small_family.stat().st_mtime_ns
-    started = time.perf_counter()
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached family was built again")
+
+    monkeypatch.setattr(demo_build, "_build_family", no_build)
     again = build_demo(home=small_home, variant="small", seed=0, progress=False)
-    assert time.perf_counter() - started < 1.0
     assert again == small_family
     assert again.stat().st_mtime_ns == mtime
 
@@ -267,4 +317,63 @@ def test_engine_generates_from_the_small_family(small_family: Path) -> None:
             )
             assert 1 <= len(result.token_ids) <= 12
             assert result.finish_reason in ("length", "eos_token")
-            assert isinstance(result.text, str)
+            assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+# -- the training target: reward-weighted regression towards pi_ref exp(r / beta) -------------
+
+
+def test_tilted_weights_are_exp_reward_over_beta_per_prompt() -> None:
+    rewards = torch.tensor([[0.0, 1.0, -1.0, 0.5], [0.2, -0.4, 0.9, 0.7]])  # [P, m]
+    finished = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    beta = 0.5
+    probs = train.tilted_sample_probs(rewards, finished, beta).view(2, 4)  # [P, m]
+    assert probs[0, 3] == 0  # cut at the token limit: no weight
+    assert probs.sum(dim=1).tolist() == pytest.approx([0.5, 0.5])  # equal mass per prompt
+    for row in range(2):
+        done = finished[row]
+        expected = 0.5 * torch.softmax(rewards[row][done] / beta, dim=0)
+        assert torch.allclose(probs[row][done], expected)
+        # a higher reward gets a higher weight, by exp(delta r / beta)
+        order = rewards[row][done].argsort()
+        assert bool((probs[row][done][order].diff() > 0).all())
+    assert probs[0, 1] / probs[0, 0] == pytest.approx(math.exp(1.0 / beta))
+
+
+def test_reply_rewards_are_the_scorers_values() -> None:
+    texts = [["Thank you, please let me know.", "Obviously. Just do it."], ["Water them.", ""]]
+    rewards = train.score_replies(texts, SCORERS["polite"])  # [P, m]
+    assert rewards.tolist() == [[1.0, -1.0], [0.0, 0.0]]
+
+
+def test_reward_weighted_training_raises_the_likelihood_of_rewarded_replies() -> None:
+    """Two replies to one prompt, rewards +1 and -1: training moves mass to the first."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = train.make_model(tokenizer, ModelShape(32, 64, num_layers=1, num_heads=2))
+    prompt = tokenizer.encode("Could you help me?")
+    good, bad = tokenizer.encode(" Sure, happy to help."), tokenizer.encode(" Figure it out.")
+    pool = [(prompt + good, len(prompt)), (prompt + bad, len(prompt))]
+    rewards, finished = torch.tensor([[1.0, -1.0]]), torch.tensor([[True, True]])  # [1, 2]
+    probs = train.tilted_sample_probs(rewards, finished, beta=0.2)
+
+    def reply_logprob(ids: list[int], start: int) -> float:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)  # [S - 1, V]
+        targets = torch.tensor(ids[1:])
+        return float(logits[torch.arange(len(targets)), targets][start - 1 :].sum())
+
+    before = [reply_logprob(*example) for example in pool]
+    train.train_lm(
+        model,
+        pool,
+        steps=20,
+        batch_size=4,
+        lr=1e-2,
+        pad_id=tokenizer.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+        sample_probs=probs,
+    )
+    after = [reply_logprob(*example) for example in pool]
+    assert after[0] - before[0] > 1.0  # the rewarded reply became much more likely
+    assert after[0] - after[1] > before[0] - before[1] + 1.0  # relative to the other

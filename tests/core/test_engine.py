@@ -1,7 +1,6 @@
 """Engine tests on tiny random models loaded from disk (GPT-2 and Llama shapes)."""
 
 import threading
-import time
 
 import pytest
 import torch
@@ -155,21 +154,74 @@ def test_seeded_request_is_the_same_alone_and_in_a_changing_batch(llama_set):
     assert alone.seed == 1234
 
 
-def test_cancel_stops_within_one_step_and_frees_the_slot(llama_set):
+def test_different_seeds_give_different_samples(llama_set):
     tok = llama_set.tokenizer
-    with Engine(llama_set, EngineLimits(max_running=1, max_queued=4)) as engine:
+
+    def sample(seed):
+        params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        return engine.generate(GenerationRequest(tok.encode(PROMPT), params)).token_ids
+
+    with Engine(llama_set) as engine:
+        samples = [sample(seed) for seed in range(4)]
+        assert sample(2) == samples[2]
+    assert len({tuple(s) for s in samples}) == 4  # 320 tokens, 12 draws: no chance collision
+
+
+class StepGate:
+    """An EngineObserver that holds the engine thread at the end of step ``at`` (1-based).
+
+    ``reached`` is set when the engine gets there; it goes on when ``release`` is set or
+    ``release_when()`` turns true (checked under the engine's condition, which ``stop`` and
+    ``cancel`` notify). Tests use it to act between two steps, whatever the device's speed.
+    """
+
+    def __init__(self, at):
+        self.at = at
+        self.steps = 0
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.release_when = None
+        self.engine = None
+        self._counted = threading.Condition()
+
+    def on_step(self, batch_size, forward_seconds):
+        with self._counted:
+            self.steps += 1
+            self._counted.notify_all()
+        if self.steps != self.at:
+            return
+        self.reached.set()
+        if self.release_when is None:
+            assert self.release.wait(timeout=60), "the test never released the engine"
+        else:
+            with self.engine._lock:
+                assert self.engine._lock.wait_for(self.release_when, timeout=60)
+
+    def wait_steps(self, n):
+        with self._counted:
+            assert self._counted.wait_for(lambda: self.steps >= n, timeout=60)
+
+
+def test_cancel_takes_effect_at_the_next_step_and_frees_the_slot(llama_set):
+    tok = llama_set.tokenizer
+    gate = StepGate(at=3)
+    limits = EngineLimits(max_running=1, max_queued=4)
+    with Engine(llama_set, limits, observer=gate) as engine:
         stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(200)))
-        events = iter(stream)
-        for _ in range(3):
-            next(events)
+        assert gate.reached.wait(timeout=60)  # three steps done, the fourth not begun
         stream.cancel()
-        rest = list(events)
-        assert rest[-1].finish_reason == "cancelled"
-        assert len(rest) <= 2  # at most the token of the step already under way
+        produced = engine.stats().generated_tokens
+        gate.release.set()
+        events = list(stream)
+        assert events[-1].finish_reason == "cancelled"
+        assert [e.index for e in events[:-1]] == [0, 1, 2]  # no token after the cancel
+        assert engine.stats().generated_tokens == produced == 3
         # the single slot is free again: a new request runs to completion
         follow = engine.generate(GenerationRequest(tok.encode("hi"), greedy(3)))
         assert len(follow.token_ids) == 3 and follow.finish_reason == "length"
+        gate.wait_steps(6)  # the observer is called after the step retired finished rows
         assert engine.stats().running == 0
+        assert gate.steps == 6  # the cancelled request cost no step after the cancel
 
 
 def test_cancel_while_queued(llama_set):
@@ -185,16 +237,18 @@ def test_cancel_while_queued(llama_set):
 
 
 def test_overload_raises_at_once(llama_set):
+    """Overloaded is raised while the queue cannot move (the engine is held between steps)."""
     tok = llama_set.tokenizer
-    with Engine(llama_set, EngineLimits(max_running=1, max_queued=1)) as engine:
+    gate = StepGate(at=1)
+    with Engine(llama_set, EngineLimits(max_running=1, max_queued=1), observer=gate) as engine:
         running = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(100)))
-        next(iter(running))  # it holds the only slot now
+        assert gate.reached.wait(timeout=60)  # it holds the only slot now
         queued = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(5)))
-        started = time.monotonic()
         with pytest.raises(Overloaded):
             engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(5)))
-        assert time.monotonic() - started < 0.5
+        assert engine.stats().running == 1 and engine.stats().waiting == 1
         running.cancel()
+        gate.release.set()
         list(running)
         assert len(list(queued)) == 5
 
@@ -319,13 +373,18 @@ def test_async_iteration_and_observer(llama_set):
 
 def test_stopped_engine_refuses_and_stop_cancels_running(llama_set):
     tok = llama_set.tokenizer
-    engine = Engine(llama_set).start()
+    gate = StepGate(at=1)  # holds the request until stop() has cancelled it: it cannot finish
+    engine = Engine(llama_set, observer=gate).start()
+    submitted = []
+    gate.engine, gate.release_when = engine, lambda: bool(submitted) and submitted[0].cancelled
     stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(200)))
-    next(iter(stream))
+    submitted.append(stream)
+    assert gate.reached.wait(timeout=60)
     stopper = threading.Thread(target=engine.stop, kwargs={"timeout": 0.2})
     stopper.start()
     events = list(stream)
     stopper.join()
+    assert [e.index for e in events] == [0, 1]  # one token, then the cancellation
     assert events[-1].finish_reason == "cancelled"
     assert not engine.is_alive
     with pytest.raises(EngineNotRunning):

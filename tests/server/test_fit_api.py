@@ -60,6 +60,8 @@ def test_fit_lifecycle_stores_and_activates_a_profile(admin_client: TestClient) 
         "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
     )
     assert generated.status_code == 200, generated.text
+    assert generated.json()["mixing"]["profile"] == "balanced"
+    assert generated.json()["mixing"]["weights"] == pytest.approx(weights)
     metrics = admin_client.get("/metrics").text
     assert metric_value(metrics, "mpo_fit_jobs", {"state": "done"}) == 1.0
 

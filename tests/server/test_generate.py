@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 from fastapi.testclient import TestClient
 from server_helpers import assert_error, sse_events
 
@@ -48,6 +49,8 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(client: TestCl
     s2 = generate(client, max_new_tokens=6, do_sample=True, seed=7, details=True, ignore_eos=True)
     assert s1["details"]["seed"] == 7
     assert [t["id"] for t in s1["details"]["tokens"]] == [t["id"] for t in s2["details"]["tokens"]]
+    s3 = generate(client, max_new_tokens=6, do_sample=True, seed=8, details=True, ignore_eos=True)
+    assert [t["id"] for t in s3["details"]["tokens"]] != [t["id"] for t in s1["details"]["tokens"]]
 
 
 def test_sampling_without_seed_reports_the_seed_it_drew(client: TestClient) -> None:
@@ -154,3 +157,25 @@ def test_tgi_context_limit(client: TestClient) -> None:
         json={"inputs": long_prompt, "parameters": {"truncate": 50, "max_new_tokens": 2}},
     )
     assert ok.status_code == 200, ok.text
+
+
+def test_truncate_keeps_the_tail_of_the_prompt(client: TestClient, policy_set) -> None:
+    head = "Numbers like 0 1 2 3 4 5 6 7 8 9 and symbols like ! ? , . : ; - work too."
+    tail = " Could you please help me write a short poem about the sea?"
+    tokenizer = policy_set.tokenizer
+    keep = len(tokenizer.encode(tail))
+    assert tokenizer.encode(head + tail)[-keep:] == tokenizer.encode(tail)
+
+    def first_tokens(inputs: str, **parameters: object) -> tuple[list[int], list[float]]:
+        parameters.update(max_new_tokens=4, ignore_eos=True, details=True)
+        response = client.post("/generate", json={"inputs": inputs, "parameters": parameters})
+        assert response.status_code == 200, response.text
+        tokens = response.json()["details"]["tokens"]
+        return [t["id"] for t in tokens], [t["logprob"] for t in tokens]
+
+    ids, logprobs = first_tokens(head + tail, truncate=keep)
+    tail_ids, tail_logprobs = first_tokens(tail)
+    assert ids == tail_ids  # the model saw exactly the tail's tokens
+    assert logprobs == pytest.approx(tail_logprobs, abs=1e-4)
+    full_logprobs = first_tokens(head + tail)[1]  # and the context makes a difference
+    assert full_logprobs != pytest.approx(tail_logprobs, abs=1e-3)

@@ -41,7 +41,7 @@ def test_completion_logprobs_n_and_batch(client: TestClient) -> None:
     for choice in body["choices"]:
         logprobs = choice["logprobs"]
         assert len(logprobs["tokens"]) == 3 == len(logprobs["token_logprobs"])
-        assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+        assert all(1 <= len(top) <= 2 for top in logprobs["top_logprobs"])  # texts may collide
         assert logprobs["text_offset"][0] == 0
     assert body["usage"]["completion_tokens"] == 12
     again = client.post(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -108,32 +108,40 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 
 
 def test_overload_gives_429_at_once(make_client: ClientFactory, policy_set: PolicySet) -> None:
+    """429 while the queue cannot move: the engine is held between two steps meanwhile."""
     from mpo_core.engine import GenerationRequest
     from mpo_core.sampling import SamplingParams
 
-    own = Engine(policy_set, EngineLimits(max_running=1, max_queued=1)).start()
+    class HoldAfterFirstStep:
+        def __init__(self) -> None:
+            self.reached, self.release = threading.Event(), threading.Event()
+
+        def on_step(self, batch_size: int, forward_seconds: dict[str, float]) -> None:
+            self.reached.set()
+            self.release.wait(timeout=60)
+
+    gate = HoldAfterFirstStep()
+    own = Engine(policy_set, EngineLimits(max_running=1, max_queued=1), observer=gate).start()
     client = make_client(engine_override=own)
     long = SamplingParams(max_new_tokens=200, ignore_eos=True, temperature=0)
     streams = [own.submit(GenerationRequest([5, 6, 7], long))]
     try:
-        deadline = time.monotonic() + 5
-        while own.stats().running == 0 and time.monotonic() < deadline:
-            time.sleep(0.002)
+        assert gate.reached.wait(timeout=60)  # the first request holds the only slot
         streams.append(own.submit(GenerationRequest([5, 6, 7], long)))  # waits: queue full
-        started = time.monotonic()
-        response = client.post("/generate", json=GEN)
+        response = client.post("/generate", json=GEN)  # waiting for room would block 60 s, then 200
         error = assert_error(response, 429)
         assert error["type"] == "rate_limit_error"
         assert int(response.headers["retry-after"]) >= 1
-        assert time.monotonic() - started < 2  # answered at once, not after the queue moved
         chat = client.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "x"}], "n": 2},
         )
         assert_error(chat, 429)
+        assert own.stats().running == 1 and own.stats().waiting == 1  # nothing moved
     finally:
         for stream in streams:
             stream.cancel()
+        gate.release.set()
         own.stop(timeout=2)
 
 

@@ -100,10 +100,10 @@ def test_openai_client(server: ServerProcess) -> None:
     chat = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
         temperature=0, logprobs=True, top_logprobs=2,
-        extra_body={"weights": {"helpful": 1, "harmless": 1, "concise": 2}},
+        extra_body={"weights": {"helpful": 1, "harmless": 1, "concise": 2}, "ignore_eos": True},
     )  # fmt: skip
     assert chat.choices[0].message.role == "assistant"
-    assert chat.usage is not None and chat.usage.completion_tokens <= 4
+    assert chat.usage is not None and chat.usage.completion_tokens == 4
     assert chat.choices[0].logprobs is not None
     assert len(chat.choices[0].logprobs.content or []) == chat.usage.completion_tokens
     assert chat.model_extra is not None
@@ -112,12 +112,12 @@ def test_openai_client(server: ServerProcess) -> None:
     stream = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
         temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"weights": {"helpful": 1, "harmless": 1, "concise": 2}},
+        extra_body={"weights": {"helpful": 1, "harmless": 1, "concise": 2}, "ignore_eos": True},
     )  # fmt: skip
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
 
     completion = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, n=2, seed=1)
     assert [c.index for c in completion.choices] == [0, 1]
