@@ -339,3 +339,35 @@ def test_cli_missing_reward_model_is_a_readable_error(
     assert main(argv) == 2
     assert "reward model path './no/such/model' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_shortcut_fits_and_compares_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--demo`` on the small demo variant: scorers, held-out prompts, a fit, soup, Pareto."""
+    monkeypatch.setenv("MPO_HOME", str(tmp_path / "home"))
+    out = tmp_path / "out"
+    argv = ["eval", "--demo", "--demo-variant", "small", "--samples", "1", "--threads", "1"]
+    argv += ["--max-new-tokens", "6", "--fit-samples", "2", "--fit-max-new-tokens", "6"]
+    argv += ["--fit-iterations", "50", "--pareto-points", "3", "--bootstrap", "50"]
+    argv += ["--out", str(out), "--name", "demo"]
+    assert main(argv) == 0
+    data = json.loads((out / "demo.json").read_text())
+    labels = [r["label"] for r in data["rows"]]
+    assert labels == [
+        "fitted",
+        "uniform",
+        "policy:polite",
+        "policy:concise",
+        "policy:upbeat",
+        "soup@fitted",
+        "reference",
+    ]
+    fitted = data["meta"]["fitted_weights"]
+    assert sum(fitted.values()) == pytest.approx(1.0)
+    assert data["rows"][0]["weights"] == pytest.approx(fitted)
+    assert data["rows"][5]["weights"] == pytest.approx(fitted)
+    assert set(data["objectives"]) == {"polite", "concise", "upbeat"}
+    assert len(data["prompts"]) == 24  # the held-out prompts
+    assert data["pareto"]["objectives"] == ["polite", "concise"]
+    assert len(data["pareto"]["rows"]) == 6

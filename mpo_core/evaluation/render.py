@@ -38,6 +38,16 @@ def _cell(estimate: Estimate, percent: bool = False) -> str:
     return f"{estimate.mean:+.3f} [{estimate.low:+.3f}, {estimate.high:+.3f}]"
 
 
+def _weights_cell(result: RowResult) -> str:
+    row = result.row
+    if row.kind == "mixture" and row.strength == 0:
+        return "reference alone (strength 0)"
+    weights = ", ".join(f"{n} {w:.2f}" for n, w in row.weights_dict().items() if w)
+    if row.kind == "soup":
+        return "soup of " + weights
+    return weights + (f"; strength {row.strength:g}" if row.strength != 1 else "")
+
+
 def _label(result: RowResult) -> str:
     return f"`{result.row.label}`"
 
@@ -57,11 +67,7 @@ def markdown(report: EvalReport) -> str:
         "|---|---|" + "---:|" * (len(names) + 1),
     ]
     for r in report.rows:
-        weights = ", ".join(f"{n} {w:.2f}" for n, w in r.row.weights_dict().items())
-        if r.row.kind == "mixture" and r.row.strength != 1:
-            weights += f"; strength {r.row.strength:g}"
-        if r.row.kind == "soup":
-            weights = "soup: " + weights
+        weights = _weights_cell(r)
         cells = " | ".join(_cell(r.rewards[n]) for n in names)
         lines.append(
             f"| {_label(r)} | {weights} | {cells} | {r.worst_reward[0]} {r.worst_reward[1]:+.3f} |"
