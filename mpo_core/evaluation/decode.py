@@ -9,6 +9,7 @@ no row waits for another to finish.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import deque
@@ -20,7 +21,10 @@ import numpy as np
 from ..engine import Engine, GenerationRequest
 from ..errors import GenerationFailed, Overloaded
 from ..mixing import Mixture
+from ..policies import PolicySet
+from ..runners import SeparateModelsRunner
 from ..sampling import SamplingParams
+from ..scoring import score_sequences
 from ..streams import RequestStream
 
 logger = logging.getLogger(__name__)
@@ -129,16 +133,32 @@ def decode_jobs(
     return samples
 
 
+def _reference_only(engine: Engine) -> PolicySet | None:
+    """The family's reference as a one-model policy set, for K-separate-models families."""
+    policy_set = engine.policy_set
+    if policy_set.reference is None or not isinstance(engine.runner, SeparateModelsRunner):
+        return None
+    return dataclasses.replace(policy_set, policies=[policy_set.reference], reference=None)
+
+
 def reference_logprobs(
-    engine: Engine, prompt_ids: Sequence[Sequence[int]], samples: Samples, chunk: int = 256
+    engine: Engine, prompt_ids: Sequence[Sequence[int]], samples: Samples
 ) -> np.ndarray:
-    """``log pi_ref(y | x)`` of every reply, teacher-forced through ``engine.score``: [N, m]."""
+    """``log pi_ref(y | x)`` of every reply by teacher forcing: ``[N, m]``.
+
+    Only the reference is needed, so for K separate models it is scored alone (on the
+    caller's thread, once decoding is over: scoring reads the weights and keeps no
+    cache); other runners go through ``engine.score``, which scores every model.
+    """
     num_prompts, num_samples = samples.logprobs.shape
     contexts = [list(prompt_ids[i]) for i in range(num_prompts) for _ in range(num_samples)]
     replies = [ids for per_prompt in samples.token_ids for ids in per_prompt]
-    values: list[float] = []
-    for start in range(0, len(replies), chunk):
-        scores = engine.score(contexts[start : start + chunk], replies[start : start + chunk])
+    reference = _reference_only(engine)
+    if reference is not None:
+        chunk = engine.limits.score_chunk_tokens
+        values = score_sequences(reference, contexts, replies, chunk).policy_logprobs[:, 0]
+    else:
+        scores = engine.score(contexts, replies)
         assert scores.reference_logprobs is not None  # callers check engine.has_reference
-        values += scores.reference_logprobs.double().tolist()
-    return np.array(values, dtype=np.float64).reshape(num_prompts, num_samples)
+        values = scores.reference_logprobs
+    return values.double().numpy().reshape(num_prompts, num_samples)
