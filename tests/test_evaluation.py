@@ -291,6 +291,24 @@ def test_rows_are_decoded_together_with_soups(llama_set: PolicySet) -> None:
     assert report.pareto[0].kl == single.kl
 
 
+def test_bad_baseline_and_pareto_fail_before_decoding(eval_engine: Engine) -> None:
+    rows = RowParser(eval_engine.policy_names, True).parse(["uniform"])
+    cases = [
+        (EvalOptions(baseline="policy:helpful"), "baseline", "not one of the rows"),
+        (EvalOptions(pareto=("helpful", "funny")), "pareto", "unknown objective 'funny'"),
+        (EvalOptions(samples=0), "samples", "integer >= 1"),
+    ]
+    for options, param, message in cases:
+        with pytest.raises(InvalidParameter, match=message) as info:
+            run_evaluation(eval_engine, ["Hi"], OBJECTIVES, rows, options)
+        assert info.value.param == param
+    no_policy = {**OBJECTIVES, "helpful": Objective("helpful", words, "callable:words")}
+    with pytest.raises(InvalidParameter, match="no aligned policy"):
+        options = EvalOptions(pareto=("helpful", "harmless"))
+        run_evaluation(eval_engine, ["Hi"], no_policy, rows, options)
+    assert eval_engine.stats().running == 0
+
+
 def test_cli_writes_json_markdown_and_plots(
     tmp_path: Path, llama_family: Path, reward_module: str
 ) -> None:
