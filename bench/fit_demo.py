@@ -5,8 +5,9 @@
 2. The report: for each single policy, uniform and the fitted weights, every
    objective's expected implicit reward under that mixture, their minimum, and the
    regularised MaxMin value ``min_k E[R_k] - KL(pi_lam || pi_ref)``.
-3. The demo scorers' means on replies decoded with each row's weights (held-out
-   prompts, the same sampling as ``bench/demo_eval.py``).
+3. The demo scorers on replies decoded with each row's weights on the held-out prompts:
+   ``mpo_core.evaluation`` (what ``mpo eval --demo`` runs), with about ``--n`` replies
+   per row (``--n / 24`` per prompt, the same seeds in every row).
 
     python -m bench.fit_demo --n 200 --seed 0
 """
@@ -18,12 +19,13 @@ import logging
 import sys
 import time
 
-from bench.demo_eval import Row, markdown, sample_row
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, heldout_prompts, train_prompts
 from mpo_core.engine import Engine, EngineLimits
+from mpo_core.evaluation import EvalOptions, RowParser, markdown, run_evaluation
 from mpo_core.fit_driver import FitOptions, FitReport, run_fit
 from mpo_core.policies import load_policy_set
+from mpo_core.rewards import builtin_objectives
 
 logger = logging.getLogger("fit_demo")
 
@@ -79,13 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         report = run_fit(engine, [p.text for p in train_prompts()], options)
         logger.info("fit done in %.1f s", time.perf_counter() - started)
-        rows = [Row(f"`{name}` alone", {name: 1.0}, 1.0) for name in policy_set.names]
-        rows.append(Row("uniform", None, 1.0))
-        rows.append(Row("fitted", report.weights, 1.0))
+        parser = RowParser(policy_set.names, engine.has_reference, fitted=report.weights)
+        rows = parser.parse(["single", "uniform", "fitted"])
         prompts = [p.text for p in heldout_prompts()]
-        decoded = [(row, sample_row(engine, prompts, row, args.n, args.seed, args)) for row in rows]
+        options = EvalOptions(
+            samples=max(1, round(args.n / len(prompts))),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            examples=args.examples,
+        )
+        evaluation = run_evaluation(engine, prompts, builtin_objectives(), rows, options)
     sys.stdout.write("## Fit report (implicit rewards)\n\n" + report_markdown(report) + "\n\n")
-    sys.stdout.write("## Demo scorers on decoded replies\n\n" + markdown(decoded, args.examples))
+    sys.stdout.write("## Demo scorers on decoded replies\n\n" + markdown(evaluation) + "\n")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``mpo`` command: ``mpo serve``, ``mpo demo build``, ``mpo fit``.
+"""The ``mpo`` command: ``mpo serve``, ``mpo demo build``, ``mpo fit``, ``mpo eval``.
 
 Flags map onto ``Settings`` fields; a flag left out falls back to its ``MPO_*`` variable,
 then to the default.
@@ -60,7 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=None, help="random seed")
     fit.add_argument("--save", metavar="NAME", default=None, help="store as this profile")
     fit.set_defaults(handler=cmd_fit)
+    add_eval_parser(commands)
     return parser
+
+
+def add_eval_parser(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="compare mixtures, soups and single policies with reward functions",
+        description="Decode every row through the engine with shared seeds, score the replies "
+        "with one reward per objective and write a JSON, Markdown and PNG report "
+        "(docs/evaluation.md).",
+    )
+    family = evaluate.add_mutually_exclusive_group(required=True)
+    family.add_argument("--config", type=Path, help="policy-set YAML")
+    family.add_argument(
+        "--demo",
+        action="store_true",
+        help="the demo family with its scorers, held-out prompts and a fit on its training "
+        "prompts (each overridable by the flags below)",
+    )
+    evaluate.add_argument("--demo-variant", default="full", help="demo family: full or small")
+    evaluate.add_argument("--prompts", type=Path, help="prompts: .txt one a line, or .jsonl")
+    evaluate.add_argument("--rewards", type=Path, help="rewards YAML, one reward per objective")
+    evaluate.add_argument(
+        "--rows",
+        action="append",
+        help="rows to compare, comma-separated: reference, uniform, single, policy:NAME, "
+        "weights:A=1,B=2[@S], profile:NAME (= fitted:NAME), fitted, soup[:SOURCE] "
+        "(default: uniform,single,reference; demo: fitted,uniform,single,soup,reference)",
+    )
+    evaluate.add_argument("--baseline", help="row for the win rates (default: reference)")
+    evaluate.add_argument("--samples", type=int, default=4, help="replies per prompt and row")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48)
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling, fit and bootstrap seed")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    evaluate.add_argument("--pareto", help="two objectives A,B: sweep their policies' weights")
+    evaluate.add_argument("--pareto-points", type=int, default=11)
+    evaluate.add_argument("--examples", type=int, default=2, help="example replies per row")
+    evaluate.add_argument("--fit-prompts", type=Path, help="prompts for the `fitted` row's fit")
+    evaluate.add_argument("--fit-samples", type=int, default=8, help="fit: replies per prompt")
+    evaluate.add_argument("--fit-max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--fit-iterations", type=int, default=1000)
+    evaluate.add_argument("--store-url", help="profile store for profile rows (MPO_STORE_URL)")
+    evaluate.add_argument("--max-running", type=int, default=64, help="sequences decoded together")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    evaluate.add_argument("--out", type=Path, default=Path("eval_out"), help="output folder")
+    evaluate.add_argument("--name", default="eval", help="output file prefix")
+    evaluate.set_defaults(handler=cmd_eval)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -140,6 +188,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(fit_driver.format_report_table(report))
     if args.save:
         save_profile(args.save, dict(report.weights))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    # lazy: evaluation pulls in the models
+    from mpo_core.evaluation.cli import run_eval_command
+
+    from .settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings(**({"store_url": args.store_url} if args.store_url else {}))
+
+    def lookup(name: str) -> tuple[dict[str, float], float]:
+        from .store import open_store
+
+        store = open_store(settings.resolved_store_url())
+        try:
+            profile = store.get(name)
+        finally:
+            store.close()
+        return dict(profile.weights), profile.strength
+
+    report, written = run_eval_command(args, home=settings.home, profiles=lookup)
+    from mpo_core.evaluation import markdown
+
+    print(markdown(report))
+    for path in written:
+        logger.info("wrote %s", path)
     return 0
 
 

@@ -1,0 +1,128 @@
+"""Reward soups: the policies averaged in parameter space, served as one extra model.
+
+A soup at weights ``w`` is the model whose every parameter is ``sum_k w_k theta_k``
+(Rame et al., "Rewarded soups", 2023): the baseline the MPO paper compares the
+log-linear mixture against. It needs policies of one architecture fine-tuned from one
+base (the case here), and it is one model, so it decodes at the cost of one policy.
+
+Full-model families only. For an adapter family (one base, K LoRA adapters) the soup is
+the weighted sum of the adapters' deltas; ``build_soup`` raises a ``ConfigError`` for
+such a family until that backend provides it (``_is_adapter_family`` is the hook).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import ModelSpec, PolicySetConfig
+from .errors import ConfigError, InvalidParameter
+from .policies import LoadedModel, PolicySet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_soup", "soup_policy_set", "soup_state_dict"]
+
+
+def soup_state_dict(
+    models: Sequence[torch.nn.Module], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """``sum_k w_k theta_k`` for every floating-point tensor of the models' state dicts.
+
+    Integer buffers (position ids and the like) must agree across the models and are
+    copied. The sum runs in float32 and is cast back to each tensor's dtype. Models with
+    weight 0 are skipped, so a one-hot soup is that policy exactly.
+    """
+    if len(models) != len(weights) or not models:
+        raise InvalidParameter("weights", "a soup needs one weight per model, and a model")
+    used = [(m.state_dict(), float(w)) for m, w in zip(models, weights) if w != 0]
+    if not used:
+        raise InvalidParameter("weights", "soup weights must not all be zero")
+    first = used[0][0]
+    for state, _ in used[1:]:
+        if state.keys() != first.keys():
+            raise ConfigError(
+                "soup: the policies do not share one architecture (their keys differ)"
+            )
+        for key, tensor in state.items():
+            if tensor.shape != first[key].shape:
+                raise ConfigError(
+                    f"soup: parameter {key!r} has shape {tuple(tensor.shape)} in one policy "
+                    f"and {tuple(first[key].shape)} in another"
+                )
+    averaged: dict[str, torch.Tensor] = {}
+    for key, tensor in first.items():
+        if not tensor.is_floating_point():
+            if any(not torch.equal(state[key], tensor) for state, _ in used[1:]):
+                raise ConfigError(f"soup: integer buffer {key!r} differs between the policies")
+            averaged[key] = tensor.clone()
+            continue
+        total = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+        for state, weight in used:
+            total += weight * state[key].float()
+        averaged[key] = total.to(tensor.dtype)
+    return averaged
+
+
+def _is_adapter_family(policy_set: PolicySet) -> bool:
+    """True when the policies are adapters on one base (PEFT models)."""
+    return any(hasattr(p.model, "peft_config") for p in policy_set.policies)
+
+
+def build_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
+    """One model: the policies' parameters averaged with ``weights`` (policy order, sum 1)."""
+    if _is_adapter_family(policy_set):
+        raise ConfigError(
+            "soup rows are not available for adapter (LoRA) families yet: the soup of an "
+            "adapter family is the weighted sum of the adapters' deltas, which is not built"
+        )
+    total = sum(weights)
+    if len(weights) != len(policy_set.policies) or total <= 0:
+        raise InvalidParameter("weights", "soup weights: one per policy, not all zero")
+    normalised = [w / total for w in weights]
+    template = next(p for p, w in zip(policy_set.policies, normalised) if w != 0)
+    soup = copy.deepcopy(template.model)  # same architecture, device and dtype
+    soup.load_state_dict(soup_state_dict(policy_set.models, normalised))
+    soup.eval().requires_grad_(False)
+    return soup
+
+
+def soup_policy_set(policy_set: PolicySet, soups: Mapping[str, Sequence[float]]) -> PolicySet:
+    """A policy set whose policies are soups of ``policy_set`` (no reference).
+
+    ``soups`` maps a name to the weights of that soup (policy order). An ``Engine`` on the
+    result serves each soup alone with a one-hot mixture, next to the main engine.
+    """
+    if not soups:
+        raise InvalidParameter("soups", "no soup to build")
+    loaded: list[LoadedModel] = []
+    template = policy_set.policies[0]
+    for name, weights in soups.items():
+        logger.info("building soup %r at weights %s", name, [round(w, 4) for w in weights])
+        model = build_soup(policy_set, weights)
+        loaded.append(
+            LoadedModel(name, model, template.cache_kwarg, template.accepts_logits_to_keep)
+        )
+    config = PolicySetConfig(
+        served_name=policy_set.config.served_name,
+        policies=[ModelSpec(name=name, model=f"soup of {policy_set.names}") for name in soups],
+        device=str(policy_set.device),
+        dtype=policy_set.config.dtype,
+        kv_cache_dtype=policy_set.config.kv_cache_dtype,
+    )
+    return PolicySet(
+        config=config,
+        policies=loaded,
+        reference=None,
+        tokenizer=policy_set.tokenizer,
+        vocab_size=policy_set.vocab_size,
+        device=policy_set.device,
+        dtype=policy_set.dtype,
+        kv_dtype=policy_set.kv_dtype,
+        max_context=policy_set.max_context,
+        eos_token_ids=list(policy_set.eos_token_ids),
+    )
