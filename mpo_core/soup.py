@@ -69,8 +69,8 @@ def soup_state_dict(
 
 
 def _is_adapter_family(policy_set: PolicySet) -> bool:
-    """True when the policies are adapters on one base (PEFT models)."""
-    return any(hasattr(p.model, "peft_config") for p in policy_set.policies)
+    """True when the policies are LoRA adapters of one base."""
+    return policy_set.adapters is not None
 
 
 def build_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:

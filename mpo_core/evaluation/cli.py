@@ -138,7 +138,10 @@ def run_eval_command(
                 if k not in ("handler", "command")
             },
             "family": str(given["config"]),
-            "policies": {spec.name: spec.model for spec in policy_set.config.policies},
+            "policies": {
+                spec.name: getattr(spec, "model", None) or getattr(spec, "adapter", None)
+                for spec in policy_set.config.policies
+            },
             "reference": policy_set.reference_name,
             "device": str(policy_set.device),
             "dtype": str(policy_set.dtype),
