@@ -3,9 +3,10 @@
 For every row (the reference alone at strength 0, each aligned policy alone, the
 uniform mixture at strength 1) it samples ``--n`` replies to the corpus's held-out
 prompts through the engine (``Engine.submit``), scores them with every demo scorer and
-prints a markdown table of the means, then three example replies per row.
+prints a markdown table of the means, then three example replies per row. The same
+figures, every reply and the run's settings go to ``--out`` as JSON.
 
-    python bench/demo_eval.py --n 200 --seed 0
+    python bench/demo_eval.py --n 200 --seed 0     # writes bench/results/demo_eval.json
 
 The output is what docs/demo.md shows.
 """
@@ -13,11 +14,16 @@ The output is what docs/demo.md shows.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
+import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from mpo_core.config import load_config
 from mpo_core.demo import SCORERS, build_demo, heldout_prompts
@@ -66,6 +72,13 @@ def sample_row(
     return [(prompt, "".join(e.text for e in stream).strip()) for prompt, stream in streams]
 
 
+def scores(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Each scorer's mean over the replies, and the mean reply length in words."""
+    replies = [reply for _, reply in pairs]
+    means = {name: statistics.fmean(scorer(r) for r in replies) for name, scorer in SCORERS.items()}
+    return {**means, "words": statistics.fmean(len(r.split()) for r in replies)}
+
+
 def markdown(results: list[tuple[Row, list[tuple[str, str]]]], examples: int) -> str:
     names = list(SCORERS)
     lines = [
@@ -73,11 +86,11 @@ def markdown(results: list[tuple[Row, list[tuple[str, str]]]], examples: int) ->
         "|---|" + "---:|" * (len(names) + 1),
     ]
     for row, pairs in results:
-        replies = [reply for _, reply in pairs]
-        means = [statistics.fmean(SCORERS[name](r) for r in replies) for name in names]
-        words = statistics.fmean(len(r.split()) for r in replies)
+        means = scores(pairs)
         lines.append(
-            f"| {row.label} | " + " | ".join(f"{m:+.3f}" for m in means) + f" | {words:.1f} |"
+            f"| {row.label} | "
+            + " | ".join(f"{means[name]:+.3f}" for name in names)
+            + f" | {means['words']:.1f} |"
         )
     lines.append("")
     for row, pairs in results:
@@ -89,6 +102,43 @@ def markdown(results: list[tuple[Row, list[tuple[str, str]]]], examples: int) ->
     return "\n".join(lines)
 
 
+def results_json(results: list[tuple[Row, list[tuple[str, str]]]]) -> list[dict[str, Any]]:
+    """The rows as JSON: settings, the table's figures and every (prompt, reply) pair."""
+    return [
+        {
+            "label": row.label,
+            "weights": row.weights,
+            "strength": row.strength,
+            "scores": scores(pairs),
+            "replies": [list(pair) for pair in pairs],
+        }
+        for row, pairs in results
+    ]
+
+
+def run_meta(script: str, argv: list[str] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Where and how a result was made: date, the command, the machine, the arguments."""
+    import torch
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python {script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "logical_cpus": __import__("os").cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    logger.info("results written to %s", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="replies per row")
@@ -98,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--examples", type=int, default=3, help="example replies per row")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/demo_eval.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
+    meta = run_meta("bench/demo_eval.py", argv, args)
     started = time.perf_counter()
     config_path = build_demo(home=args.home, variant=args.variant, seed=args.seed)
     logger.info("family ready in %.1f s: %s", time.perf_counter() - started, config_path)
@@ -116,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             row_started = time.perf_counter()
             results.append((row, sample_row(engine, prompts, row, args.n, args.seed, args)))
             logger.info("%s: %.1f s", row.label, time.perf_counter() - row_started)
+    meta["elapsed_s"] = round(time.perf_counter() - started, 1)
+    write_json(args.out, {"meta": meta, "rows": results_json(results)})
     sys.stdout.write(markdown(results, args.examples) + "\n")
     return 0
 

@@ -9,7 +9,10 @@
    ``mpo_core.evaluation`` (what ``mpo eval --demo`` runs), with about ``--n`` replies
    per row (``--n / 24`` per prompt, the same seeds in every row).
 
-    python -m bench.fit_demo --n 200 --seed 0
+    python -m bench.fit_demo --n 200 --seed 0      # writes bench/results/fit_demo.json
+
+Both tables go to stdout; ``--out`` gets the same figures as JSON: the fit report
+(``FitReport.to_dict()``), the evaluation (``EvalReport.to_dict()``) and the run's settings.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
+from bench.demo_eval import run_meta, write_json
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, heldout_prompts, train_prompts
 from mpo_core.engine import Engine, EngineLimits
@@ -64,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--examples", type=int, default=2, help="example replies per row")
+    parser.add_argument("--variant", default="full", help="demo variant (full or small)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fit_demo.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
-    config = load_config(build_demo(home=args.home, seed=args.seed))
+    meta = run_meta("-m bench.fit_demo", argv, args)
+    run_started = time.perf_counter()
+    config = load_config(build_demo(home=args.home, variant=args.variant, seed=args.seed))
     config.device, config.dtype = "cpu", "float32"  # the documented numbers are CPU float32
     policy_set = load_policy_set(config)
     options = FitOptions(
@@ -92,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             examples=args.examples,
         )
         evaluation = run_evaluation(engine, prompts, builtin_objectives(), rows, options)
+    meta["elapsed_s"] = round(time.perf_counter() - run_started, 1)
+    payload = {"meta": meta, "report": report.to_dict(), "evaluation": evaluation.to_dict()}
+    write_json(args.out, payload)
     sys.stdout.write("## Fit report (implicit rewards)\n\n" + report_markdown(report) + "\n\n")
     sys.stdout.write("## Demo scorers on decoded replies\n\n" + markdown(evaluation) + "\n")
     return 0
