@@ -13,7 +13,7 @@ from .auth import check_admin_token, check_api_key
 from .metrics import Metrics
 from .serving import Serving
 from .settings import Settings
-from .store import ProfileStore
+from .store import ProfileStore, StoreUnavailable
 
 
 def get_settings(request: Request) -> Settings:
@@ -40,7 +40,7 @@ def get_engine(serving: Annotated[Serving, Depends(get_serving)]) -> Engine:
 def get_store(request: Request) -> ProfileStore:
     store: ProfileStore | None = getattr(request.app.state, "store", None)
     if store is None:
-        raise EngineNotRunning("the profile store is not open yet; retry shortly")
+        raise StoreUnavailable("the profile store is not open yet; retry shortly")
     return store
 
 

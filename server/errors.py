@@ -25,6 +25,7 @@ from mpo_core.errors import (
 )
 
 from .protocol.errors import error_body
+from .store.base import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status."""
+    return _TYPE_BY_STATUS.get(status, "server_error")
+
+
 def error_response(
     status: int,
     message: str,
@@ -67,13 +73,8 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    type_ = _TYPE_BY_STATUS.get(status, "server_error")
-    body = error_body(message, type_, param=param, code=code)
+    body = error_body(message, error_type(status), param=param, code=code)
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def bad_request(param: str, message: str, code: str = "invalid_parameter") -> APIError:
-    return APIError(400, message, param=param, code=code)
 
 
 def retry_after_header(seconds: float) -> dict[str, str]:
@@ -154,6 +155,11 @@ async def _on_not_running(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, message, code="engine_not_running", headers={"Retry-After": "5"})
 
 
+async def _on_store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    message = str(exc) or "the profile store is unavailable"
+    return error_response(503, message, code="store_unavailable", headers={"Retry-After": "5"})
+
+
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return validation_error_response(request, exc)
@@ -195,6 +201,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnknownProfile, _on_unknown_profile)
     app.add_exception_handler(Overloaded, _on_overloaded)
     app.add_exception_handler(EngineNotRunning, _on_not_running)
+    app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(GenerationFailed, _on_generation_failed)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)

@@ -6,7 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import MAX_INT, MAX_STRENGTH, Weights
+from mpo_core.mixing import MAX_STRENGTH
+
+from .common import MAX_INT, Weights
 
 
 class ProfilePut(BaseModel):

@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from mpo_core.errors import GenerationFailed, MPOError
 
-from ..errors import _TYPE_BY_STATUS
+from ..errors import error_type
 from ..protocol.errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def sse_error(exc: BaseException) -> str:
     """A failure after the 200 was sent becomes a last event in the error shape."""
     status = 503 if isinstance(exc, MPOError) and not isinstance(exc, GenerationFailed) else 500
     message = str(exc) if isinstance(exc, MPOError) else "internal server error"
-    return sse(error_body(message, _TYPE_BY_STATUS.get(status, "server_error")))
+    return sse(error_body(message, error_type(status)))
 
 
 async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
