@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo
+from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, WireModel
 
 
 class TGIParameters(MixingFields):
@@ -60,7 +60,7 @@ class TGIRequest(BaseModel):
     stream: bool = False  # accepted for compatibility; the route decides
 
 
-class TGIToken(BaseModel):
+class TGIToken(WireModel):
     id: int
     text: str
     logprob: float | None
@@ -68,7 +68,9 @@ class TGIToken(BaseModel):
     policy_logprobs: dict[str, float | None] | None = None  # each policy's log-prob of it
 
 
-class TGIDetails(BaseModel):
+class TGIDetails(WireModel):
+    omit_unless_given = frozenset({"top_tokens"})  # only with top_n_tokens
+
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None
@@ -78,19 +80,23 @@ class TGIDetails(BaseModel):
     best_of_sequences: None = None
 
 
-class TGIResponse(BaseModel):
+class TGIResponse(WireModel):
+    omit_unless_given = frozenset({"details"})  # only with details: true
+
     generated_text: str
     details: TGIDetails | None = None
     mixing: MixingInfo
 
 
-class TGIStreamDetails(BaseModel):
+class TGIStreamDetails(WireModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None
 
 
-class TGIStreamEvent(BaseModel):
+class TGIStreamEvent(WireModel):
+    omit_unless_given = frozenset({"mixing"})
+
     index: int
     token: TGIToken
     top_tokens: list[TGIToken] | None = None
