@@ -26,7 +26,7 @@ from .errors import install_error_handlers
 from .jobs import FitJobs
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from .routes import admin, generate, openai, ops
+from .routes import admin, fit, generate, openai, ops
 from .serving import Serving
 from .settings import Settings
 from .store import open_store
@@ -52,6 +52,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_running=settings.max_running,
         max_queued=settings.max_queued,
         max_top_logprobs=settings.max_top_logprobs,
+        retry_after_s=settings.retry_after_s,
     )
     return Engine(policy_set, limits=limits, observer=metrics).start()
 
@@ -109,23 +110,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(fit.router)
     app.include_router(ops.router)
-    include_optional_routers(app)
 
     # Outermost last: metrics see every status, including the body limit's 413.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
-
-
-def include_optional_routers(app: FastAPI) -> None:
-    """Routers that live in their own modules and may not exist yet.
-
-    Fit jobs (``POST/GET/DELETE /admin/fit``) go here: ``server/routes/fit.py`` exposes
-    ``router`` (guarded by ``deps.require_admin``) and ``server/jobs.py`` the job manager.
-    """
-    try:
-        from .routes import fit  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    app.include_router(fit.router)

@@ -102,12 +102,6 @@ class Serving:
     def served_name(self) -> str:
         return str(self.engine.policy_set.served_name)
 
-    def model_names(self) -> list[tuple[str, str | None]]:
-        """(model id, profile) pairs: the served name, then ``name:profile`` per profile."""
-        names: list[tuple[str, str | None]] = [(self.served_name, None)]
-        names += [(f"{self.served_name}:{p.name}", p.name) for p in self.store.list()]
-        return names
-
     def profile_from_model(self, model: str | None) -> str | None:
         """``<served>`` -> None (default profile), ``<served>:<profile>`` -> profile; else 404."""
         if model is None or model == self.served_name:

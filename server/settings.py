@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None  # bearer token for /admin/*; None: admin is off
     home: Path = Field(default_factory=default_home)
     data_dir: Path | None = None  # profile database and fit artefacts; default home/data
-    store_url: str | None = None  # "sqlite:///path.db" (default under data_dir) or later postgres
+    store_url: str | None = None  # sqlite:///path.db (default: under data_dir) or postgresql://
     max_running: int = Field(default=16, ge=1)  # sequences decoded together
     max_queued: int = Field(default=64, ge=1)  # sequences waiting; past it requests get 429
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
