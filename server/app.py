@@ -22,10 +22,12 @@ from mpo_core.config import load_config
 from mpo_core.engine import Engine, EngineLimits
 from mpo_core.policies import load_policy_set
 
+from .deps import authorize_route
 from .errors import install_error_handlers
 from .jobs import FitJobs
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware, UnexpectedErrorMiddleware
+from .openapi import install_openapi
 from .routes import admin, fit, generate, openai, ops
 from .serving import Serving
 from .settings import Settings
@@ -106,14 +108,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.store = None
     app.state.started_at = time.time()
 
-    install_error_handlers(app)
+    install_error_handlers(app, authorize=authorize_route)
+    install_openapi(app)
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(fit.router)
     app.include_router(ops.router)
 
-    # Outermost last: metrics see every status, including the body limit's 413.
+    # Outermost last: metrics see every status, including the body limit's 413 and a 500.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -52,6 +52,20 @@ def require_admin(request: Request, settings: Annotated[Settings, Depends(get_se
     check_admin_token(request, settings.admin_token)
 
 
+def authorize_route(request: Request) -> None:
+    """Run the matched route's bearer checks now: a body that cannot even be parsed is
+    refused before the route's dependencies run, and a caller without the token must
+    learn that (401) before anything about the body (400)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    settings = get_settings(request)
+    for dependency in getattr(dependant, "dependencies", []):
+        if dependency.call is require_api_key:
+            check_api_key(request, settings.api_key)
+        elif dependency.call is require_admin:
+            check_admin_token(request, settings.admin_token)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ServingDep = Annotated[Serving, Depends(get_serving)]

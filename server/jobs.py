@@ -101,6 +101,7 @@ class FitJobs:
                 "add `reference:` to the policy-set config",
             )
         prompts = self._prompts(request)
+        self._check_context(prompts, request.max_new_tokens)
         with self._lock:
             active = [j for j in self._jobs.values() if j.state.active]
             if active:
@@ -153,10 +154,29 @@ class FitJobs:
                     "prompt_file",
                     f"prompt_file {request.prompt_file!r} is not a file under {self.prompt_dir}",
                 )
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidParameter(
+                    "prompt_file", f"prompt_file {request.prompt_file!r} is not UTF-8: {exc}"
+                ) from None
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts or any(not p.strip() for p in prompts):
             raise InvalidParameter("prompts", "prompts must be non-empty strings")
         return prompts
+
+    def _check_context(self, prompts: list[str], max_new_tokens: int) -> None:
+        """A reply that cannot fit the context would fail the job later: a 400 now."""
+        from mpo_core.fit_driver import encode_prompt
+
+        longest = max(len(encode_prompt(self.engine.tokenizer, p)) for p in prompts)
+        limit = int(self.engine.max_context)
+        if longest + max_new_tokens > limit:
+            raise InvalidParameter(
+                "max_new_tokens",
+                f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{longest + max_new_tokens} exceeds the context limit of {limit} tokens",
+            )
 
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs() if not j.state.active]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from mpo_core.mixing import MAX_STRENGTH, check_weight_map, normalize_weights
 
@@ -35,11 +35,30 @@ Weights = Annotated[dict[str, float] | list[float] | None, AfterValidator(_check
 
 
 class MixingFields(BaseModel):
-    """How to blend the policies (DESIGN §2.1); absent fields fall back to the profile."""
+    """How to blend the policies (DESIGN §2.1); absent fields fall back to the profile.
+
+    Request models are strict: a number must be a JSON number and a flag a JSON boolean
+    (``"10"`` or ``true`` for a count, ``0`` for a flag are rejected, not converted).
+    """
+
+    model_config = ConfigDict(strict=True)
 
     weights: Weights = None
     profile: str | None = Field(default=None, min_length=1, max_length=64)
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (``"\\ud800"``): no text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: lone surrogate at position {exc.start}") from None
+    return text
+
+
+# Text that reaches the tokenizer (prompts, chat content).
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class WireModel(BaseModel):

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mpo_core.mixing import PROFILE_NAME_PATTERN
 
+from .common import Text
+
 MAX_FIT_PROMPTS = 10_000
 
 
@@ -34,9 +36,9 @@ FINAL_STATES = frozenset({FitState.DONE, FitState.FAILED, FitState.CANCELLED})
 class FitRequest(BaseModel):
     """``POST /admin/fit``: learn MaxMin mixing weights (DESIGN.md §2.2) and store them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_FIT_PROMPTS)
+    prompts: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_FIT_PROMPTS)
     prompt_file: str | None = None  # a file under <data_dir>/prompts: one prompt a line
     samples_per_prompt: int = Field(default=8, ge=2, le=256)  # m
     max_new_tokens: int = Field(default=32, ge=1)

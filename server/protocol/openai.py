@@ -12,11 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, WireModel
+from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
@@ -24,7 +24,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(MixingFields):
     """What completions and chat share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(default=None, min_length=1)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
@@ -80,7 +80,7 @@ class SamplingFields(MixingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_INT)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_INT)  # top alternatives per token
     echo: bool = False
@@ -113,15 +113,19 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... pass to the template
+    model_config = ConfigDict(
+        extra="allow", strict=True
+    )  # name, tool_call_id, ... pass to the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:

@@ -10,11 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, WireModel
+from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
 
 
 class TGIParameters(MixingFields):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     best_of: int | None = Field(default=None, ge=1, le=1)  # only 1: no best-of search
     decoder_input_details: Literal[False] = False  # prompt logprobs are not computed
@@ -53,11 +53,11 @@ class TGIParameters(MixingFields):
 
 
 class TGIRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    inputs: str = Field(min_length=1)
+    inputs: Text = Field(min_length=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
-    stream: bool = False  # accepted for compatibility; the route decides
+    stream: bool = False  # POST / streams when true; /generate(_stream) ignore it
 
 
 class TGIToken(WireModel):

@@ -14,15 +14,14 @@ from fastapi.responses import JSONResponse
 from mpo_core.mixing import check_profile_name
 
 from ..deps import EngineDep, StoreDep, require_admin
+from ..openapi import BODY_ERRORS, error_responses
 from ..protocol.admin import DefaultPut, ProfileHistory, ProfileList, ProfileOut, ProfilePut
 from ..protocol.common import MAX_INT
-from ..protocol.errors import ErrorResponse
 from ..store import ProfileVersion
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)
-}
+ERRORS = error_responses(400, 401, 403, 404, 503)  # 400: a bad path or query parameter
+BODY = error_responses(*BODY_ERRORS, 401, 403, 404, 503)
 
 
 def profile_out(version: ProfileVersion, default: str | None) -> dict[str, Any]:
@@ -35,7 +34,7 @@ def list_profiles(store: StoreDep) -> dict[str, Any]:
     return {"default": default, "profiles": [profile_out(p, default) for p in store.list()]}
 
 
-@router.put("/profiles", response_model=ProfileList, responses=ERRORS)
+@router.put("/profiles", response_model=ProfileList, responses=BODY)
 def set_default(body: DefaultPut, store: StoreDep) -> dict[str, Any]:
     """Mark the default profile, used when a request names none; null means uniform."""
     store.set_default(body.default)
@@ -55,7 +54,11 @@ def profile_history(name: str, store: StoreDep) -> dict[str, Any]:
     return {"name": name, "versions": [profile_out(v, default) for v in store.history(name)]}
 
 
-@router.put("/profiles/{name}", response_model=ProfileOut, responses=ERRORS)
+@router.put(
+    "/profiles/{name}",
+    response_model=ProfileOut,
+    responses={**BODY, 201: {"model": ProfileOut, "description": "The profile's first version"}},
+)
 def put_profile(name: str, body: ProfilePut, store: StoreDep, engine: EngineDep) -> JSONResponse:
     """Store new weights as a new version, or (``{"version": n}``) roll back to version n."""
     check_profile_name(name)

@@ -1,4 +1,9 @@
-"""TGI routes: ``POST /generate`` and ``POST /generate_stream``."""
+"""TGI routes: ``POST /generate``, ``POST /generate_stream`` and TGI's ``POST /``.
+
+``POST /`` is TGI's compatibility route, the one its Python client and
+``huggingface_hub.InferenceClient.text_generation`` call: the body's ``stream`` picks
+generate_stream (events) or generate, answered as TGI does, a list of one response.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
 from ..deps import ServingDep, require_api_key
+from ..openapi import BODY_ERRORS, error_responses, streaming_ok
 from ..protocol.common import MixingInfo
-from ..protocol.errors import ErrorResponse
 from ..protocol.tgi import (
     TGIDetails,
     TGIParameters,
@@ -27,9 +32,7 @@ from ..serving import Choice, ClientGone, Mixing, Serving
 from .sse import SSEResponse, sse
 
 router = APIRouter(tags=["tgi"], dependencies=[Depends(require_api_key)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)
 
 
 def is_sampling(p: TGIParameters) -> bool:
@@ -59,7 +62,7 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
 def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingParams, Mixing]:
     p = body.parameters
     mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
-    prompt_ids = serving.encode(body.inputs)
+    prompt_ids = serving.encode(body.inputs, "inputs")
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
     serving.check_top_logprobs(p.top_n_tokens or 0, "parameters.top_n_tokens")
@@ -105,16 +108,23 @@ def response_body(
     return TGIResponse(generated_text=text, details=details, mixing=info)
 
 
-@router.post("/generate", response_model=TGIResponse, responses=ERRORS)
-async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+async def generate_one(
+    serving: Serving, body: TGIRequest, request: Request, as_list: bool = False
+) -> Response:
+    """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
     prompt_ids, sampling, mixing = prepare(serving, body)
     streams = serving.submit_many([prompt_ids], [sampling], mixing)
     try:
         (choice,) = await serving.collect(streams, request.receive)
     except ClientGone:
         return Response(status_code=499)
-    content = response_body(serving, body, choice, not sampling.greedy, mixing)
-    return JSONResponse(content.wire(), headers=mixing.headers())
+    content = response_body(serving, body, choice, not sampling.greedy, mixing).wire()
+    return JSONResponse([content] if as_list else content, headers=mixing.headers())
+
+
+@router.post("/generate", response_model=TGIResponse, responses=ERRORS)
+async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+    return await generate_one(serving, body, request)
 
 
 async def stream_events(
@@ -143,9 +153,27 @@ async def stream_events(
         yield sse(chunk.wire_json())
 
 
-@router.post("/generate_stream", responses=ERRORS)
+@router.post(
+    "/generate_stream",
+    status_code=200,
+    response_class=SSEResponse,
+    responses={**ERRORS, 200: {"description": "One event per token (TGI's stream)"}},
+)
 async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
     prompt_ids, sampling, mixing = prepare(serving, body)
     (stream,) = serving.submit_many([prompt_ids], [sampling], mixing)
     events = stream_events(serving, body, stream, not sampling.greedy, mixing)
-    return SSEResponse(events, mixing.headers(), on_close=stream.cancel)
+    keepalive = serving.settings.sse_keepalive_s
+    return SSEResponse(events, mixing.headers(), on_close=stream.cancel, keepalive_s=keepalive)
+
+
+@router.post(
+    "/",
+    response_model=list[TGIResponse],
+    responses={**ERRORS, **streaming_ok("A list of one response, or events when `stream` is true")},
+)
+async def tgi_compat(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+    """TGI's compatibility route: events when ``stream`` is true, else a list of one."""
+    if body.stream:
+        return await generate_stream(body, serving)
+    return await generate_one(serving, body, request, as_list=True)

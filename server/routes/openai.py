@@ -21,8 +21,8 @@ from mpo_core.sampling import SamplingParams
 from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
+from ..openapi import BODY_ERRORS, error_responses, streaming_ok
 from ..protocol.common import MixingInfo
-from ..protocol.errors import ErrorResponse
 from ..protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -47,9 +47,7 @@ from ..serving import Choice, ClientGone, Mixing, Serving, merge
 from .sse import SSEResponse, sse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 FinishReason = Literal["stop", "length"]
 FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -162,7 +160,10 @@ async def respond(
                 s.cancel()
 
         events = stream_chunks(serving, shape, streams, include_usage)
-        return SSEResponse(events, plan.mixing.headers(), on_close=cancel_all)
+        keepalive = serving.settings.sse_keepalive_s
+        return SSEResponse(
+            events, plan.mixing.headers(), on_close=cancel_all, keepalive_s=keepalive
+        )
     try:
         finished = await serving.collect(streams, request.receive)
     except ClientGone:
@@ -275,7 +276,7 @@ def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[i
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidParameter("prompt", "prompt must not be empty")
-            ids.append(serving.encode(prompt))
+            ids.append(serving.encode(prompt, "prompt"))
         else:
             ids.append(serving.check_token_ids(prompt, "prompt"))
     return ids
@@ -291,10 +292,15 @@ def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     for ids in prompts:
         max_new = serving.budget(len(ids), body.max_tokens, "max_tokens", "prompt")
         samplings += [to_sampling(body, max_new, top, j) for j in range(body.n)]
+    serving.check_capacity(len(samplings), "n" if body.n > 1 else "prompt")
     return Plan.build(prompts, samplings, body.n, mixing)
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={**ERRORS, **streaming_ok("The completion, or chunks when `stream` is true")},
+)
 async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
     plan = plan_completion(serving, body)
     shape = CompletionShape(serving, plan, body.model or serving.served_name, body)
@@ -371,7 +377,7 @@ def chat_prompt(serving: Serving, body: ChatCompletionRequest) -> list[int]:
         raise InvalidParameter(
             "messages", f"the chat template rejected the messages: {exc}"
         ) from None
-    return serving.encode(str(text), add_special_tokens=False)
+    return serving.encode(str(text), "messages", add_special_tokens=False)
 
 
 def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
@@ -381,10 +387,15 @@ def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = serving.budget(len(prompt), body.max_new_tokens(), param, "messages")
     samplings = [to_sampling(body, max_new, top, j) for j in range(body.n)]
+    serving.check_capacity(len(samplings), "n")
     return Plan.build([prompt], samplings, body.n, mixing)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERRORS, **streaming_ok("The completion, or chunks when `stream` is true")},
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
@@ -397,7 +408,7 @@ async def chat_completions(
 # ---- /v1/models ------------------------------------------------------------------------
 
 
-@router.get("/models", response_model=ModelList, responses=ERRORS)
+@router.get("/models", response_model=ModelList, responses=error_responses(401, 503))
 def models(serving: ServingDep, store: StoreDep, request: Request) -> dict[str, Any]:
     started = int(request.app.state.started_at)
     cards = [ModelCard(id=serving.served_name, created=started)]
