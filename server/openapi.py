@@ -29,9 +29,19 @@ _DESCRIPTIONS = {
 BODY_ERRORS = (400, 413)
 
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
+# Before OpenAPI 3.2 the schema of text/event-stream describes one event.
 EVENT_STREAM: dict[str, Any] = {
     "text/event-stream": {
-        "schema": {"type": "string", "description": "server-sent events: `data: <json>`"}
+        "schema": {
+            "type": "object",
+            "description": "One server-sent event: `data` is a JSON object (OpenAI streams end "
+            "with `[DONE]`); idle streams get `: keep-alive` comments",
+            "properties": {
+                "data": {"type": "string"},
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+            },
+        }
     }
 }
 

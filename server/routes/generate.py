@@ -17,7 +17,7 @@ from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
 from ..deps import ServingDep, require_api_key
-from ..openapi import BODY_ERRORS, error_responses, streaming_ok
+from ..openapi import BODY_ERRORS, EVENT_STREAM, error_responses, streaming_ok
 from ..protocol.common import MixingInfo
 from ..protocol.tgi import (
     TGIDetails,
@@ -157,7 +157,7 @@ async def stream_events(
     "/generate_stream",
     status_code=200,
     response_class=SSEResponse,
-    responses={**ERRORS, 200: {"description": "One event per token (TGI's stream)"}},
+    responses={**ERRORS, 200: {"description": "One event per token", "content": EVENT_STREAM}},
 )
 async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
     prompt_ids, sampling, mixing = prepare(serving, body)
