@@ -218,6 +218,23 @@ async def _on_generation_failed(request: Request, exc: Exception) -> JSONRespons
     return error_response(500, str(exc), code="generation_failed")
 
 
+def _http_handler(
+    authorize: Callable[[Request], None],
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """Starlette's HTTP errors; a body FastAPI could not parse (400) waits for the tokens."""
+
+    async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            try:
+                authorize(request)
+            except APIError as auth_error:
+                return await _on_api_error(request, auth_error)
+        return await _on_http_exception(request, exc)
+
+    return on_http_exception
+
+
 def install_error_handlers(app: FastAPI, authorize: Callable[[Request], None]) -> None:
     """Register the handlers; most specific first does not matter (FastAPI walks the MRO)."""
     app.add_exception_handler(APIError, _on_api_error)
@@ -228,4 +245,4 @@ def install_error_handlers(app: FastAPI, authorize: Callable[[Request], None]) -
     app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(GenerationFailed, _on_generation_failed)
     app.add_exception_handler(RequestValidationError, _validation_handler(authorize))
-    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(StarletteHTTPException, _http_handler(authorize))

@@ -127,6 +127,9 @@ def test_missing_auth_is_401_before_a_malformed_body(make_client: ClientFactory)
     assert_error(client.put("/admin/profiles/p", content=broken, headers=JSON), 401)
     authed = {**JSON, "Authorization": "Bearer sk-test"}
     assert_error(client.post("/generate", content=broken, headers=authed), 400)
+    too_deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # the parser gives up
+    assert_error(client.post("/generate", content=too_deep, headers=JSON), 401)
+    assert_error(client.post("/generate", content=too_deep, headers=authed), 400)
 
 
 def test_strict_types(admin_client: TestClient) -> None:
