@@ -17,6 +17,10 @@ import torch
 from .errors import InvalidParameter
 
 MAX_SEED = 2**63 - 1
+# Below this temperature a row decodes greedily. Dividing log-probs by a temperature near
+# float32's smallest normal overflows them all to -inf, and long before that the tempered
+# distribution is the argmax anyway (vLLM draws the line at the same place).
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -37,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None, max_top_logprobs: int = 20) -> None:
         _int_at_least("max_new_tokens", self.max_new_tokens, 1)
@@ -147,7 +151,12 @@ def sample_tokens(
         torch.tensor([p.min_p for p in params], device=device, dtype=scores.dtype),
     )
     probs = scores.softmax(dim=-1)  # [B, V]
-    rows = [row for row, is_greedy in enumerate(greedy) if not is_greedy]
+    # One row's numerical trouble (NaN or inf from its model, nothing left after its
+    # filters) must not fail the others: such a row keeps its argmax instead of a draw.
+    usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()  # [B]
+    rows = [row for row, is_greedy in enumerate(greedy) if not is_greedy and usable[row]]
+    if not rows:
+        return tokens
     drawn = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in rows]
     tokens[torch.tensor(rows, device=device)] = torch.cat(drawn)  # [n] sampled rows
     return tokens

@@ -22,11 +22,13 @@ from mpo_core.config import load_config
 from mpo_core.engine import Engine, EngineLimits
 from mpo_core.policies import load_policy_set
 
+from .deps import authorize_route
 from .errors import install_error_handlers
 from .jobs import FitJobs
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from .routes import admin, generate, openai, ops
+from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware, UnexpectedErrorMiddleware
+from .openapi import install_openapi
+from .routes import admin, fit, generate, openai, ops
 from .serving import Serving
 from .settings import Settings
 from .store import open_store
@@ -52,6 +54,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_running=settings.max_running,
         max_queued=settings.max_queued,
         max_top_logprobs=settings.max_top_logprobs,
+        retry_after_s=settings.retry_after_s,
     )
     return Engine(policy_set, limits=limits, observer=metrics).start()
 
@@ -105,27 +108,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.store = None
     app.state.started_at = time.time()
 
-    install_error_handlers(app)
+    install_error_handlers(app, authorize=authorize_route)
+    install_openapi(app)
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(fit.router)
     app.include_router(ops.router)
-    include_optional_routers(app)
 
-    # Outermost last: metrics see every status, including the body limit's 413.
+    # Outermost last: metrics see every status, including the body limit's 413 and a 500.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app
-
-
-def include_optional_routers(app: FastAPI) -> None:
-    """Routers that live in their own modules and may not exist yet.
-
-    Fit jobs (``POST/GET/DELETE /admin/fit``) go here: ``server/routes/fit.py`` exposes
-    ``router`` (guarded by ``deps.require_admin``) and ``server/jobs.py`` the job manager.
-    """
-    try:
-        from .routes import fit  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    app.include_router(fit.router)

@@ -13,7 +13,7 @@ from .auth import check_admin_token, check_api_key
 from .metrics import Metrics
 from .serving import Serving
 from .settings import Settings
-from .store import ProfileStore
+from .store import ProfileStore, StoreUnavailable
 
 
 def get_settings(request: Request) -> Settings:
@@ -40,7 +40,7 @@ def get_engine(serving: Annotated[Serving, Depends(get_serving)]) -> Engine:
 def get_store(request: Request) -> ProfileStore:
     store: ProfileStore | None = getattr(request.app.state, "store", None)
     if store is None:
-        raise EngineNotRunning("the profile store is not open yet; retry shortly")
+        raise StoreUnavailable("the profile store is not open yet; retry shortly")
     return store
 
 
@@ -50,6 +50,20 @@ def require_api_key(request: Request, settings: Annotated[Settings, Depends(get_
 
 def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
     check_admin_token(request, settings.admin_token)
+
+
+def authorize_route(request: Request) -> None:
+    """Run the matched route's bearer checks now: a body that cannot even be parsed is
+    refused before the route's dependencies run, and a caller without the token must
+    learn that (401) before anything about the body (400)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    settings = get_settings(request)
+    for dependency in getattr(dependant, "dependencies", []):
+        if dependency.call is require_api_key:
+            check_api_key(request, settings.api_key)
+        elif dependency.call is require_admin:
+            check_admin_token(request, settings.admin_token)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

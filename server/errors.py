@@ -1,13 +1,14 @@
 """Map every failure to OpenAI's error body with the status DESIGN §4 gives it.
 
 Engine errors (``mpo_core.errors``) and request validation errors get app-wide handlers,
-so routes raise and never build error responses themselves. Bad input never becomes a 500.
+so routes raise and never build error responses themselves. Bad input never becomes a 500;
+anything unexpected is answered by ``middleware.UnexpectedErrorMiddleware``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -25,6 +26,7 @@ from mpo_core.errors import (
 )
 
 from .protocol.errors import error_body
+from .store.base import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status."""
+    return _TYPE_BY_STATUS.get(status, "server_error")
+
+
 def error_response(
     status: int,
     message: str,
@@ -67,13 +74,8 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    type_ = _TYPE_BY_STATUS.get(status, "server_error")
-    body = error_body(message, type_, param=param, code=code)
+    body = error_body(message, error_type(status), param=param, code=code)
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def bad_request(param: str, message: str, code: str = "invalid_parameter") -> APIError:
-    return APIError(400, message, param=param, code=code)
 
 
 def retry_after_header(seconds: float) -> dict[str, str]:
@@ -81,11 +83,17 @@ def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, int(-(-seconds // 1))))}
 
 
+# Pydantic names the member of a union that failed ("str", "list[int]",
+# "function-after[...]"); those are not part of the field's name.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple"}
+
+
 def _loc_to_param(loc: Sequence[Any]) -> str:
     """("body", "parameters", "top_p") -> "parameters.top_p"; list indices kept: "stop.2"."""
     parts = [str(p) for p in loc]
     if parts and parts[0] in {"body", "query", "path", "header"}:
         parts = parts[1:]
+    parts = [p for p in parts if p not in _UNION_MEMBERS and "[" not in p and "(" not in p]
     return ".".join(parts)
 
 
@@ -104,7 +112,7 @@ def validation_error_response(request: Request, exc: RequestValidationError) -> 
         return error_response(400, message, code="unsupported_content_type")
     if not errors:
         return error_response(400, "invalid request", code="invalid_request")
-    first = errors[0]
+    first = _most_specific(errors)
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "JSON decode error")
         pos = first["loc"][-1] if first.get("loc") else "?"
@@ -121,6 +129,17 @@ def validation_error_response(request: Request, exc: RequestValidationError) -> 
     if more:
         message += f" (and {more} more error{'s' if more > 1 else ''})"
     return error_response(400, message, param=param or None, code=first.get("type"))
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """The first error, or a deeper one about the same field: of a union such as
+    ``str | list[TextPart]``, the member that got furthest says what is wrong."""
+    first = errors[0]
+    param = _loc_to_param(first.get("loc", ()))
+    same_field = [
+        e for e in errors if (_loc_to_param(e.get("loc", ())) + ".").startswith(param + ".")
+    ]
+    return max(same_field, key=lambda e: len(_loc_to_param(e.get("loc", ()))))
 
 
 def _short_repr(value: object, limit: int = 80) -> str:
@@ -154,9 +173,25 @@ async def _on_not_running(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, message, code="engine_not_running", headers={"Retry-After": "5"})
 
 
-async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    return validation_error_response(request, exc)
+async def _on_store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    message = str(exc) or "the profile store is unavailable"
+    return error_response(503, message, code="store_unavailable", headers={"Retry-After": "5"})
+
+
+def _validation_handler(
+    authorize: Callable[[Request], None],
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """400 for a bad body or parameter, once ``authorize`` (the route's token checks) passed."""
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        try:
+            authorize(request)
+        except APIError as auth_error:
+            return await _on_api_error(request, auth_error)
+        return validation_error_response(request, exc)
+
+    return on_validation
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
@@ -183,19 +218,31 @@ async def _on_generation_failed(request: Request, exc: Exception) -> JSONRespons
     return error_response(500, str(exc), code="generation_failed")
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal server error", code="internal_error")
+def _http_handler(
+    authorize: Callable[[Request], None],
+) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """Starlette's HTTP errors; a body FastAPI could not parse (400) waits for the tokens."""
+
+    async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            try:
+                authorize(request)
+            except APIError as auth_error:
+                return await _on_api_error(request, auth_error)
+        return await _on_http_exception(request, exc)
+
+    return on_http_exception
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, authorize: Callable[[Request], None]) -> None:
     """Register the handlers; most specific first does not matter (FastAPI walks the MRO)."""
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(InvalidParameter, _on_invalid_parameter)
     app.add_exception_handler(UnknownProfile, _on_unknown_profile)
     app.add_exception_handler(Overloaded, _on_overloaded)
     app.add_exception_handler(EngineNotRunning, _on_not_running)
+    app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(GenerationFailed, _on_generation_failed)
-    app.add_exception_handler(RequestValidationError, _on_validation)
-    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_exception_handler(RequestValidationError, _validation_handler(authorize))
+    app.add_exception_handler(StarletteHTTPException, _http_handler(authorize))

@@ -22,15 +22,17 @@ from mpo_core.errors import InvalidParameter
 
 from .errors import APIError
 from .metrics import Metrics
-from .protocol.fit import FitRequest
+from .protocol.fit import FitRequest, FitState
 from .store import ProfileStore
 
 logger = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "sampling", "scoring", "optimising")
-FINAL_STATES = ("done", "failed", "cancelled")
 # Share of the whole job each phase accounts for, for one progress figure and an ETA.
-_PHASE_SPAN = {"sampling": (0.0, 0.7), "scoring": (0.7, 0.95), "optimising": (0.95, 1.0)}
+_PHASE_SPAN = {
+    FitState.SAMPLING: (0.0, 0.7),
+    FitState.SCORING: (0.7, 0.95),
+    FitState.OPTIMISING: (0.95, 1.0),
+}
 MAX_KEPT_JOBS = 100
 
 
@@ -38,7 +40,7 @@ MAX_KEPT_JOBS = 100
 class FitJob:
     id: str
     request: FitRequest
-    state: str = "queued"
+    state: FitState = FitState.QUEUED
     phase_progress: float = 0.0
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -51,13 +53,13 @@ class FitJob:
 
     @property
     def progress(self) -> float:
-        if self.state == "done":
+        if self.state is FitState.DONE:
             return 1.0
         low, high = _PHASE_SPAN.get(self.state, (0.0, 0.0))
         return low + (high - low) * self.phase_progress
 
     def eta_seconds(self) -> float | None:
-        if self.state not in ACTIVE_STATES or self.started_at is None or self.progress <= 0.01:
+        if not self.state.active or self.started_at is None or self.progress <= 0.01:
             return None
         elapsed = time.time() - self.started_at
         return elapsed * (1 - self.progress) / self.progress
@@ -65,7 +67,7 @@ class FitJob:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "state": self.state,
+            "state": self.state.value,
             "progress": round(self.progress, 4),
             "phase_progress": round(self.phase_progress, 4),
             "created_at": self.created_at,
@@ -99,17 +101,17 @@ class FitJobs:
                 "add `reference:` to the policy-set config",
             )
         prompts = self._prompts(request)
+        self._check_context(prompts, request.max_new_tokens)
         with self._lock:
-            active = [j for j in self._jobs.values() if j.state in ACTIVE_STATES]
+            active = [j for j in self._jobs.values() if j.state.active]
             if active:
-                raise APIError(
-                    409, f"fit job {active[0].id} is still {active[0].state}; one fit at a time",
-                    code="fit_in_progress",
-                )  # fmt: skip
+                running = active[0]
+                message = f"fit job {running.id} is still {running.state.value}; one fit at a time"
+                raise APIError(409, message, code="fit_in_progress")
             job = FitJob(id=uuid.uuid4().hex[:16], request=request)
             self._jobs[job.id] = job
             self._forget_old()
-        self._set_state(job, "queued")
+        self._set_state(job, FitState.QUEUED)
         thread = threading.Thread(target=self._run, args=(job, prompts), name=f"fit-{job.id}")
         thread.daemon = True
         thread.start()
@@ -128,7 +130,7 @@ class FitJobs:
 
     def cancel(self, job_id: str) -> FitJob:
         job = self.get(job_id)
-        if job.state in ACTIVE_STATES:
+        if job.state.active:
             job.cancel_requested.set()
         return job
 
@@ -136,7 +138,7 @@ class FitJobs:
         """Block until the job ends or ``timeout`` passes (tests and the CLI)."""
         deadline = time.monotonic() + timeout
         job = self.get(job_id)
-        while job.state not in FINAL_STATES and time.monotonic() < deadline:
+        while job.state.active and time.monotonic() < deadline:
             time.sleep(0.05)
         return job
 
@@ -152,31 +154,51 @@ class FitJobs:
                     "prompt_file",
                     f"prompt_file {request.prompt_file!r} is not a file under {self.prompt_dir}",
                 )
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidParameter(
+                    "prompt_file", f"prompt_file {request.prompt_file!r} is not UTF-8: {exc}"
+                ) from None
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts or any(not p.strip() for p in prompts):
             raise InvalidParameter("prompts", "prompts must be non-empty strings")
         return prompts
 
+    def _check_context(self, prompts: list[str], max_new_tokens: int) -> None:
+        """A reply that cannot fit the context would fail the job later: a 400 now."""
+        from mpo_core.fit_driver import encode_prompt
+
+        longest = max(len(encode_prompt(self.engine.tokenizer, p)) for p in prompts)
+        limit = int(self.engine.max_context)
+        if longest + max_new_tokens > limit:
+            raise InvalidParameter(
+                "max_new_tokens",
+                f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{longest + max_new_tokens} exceeds the context limit of {limit} tokens",
+            )
+
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs() if j.state in FINAL_STATES]
+        finished = [j for j in self.jobs() if not j.state.active]
         for job in finished[MAX_KEPT_JOBS:]:
             del self._jobs[job.id]
 
-    def _set_state(self, job: FitJob, state: str) -> None:
+    def _set_state(self, job: FitJob, state: FitState) -> None:
         with self._lock:
             job.state = state
             job.phase_progress = 0.0
-            counts = {s: 0 for s in (*ACTIVE_STATES, *FINAL_STATES)}
+            counts = dict.fromkeys(FitState, 0)
             for other in self._jobs.values():
                 counts[other.state] += 1
-        for name, count in counts.items():
-            self.metrics.fit_jobs.labels(state=name).set(count)
+        for counted, count in counts.items():
+            self.metrics.fit_jobs.labels(state=counted.value).set(count)
 
     def _progress(self, job: FitJob, phase: str, fraction: float) -> None:
         if job.cancel_requested.is_set():
             return
-        if phase != job.state:
-            self._set_state(job, phase)
+        state = FitState(phase)  # the driver's phases: sampling, scoring, optimising
+        if state is not job.state:
+            self._set_state(job, state)
         job.phase_progress = min(max(fraction, 0.0), 1.0)
 
     def _run(self, job: FitJob, prompts: list[str]) -> None:
@@ -211,15 +233,15 @@ class FitJobs:
             if request.activate:
                 self.store.set_default(request.profile)
             job.profile = version.to_dict()
-            self._finish(job, "done")
+            self._finish(job, FitState.DONE)
         except FitCancelled:
-            self._finish(job, "cancelled")
+            self._finish(job, FitState.CANCELLED)
         except Exception as exc:  # a job failure is reported on the job, not raised
             logger.exception("fit job %s failed", job.id)
             job.error = f"{type(exc).__name__}: {exc}"
-            self._finish(job, "failed")
+            self._finish(job, FitState.FAILED)
 
-    def _finish(self, job: FitJob, state: str) -> None:
+    def _finish(self, job: FitJob, state: FitState) -> None:
         job.finished_at = time.time()
         self._set_state(job, state)
-        logger.info("fit job %s %s", job.id, state)
+        logger.info("fit job %s %s", job.id, state.value)

@@ -18,14 +18,14 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .protocol.fit import FitState
+
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# The states of server/jobs.py: active ones, then final ones.
-FIT_JOB_STATES = ("queued", "sampling", "scoring", "optimising", "done", "failed", "cancelled")
 
 
 class Metrics:
@@ -68,8 +68,8 @@ class Metrics:
             ["profile"], registry=r,
         )  # fmt: skip
         self.fit_jobs = Gauge("mpo_fit_jobs", "Fit jobs by state.", ["state"], registry=r)
-        for state in FIT_JOB_STATES:
-            self.fit_jobs.labels(state=state).set(0)
+        for state in FitState:
+            self.fit_jobs.labels(state=state.value).set(0)
 
     def track_engine(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the engine's queue sizes at scrape time."""

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request metrics and the request-body size limit.
+"""Pure ASGI middleware: request metrics, the request-body size limit, unexpected errors.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so streaming responses pass through untouched and
 a client disconnect still reaches the route.
@@ -7,12 +7,15 @@ a client disconnect still reaches the route.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import Metrics
 from .protocol.errors import error_body
+
+logger = logging.getLogger(__name__)
 
 
 class RequestMetricsMiddleware:
@@ -39,6 +42,41 @@ class RequestMetricsMiddleware:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(route=label, status=str(status["code"])).inc()
+
+
+class UnexpectedErrorMiddleware:
+    """Answer an unhandled exception with a complete JSON 500 and keep the connection.
+
+    Starlette's own last-resort handler re-raises after answering, and uvicorn then drops
+    the kept-alive connection without ``Connection: close``, so a pooled client's next
+    request fails. Here the exception ends with the response. Once a response has started
+    (a stream) nothing complete can be sent: the exception goes on and the connection
+    closes, which tells the client the response is cut.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            body = error_body("internal server error", "server_error", code="internal_error")
+            await send_json(send, 500, body)
 
 
 class BodyLimitMiddleware:
@@ -84,13 +122,18 @@ class BodyLimitMiddleware:
             f"request body of {size} bytes or more exceeds the limit of {self.max_bytes} bytes"
         )
         body = error_body(message, "invalid_request_error", code="request_too_large")
-        payload = json.dumps(body).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send_json(send, 413, body)
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    """A complete JSON response, written straight to the ASGI channel."""
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _content_length(scope: Scope) -> int | None:

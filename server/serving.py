@@ -102,12 +102,6 @@ class Serving:
     def served_name(self) -> str:
         return str(self.engine.policy_set.served_name)
 
-    def model_names(self) -> list[tuple[str, str | None]]:
-        """(model id, profile) pairs: the served name, then ``name:profile`` per profile."""
-        names: list[tuple[str, str | None]] = [(self.served_name, None)]
-        names += [(f"{self.served_name}:{p.name}", p.name) for p in self.store.list()]
-        return names
-
     def profile_from_model(self, model: str | None) -> str | None:
         """``<served>`` -> None (default profile), ``<served>:<profile>`` -> profile; else 404."""
         if model is None or model == self.served_name:
@@ -175,7 +169,9 @@ class Serving:
             ) from None
 
     # -- tokens --------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; text that is not valid Unicode is a 400 naming ``param``."""
+        check_unicode(text, param)
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> list[int]:
@@ -219,6 +215,19 @@ class Serving:
         if value > limit:
             raise InvalidParameter(param, f"{param} must be at most {limit}, got {value}")
         return value
+
+    def check_capacity(self, sequences: int, param: str) -> None:
+        """A request needing more sequences than running + queued slots can never run: 400
+        (a 429 would tell the client to retry what can never succeed)."""
+        limits = self.engine.limits
+        capacity = limits.max_running + limits.max_queued
+        if sequences > capacity:
+            raise InvalidParameter(
+                param,
+                f"this request needs {sequences} sequences (prompts x n), more than the "
+                f"server ever holds at once: {capacity} (max_running {limits.max_running} + "
+                f"max_queued {limits.max_queued})",
+            )
 
     def check_n(self, n: int) -> int:
         if n > self.settings.max_n:
@@ -297,6 +306,17 @@ class Serving:
                 for stream in streams:
                     stream.cancel()
                 await asyncio.gather(work, return_exceptions=True)
+
+
+def check_unicode(text: str, param: str) -> str:
+    """JSON can carry lone surrogates (``"\\ud800"``); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(
+            param, f"{param} is not valid Unicode: lone surrogate at position {exc.start}"
+        ) from None
+    return text
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

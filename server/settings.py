@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None  # bearer token for /admin/*; None: admin is off
     home: Path = Field(default_factory=default_home)
     data_dir: Path | None = None  # profile database and fit artefacts; default home/data
-    store_url: str | None = None  # "sqlite:///path.db" (default under data_dir) or later postgres
+    store_url: str | None = None  # sqlite:///path.db (default: under data_dir) or postgresql://
     max_running: int = Field(default=16, ge=1)  # sequences decoded together
     max_queued: int = Field(default=64, ge=1)  # sequences waiting; past it requests get 429
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
@@ -38,8 +38,18 @@ class Settings(BaseSettings):
     max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap
     default_max_tokens: int = Field(default=256, ge=1)  # when a request gives none
     retry_after_s: float = Field(default=1.0, gt=0)  # Retry-After on 429
+    sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment on a stream idle this long
     shutdown_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: wait for running requests
     log_level: str = "info"
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, token: object) -> object:
+        """``MPO_ADMIN_TOKEN=`` (empty) means admin is off (403), not a token nobody can send."""
+        value = token.get_secret_value() if isinstance(token, SecretStr) else token
+        if isinstance(value, str) and not value.strip():
+            return None
+        return token
 
     @model_validator(mode="after")
     def _fill_data_dir(self) -> Settings:

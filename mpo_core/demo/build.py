@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InvalidParameter
-from .recipe import RECIPES, Recipe
+from .recipe import RECIPES, REFERENCE_NAME, Recipe
 from .scorers import SCORERS
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 # Bump when the corpus, scorers or training change in a way the recipe fields don't show.
 RECIPE_VERSION = "1"
 CONFIG_NAME = "policy_set.yaml"
-REFERENCE_NAME = "base"
 SERVED_NAME = "mpo"
 
 

@@ -21,8 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from . import corpus
-from .build import REFERENCE_NAME
-from .recipe import Recipe
+from .recipe import REFERENCE_NAME, Recipe
 from .scorers import SCORERS
 from .tokenizer import encode_dialogues, encode_prompt, train_tokenizer
 from .train import (

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The reference model's folder and policy name inside a built family.
+REFERENCE_NAME = "base"
+
 
 @dataclass(frozen=True)
 class ModelShape:

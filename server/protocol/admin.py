@@ -6,13 +6,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .common import MAX_INT, MAX_STRENGTH, Weights
+from mpo_core.mixing import MAX_STRENGTH
+
+from .common import MAX_INT, Weights
 
 
 class ProfilePut(BaseModel):
     """``PUT /admin/profiles/{name}``: new content, or ``version`` to roll back to it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     weights: Weights = None
     strength: float = Field(default=1.0, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
@@ -32,7 +34,7 @@ class ProfilePut(BaseModel):
 class DefaultPut(BaseModel):
     """``PUT /admin/profiles``: mark the default profile (null: uniform weights)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     default: str | None
 

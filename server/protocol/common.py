@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-import math
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from mpo_core.mixing import MAX_STRENGTH, check_weight_map, normalize_weights
 
 # A stop list: a few non-empty strings (the engine matches them on detokenised text).
 MAX_STOP_SEQUENCES = 16
 # Upper bound for integer knobs (top_k, versions, token counts): larger values mean
 # nothing here and would overflow the 64-bit integers of torch and SQLite.
 MAX_INT = 2**31 - 1
-# Weights are relative, so a bound costs nothing and keeps their sum finite.
-MAX_WEIGHT = 1e9
-# Strength extrapolates away from the reference past 1; far past it the mixture is all
-# -inf/NaN in float32, so it is bounded (DESIGN §2.1 uses s in about [0, 2]).
-MAX_STRENGTH = 100.0
 
 
 def _check_weights(
     weights: dict[str, float] | list[float] | None,
 ) -> dict[str, float] | list[float] | None:
+    """The core's weight rules, whatever the names (the engine checks them against its own)."""
     if weights is None:
         return None
-    values = list(weights.values()) if isinstance(weights, dict) else list(weights)
-    if not values:
+    if isinstance(weights, Mapping):
+        return check_weight_map(weights)
+    if not weights:
         raise ValueError("weights must not be empty")
-    for value in values:
-        if not math.isfinite(value) or not 0 <= value <= MAX_WEIGHT:
-            raise ValueError(f"every weight must be in [0, {MAX_WEIGHT:g}], got {value!r}")
-    if sum(values) <= 0:
-        raise ValueError("weights must not all be zero")
+    normalize_weights(weights, [str(i) for i in range(len(weights))])  # raises if invalid
     return weights
 
 
@@ -40,11 +35,47 @@ Weights = Annotated[dict[str, float] | list[float] | None, AfterValidator(_check
 
 
 class MixingFields(BaseModel):
-    """How to blend the policies (DESIGN §2.1); absent fields fall back to the profile."""
+    """How to blend the policies (DESIGN §2.1); absent fields fall back to the profile.
+
+    Request models are strict: a number must be a JSON number and a flag a JSON boolean
+    (``"10"`` or ``true`` for a count, ``0`` for a flag are rejected, not converted).
+    """
+
+    model_config = ConfigDict(strict=True)
 
     weights: Weights = None
     profile: str | None = Field(default=None, min_length=1, max_length=64)
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (``"\\ud800"``): no text, and no tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: lone surrogate at position {exc.start}") from None
+    return text
+
+
+# Text that reaches the tokenizer (prompts, chat content).
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class WireModel(BaseModel):
+    """A response shape: every field is sent, except the optional extras named in
+    ``omit_unless_given``, which are sent only when the code that built it gave them."""
+
+    omit_unless_given: ClassVar[frozenset[str]] = frozenset()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self.__pydantic_fields_set__.update(set(type(self).model_fields) - self.omit_unless_given)
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-ready body (non-finite floats become null)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def wire_json(self) -> str:
+        return self.model_dump_json(exclude_unset=True)
 
 
 class MixingInfo(BaseModel):

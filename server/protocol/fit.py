@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mpo_core.mixing import PROFILE_NAME_PATTERN
+
+from .common import Text
+
 MAX_FIT_PROMPTS = 10_000
+
+
+class FitState(str, Enum):
+    """A fit job's state: the active ones in the order a job passes them, then the final."""
+
+    QUEUED = "queued"
+    SAMPLING = "sampling"
+    SCORING = "scoring"
+    OPTIMISING = "optimising"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self not in FINAL_STATES
+
+
+FINAL_STATES = frozenset({FitState.DONE, FitState.FAILED, FitState.CANCELLED})
 
 
 class FitRequest(BaseModel):
     """``POST /admin/fit``: learn MaxMin mixing weights (DESIGN.md §2.2) and store them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_FIT_PROMPTS)
+    prompts: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_FIT_PROMPTS)
     prompt_file: str | None = None  # a file under <data_dir>/prompts: one prompt a line
     samples_per_prompt: int = Field(default=8, ge=2, le=256)  # m
     max_new_tokens: int = Field(default=32, ge=1)
@@ -22,7 +46,7 @@ class FitRequest(BaseModel):
     step_size: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # eta
     batch_size: int | None = Field(default=None, ge=1)  # prompts per step (b)
     seed: int = Field(default=0, ge=0, lt=2**63)
-    profile: str = Field(default="fitted", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    profile: str = Field(default="fitted", pattern=PROFILE_NAME_PATTERN.pattern)
     activate: bool = False  # make the stored profile the default
 
     @model_validator(mode="after")
@@ -34,7 +58,7 @@ class FitRequest(BaseModel):
 
 class FitJobOut(BaseModel):
     id: str
-    state: str  # queued, sampling, scoring, optimising, done, failed, cancelled
+    state: FitState
     progress: float  # 0..1 over the whole job
     phase_progress: float  # 0..1 within the current phase
     created_at: float

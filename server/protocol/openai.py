@@ -12,19 +12,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo
+from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
-class _SamplingFields(MixingFields):
+class SamplingFields(MixingFields):
     """What completions and chat share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(default=None, min_length=1)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
@@ -68,7 +68,7 @@ class _SamplingFields(MixingFields):
         return bias
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _SamplingFields:
+    def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -79,8 +79,8 @@ class _SamplingFields(MixingFields):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+class CompletionRequest(SamplingFields):
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_INT)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_INT)  # top alternatives per token
     echo: bool = False
@@ -113,15 +113,19 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... pass to the template
+    model_config = ConfigDict(
+        extra="allow", strict=True
+    )  # name, tool_call_id, ... pass to the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -131,7 +135,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
@@ -164,27 +168,30 @@ class ChatCompletionRequest(_SamplingFields):
 # ---- responses ------------------------------------------------------------------------
 
 
-class Usage(BaseModel):
+class Usage(WireModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(WireModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(WireModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(WireModel):
+    """A full completion, and (``usage`` and ``mixing`` left out) each streamed chunk."""
+
+    omit_unless_given = frozenset({"usage", "system_fingerprint", "mixing"})
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -195,7 +202,7 @@ class CompletionResponse(BaseModel):
     mixing: MixingInfo | None = None
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(WireModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -206,23 +213,25 @@ class TokenLogprob(TopLogprob):
     policy_logprobs: dict[str, float | None] | None = None
 
 
-class ChoiceLogprobs(BaseModel):
+class ChoiceLogprobs(WireModel):
     content: list[TokenLogprob] | None = None
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(WireModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(WireModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(WireModel):
+    omit_unless_given = frozenset({"system_fingerprint"})
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -233,19 +242,28 @@ class ChatCompletionResponse(BaseModel):
     mixing: MixingInfo | None = None
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(WireModel):
+    """What a chunk adds: the role on the first, then content; the last may be empty."""
+
+    omit_unless_given = frozenset({"role", "content"})
+
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(WireModel):
     index: int
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(WireModel):
+    """One streamed chunk; ``usage`` is on every chunk only with ``include_usage``, and
+    ``mixing`` on each choice's last."""
+
+    omit_unless_given = frozenset({"usage", "system_fingerprint", "mixing"})
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -256,13 +274,13 @@ class ChatCompletionChunk(BaseModel):
     mixing: MixingInfo | None = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(WireModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mpo"
 
 
-class ModelList(BaseModel):
+class ModelList(WireModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -10,11 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo
+from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
 
 
 class TGIParameters(MixingFields):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     best_of: int | None = Field(default=None, ge=1, le=1)  # only 1: no best-of search
     decoder_input_details: Literal[False] = False  # prompt logprobs are not computed
@@ -36,6 +36,10 @@ class TGIParameters(MixingFields):
     typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
     watermark: Literal[False] = False
     ignore_eos: bool = False
+    # Sent (as null) by TGI's own client; accepted only at their neutral value.
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
+    grammar: None = None  # guided decoding is not supported
+    adapter_id: None = None  # one family, no per-request adapter
 
     @field_validator("stop")
     @classmethod
@@ -53,14 +57,14 @@ class TGIParameters(MixingFields):
 
 
 class TGIRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    inputs: str = Field(min_length=1)
+    inputs: Text = Field(min_length=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
-    stream: bool = False  # accepted for compatibility; the route decides
+    stream: bool = False  # POST / streams when true; /generate(_stream) ignore it
 
 
-class TGIToken(BaseModel):
+class TGIToken(WireModel):
     id: int
     text: str
     logprob: float | None
@@ -68,7 +72,9 @@ class TGIToken(BaseModel):
     policy_logprobs: dict[str, float | None] | None = None  # each policy's log-prob of it
 
 
-class TGIDetails(BaseModel):
+class TGIDetails(WireModel):
+    omit_unless_given = frozenset({"top_tokens"})  # only with top_n_tokens
+
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None
@@ -78,19 +84,23 @@ class TGIDetails(BaseModel):
     best_of_sequences: None = None
 
 
-class TGIResponse(BaseModel):
+class TGIResponse(WireModel):
+    omit_unless_given = frozenset({"details"})  # only with details: true
+
     generated_text: str
     details: TGIDetails | None = None
     mixing: MixingInfo
 
 
-class TGIStreamDetails(BaseModel):
+class TGIStreamDetails(WireModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None
 
 
-class TGIStreamEvent(BaseModel):
+class TGIStreamEvent(WireModel):
+    omit_unless_given = frozenset({"mixing"})
+
     index: int
     token: TGIToken
     top_tokens: list[TGIToken] | None = None

@@ -11,18 +11,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from mpo_core.errors import InvalidParameter
+from mpo_core.mixing import check_profile_name
 
 from ..deps import EngineDep, StoreDep, require_admin
+from ..openapi import BODY_ERRORS, error_responses
 from ..protocol.admin import DefaultPut, ProfileHistory, ProfileList, ProfileOut, ProfilePut
 from ..protocol.common import MAX_INT
-from ..protocol.errors import ErrorResponse
-from ..store import ProfileVersion, validate_profile_name
+from ..store import ProfileVersion
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 503)
-}
+ERRORS = error_responses(400, 401, 403, 404, 503)  # 400: a bad path or query parameter
+BODY = error_responses(*BODY_ERRORS, 401, 403, 404, 503)
 
 
 def profile_out(version: ProfileVersion, default: str | None) -> dict[str, Any]:
@@ -35,7 +34,7 @@ def list_profiles(store: StoreDep) -> dict[str, Any]:
     return {"default": default, "profiles": [profile_out(p, default) for p in store.list()]}
 
 
-@router.put("/profiles", response_model=ProfileList, responses=ERRORS)
+@router.put("/profiles", response_model=ProfileList, responses=BODY)
 def set_default(body: DefaultPut, store: StoreDep) -> dict[str, Any]:
     """Mark the default profile, used when a request names none; null means uniform."""
     store.set_default(body.default)
@@ -55,44 +54,28 @@ def profile_history(name: str, store: StoreDep) -> dict[str, Any]:
     return {"name": name, "versions": [profile_out(v, default) for v in store.history(name)]}
 
 
-@router.put("/profiles/{name}", response_model=ProfileOut, responses=ERRORS)
+@router.put(
+    "/profiles/{name}",
+    response_model=ProfileOut,
+    responses={**BODY, 201: {"model": ProfileOut, "description": "The profile's first version"}},
+)
 def put_profile(name: str, body: ProfilePut, store: StoreDep, engine: EngineDep) -> JSONResponse:
     """Store new weights as a new version, or (``{"version": n}``) roll back to version n."""
-    validate_profile_name(name)
+    check_profile_name(name)
     weights: dict[str, float] | list[float] | None = body.weights
     strength, meta = body.strength, body.meta
     if body.version is not None:
         old = store.get(name, body.version)
         weights, strength = old.weights, old.strength
         meta = {**body.meta, "rollback_of": body.version}
-    checked = check_weights(engine.policy_names, weights)
-    if strength != 1.0 and not engine.has_reference:
-        raise InvalidParameter(
-            "strength", f"strength {strength} needs a reference model, and none is loaded"
-        )
-    version = store.put(name, engine.mixture(checked, strength).as_dict(), strength, meta)
+    # The engine's mixture checks the names against the loaded policies; the store then
+    # applies the same core rules to what it writes.
+    mixture = engine.mixture(weights, strength)
+    version = store.put(name, mixture.as_dict(), mixture.strength, meta)
     if body.default:
         store.set_default(name)
     status = 201 if version.version == 1 else 200
     return JSONResponse(profile_out(version, store.get_default()), status_code=status)
-
-
-def check_weights(names: list[str], weights: Any) -> dict[str, float]:
-    """Weights as a mapping; a name the engine does not serve is a 400 naming it."""
-    if isinstance(weights, list):
-        if len(weights) != len(names):
-            raise InvalidParameter(
-                "weights",
-                f"weights has {len(weights)} entries but there are {len(names)} policies "
-                f"({', '.join(names)})",
-            )
-        return dict(zip(names, weights, strict=True))
-    for key in weights:
-        if key not in names:
-            raise InvalidParameter(
-                f"weights.{key}", f"unknown policy {key!r}; the policies are {', '.join(names)}"
-            )
-    return dict(weights)
 
 
 @router.delete("/profiles/{name}", responses=ERRORS)

@@ -11,13 +11,11 @@ from mpo_core.errors import EngineNotRunning
 
 from ..deps import require_admin
 from ..jobs import FitJobs
-from ..protocol.errors import ErrorResponse
+from ..openapi import BODY_ERRORS, error_responses
 from ..protocol.fit import FitJobOut, FitRequest
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 503)
-}
+ERRORS = error_responses(400, 401, 403, 404, 503)
 
 
 def get_jobs(request: Request) -> FitJobs:
@@ -30,7 +28,12 @@ def get_jobs(request: Request) -> FitJobs:
 JobsDep = Annotated[FitJobs, Depends(get_jobs)]
 
 
-@router.post("/fit", status_code=202, response_model=FitJobOut, responses=ERRORS)
+@router.post(
+    "/fit",
+    status_code=202,
+    response_model=FitJobOut,
+    responses=error_responses(*BODY_ERRORS, 401, 403, 409, 503),
+)
 def start_fit(body: FitRequest, jobs: JobsDep) -> JSONResponse:
     """Start a fit; 202 with the job, whose ``id`` the other routes take."""
     job = jobs.start(body)

@@ -1,4 +1,9 @@
-"""TGI routes: ``POST /generate`` and ``POST /generate_stream``."""
+"""TGI routes: ``POST /generate``, ``POST /generate_stream`` and TGI's ``POST /``.
+
+``POST /`` is TGI's compatibility route, the one its Python client and
+``huggingface_hub.InferenceClient.text_generation`` call: the body's ``stream`` picks
+generate_stream (events) or generate, answered as TGI does, a list of one response.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,22 @@ from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
 from ..deps import ServingDep, require_api_key
-from ..protocol.errors import ErrorResponse
-from ..protocol.tgi import TGIParameters, TGIRequest, TGIResponse
+from ..openapi import BODY_ERRORS, EVENT_STREAM, error_responses, streaming_ok
+from ..protocol.common import MixingInfo
+from ..protocol.tgi import (
+    TGIDetails,
+    TGIParameters,
+    TGIRequest,
+    TGIResponse,
+    TGIStreamDetails,
+    TGIStreamEvent,
+    TGIToken,
+)
 from ..serving import Choice, ClientGone, Mixing, Serving
 from .sse import SSEResponse, sse
 
 router = APIRouter(tags=["tgi"], dependencies=[Depends(require_api_key)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)
 
 
 def is_sampling(p: TGIParameters) -> bool:
@@ -50,7 +62,7 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
 def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingParams, Mixing]:
     p = body.parameters
     mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
-    prompt_ids = serving.encode(body.inputs)
+    prompt_ids = serving.encode(body.inputs, "inputs")
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
     serving.check_top_logprobs(p.top_n_tokens or 0, "parameters.top_n_tokens")
@@ -60,87 +72,108 @@ def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingPara
     return prompt_ids, to_sampling(p, max_new), mixing
 
 
-def token_dict(serving: Serving, event: TokenEvent, with_policies: bool) -> dict[str, Any]:
-    token: dict[str, Any] = {
-        "id": event.token_id,
-        "text": event.token_text,
-        "logprob": event.logprob,
-        "special": event.special,
-    }
-    if with_policies:
-        token["policy_logprobs"] = event.policy_logprobs
-    return token
+def token(event: TokenEvent) -> TGIToken:
+    return TGIToken(
+        id=event.token_id,
+        text=event.token_text,
+        logprob=event.logprob,
+        special=event.special,
+        policy_logprobs=event.policy_logprobs,
+    )
 
 
-def top_tokens(serving: Serving, event: TokenEvent) -> list[dict[str, Any]]:
+def top_tokens(serving: Serving, event: TokenEvent) -> list[TGIToken]:
     return [
-        {"id": i, "text": serving.token_text(i), "logprob": lp, "special": serving.is_special(i)}
+        TGIToken(id=i, text=serving.token_text(i), logprob=lp, special=serving.is_special(i))
         for i, lp in event.top_logprobs
     ]
 
 
 def response_body(
     serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: Mixing
-) -> dict[str, Any]:
+) -> TGIResponse:
     p = body.parameters
     text = (body.inputs if p.return_full_text else "") + choice.text
-    out: dict[str, Any] = {"generated_text": text, "mixing": mixing.as_dict()}
-    if p.details:
-        details: dict[str, Any] = {
-            "finish_reason": choice.finish_reason,
-            "generated_tokens": len(choice.events),
-            "seed": choice.seed if sampled else None,
-            "prefill": [],
-            "tokens": [token_dict(serving, ev, True) for ev in choice.events],
-            "best_of_sequences": None,
-        }
-        if p.top_n_tokens:
-            details["top_tokens"] = [top_tokens(serving, ev) for ev in choice.events]
-        out["details"] = details
-    return out
+    info = MixingInfo(**mixing.as_dict())
+    if not p.details:
+        return TGIResponse(generated_text=text, mixing=info)
+    details = TGIDetails(
+        finish_reason=choice.finish_reason,  # type: ignore[arg-type]
+        generated_tokens=len(choice.events),
+        seed=choice.seed if sampled else None,
+        tokens=[token(ev) for ev in choice.events],
+    )
+    if p.top_n_tokens:  # set only when asked for: the field is left out otherwise
+        details.top_tokens = [top_tokens(serving, ev) for ev in choice.events]
+    return TGIResponse(generated_text=text, details=details, mixing=info)
 
 
-@router.post("/generate", response_model=TGIResponse, responses=ERRORS)
-async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+async def generate_one(
+    serving: Serving, body: TGIRequest, request: Request, as_list: bool = False
+) -> Response:
+    """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
     prompt_ids, sampling, mixing = prepare(serving, body)
     streams = serving.submit_many([prompt_ids], [sampling], mixing)
     try:
         (choice,) = await serving.collect(streams, request.receive)
     except ClientGone:
         return Response(status_code=499)
-    content = response_body(serving, body, choice, not sampling.greedy, mixing)
-    return JSONResponse(content, headers=mixing.headers())
+    content = response_body(serving, body, choice, not sampling.greedy, mixing).wire()
+    return JSONResponse([content] if as_list else content, headers=mixing.headers())
+
+
+@router.post("/generate", response_model=TGIResponse, responses=ERRORS)
+async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+    return await generate_one(serving, body, request)
 
 
 async def stream_events(
     serving: Serving, body: TGIRequest, stream: RequestStream, sampled: bool, mixing: Mixing
 ) -> AsyncIterator[str]:
+    """One event per token; the last adds the full text, the mixing and (details) a summary."""
     p = body.parameters
     text = body.inputs if p.return_full_text else ""
     async for event in serving.events(stream):
         text += event.text
-        chunk: dict[str, Any] = {
-            "index": event.index,
-            "token": token_dict(serving, event, True),
-            "top_tokens": top_tokens(serving, event) if p.top_n_tokens else None,
-            "generated_text": None,
-            "details": None,
-        }
+        last: dict[str, Any] = {}
         if event.finish_reason is not None:
-            chunk["generated_text"] = text
-            chunk["mixing"] = mixing.as_dict()
+            last = {"generated_text": text, "mixing": MixingInfo(**mixing.as_dict())}
             if p.details:
-                chunk["details"] = {
-                    "finish_reason": event.finish_reason,
-                    "generated_tokens": event.index + 1,
-                    "seed": stream.seed if sampled else None,
-                }
-        yield sse(chunk)
+                last["details"] = TGIStreamDetails(
+                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                    generated_tokens=event.index + 1,
+                    seed=stream.seed if sampled else None,
+                )
+        chunk = TGIStreamEvent(
+            index=event.index,
+            token=token(event),
+            top_tokens=top_tokens(serving, event) if p.top_n_tokens else None,
+            **last,
+        )
+        yield sse(chunk.wire_json())
 
 
-@router.post("/generate_stream", responses=ERRORS)
+@router.post(
+    "/generate_stream",
+    status_code=200,
+    response_class=SSEResponse,
+    responses={**ERRORS, 200: {"description": "One event per token", "content": EVENT_STREAM}},
+)
 async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
     prompt_ids, sampling, mixing = prepare(serving, body)
     (stream,) = serving.submit_many([prompt_ids], [sampling], mixing)
     events = stream_events(serving, body, stream, not sampling.greedy, mixing)
-    return SSEResponse(events, mixing.headers(), on_close=stream.cancel)
+    keepalive = serving.settings.sse_keepalive_s
+    return SSEResponse(events, mixing.headers(), on_close=stream.cancel, keepalive_s=keepalive)
+
+
+@router.post(
+    "/",
+    response_model=list[TGIResponse],
+    responses={**ERRORS, **streaming_ok("A list of one response, or events when `stream` is true")},
+)
+async def tgi_compat(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
+    """TGI's compatibility route: events when ``stream`` is true, else a list of one."""
+    if body.stream:
+        return await generate_stream(body, serving)
+    return await generate_one(serving, body, request, as_list=True)

@@ -1,108 +1,121 @@
-"""OpenAI routes: ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``."""
+"""OpenAI routes: ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``.
+
+Both generation routes take one path (``openai_serving.respond``); each route gives its
+``Shape``: how a whole choice, an opening chunk and a token's chunk look.
+"""
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from mpo_core.errors import InvalidParameter
-from mpo_core.sampling import SamplingParams
-from mpo_core.streams import RequestStream, TokenEvent
+from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
-from ..protocol.errors import ErrorResponse
+from ..openai_serving import FINISH, Plan, Shape, resolve, respond, to_sampling
+from ..openapi import BODY_ERRORS, error_responses, streaming_ok
+from ..protocol.common import MixingInfo
 from ..protocol.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
-    _SamplingFields,
+    Usage,
 )
-from ..serving import Choice, ClientGone, Mixing, Serving, merge
-from .sse import SSEResponse, sse
+from ..serving import Choice, Serving
+from .sse import sse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
-FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
-
-
-def to_sampling(
-    body: _SamplingFields, max_new_tokens: int, top_logprobs: int, index: int
-) -> SamplingParams:
-    """Choice ``index`` of a seeded request gets seed + index: distinct, reproducible."""
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=body.temperature if body.temperature is not None else 1.0,
-        top_k=body.top_k or 0,
-        top_p=body.top_p if body.top_p is not None else 1.0,
-        min_p=body.min_p or 0.0,
-        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
-        seed=None if body.seed is None else (body.seed + index) % (2**63),
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        top_logprobs=top_logprobs,
-    )
-
-
-def resolve(serving: Serving, body: _SamplingFields) -> Mixing:
-    serving.check_n(body.n)
-    model_profile = serving.profile_from_model(body.model)
-    return serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
-
-
-def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
-    completion = sum(len(c.events) for c in choices)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
-
-
-class Plan:
-    """The sequences of one OpenAI request: prompt i, choice j -> index i * n + j."""
-
-    def __init__(self, prompts: list[list[int]], samplings: list[SamplingParams], n: int) -> None:
-        self.prompts = [p for p in prompts for _ in range(n)]
-        self.samplings = samplings
-        self.prompt_tokens = sum(len(p) for p in prompts)
-
-
-async def run_plan(
-    serving: Serving, plan: Plan, mixing: Mixing, request: Request
-) -> list[Choice] | None:
-    streams = serving.submit_many(plan.prompts, plan.samplings, mixing)
-    try:
-        return await serving.collect(streams, request.receive)
-    except ClientGone:
-        return None
-
-
-def stream_plan(
-    serving: Serving,
-    plan: Plan,
-    mixing: Mixing,
-    render: Callable[[list[RequestStream]], AsyncIterator[str]],
-) -> Response:
-    streams = serving.submit_many(plan.prompts, plan.samplings, mixing)
-
-    def cancel_all() -> None:
-        for stream in streams:
-            stream.cancel()
-
-    return SSEResponse(render(streams), mixing.headers(), on_close=cancel_all)
 
 
 # ---- /v1/completions -------------------------------------------------------------------
+
+
+class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
+    id_prefix = "cmpl"
+
+    def __init__(self, serving: Serving, plan: Plan, model: str, body: CompletionRequest):
+        super().__init__(serving, plan, model)
+        self.body = body
+        self.offsets = [0] * len(plan.prompts)  # streamed text so far, per choice
+
+    def echo(self, index: int) -> str:
+        if not self.body.echo:
+            return ""
+        prompt = self.body.prompts()[index // self.body.n]
+        if isinstance(prompt, str):
+            return prompt
+        return str(self.serving.tokenizer.decode(self.plan.prompts[index]))
+
+    def logprobs(self, events: list[TokenEvent], offset: int) -> CompletionLogprobs | None:
+        if self.body.logprobs is None:
+            return None
+        offsets = []
+        for event in events:
+            offsets.append(offset)
+            offset += len(event.text)
+        token_text = self.serving.token_text
+        return CompletionLogprobs(
+            tokens=[event.token_text for event in events],
+            token_logprobs=[event.logprob for event in events],
+            top_logprobs=[{token_text(i): lp for i, lp in ev.top_logprobs} for ev in events],
+            text_offset=offsets,
+        )
+
+    def choice(self, index: int, choice: Choice) -> CompletionChoice:
+        prefix = self.echo(index)
+        return CompletionChoice(
+            index=index,
+            text=prefix + choice.text,
+            logprobs=self.logprobs(choice.events, len(prefix)),
+            finish_reason=FINISH.get(choice.finish_reason, "stop"),
+        )
+
+    def opening(self, index: int) -> CompletionChoice | None:
+        if not self.body.echo:
+            return None
+        prefix = self.echo(index)
+        self.offsets[index] = len(prefix)
+        return CompletionChoice(index=index, text=prefix, logprobs=None, finish_reason=None)
+
+    def delta(self, index: int, event: TokenEvent) -> CompletionChoice:
+        item = CompletionChoice(
+            index=index,
+            text=event.text,
+            logprobs=self.logprobs([event], self.offsets[index]),
+            finish_reason=FINISH.get(event.finish_reason or ""),
+        )
+        self.offsets[index] += len(event.text)
+        return item
+
+    def response(self, choices: list[CompletionChoice], usage: Usage) -> JSONResponse:
+        mixing = self.plan.mixing
+        body = CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices,
+            usage=usage, mixing=MixingInfo(**mixing.as_dict()),
+        )  # fmt: skip
+        return JSONResponse(body.wire(), headers=mixing.headers())
+
+    def chunk(self, choices: list[CompletionChoice], **extra: Any) -> str:
+        body = CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
+        return sse(body.wire_json())
 
 
 def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[int]]:
@@ -114,13 +127,13 @@ def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[i
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidParameter("prompt", "prompt must not be empty")
-            ids.append(serving.encode(prompt))
+            ids.append(serving.encode(prompt, "prompt"))
         else:
             ids.append(serving.check_token_ids(prompt, "prompt"))
     return ids
 
 
-def plan_completion(serving: Serving, body: CompletionRequest) -> tuple[Plan, Mixing]:
+def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     mixing = resolve(serving, body)
     if body.echo and body.logprobs is not None:
         raise InvalidParameter("echo", "echo with logprobs needs prompt logprobs: not supported")
@@ -130,107 +143,72 @@ def plan_completion(serving: Serving, body: CompletionRequest) -> tuple[Plan, Mi
     for ids in prompts:
         max_new = serving.budget(len(ids), body.max_tokens, "max_tokens", "prompt")
         samplings += [to_sampling(body, max_new, top, j) for j in range(body.n)]
-    return Plan(prompts, samplings, body.n), mixing
+    serving.check_capacity(len(samplings), "n" if body.n > 1 else "prompt")
+    return Plan.build(prompts, samplings, body.n, mixing)
 
 
-def completion_logprobs(serving: Serving, events: list[TokenEvent], offset: int) -> dict[str, Any]:
-    tokens, offsets, top = [], [], []
-    for ev in events:
-        tokens.append(ev.token_text)
-        offsets.append(offset)
-        offset += len(ev.text)
-        top.append({serving.token_text(i): lp for i, lp in ev.top_logprobs})
-    return {
-        "tokens": tokens,
-        "token_logprobs": [ev.logprob for ev in events],
-        "top_logprobs": top,
-        "text_offset": offsets,
-    }
-
-
-@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={**ERRORS, **streaming_ok("The completion, or chunks when `stream` is true")},
+)
 async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
-    plan, mixing = plan_completion(serving, body)
-    model = body.model or serving.served_name
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        render = completion_chunks(serving, body, plan, mixing, rid, created, model)
-        return stream_plan(serving, plan, mixing, render)
-    choices = await run_plan(serving, plan, mixing, request)
-    if choices is None:
-        return Response(status_code=499)
-    out = []
-    for index, choice in enumerate(choices):
-        prefix = echo_text(serving, body, plan, index)
-        item: dict[str, Any] = {
-            "index": index,
-            "text": prefix + choice.text,
-            "logprobs": None,
-            "finish_reason": FINISH.get(choice.finish_reason, "stop"),
-        }
-        if body.logprobs is not None:
-            item["logprobs"] = completion_logprobs(serving, choice.events, len(prefix))
-        out.append(item)
-    content = {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": out, "usage": usage(plan.prompt_tokens, choices), "mixing": mixing.as_dict(),
-    }  # fmt: skip
-    return JSONResponse(content, headers=mixing.headers())
-
-
-def echo_text(serving: Serving, body: CompletionRequest, plan: Plan, index: int) -> str:
-    if not body.echo:
-        return ""
-    prompt = body.prompts()[index // body.n]
-    return prompt if isinstance(prompt, str) else serving.tokenizer.decode(plan.prompts[index])
-
-
-def completion_chunks(
-    serving: Serving,
-    body: CompletionRequest,
-    plan: Plan,
-    mixing: Mixing,
-    rid: str,
-    created: int,
-    model: str,
-) -> Callable[[list[RequestStream]], AsyncIterator[str]]:
+    plan = plan_completion(serving, body)
+    shape = CompletionShape(serving, plan, body.model or serving.served_name, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        data = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": choices, **extra}  # fmt: skip
-        if include_usage:
-            data.setdefault("usage", None)
-        return sse(data)
-
-    async def render(streams: list[RequestStream]) -> AsyncIterator[str]:
-        counts = [0] * len(streams)
-        offsets = [0] * len(streams)
-        for index in range(len(streams)) if body.echo else ():
-            prefix = echo_text(serving, body, plan, index)
-            offsets[index] = len(prefix)
-            yield chunk([{"index": index, "text": prefix, "logprobs": None, "finish_reason": None}])
-        async for index, ev in merge([serving.events(s) for s in streams]):
-            counts[index] += 1
-            item: dict[str, Any] = {
-                "index": index, "text": ev.text, "logprobs": None,
-                "finish_reason": FINISH.get(ev.finish_reason or ""),
-            }  # fmt: skip
-            if body.logprobs is not None:
-                item["logprobs"] = completion_logprobs(serving, [ev], offsets[index])
-            offsets[index] += len(ev.text)
-            yield chunk([item], mixing=mixing.as_dict()) if ev.finish_reason else chunk([item])
-        if include_usage:
-            completion = sum(counts)
-            total = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
-                     "total_tokens": plan.prompt_tokens + completion}  # fmt: skip
-            yield chunk([], usage=total)
-        yield sse("[DONE]")
-
-    return render
+    return await respond(serving, shape, body.stream, include_usage, request)
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------
+
+
+class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
+    id_prefix = "chatcmpl"
+
+    def __init__(self, serving: Serving, plan: Plan, model: str, body: ChatCompletionRequest):
+        super().__init__(serving, plan, model)
+        self.body = body
+
+    def logprobs(self, events: list[TokenEvent]) -> ChoiceLogprobs | None:
+        if not self.body.logprobs:
+            return None
+        return ChoiceLogprobs(content=[self.token_logprob(event) for event in events])
+
+    def choice(self, index: int, choice: Choice) -> ChatChoice:
+        return ChatChoice(
+            index=index,
+            message=AssistantMessage(content=choice.text),
+            logprobs=self.logprobs(choice.events),
+            finish_reason=FINISH.get(choice.finish_reason, "stop"),
+        )
+
+    def opening(self, index: int) -> ChatChunkChoice:
+        delta = ChatDelta(role="assistant", content="")
+        return ChatChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=None)
+
+    def delta(self, index: int, event: TokenEvent) -> ChatChunkChoice:
+        # The last event of a stop may carry no text: its delta is then empty.
+        has_text = bool(event.text) or not event.finish_reason
+        return ChatChunkChoice(
+            index=index,
+            delta=ChatDelta(content=event.text) if has_text else ChatDelta(),
+            logprobs=self.logprobs([event]),
+            finish_reason=FINISH.get(event.finish_reason or ""),
+        )
+
+    def response(self, choices: list[ChatChoice], usage: Usage) -> JSONResponse:
+        mixing = self.plan.mixing
+        body = ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices,
+            usage=usage, mixing=MixingInfo(**mixing.as_dict()),
+        )  # fmt: skip
+        return JSONResponse(body.wire(), headers=mixing.headers())
+
+    def chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> str:
+        body = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
+        return sse(body.wire_json())
 
 
 def chat_prompt(serving: Serving, body: ChatCompletionRequest) -> list[int]:
@@ -250,118 +228,43 @@ def chat_prompt(serving: Serving, body: ChatCompletionRequest) -> list[int]:
         raise InvalidParameter(
             "messages", f"the chat template rejected the messages: {exc}"
         ) from None
-    return serving.encode(str(text), add_special_tokens=False)
+    return serving.encode(str(text), "messages", add_special_tokens=False)
 
 
-def plan_chat(serving: Serving, body: ChatCompletionRequest) -> tuple[Plan, Mixing]:
+def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
     mixing = resolve(serving, body)
     top = serving.check_top_logprobs(body.top_logprobs or 0, "top_logprobs")
     prompt = chat_prompt(serving, body)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = serving.budget(len(prompt), body.max_new_tokens(), param, "messages")
     samplings = [to_sampling(body, max_new, top, j) for j in range(body.n)]
-    return Plan([prompt], samplings, body.n), mixing
+    serving.check_capacity(len(samplings), "n")
+    return Plan.build([prompt], samplings, body.n, mixing)
 
 
-def token_logprob(serving: Serving, ev: TokenEvent) -> dict[str, Any]:
-    return {
-        "token": ev.token_text,
-        "logprob": ev.logprob,
-        "bytes": list(ev.token_text.encode()),
-        "top_logprobs": [
-            {"token": (t := serving.token_text(i)), "logprob": lp, "bytes": list(t.encode())}
-            for i, lp in ev.top_logprobs
-        ],
-        "policy_logprobs": ev.policy_logprobs,
-    }
-
-
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERRORS, **streaming_ok("The completion, or chunks when `stream` is true")},
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
-    plan, mixing = plan_chat(serving, body)
-    model = body.model or serving.served_name
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        render = chat_chunks(serving, body, plan, mixing, rid, created, model)
-        return stream_plan(serving, plan, mixing, render)
-    choices = await run_plan(serving, plan, mixing, request)
-    if choices is None:
-        return Response(status_code=499)
-    out = []
-    for index, choice in enumerate(choices):
-        logprobs = None
-        if body.logprobs:
-            logprobs = {"content": [token_logprob(serving, ev) for ev in choice.events]}
-        out.append({
-            "index": index,
-            "message": {"role": "assistant", "content": choice.text},
-            "logprobs": logprobs,
-            "finish_reason": FINISH.get(choice.finish_reason, "stop"),
-        })  # fmt: skip
-    content = {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": out, "usage": usage(plan.prompt_tokens, choices), "mixing": mixing.as_dict(),
-    }  # fmt: skip
-    return JSONResponse(content, headers=mixing.headers())
-
-
-def chat_chunks(
-    serving: Serving,
-    body: ChatCompletionRequest,
-    plan: Plan,
-    mixing: Mixing,
-    rid: str,
-    created: int,
-    model: str,
-) -> Callable[[list[RequestStream]], AsyncIterator[str]]:
+    plan = plan_chat(serving, body)
+    shape = ChatShape(serving, plan, body.model or serving.served_name, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": model, "choices": choices, **extra}  # fmt: skip
-        if include_usage:
-            data.setdefault("usage", None)
-        return sse(data)
-
-    async def render(streams: list[RequestStream]) -> AsyncIterator[str]:
-        counts = [0] * len(streams)
-        for index in range(len(streams)):
-            role = {"role": "assistant", "content": ""}
-            yield chunk([{"index": index, "delta": role, "logprobs": None, "finish_reason": None}])
-        async for index, ev in merge([serving.events(s) for s in streams]):
-            counts[index] += 1
-            logprobs = {"content": [token_logprob(serving, ev)]} if body.logprobs else None
-            item = {
-                "index": index,
-                "delta": {"content": ev.text} if ev.text or not ev.finish_reason else {},
-                "logprobs": logprobs,
-                "finish_reason": FINISH.get(ev.finish_reason or ""),
-            }
-            yield chunk([item], mixing=mixing.as_dict()) if ev.finish_reason else chunk([item])
-        if include_usage:
-            completion = sum(counts)
-            total = {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion,
-                     "total_tokens": plan.prompt_tokens + completion}  # fmt: skip
-            yield chunk([], usage=total)
-        yield sse("[DONE]")
-
-    return render
+    return await respond(serving, shape, body.stream, include_usage, request)
 
 
 # ---- /v1/models ------------------------------------------------------------------------
 
 
-@router.get("/models", response_model=ModelList, responses=ERRORS)
+@router.get("/models", response_model=ModelList, responses=error_responses(401, 503))
 def models(serving: ServingDep, store: StoreDep, request: Request) -> dict[str, Any]:
     started = int(request.app.state.started_at)
-    data = [{"id": serving.served_name, "object": "model", "created": started, "owned_by": "mpo"}]
-    for profile in store.list():
-        data.append({
-            "id": f"{serving.served_name}:{profile.name}",
-            "object": "model",
-            "created": int(profile.created_at),
-            "owned_by": "mpo",
-        })  # fmt: skip
-    return {"object": "list", "data": data}
+    cards = [ModelCard(id=serving.served_name, created=started)]
+    cards += [
+        ModelCard(id=f"{serving.served_name}:{p.name}", created=int(p.created_at))
+        for p in store.list()
+    ]
+    return ModelList(data=cards).wire()

@@ -1,20 +1,29 @@
-"""Operational routes: ``/health``, ``/info``, ``/metrics`` (no auth, like TGI and vLLM)."""
+"""Operational routes: ``/health``, ``/info``, ``/metrics``.
+
+``/health`` and ``/metrics`` are open (probes and scrapers, as in TGI and vLLM); ``/info``
+lists profiles and limits, so it takes the API key when one is set, as ``/v1/models`` does.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 
 from mpo_core import __version__
 
-from ..deps import MetricsDep, ServingDep, SettingsDep, StoreDep
+from ..deps import MetricsDep, ServingDep, SettingsDep, StoreDep, require_api_key
 from ..errors import error_response
+from ..openapi import error_responses
 
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    responses={200: {"description": '`{"status": "ok"}`'}, **error_responses(503)},
+)
 def health(request: Request) -> Response:
     """200 only when the engine is loaded and its loop is alive; else 503."""
     serving = getattr(request.app.state, "serving", None)
@@ -25,7 +34,7 @@ def health(request: Request) -> Response:
     return Response(content='{"status":"ok"}', media_type="application/json")
 
 
-@router.get("/info")
+@router.get("/info", dependencies=[Depends(require_api_key)], responses=error_responses(401, 503))
 def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     engine = serving.engine
     ps = engine.policy_set
@@ -53,7 +62,7 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(metrics: MetricsDep) -> Response:
     body, content_type = metrics.render()
     return Response(content=body, media_type=content_type)

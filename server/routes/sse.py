@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from mpo_core.errors import GenerationFailed, MPOError
 
-from ..errors import _TYPE_BY_STATUS
+from ..errors import error_type
 from ..protocol.errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,41 @@ def sse_error(exc: BaseException) -> str:
     """A failure after the 200 was sent becomes a last event in the error shape."""
     status = 503 if isinstance(exc, MPOError) and not isinstance(exc, GenerationFailed) else 500
     message = str(exc) if isinstance(exc, MPOError) else "internal server error"
-    return sse(error_body(message, _TYPE_BY_STATUS.get(status, "server_error")))
+    return sse(error_body(message, error_type(status)))
+
+
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
+
+async def with_keepalive(events: AsyncIterator[str], interval_s: float) -> AsyncIterator[str]:
+    """Pass the events on; when none comes for ``interval_s``, send a keep-alive comment.
+
+    The pending read is never cancelled by the timeout (that would break the generator):
+    it is waited on again after each comment.
+    """
+    pending: asyncio.Future[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval_s)
+            if not done:
+                yield KEEPALIVE
+                continue
+            finished, pending = pending, None
+            try:
+                chunk = finished.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -45,14 +81,18 @@ class SSEResponse(StreamingResponse):
     """Starlette cancels the body iterator when the client disconnects; ``on_close`` then
     cancels the engine sequences, even if the iterator had not started yet."""
 
+    media_type = "text/event-stream"  # what the OpenAPI document shows for such routes
+
     def __init__(
         self,
         events: AsyncIterator[str],
         headers: dict[str, str],
         on_close: Callable[[], None],
+        keepalive_s: float,
     ) -> None:
         all_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers}
-        super().__init__(guarded(events), media_type="text/event-stream", headers=all_headers)
+        body = with_keepalive(guarded(events), keepalive_s)
+        super().__init__(body, media_type="text/event-stream", headers=all_headers)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -88,3 +88,27 @@ def test_top_k_one_sampling_is_greedy():
     params = [SamplingParams(temperature=5.0, top_k=1)]
     drawn = {sample_tokens(logprobs, params, [_gen(s)], [[]]).item() for s in range(10)}
     assert drawn == {logprobs.argmax().item()}
+
+
+def test_tiny_temperature_is_greedy():
+    logprobs = torch.randn(2, 30).log_softmax(-1)  # [2, 30]
+    for temperature in (1e-45, 1e-30, 1e-6):
+        params = [SamplingParams(temperature=temperature, seed=3)] * 2
+        assert params[0].greedy
+        tokens = sample_tokens(logprobs, params, [_gen(3), _gen(4)], [[], []])
+        assert tokens.tolist() == logprobs.argmax(-1).tolist()
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_one_rows_numerical_trouble_does_not_fail_the_others():
+    torch.manual_seed(0)
+    good = torch.randn(1, 30).log_softmax(-1)  # [1, 30]
+    nan_row = torch.full((1, 30), float("nan"))
+    dead_row = torch.full((1, 30), -math.inf)  # nothing left to sample from
+    logprobs = torch.cat([nan_row, good, dead_row])  # [3, 30]
+    params = [SamplingParams(temperature=1.0, seed=s) for s in (1, 2, 3)]
+    tokens = sample_tokens(logprobs, params, [_gen(1), _gen(2), _gen(3)], [[], [], []])
+    assert all(0 <= t < 30 for t in tokens.tolist())
+    # The healthy row draws exactly what it draws alone with the same generator.
+    alone = sample_tokens(good, [params[1]], [_gen(2)], [[]])
+    assert tokens[1].item() == alone.item()

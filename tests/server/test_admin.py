@@ -130,3 +130,28 @@ def test_profiles_survive_restart(make_client: ClientFactory, tmp_path: Path) ->
     assert [v["version"] for v in history] == [1, 2]
     assert second.get("/admin/profiles", headers=ADMIN).json()["default"] == "keep"
     assert (tmp_path / "data" / "profiles.sqlite3").is_file()
+
+
+class _UnreachableStore:
+    """A backend whose database is down: every call raises StoreUnavailable."""
+
+    def __getattr__(self, name: str) -> object:
+        from server.store import StoreUnavailable
+
+        def fail(*args: object, **kwargs: object) -> None:
+            raise StoreUnavailable("the profile database at db.example is unreachable")
+
+        return fail
+
+
+def test_store_outage_is_503_with_its_own_code(admin_client: TestClient) -> None:
+    working = admin_client.app.state.store  # type: ignore[attr-defined]
+    admin_client.app.state.store = _UnreachableStore()  # type: ignore[attr-defined]
+    try:
+        response = admin_client.get("/admin/profiles", headers=ADMIN)
+        error = assert_error(response, 503, text="unreachable")
+        assert error["code"] == "store_unavailable"
+        assert error["type"] == "service_unavailable"
+        assert response.headers["retry-after"]
+    finally:
+        admin_client.app.state.store = working  # type: ignore[attr-defined]

@@ -95,3 +95,15 @@ def test_fit_prints_the_table_and_saves_a_profile(
     stored = open_store(Settings().resolved_store_url()).get("fitted")
     assert stored.version == 1 and abs(sum(stored.weights.values()) - 1) < 1e-6
     assert stored.meta == {"source": "mpo fit"}
+
+
+def test_retry_after_setting_reaches_the_engine(tmp_path: Path, tiny_yaml: Path) -> None:
+    from server.app import load_engine
+    from server.metrics import Metrics
+
+    settings = Settings(home=tmp_path, config=tiny_yaml, retry_after_s=7.5)
+    engine = load_engine(settings, Metrics())
+    try:
+        assert engine.limits.retry_after_s == 7.5  # what Overloaded (429) then carries
+    finally:
+        engine.stop(timeout=5)

@@ -62,7 +62,7 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture
 def store(pg_url: str) -> Iterator[ProfileStore]:
-    from server.store_postgres import PostgresProfileStore
+    from server.store.postgres import PostgresProfileStore
 
     backend = PostgresProfileStore(pg_url)
     yield backend
@@ -101,7 +101,7 @@ def test_weights_keep_their_key_order(store: ProfileStore) -> None:
 
 
 def test_open_store_dispatches_postgres_urls(pg_url: str) -> None:
-    from server.store_postgres import PostgresProfileStore
+    from server.store.postgres import PostgresProfileStore
 
     for scheme in ("postgresql", "postgres"):
         url = scheme + pg_url[len("postgresql") :]
@@ -118,14 +118,14 @@ def test_open_store_dispatches_postgres_urls(pg_url: str) -> None:
 
 def test_missing_psycopg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "psycopg", None)  # None in sys.modules: ImportError
-    monkeypatch.delitem(sys.modules, "server.store_postgres", raising=False)
+    monkeypatch.delitem(sys.modules, "server.store.postgres", raising=False)
     with pytest.raises(ConfigError, match=r"pip install 'mpo-server\[postgres\]'"):
         open_store("postgresql://db.example/profiles")
 
 
 def test_unreachable_database_is_a_clear_error() -> None:
     require_psycopg()
-    from server.store_postgres import StoreUnavailable
+    from server.store.postgres import StoreUnavailable
 
     url = f"postgresql://nobody:s3cret@127.0.0.1:{free_port()}/none?connect_timeout=2"
     with pytest.raises(StoreUnavailable, match="cannot open the profile store") as info:
@@ -139,7 +139,7 @@ def test_unreachable_database_is_a_clear_error() -> None:
 
 
 def _process_writer(url: str, worker: int, count: int) -> None:
-    from server.store_postgres import PostgresProfileStore
+    from server.store.postgres import PostgresProfileStore
 
     backend = PostgresProfileStore(url, cache=False)
     for j in range(count):
@@ -161,7 +161,7 @@ def test_concurrent_processes_get_consecutive_versions(store: ProfileStore, pg_u
 
 
 def test_a_second_store_sees_every_change_within_a_second(pg_url: str) -> None:
-    from server.store_postgres import PostgresProfileStore
+    from server.store.postgres import PostgresProfileStore
 
     writer, reader = PostgresProfileStore(pg_url), PostgresProfileStore(pg_url)
     try:
@@ -232,7 +232,7 @@ def test_manual_notify_drops_the_cache(store: Any, pg_url: str) -> None:
 
 
 def test_outage_serves_last_reads_then_recovers(pg_url: str) -> None:
-    from server.store_postgres import PostgresProfileStore, StoreUnavailable
+    from server.store.postgres import PostgresProfileStore, StoreUnavailable
 
     parts = urlsplit(pg_url)
     assert parts.port is not None

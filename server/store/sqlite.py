@@ -1,131 +1,18 @@
-"""Weight profiles: named mixing weights, versioned, persisted.
-
-Every ``put`` appends a new version; nothing is overwritten, so the history of a profile
-stays readable and a rollback is a ``put`` of an old version's content. ``delete`` appends
-a tombstone (the name disappears from ``list`` but its history stays). One profile may be
-marked default; requests that name none use it (uniform weights when none is marked).
-
-``ProfileStore`` is the backend-neutral interface; ``SQLiteProfileStore`` is the default
-backend. ``open_store(url)`` picks a backend from the URL's scheme: add new backends there.
-"""
+"""Weight profiles in one SQLite file: the default backend (``sqlite:///path.db``)."""
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from mpo_core.errors import ConfigError, InvalidParameter, UnknownProfile
+from mpo_core.errors import UnknownProfile
 
-PROFILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-
-
-@dataclass(frozen=True)
-class ProfileVersion:
-    """One stored version of a profile."""
-
-    name: str
-    version: int  # 1, 2, ... per name; never reused, even across delete and re-create
-    weights: dict[str, float]
-    strength: float = 1.0
-    meta: dict[str, Any] = field(default_factory=dict)  # free-form: who, why, fit job id
-    created_at: float = 0.0  # unix seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "weights": dict(self.weights),
-            "strength": self.strength,
-            "meta": dict(self.meta),
-            "created_at": self.created_at,
-        }
-
-
-ProfileVersions = list[ProfileVersion]  # alias: the stores' ``list`` method shadows the builtin
-
-
-def validate_profile_name(name: str) -> str:
-    if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
-        raise InvalidParameter(
-            "name",
-            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
-            "starting with a letter or digit",
-        )
-    return name
-
-
-def validate_profile_content(weights: dict[str, float], strength: float) -> None:
-    """Checks a store can make without knowing the policies (the server checks names)."""
-    if not isinstance(weights, dict) or not weights:
-        raise InvalidParameter("weights", f"weights must be a non-empty mapping, got {weights!r}")
-    for key, value in weights.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise InvalidParameter(
-                f"weights.{key}", f"weight of {key!r} must be finite and >= 0, got {value!r}"
-            )
-    if sum(weights.values()) <= 0:
-        raise InvalidParameter("weights", "weights must not all be zero")
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
-        raise InvalidParameter("strength", f"strength must be finite and >= 0, got {strength!r}")
-
-
-def prepare_put(
-    name: str, weights: dict[str, float], strength: float, meta: dict[str, Any] | None
-) -> tuple[dict[str, float], dict[str, Any], float]:
-    """Validate a new version's content; return weights, meta and the time, as stored."""
-    validate_profile_name(name)
-    validate_profile_content(weights, strength)
-    return {str(k): float(v) for k, v in weights.items()}, dict(meta or {}), time.time()
-
-
-@runtime_checkable
-class ProfileStore(Protocol):
-    """What the server needs from a profile backend. Implementations must be thread-safe."""
-
-    def list(self) -> ProfileVersions:
-        """The current version of every live profile, sorted by name."""
-        ...
-
-    def get(self, name: str, version: int | None = None) -> ProfileVersion:
-        """The current version (or a given one, even of a deleted profile); UnknownProfile."""
-        ...
-
-    def history(self, name: str) -> ProfileVersions:
-        """Every stored version, oldest first; UnknownProfile when the name was never stored."""
-        ...
-
-    def put(
-        self,
-        name: str,
-        weights: dict[str, float],
-        strength: float = 1.0,
-        meta: dict[str, Any] | None = None,
-    ) -> ProfileVersion:
-        """Store a new version (creating the profile if needed) and return it."""
-        ...
-
-    def delete(self, name: str) -> None:
-        """Remove a live profile (history kept); clears the default if it pointed here."""
-        ...
-
-    def get_default(self) -> str | None:
-        """The default profile's name, or None (uniform weights)."""
-        ...
-
-    def set_default(self, name: str | None) -> None:
-        """Mark a live profile default (None: back to uniform); UnknownProfile."""
-        ...
-
-    def close(self) -> None: ...
-
+from .base import ProfileVersion, ProfileVersions, prepare_put
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS profile_versions (
@@ -226,15 +113,16 @@ class SQLiteProfileStore:
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        weights, meta, now = prepare_put(name, weights, strength, meta)
+        new = prepare_put(name, weights, strength, meta)
         with self._write() as conn:
             version = _next_version(conn, name)
             conn.execute(
                 "INSERT INTO profile_versions (name, version, weights, strength, meta, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (name, version, json.dumps(weights), float(strength), json.dumps(meta), now),
-            )
-        return ProfileVersion(name, version, weights, float(strength), meta, now)
+                (name, version, json.dumps(new.weights), new.strength, json.dumps(new.meta),
+                 new.created_at),
+            )  # fmt: skip
+        return ProfileVersion(name, version, new.weights, new.strength, new.meta, new.created_at)
 
     def delete(self, name: str) -> None:
         with self._write() as conn:
@@ -291,30 +179,4 @@ def _row_to_version(row: tuple[Any, ...]) -> ProfileVersion:
         strength=float(strength),
         meta=json.loads(meta),
         created_at=float(created_at),
-    )
-
-
-def open_store(url: str) -> ProfileStore:
-    """A store for ``url``: ``sqlite:///abs/path.db`` (or a bare path) for SQLite.
-
-    A PostgreSQL backend (``postgresql://...``) plugs in here behind the same interface.
-    """
-    if url.startswith("sqlite:///"):
-        # SQLAlchemy's convention: sqlite:///rel.db is relative, sqlite:////abs.db absolute
-        return SQLiteProfileStore(url[len("sqlite:///") :])
-    if "://" not in url:
-        return SQLiteProfileStore(url)
-    scheme = url.split("://", 1)[0]
-    if scheme in ("postgresql", "postgres"):
-        try:  # lazy: psycopg comes with the optional `postgres` extra
-            from .store_postgres import PostgresProfileStore
-        except ImportError as exc:
-            raise ConfigError(
-                f"a {scheme}:// profile store needs psycopg 3 ({exc}); "
-                "install it with: pip install 'mpo-server[postgres]'"
-            ) from exc
-        return PostgresProfileStore(url)
-    raise ConfigError(
-        f"unsupported profile store URL scheme {scheme!r} in {url!r}; "
-        "use sqlite:///PATH or postgresql://..."
     )

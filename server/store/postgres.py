@@ -35,9 +35,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Json
 from psycopg_pool import ConnectionPool
 
-from mpo_core.errors import ConfigError, EngineNotRunning, UnknownProfile
+from mpo_core.errors import ConfigError, UnknownProfile
 
-from .store import ProfileVersion, ProfileVersions, prepare_put
+from .base import ProfileVersion, ProfileVersions, StoreUnavailable, prepare_put
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,6 @@ _GET_DEFAULT = "SELECT value FROM mpo_store_settings WHERE key = 'default_profil
 
 T = TypeVar("T")
 CacheKey = tuple[Any, ...]
-
-
-class StoreUnavailable(EngineNotRunning):
-    """The profile database cannot be reached; the server answers 503 (retry shortly)."""
 
 
 def describe_url(conninfo: str) -> str:
@@ -389,14 +385,14 @@ class PostgresProfileStore:
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        weights, meta, now = prepare_put(name, weights, strength, meta)
+        new = prepare_put(name, weights, strength, meta)
         with self._write(name) as conn:
             version = _next_version(conn, name)
             conn.execute(
                 f"INSERT INTO mpo_profile_versions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)",
-                (name, version, Json(weights), float(strength), Json(meta), now),
+                (name, version, Json(new.weights), new.strength, Json(new.meta), new.created_at),
             )
-        return ProfileVersion(name, version, weights, float(strength), meta, now)
+        return ProfileVersion(name, version, new.weights, new.strength, new.meta, new.created_at)
 
     def delete(self, name: str) -> None:
         with self._write(name) as conn:

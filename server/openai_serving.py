@@ -1,0 +1,175 @@
+"""The OpenAI serving path shared by ``/v1/completions`` and ``/v1/chat/completions``.
+
+Plan the sequences (prompt i, choice j), submit them, then either collect them into one
+response or stream chunks as tokens arrive. What differs between the two routes, how a
+choice and a chunk look, is a small ``Shape`` per route (``routes/openai.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from mpo_core.sampling import SamplingParams
+from mpo_core.streams import RequestStream, TokenEvent
+
+from .protocol.common import MixingInfo
+from .protocol.openai import (
+    ChatChoice,
+    ChatChunkChoice,
+    CompletionChoice,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from .routes.sse import SSEResponse, sse
+from .serving import Choice, ClientGone, Mixing, Serving, merge
+
+FinishReason = Literal["stop", "length"]
+FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+def to_sampling(
+    body: SamplingFields, max_new_tokens: int, top_logprobs: int, index: int
+) -> SamplingParams:
+    """Choice ``index`` of a seeded request gets seed + index: distinct, reproducible."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=body.temperature if body.temperature is not None else 1.0,
+        top_k=body.top_k or 0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
+        seed=None if body.seed is None else (body.seed + index) % (2**63),
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
+        top_logprobs=top_logprobs,
+    )
+
+
+def resolve(serving: Serving, body: SamplingFields) -> Mixing:
+    serving.check_n(body.n)
+    model_profile = serving.profile_from_model(body.model)
+    return serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
+
+
+@dataclass
+class Plan:
+    """The sequences of one OpenAI request: prompt i, choice j -> index i * n + j."""
+
+    prompts: list[list[int]]  # one per sequence
+    samplings: list[SamplingParams]
+    prompt_tokens: int
+    mixing: Mixing
+
+    @classmethod
+    def build(
+        cls, prompts: list[list[int]], samplings: list[SamplingParams], n: int, mixing: Mixing
+    ) -> Plan:
+        per_sequence = [p for p in prompts for _ in range(n)]
+        return cls(per_sequence, samplings, sum(len(p) for p in prompts), mixing)
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=self.prompt_tokens + completion_tokens,
+        )
+
+
+ChoiceT = TypeVar("ChoiceT", CompletionChoice, ChatChoice)
+ChunkChoiceT = TypeVar("ChunkChoiceT", CompletionChoice, ChatChunkChoice)
+
+
+class Shape(Generic[ChoiceT, ChunkChoiceT]):
+    """How one route writes choices: whole (``choice``) or a token at a time (``delta``)."""
+
+    id_prefix = ""
+
+    def __init__(self, serving: Serving, plan: Plan, model: str) -> None:
+        self.serving = serving
+        self.plan = plan
+        self.model = model
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def choice(self, index: int, choice: Choice) -> ChoiceT:
+        raise NotImplementedError
+
+    def opening(self, index: int) -> ChunkChoiceT | None:
+        """A chunk sent for choice ``index`` before its first token, if any."""
+        return None
+
+    def delta(self, index: int, event: TokenEvent) -> ChunkChoiceT:
+        raise NotImplementedError
+
+    def response(self, choices: list[ChoiceT], usage: Usage) -> JSONResponse:
+        raise NotImplementedError
+
+    def chunk(self, choices: list[ChunkChoiceT], **extra: Any) -> str:
+        raise NotImplementedError
+
+    def token_logprob(self, event: TokenEvent) -> TokenLogprob:
+        token_text = self.serving.token_text
+        return TokenLogprob(
+            token=event.token_text,
+            logprob=event.logprob,
+            bytes=list(event.token_text.encode()),
+            top_logprobs=[
+                TopLogprob(token=(t := token_text(i)), logprob=lp, bytes=list(t.encode()))
+                for i, lp in event.top_logprobs
+            ],
+            policy_logprobs=event.policy_logprobs,
+        )
+
+
+async def respond(
+    serving: Serving, shape: Shape[Any, Any], stream: bool, include_usage: bool, request: Request
+) -> Response:
+    """The one serving path: submit the plan, then answer whole or as server-sent events."""
+    plan = shape.plan
+    streams = serving.submit_many(plan.prompts, plan.samplings, plan.mixing)
+    if stream:
+
+        def cancel_all() -> None:
+            for s in streams:
+                s.cancel()
+
+        events = stream_chunks(serving, shape, streams, include_usage)
+        keepalive = serving.settings.sse_keepalive_s
+        return SSEResponse(
+            events, plan.mixing.headers(), on_close=cancel_all, keepalive_s=keepalive
+        )
+    try:
+        finished = await serving.collect(streams, request.receive)
+    except ClientGone:
+        return Response(status_code=499)
+    choices = [shape.choice(index, choice) for index, choice in enumerate(finished)]
+    return shape.response(choices, plan.usage(sum(len(c.events) for c in finished)))
+
+
+async def stream_chunks(
+    serving: Serving, shape: Shape[Any, Any], streams: list[RequestStream], include_usage: bool
+) -> AsyncIterator[str]:
+    """Openings, then one chunk per token (the mixing on each choice's last), usage, [DONE]."""
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    for index in range(len(streams)):
+        opening = shape.opening(index)
+        if opening is not None:
+            yield shape.chunk([opening], **extra)
+    mixing = MixingInfo(**shape.plan.mixing.as_dict())
+    completion_tokens = 0
+    async for index, event in merge([serving.events(s) for s in streams]):
+        completion_tokens += 1
+        last = {"mixing": mixing} if event.finish_reason else {}
+        yield shape.chunk([shape.delta(index, event)], **extra, **last)
+    if include_usage:
+        yield shape.chunk([], usage=shape.plan.usage(completion_tokens))
+    yield sse("[DONE]")

@@ -1,0 +1,214 @@
+"""Through a real uvicorn server in this process: what needs real connections.
+
+Stock TGI clients on ``POST /``, the connection after an unexpected 500, SSE keep-alive
+comments, and (``MPO_TEST_SCHEMATHESIS`` aside) a bounded schema fuzz run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+
+from mpo_core.engine import Engine, EngineLimits
+from mpo_core.policies import PolicySet
+from server.app import create_app
+from server.settings import Settings
+
+pytestmark = pytest.mark.slow
+TGI_PYTHON = os.environ.get("MPO_TGI_PYTHON")  # a python with TGI's `text-generation` client
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that says when it listens (an event, not a poll)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = threading.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.listening.set()
+
+
+class LiveServer:
+    def __init__(self, app: FastAPI) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = _Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        assert self.server.listening.wait(timeout=60), "uvicorn did not start"
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> Iterator[Callable[..., LiveServer]]:
+    servers: list[LiveServer] = []
+
+    def start(
+        engine_override: Engine | None = None, extra: Callable[[FastAPI], None] | None = None,
+        **settings: Any,
+    ) -> LiveServer:  # fmt: skip
+        app = create_app(make_settings(**settings), engine=engine_override or engine)
+        if extra is not None:
+            extra(app)
+        servers.append(LiveServer(app))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_kept_alive_connection_survives_an_unexpected_500(live: Callable[..., LiveServer]) -> None:
+    def routes(app: FastAPI) -> None:
+        @app.get("/test/port")
+        def port(request: Request) -> dict[str, int]:
+            assert request.client is not None
+            return {"port": request.client.port}
+
+        @app.get("/test/boom")
+        def boom() -> None:
+            raise RuntimeError("a bug")
+
+    server = live(extra=routes)
+    with httpx.Client(base_url=server.url, timeout=10) as http:  # one pooled connection
+        before = http.get("/test/port").json()["port"]
+        failed = http.get("/test/boom")
+        assert failed.status_code == 500
+        assert failed.json()["error"]["code"] == "internal_error"  # a complete JSON body
+        assert failed.headers.get("connection") != "close"
+        assert http.get("/test/port").json()["port"] == before  # the same connection
+        assert http.get("/health").status_code == 200
+
+
+class _Gate:
+    """An engine observer that holds the decoding thread after each step until released."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    def on_step(self, batch_size: int, forward_seconds: dict[str, float]) -> None:
+        self.released.wait(timeout=60)  # the bound only guards a broken test
+
+
+def test_idle_stream_gets_keepalive_comments(
+    live: Callable[..., LiveServer], policy_set: PolicySet
+) -> None:
+    gate = _Gate()
+    held = Engine(policy_set, EngineLimits(max_running=2, max_queued=2), observer=gate)
+    server = live(engine_override=held, sse_keepalive_s=0.05)
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 3, "ignore_eos": True}}
+    events, comments = [], 0
+    try:
+        with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                elif line == ": keep-alive":
+                    comments += 1
+                    gate.released.set()  # the engine held after token 1: let it go on
+    finally:
+        gate.released.set()
+        held.stop(timeout=5)
+    assert comments >= 1
+    assert [e["index"] for e in events] == [0, 1, 2]
+    assert events[-1]["generated_text"] is not None
+
+
+def test_huggingface_hub_text_generation(live: Callable[..., LiveServer]) -> None:
+    from huggingface_hub import InferenceClient
+
+    server = live(api_key="sk-hub")
+    client = InferenceClient(base_url=server.url, api_key="sk-hub")
+    expected = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
+        headers={"Authorization": "Bearer sk-hub"},
+    ).json()["generated_text"]
+    assert client.text_generation("Hello", max_new_tokens=4) == expected
+    detailed = client.text_generation("Hello", max_new_tokens=4, details=True)
+    assert detailed.generated_text == expected
+    assert detailed.details is not None and detailed.details.generated_tokens >= 1
+    # Token texts of a byte-level vocabulary may be partial characters: compare the whole.
+    streamed = list(client.text_generation("Hello", max_new_tokens=4, stream=True, details=True))
+    assert streamed[-1].generated_text == expected
+    assert len(streamed) == detailed.details.generated_tokens
+
+
+@pytest.mark.skipif(not TGI_PYTHON, reason="set MPO_TGI_PYTHON to a python with text-generation")
+def test_tgi_text_generation_client(live: Callable[..., LiveServer]) -> None:
+    script = """
+import json, sys
+from text_generation import Client
+client = Client(sys.argv[1], headers={"Authorization": "Bearer sk-tgi"}, timeout=60)
+whole = client.generate("Hello", max_new_tokens=4)
+events = list(client.generate_stream("Hello", max_new_tokens=4))
+print(json.dumps({"text": whole.generated_text, "n": whole.details.generated_tokens,
+                  "events": len(events), "stream": events[-1].generated_text}))
+"""
+    server = live(api_key="sk-tgi")
+    assert TGI_PYTHON is not None
+    run = subprocess.run(
+        [TGI_PYTHON, "-c", script, server.url], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
+        headers={"Authorization": "Bearer sk-tgi"},
+    ).json()["generated_text"]
+    assert result["text"] == expected == result["stream"]
+    assert 1 <= result["n"] == result["events"] <= 4
+
+
+def _schemathesis() -> list[str] | None:
+    if shutil.which("schemathesis") or Path(sys.executable).with_name("schemathesis").exists():
+        return [sys.executable, "-m", "schemathesis.cli"]
+    return None
+
+
+@pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
+def test_schema_fuzz_run_finds_no_failures(live: Callable[..., LiveServer], tmp_path: Path) -> None:
+    """A bounded schemathesis run: no 500, only documented statuses, bodies as documented.
+
+    One token serves as API key and admin token, so every operation can be reached. The
+    fit route is left out: a fuzzed fit is minutes of CPU (its bounds are tested above).
+    """
+    token = "fuzz-token"
+    server = live(api_key=token, admin_token=token, max_n=4, default_max_tokens=8)
+    command = [
+        *(_schemathesis() or []), "run", f"{server.url}/openapi.json",
+        "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance",
+        "--header", f"Authorization: Bearer {token}",
+        "--max-examples", os.environ.get("MPO_FUZZ_EXAMPLES", "25"),
+        "--exclude-path-regex", "^/admin/fit",
+        "--phases", "examples,coverage,fuzzing",
+        "--generation-deterministic",
+        "--request-timeout", "60",
+        "--workers", "1",
+        "--report", "junit", "--report-dir", str(tmp_path),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
