@@ -17,7 +17,8 @@ alternation, ``--runs`` times:
 - ``base``: the base alone, c requests: ``adapters / base`` is the cost of mixing (c).
 
 Step time is the median inter-token latency. Peak RSS is reported above the process's
-RSS after imports (before loading), and divided by the parameter bytes the system holds.
+RSS after imports (before loading), and divided by the parameter bytes the system holds
+(on a GPU the RSS figures say nothing about device memory).
 """
 
 from __future__ import annotations
@@ -51,16 +52,32 @@ SYSTEMS = ("adapters", "base-rows", "full", "base")
 
 
 def build(size: str, k: int, rank: int, root: Path) -> Path:
-    """The base, K adapters and their merged copies under ``root`` (built once)."""
+    """The base, K adapters and their merged copies under ``root`` (built once; "1b" in
+    bfloat16, as bench.common builds it)."""
+    import torch
+
     from mpo_core.testing_lora import LoraShape, make_adapter_family
 
     folder = root / f"{size}_k{k}_r{rank}"
     if not (folder / "merged.yaml").exists():
         shapes = [LoraShape(r=rank, alpha=2 * rank, targets="all") for _ in range(k)]
-        make_adapter_family(folder, shapes, lora_std=0.02, **SIZES[size])
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if size == "1b" else torch.float32)
+        try:
+            make_adapter_family(folder, shapes, lora_std=0.02, **SIZES[size])
+        finally:
+            torch.set_default_dtype(default)
     base = {"served_name": "base", "policies": [{"name": "base", "model": "base"}]}
-    (folder / "base.yaml").write_text(yaml.safe_dump({**base, "device": "cpu"}))
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
     return folder
+
+
+def _config(path: Path, device: str, dtype: str) -> Any:
+    from mpo_core.config import parse_config
+
+    raw = yaml.safe_load(path.read_text())
+    raw.update(device=device, dtype=dtype)
+    return parse_config(raw, base_dir=path.parent)
 
 
 def _engine_rows(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
@@ -74,7 +91,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     import torch  # noqa: F401  (the baseline RSS includes torch, transformers and mpo_core)
 
-    from mpo_core.config import load_config
     from mpo_core.engine import Engine, EngineLimits
     from mpo_core.policies import load_policy_set
 
@@ -83,7 +99,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     folder = args.models_dir / f"{args.size}_k{args.k}_r{args.rank}"
     yaml_name = {"adapters": "adapters", "full": "merged"}.get(args.system, "base")
     baseline = rss_mb()
-    policy_set = load_policy_set(load_config(folder / f"{yaml_name}.yaml"))
+    policy_set = load_policy_set(_config(folder / f"{yaml_name}.yaml", args.device, args.dtype))
     if policy_set.adapters is not None:
         params = param_mb([policy_set.adapters.model])
         buffers = policy_set.adapters.model.buffers()  # the stacked LoRA factors
@@ -123,6 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             command += ["--size", args.size, "--k", str(args.k), "--rank", str(args.rank)]
             command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
             command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
+            command += ["--device", args.device, "--dtype", args.dtype]
             started = time.monotonic()
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-adapters"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/adapters.json"))
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .adapters import AdapterFamily, load_adapters
+from .adapters import AdapterFamily, load_adapters, read_adapter_configs
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
 
@@ -244,6 +244,8 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
     """One base model with K LoRA adapters; the base with the adapters off is the reference."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    # The adapters' configs first: they are cheap, and a bad adapter should fail at once.
+    adapter_configs = read_adapter_configs(base_spec, config.adapter_policies)
     tokenizer = _load_tokenizer(base_spec, "base")
     vocab_size = len(tokenizer)
     logger.info(
@@ -251,7 +253,7 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
     )
     base = _load_model(base_spec, "base", device, dtype)
     _check_output_rows(base, "base", vocab_size)
-    family = load_adapters(base.model, base_spec, config.adapter_policies, dtype, device)
+    family = load_adapters(base.model, config.adapter_policies, adapter_configs, dtype, device)
 
     def member(name: str, adapter: int) -> LoadedModel:
         view = cast(PreTrainedModel, family.view(adapter))  # runs like a model of its own

@@ -357,3 +357,22 @@ def test_adapter_family_describes_its_adapters(family: Any) -> None:
     assert adapters.names == merged.names == ["helpful", "harmless", "concise"]
     assert adapters.vocab_size == merged.vocab_size
     assert [a.rank for a in adapters.adapters.adapters] == [4, 8, 2]
+
+
+def test_hub_adapters_pass_their_revision_to_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def offline(source: str, revision: str | None = None, **kw: Any) -> Any:
+        seen.append((source, revision))
+        raise OSError("offline: not in the cache")  # what HF_HUB_OFFLINE=1 gives
+
+    monkeypatch.setattr("mpo_core.adapters.PeftConfig.from_pretrained", offline)
+    config = parse_config(
+        {
+            "base": {"name": "b", "model": "org/base"},
+            "policies": [{"name": "p", "adapter": "org/p-lora", "revision": "v2"}],
+        }
+    )
+    with pytest.raises(ConfigError, match="adapter 'p': cannot read a PEFT adapter config"):
+        load_policy_set(config)
+    assert seen == [("org/p-lora", "v2")]
