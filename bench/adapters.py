@@ -1,12 +1,11 @@
 """The adapter backend against its baselines, ratios from one run (docs/adapters.md).
 
-    python -m bench.adapters --size 100m --k 3 --rank 16 --concurrency 1,4 --runs 2 \
-        --out bench/results/adapters_100m.json
+    python -m bench.adapters --size 100m --k 3 --rank 16 --concurrency 1,4 --rounds 5 \
+        --threads 1 --out bench/results/adapters_100m.json
 
 A workload is ``c`` requests arriving together, 32-token prompts, ``--new-tokens``
 greedy tokens each (EOS ignored), uniform weights over the K policies at strength 1.
-Four systems serve it, each in a fresh process (so that its peak RSS is its own), in
-alternation, ``--runs`` times:
+The systems:
 
 - ``adapters``: the base with K rank-r LoRA adapters on every linear layer (grouped
   backend): c requests, K rows each;
@@ -16,9 +15,16 @@ alternation, ``--runs`` times:
   c requests: ``full / adapters`` is the saving (b);
 - ``base``: the base alone, c requests: ``adapters / base`` is the cost of mixing (c).
 
-Step time is the median inter-token latency. Peak RSS is reported above the process's
-RSS after imports (before loading), and divided by the parameter bytes the system holds
-(on a GPU the RSS figures say nothing about device memory).
+Speed: one process holds all three families and runs the systems in turn, ``--rounds``
+times (the order rotating), so that each round's four figures are taken seconds apart;
+a ratio is the median over rounds of that round's ratio of median inter-token latencies.
+On a shared machine whose speed drifts by 2-3x from minute to minute, ratios taken in
+separate processes minutes apart mean little.
+
+Memory: each of ``adapters``, ``full`` and ``base`` then runs once in a fresh process
+(so that its peak RSS is its own), at every concurrency; the peak is reported above the
+process's RSS after imports and over the parameter (+ adapter) bytes it holds. On a GPU
+the RSS figures say nothing about device memory.
 """
 
 from __future__ import annotations
@@ -86,95 +92,142 @@ def _engine_rows(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict
     return summarize(*systems.run_engine(engine, prompts, new_tokens))
 
 
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One system in this process: load, warm up, then each concurrency."""
-    set_threads(args.threads)
-    import torch  # noqa: F401  (the baseline RSS includes torch, transformers and mpo_core)
-
-    from mpo_core.engine import Engine, EngineLimits
+def _load(args: argparse.Namespace, name: str) -> Any:
     from mpo_core.policies import load_policy_set
 
+    folder = args.models_dir / f"{args.size}_k{args.k}_r{args.rank}"
+    return load_policy_set(_config(folder / f"{name}.yaml", args.device, args.dtype))
+
+
+def _held_mb(policy_set: Any) -> float:
+    """Parameter bytes the policy set holds (+ the adapters' stacked factors)."""
     from .common import param_mb
 
-    folder = args.models_dir / f"{args.size}_k{args.k}_r{args.rank}"
-    yaml_name = {"adapters": "adapters", "full": "merged"}.get(args.system, "base")
-    baseline = rss_mb()
-    policy_set = load_policy_set(_config(folder / f"{yaml_name}.yaml", args.device, args.dtype))
     if policy_set.adapters is not None:
-        params = param_mb([policy_set.adapters.model])
-        buffers = policy_set.adapters.model.buffers()  # the stacked LoRA factors
-        params += sum(b.numel() * b.element_size() for b in buffers) / 2**20
-    else:
-        params = param_mb([*policy_set.models])
-        if policy_set.reference is not None:
-            params += param_mb([policy_set.reference.model])
+        model = policy_set.adapters.model
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        return param_mb([model]) + buffers / 2**20
+    models = [*policy_set.models]
+    if policy_set.reference is not None:
+        models.append(policy_set.reference.model)
+    return param_mb(models)
+
+
+def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One system alone in this process: its peak RSS at each concurrency."""
+    from mpo_core.engine import Engine, EngineLimits
+
+    baseline = rss_mb()
+    name = {"adapters": "adapters", "full": "merged", "base": "base"}[args.worker]
+    policy_set = _load(args, name)
+    held = _held_mb(policy_set)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    per_request = args.k if args.system == "base-rows" else 1
-    texts = prompt_texts(max(concurrencies) * per_request)
-    prompts = prompt_ids(policy_set.tokenizer, texts)
+    prompts = prompt_ids(policy_set.tokenizer, prompt_texts(max(concurrencies)))
     rows = []
-    limits = EngineLimits(max_running=max(concurrencies) * per_request)
-    with Engine(policy_set, limits) as engine:
+    with Engine(policy_set, EngineLimits(max_running=max(concurrencies))) as engine:
         _engine_rows(engine, prompts[:1], 4)  # warm up
         for c in concurrencies:
             reset_peak_rss()
-            fields = _engine_rows(engine, prompts[: c * per_request], args.new_tokens)
-            fields.update(
-                system=args.system,
-                concurrency=c,
-                peak_above_baseline_mb=peak_rss_mb() - baseline,
-                param_mb=params if args.system != "adapters" else None,
-                params_and_adapters_mb=params,
-            )
+            fields = _engine_rows(engine, prompts[:c], args.new_tokens)
+            peak = peak_rss_mb() - baseline
+            fields.update(system=args.worker, concurrency=c, peak_above_baseline_mb=peak)
+            fields.update(held_mb=held, peak_over_held=peak / held)
             rows.append(fields)
-    return {"rows": rows}
+    return rows
+
+
+def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """All systems in this process, in turn, ``--rounds`` times."""
+    from mpo_core.engine import Engine, EngineLimits
+
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    most = max(concurrencies) * args.k
+    sets = {name: _load(args, name) for name in ("adapters", "merged", "base")}
+    engines = {
+        name: Engine(policy_set, EngineLimits(max_running=most, max_queued=most)).start()
+        for name, policy_set in sets.items()
+    }
+    prompts = prompt_ids(sets["base"].tokenizer, prompt_texts(most))
+    plan = {  # system -> (engine, requests per c)
+        "adapters": ("adapters", 1),
+        "base-rows": ("base", args.k),
+        "full": ("merged", 1),
+        "base": ("base", 1),
+    }
+    rows = []
+    try:
+        for engine in engines.values():
+            _engine_rows(engine, prompts[:1], 4)  # warm up
+        for round_index in range(args.rounds):
+            order = SYSTEMS[round_index % len(SYSTEMS) :] + SYSTEMS[: round_index % len(SYSTEMS)]
+            for c in concurrencies:
+                for system in order:
+                    name, per_request = plan[system]
+                    fields = _engine_rows(
+                        engines[name], prompts[: c * per_request], args.new_tokens
+                    )
+                    fields.update(system=system, concurrency=c, round=round_index)
+                    rows.append(fields)
+                    logger.info(
+                        "round %d c=%d %s: %.1f ms", round_index, c, system, fields["itl_ms_p50"]
+                    )
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    return rows
+
+
+def _worker_rows(args: argparse.Namespace, worker: str) -> list[dict[str, Any]]:
+    command = [sys.executable, "-m", "bench.adapters", "--worker", worker]
+    command += ["--size", args.size, "--k", str(args.k), "--rank", str(args.rank)]
+    command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
+    command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
+    command += ["--device", args.device, "--dtype", args.dtype, "--rounds", str(args.rounds)]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{worker} failed:\n{done.stderr[-4000:]}")
+    logger.info("%s (%.0f s)", worker, time.monotonic() - started)
+    rows: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     build(args.size, args.k, args.rank, args.models_dir)
-    results: list[dict[str, Any]] = []
-    for run_index in range(args.runs):
-        for system in SYSTEMS:
-            command = [sys.executable, "-m", "bench.adapters", "--worker", system]
-            command += ["--size", args.size, "--k", str(args.k), "--rank", str(args.rank)]
-            command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
-            command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
-            command += ["--device", args.device, "--dtype", args.dtype]
-            started = time.monotonic()
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"{system} failed:\n{done.stderr[-4000:]}")
-            rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
-            for row in rows:
-                row["run"] = run_index
-            results += rows
-            logger.info("run %d %s (%.0f s)", run_index, system, time.monotonic() - started)
-    return {"rows": results, "ratios": ratios(results)}
+    timing = _worker_rows(args, "timing")
+    memory = [row for system in ("adapters", "full", "base") for row in _worker_rows(args, system)]
+    return {"timing": timing, "memory": memory, "ratios": ratios(timing, memory)}
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per concurrency: the medians over runs of each system's step time, their ratios,
-    and the memory figures."""
-    out: dict[str, dict[str, float]] = {}
-    for c in sorted({r["concurrency"] for r in rows}):
+def ratios(timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per concurrency: the median over rounds of each round's ratios; the memory rows."""
+    out: dict[str, Any] = {}
+    for c in sorted({r["concurrency"] for r in timing}):
+        itl = {(r["round"], r["system"]): r["itl_ms_p50"] for r in timing if r["concurrency"] == c}
+        rounds = sorted({r for r, _ in itl})
 
-        def median(system: str, key: str, c: int = c) -> float:
-            values = [r[key] for r in rows if r["system"] == system and r["concurrency"] == c]
-            return statistics.median(values)
+        def median_ratio(
+            top: str,
+            bottom: str,
+            itl: dict[tuple[int, str], float] = itl,
+            rounds: list[int] = rounds,
+        ) -> float:
+            return statistics.median(itl[(r, top)] / itl[(r, bottom)] for r in rounds)
 
-        itl = {s: median(s, "itl_ms_p50") for s in SYSTEMS}
-        adapters_peak = median("adapters", "peak_above_baseline_mb")
         out[f"c={c}"] = {
-            **{f"itl_ms_{s}": itl[s] for s in SYSTEMS},
-            "a_overhead_adapters_over_base_rows": itl["adapters"] / itl["base-rows"],
-            "b_saving_full_over_adapters": itl["full"] / itl["adapters"],
-            "c_mixing_adapters_over_base": itl["adapters"] / itl["base"],
-            "adapters_peak_above_baseline_mb": adapters_peak,
-            "adapters_params_mb": median("adapters", "params_and_adapters_mb"),
-            "adapters_peak_over_params": adapters_peak
-            / median("adapters", "params_and_adapters_mb"),
-            "full_peak_above_baseline_mb": median("full", "peak_above_baseline_mb"),
-            "base_peak_above_baseline_mb": median("base", "peak_above_baseline_mb"),
+            **{f"itl_ms_{s}": statistics.median(itl[(r, s)] for r in rounds) for s in SYSTEMS},
+            "a_overhead_adapters_over_base_rows": median_ratio("adapters", "base-rows"),
+            "b_saving_full_over_adapters": median_ratio("full", "adapters"),
+            "c_mixing_adapters_over_base": median_ratio("adapters", "base"),
+            "memory": {
+                r["system"]: {
+                    "peak_above_baseline_mb": r["peak_above_baseline_mb"],
+                    "held_mb": r["held_mb"],
+                    "peak_over_held": r["peak_over_held"],
+                }
+                for r in memory
+                if r["concurrency"] == c
+            },
         }
     return out
 
@@ -186,18 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the systems")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-adapters"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/adapters.json"))
-    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["timing", "adapters", "full", "base"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if args.worker:
-        args.system = args.worker
-        print(json.dumps(worker(args)))
+        set_threads(args.threads)
+        rows = timing_worker(args) if args.worker == "timing" else memory_worker(args)
+        print(json.dumps(rows))
         return 0
     result = run(args)
     result["meta"] = {

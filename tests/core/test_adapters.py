@@ -200,6 +200,26 @@ def test_rows_per_request_follow_the_coefficients(family: Any) -> None:
     assert runner.batch.row_ids == [4]
 
 
+def test_cancel_frees_every_slot_of_the_request(family: Any) -> None:
+    """max_running counts requests: a 3-slot request fills max_running=1, and cancelling
+    it frees all three of its slots for the next request."""
+    _, _, adapters, _ = family
+    ids = adapters.tokenizer.encode(PROMPTS[0])
+    with Engine(adapters, EngineLimits(max_running=1, max_queued=4)) as engine:
+        runner = engine.runner
+        assert isinstance(runner, AdapterRunner)
+        mixture = engine.mixture({"harmless": 0.3, "concise": 0.7}, 0.6)
+        stream = engine.submit(GenerationRequest(ids, greedy(200), mixture))
+        events = iter(stream)
+        next(events)
+        assert len(runner.batch) == 3  # 2 adapters + the base, one request
+        queued = engine.submit(GenerationRequest(ids, greedy(3), engine.mixture({"helpful": 1})))
+        stream.cancel()
+        assert list(events)[-1].finish_reason == "cancelled"
+        assert len(list(queued)) == 3  # it got the slot once the cancelled request left
+    assert len(runner.batch) == 0  # after the engine's thread is done: no slot leaked
+
+
 def test_one_hot_greedy_equals_peft_generate(family: Any) -> None:
     _, paths, adapters, _ = family
     ids = adapters.tokenizer.encode(PROMPTS[0])
