@@ -186,15 +186,6 @@ def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
     return sorted(ids)
 
 
-def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
-    rows = loaded.model.get_output_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise ConfigError(
-            f"{role} {loaded.name!r} has {rows} output rows "
-            f"but the tokenizer has {vocab_size} tokens"
-        )
-
-
 def load_policy_set(config: PolicySetConfig) -> PolicySet:
     """Load every model of ``config`` on one device/dtype and check they can be mixed."""
     if config.base is not None:
@@ -216,7 +207,12 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
     for spec, role in specs:
         logger.info("loading %s %r from %s on %s (%s)", role, spec.name, spec.model, device, dtype)
         model = _load_model(spec, role, device, dtype)
-        _check_output_rows(model, role, vocab_size)
+        rows = model.model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise ConfigError(
+                f"{role} {spec.name!r} has {rows} output rows "
+                f"but the tokenizer has {vocab_size} tokens"
+            )
         loaded.append(model)
     policies = loaded[: len(config.policies)]
     reference = loaded[len(config.policies)] if config.reference is not None else None
@@ -228,10 +224,22 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
         vocab_size=vocab_size,
         device=device,
         dtype=dtype,
-        kv_dtype=_kv_dtype(config, device, dtype),
+        kv_dtype=dtype
+        if config.kv_cache_dtype == "auto"
+        else resolve_dtype(config.kv_cache_dtype, device),
         max_context=min(_context_limit(m.model) for m in loaded),
         eos_token_ids=_eos_ids(tokenizer, policies[0].model),
     )
+
+
+def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
+    """The adapter family's copy of load_policy_set's output-rows check."""
+    rows = loaded.model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ConfigError(
+            f"{role} {loaded.name!r} has {rows} output rows "
+            f"but the tokenizer has {vocab_size} tokens"
+        )
 
 
 def _kv_dtype(config: PolicySetConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
