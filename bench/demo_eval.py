@@ -149,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--examples", type=int, default=3, help="example replies per row")
     parser.add_argument("--out", type=Path, default=Path("bench/results/demo_eval.json"))
+    parser.add_argument(
+        "--adapters", action="store_true", help="the demo built as LoRA adapters of the reference"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     meta = run_meta("bench/demo_eval.py", argv, args)
     started = time.perf_counter()
-    config_path = build_demo(home=args.home, variant=args.variant, seed=args.seed)
+    config_path = build_demo(
+        home=args.home, variant=args.variant, seed=args.seed, adapters=args.adapters
+    )
     logger.info("family ready in %.1f s: %s", time.perf_counter() - started, config_path)
     config = load_config(config_path)
     config.device = "cpu"  # the documented numbers are CPU float32

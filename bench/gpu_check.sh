@@ -30,3 +30,14 @@ if [ "${FULL:-0}" = 1 ]; then
     timeout 270 "$PY" -m bench.run --size 100m --runs 3 "${common[@]}" --out "$OUT/gpu_100m.json" || true
     timeout 180 "$PY" -m bench.run --size 1b --runs 1 "${common[@]}" --out "$OUT/gpu_1b.json" || true
 fi
+
+# Adapter family (docs/adapters.md): the 1B base with K = 3 rank-16 LoRA adapters on every
+# linear layer, against base-rows / full / base; target (c) adapters / base <= 1.3x.
+# Opt-in (ADAPTERS=1): it builds a base, 3 adapters and 3 merged copies (~10 GB in bf16).
+if [ "${ADAPTERS:-0}" = 1 ]; then
+    timeout 300 "$PY" -m bench.adapters --size 1b --k 3 --rank 16 --concurrency 1,16 --runs 1 \
+        --device cuda --dtype bfloat16 --new-tokens 64 \
+        --models-dir "${MODELS:-/tmp/mpo-bench-models}/adapters" \
+        --out "$OUT/gpu_adapters_1b.json" \
+        || echo "gpu_check: the adapter run stopped early (status $?)"
+fi

@@ -188,15 +188,20 @@ def _load_weights(model: Any, spec: AdapterSpec, peft_model: PeftModel | None) -
         ) from None
 
 
+def read_adapter_configs(base: ModelSpec, specs: Sequence[AdapterSpec]) -> list[PeftConfig]:
+    """Every adapter's checked config: cheap, so done before the base is loaded."""
+    return [read_adapter_config(spec, base) for spec in specs]
+
+
 def load_adapters(
     model: Any,
-    base: ModelSpec,
     specs: Sequence[AdapterSpec],
+    configs: Sequence[PeftConfig],
     dtype: torch.dtype,
     device: torch.device,
 ) -> AdapterFamily:
-    """Load ``specs`` onto ``model`` (modified in place) and group their LoRA layers."""
-    configs = [read_adapter_config(spec, base) for spec in specs]  # fail before any weights
+    """Load ``specs`` (checked ``configs``) onto ``model`` (modified in place) and group
+    their LoRA layers."""
     peft_model: PeftModel | None = None
     for spec in specs:
         logger.info("loading adapter %r from %s", spec.name, spec.adapter)
@@ -209,4 +214,12 @@ def load_adapters(
     return AdapterFamily(inner, index, infos)
 
 
-__all__ = ["BASE", "AdapterFamily", "AdapterInfo", "AdapterView", "load_adapters", "same_base"]
+__all__ = [
+    "BASE",
+    "AdapterFamily",
+    "AdapterInfo",
+    "AdapterView",
+    "load_adapters",
+    "read_adapter_configs",
+    "same_base",
+]

@@ -1,22 +1,30 @@
 """Grouped LoRA: every row of a batch runs its own adapter in one forward.
 
 PEFT loads the adapters (``adapters``); this module then replaces each LoRA-wrapped
-linear layer by a ``GroupedLoraLinear`` that holds the adapters' factors stacked::
+linear layer by a ``GroupedLoraLinear`` that holds, side by side, the factors of the S
+adapters that target it, each padded with zeros to the layer's largest rank R::
 
-    y[b] = base(x[b]) + x[b] @ A[slot[b]] @ B[slot[b]]        # A: [S, in, R], B: [S, R, out]
+    A = [A_1 | ... | A_S]          # [in, S * R]
+    B = [B_1 ; ... ; B_S]          # [S * R, out], each B_s times its scaling
+    y = base(x) + ((x @ A) * mask[row]) @ B
 
-``slot[b]`` is row b's adapter in this layer's stack. Slot 0 is all zeros: the base with
-no adapter, which is the family's reference. Ranks are padded with zero columns to the
-layer's largest rank, and an adapter that does not target the layer maps to slot 0, so
-adapters of different ranks, alphas and target modules share one stack per layer. The
-scaling (``alpha / r``, or ``alpha / sqrt(r)`` with rslora, or a rank/alpha pattern's
-value) is folded into B when the stacks are built.
+``mask[row]`` is 1 on the R columns of the row's adapter and 0 elsewhere; a row running
+no adapter (the base: the family's reference), or an adapter that does not target this
+layer, has an all-zero mask. So adapters of different ranks, alphas and target modules
+share one pair of matrices per layer. The scaling (``alpha / r``, ``alpha / sqrt(r)``
+with rslora, or a rank/alpha pattern's value) is folded into B when it is built.
 
-The per-row adapter index lives in one ``AdapterIndex`` shared by every layer: a
-preallocated buffer that the runner fills before each forward (row order of the
-batch). Layers read ``index[:B]`` (B from the input's shape) through a gather and two
-batched products: no data-dependent indexing, no Python branch on data, so a CUDA graph
-can capture the forward and replay it after the buffers are refilled in place.
+Why all S adapters for every row, rather than gathering each row's own factors: on a CPU
+the gather copies ``rows x R x (in + out)`` values per layer and step, which outgrows the
+layer's own weight past a dozen rows, while two plain matrix products read every
+adapter's factors once whatever the batch (S * R * (in + out) values: 9 % of the
+100M-parameter shape's weights for 3 rank-16 adapters on every linear layer).
+
+The per-row adapter index lives in one ``AdapterIndex`` shared by every layer: static
+buffers that the runner fills in place before each forward (in the batch's row order).
+A layer reads ``mask[:B]`` (B from the input's shape): no data-dependent indexing, no
+Python branch on data, so a CUDA graph can capture the forward and replay it after the
+buffers are refilled.
 """
 
 from __future__ import annotations
@@ -36,17 +44,24 @@ BASE = 0  # the adapter index of "no adapter": the base model, the family's refe
 class AdapterIndex:
     """Row -> adapter, shared by every grouped layer of one model.
 
-    ``index`` holds, per batch row, 0 for the base or ``1 + k`` for adapter k. Layers
+    ``set`` takes, per batch row, 0 for the base or ``1 + k`` for adapter k. Layers
     differ in which adapters target them, so each distinct layout (a ``table`` mapping
-    adapter index -> slot in the layer's stack) gets its own slot buffer, filled from
-    ``index`` once per ``set`` rather than once per layer.
+    adapter index -> the layer's slot, 1..S, or 0 for none) gets its own mask buffer
+    ``[capacity, S]``, filled once per ``set`` rather than once per layer.
     """
 
-    def __init__(self, num_adapters: int, device: torch.device, capacity: int = 16) -> None:
+    def __init__(
+        self,
+        num_adapters: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        capacity: int = 16,
+    ) -> None:
         self.num_adapters = num_adapters
         self.device = device
+        self.dtype = dtype
         self._tables: list[torch.Tensor] = []  # per layout: [N + 1] adapter -> slot
-        self._slots: list[torch.Tensor] = []  # per layout: [capacity] slot per row
+        self._masks: list[torch.Tensor] = []  # per layout: [capacity, S] 1 = row's slot
         self._index = torch.zeros(capacity, dtype=torch.long, device=device)  # [capacity]
         self.rows = 0
 
@@ -55,14 +70,18 @@ class AdapterIndex:
         return self._index.shape[0]
 
     def layout(self, table: list[int]) -> int:
-        """The id of the layout ``table`` (adapter index -> slot), added if new."""
+        """The id of the layout ``table`` (adapter index -> slot 1..S, 0 = none)."""
         wanted = torch.tensor(table, dtype=torch.long, device=self.device)  # [N + 1]
         for i, known in enumerate(self._tables):
             if torch.equal(known, wanted):
                 return i
         self._tables.append(wanted)
-        self._slots.append(torch.zeros(self.capacity, dtype=torch.long, device=self.device))
+        self._masks.append(self._new_mask(wanted, self.capacity))
         return len(self._tables) - 1
+
+    def _new_mask(self, table: torch.Tensor, capacity: int) -> torch.Tensor:
+        slots = int(table.max())
+        return torch.zeros(capacity, slots, dtype=self.dtype, device=self.device)
 
     def reserve(self, rows: int) -> None:
         """Make room for ``rows`` rows. Growing allocates new buffers: a captured graph
@@ -71,34 +90,41 @@ class AdapterIndex:
             return
         capacity = max(rows, self.capacity * 2)
         self._index = torch.zeros(capacity, dtype=torch.long, device=self.device)
-        self._slots = [torch.zeros_like(self._index) for _ in self._tables]
+        self._masks = [self._new_mask(table, capacity) for table in self._tables]
 
     def set(self, adapters: torch.Tensor) -> None:
         """Rows ``0..len(adapters)-1`` run ``adapters`` ([B] long, 0 = base), in place."""
         rows = adapters.shape[0]
         self.reserve(rows)
         self._index[:rows].copy_(adapters)
-        for table, slots in zip(self._tables, self._slots):
-            torch.index_select(table, 0, self._index[:rows], out=slots[:rows])
+        for table, mask in zip(self._tables, self._masks):
+            slots = table[self._index[:rows]]  # [B] 0 = none, else 1..S
+            wanted = torch.arange(1, mask.shape[1] + 1, device=self.device)  # [S]
+            mask[:rows] = slots[:, None] == wanted  # [B, S]
         self.rows = rows
 
     def fill(self, rows: int, adapter: int) -> None:
         """Every one of ``rows`` rows runs ``adapter``."""
         self.set(torch.full((rows,), adapter, dtype=torch.long, device=self.device))
 
-    def slots(self, layout: int, rows: int) -> torch.Tensor:
+    def mask(self, layout: int, rows: int) -> torch.Tensor:
         assert rows <= self.rows, "the adapter index was set for fewer rows than the batch has"
-        return self._slots[layout][:rows]  # [B]
+        return self._masks[layout][:rows]  # [B, S]
+
+    def slots(self, layout: int, rows: int) -> list[int]:
+        """Each row's slot in ``layout`` (0 = none): for tests and debugging."""
+        mask = self.mask(layout, rows)  # [B, S]
+        return [int(r.nonzero()[0]) + 1 if bool(r.any()) else 0 for r in mask]
 
 
 class GroupedLoraLinear(nn.Module):
-    """A linear layer plus per-row LoRA deltas from stacked factors (module docstring)."""
+    """A linear layer plus per-row LoRA deltas from side-by-side factors (module docstring)."""
 
     def __init__(
         self,
         base_layer: nn.Module,
-        lora_a: torch.Tensor,  # [S, in, R]; slot 0 zeros
-        lora_b: torch.Tensor,  # [S, R, out], scaling folded in; slot 0 zeros
+        lora_a: torch.Tensor,  # [in, S * R]
+        lora_b: torch.Tensor,  # [S * R, out], scaling folded in
         index: AdapterIndex,
         layout: int,
     ) -> None:
@@ -111,14 +137,23 @@ class GroupedLoraLinear(nn.Module):
         self.index = index
         self.layout = layout
 
+    @property
+    def slots(self) -> int:
+        return self.index.mask(self.layout, 0).shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[1] // self.slots
+
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # [B, T, out]
-        rows = x.shape[0]
-        slots = self.index.slots(self.layout, rows)  # [B]
-        hidden = torch.bmm(x.reshape(rows, -1, x.shape[-1]), self.lora_a[slots])  # [B, T, R]
-        delta = torch.baddbmm(
-            result.reshape(rows, -1, result.shape[-1]), hidden, self.lora_b[slots]
-        )  # [B, T, out]
+        rows, out = x.shape[0], result.shape[-1]
+        mask = self.index.mask(self.layout, rows)  # [B, S]
+        hidden = x @ self.lora_a  # [B, T, S * R]
+        hidden = hidden.view(rows, -1, mask.shape[1], self.rank) * mask[:, None, :, None]
+        delta = torch.addmm(
+            result.reshape(-1, out), hidden.view(-1, self.lora_a.shape[1]), self.lora_b
+        )  # [B * T, out]
         return delta.view_as(result)
 
 
@@ -148,20 +183,19 @@ def _check_layer(name: str, module: LoraLayer, adapters: list[str]) -> None:
 def _stack(
     module: Any, present: list[str], dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stacked factors of one layer (a PEFT LoRA Linear): slot 0 zeros, then
-    ``present`` in order."""
+    """The side-by-side factors of one layer (a PEFT LoRA Linear), ``present`` in order."""
     rank = max(int(module.r[a]) for a in present)
     fan_in, fan_out = int(module.in_features), int(module.out_features)
-    lora_a = torch.zeros(1 + len(present), fan_in, rank, dtype=dtype, device=device)  # [S, in, R]
-    lora_b = torch.zeros(1 + len(present), rank, fan_out, dtype=dtype, device=device)  # [S, R, out]
-    for slot, adapter in enumerate(present, start=1):
+    lora_a = torch.zeros(fan_in, len(present) * rank, dtype=dtype, device=device)  # [in, SR]
+    lora_b = torch.zeros(len(present) * rank, fan_out, dtype=dtype, device=device)  # [SR, out]
+    for slot, adapter in enumerate(present):
         weight_a = module.lora_A[adapter].weight.float()  # [r, in]
         weight_b = module.lora_B[adapter].weight.float() * module.scaling[adapter]  # [out, r]
-        r = weight_a.shape[0]
+        r, start = weight_a.shape[0], slot * rank
         # PEFT's forward is lora_B(lora_A(x)) * scaling whatever fan_in_fan_out says: that
         # flag only transposes the delta when it is merged into a Conv1D's [in, out] weight.
-        lora_a[slot, :, :r] = weight_a.t().to(dtype)
-        lora_b[slot, :r, :] = weight_b.t().to(dtype)
+        lora_a[:, start : start + r] = weight_a.t().to(dtype)
+        lora_b[start : start + r, :] = weight_b.t().to(dtype)
     return lora_a, lora_b
 
 
@@ -174,7 +208,7 @@ def group_lora_layers(
     ``adapters`` are PEFT adapter names; adapter index ``1 + k`` is ``adapters[k]``.
     After this the model holds no PEFT layer and runs whatever the returned index says.
     """
-    index = AdapterIndex(len(adapters), device)
+    index = AdapterIndex(len(adapters), device, dtype)
     lora_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, module in lora_layers:
         _check_layer(name, module, adapters)

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .adapters import AdapterFamily, load_adapters
+from .adapters import AdapterFamily, load_adapters, read_adapter_configs
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
 
@@ -191,15 +191,6 @@ def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
     return sorted(ids)
 
 
-def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
-    rows = loaded.model.get_output_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise ConfigError(
-            f"{role} {loaded.name!r} has {rows} output rows "
-            f"but the tokenizer has {vocab_size} tokens"
-        )
-
-
 def load_policy_set(config: PolicySetConfig) -> PolicySet:
     """Load every model of ``config`` on one device/dtype and check they can be mixed."""
     if config.base is not None:
@@ -221,7 +212,12 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
     for spec, role in specs:
         logger.info("loading %s %r from %s on %s (%s)", role, spec.name, spec.model, device, dtype)
         model = _load_model(spec, role, device, dtype)
-        _check_output_rows(model, role, vocab_size)
+        rows = model.model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size:
+            raise ConfigError(
+                f"{role} {spec.name!r} has {rows} output rows "
+                f"but the tokenizer has {vocab_size} tokens"
+            )
         loaded.append(model)
     policies = loaded[: len(config.policies)]
     reference = loaded[len(config.policies)] if config.reference is not None else None
@@ -233,10 +229,22 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
         vocab_size=vocab_size,
         device=device,
         dtype=dtype,
-        kv_dtype=_kv_dtype(config, device, dtype),
+        kv_dtype=dtype
+        if config.kv_cache_dtype == "auto"
+        else resolve_dtype(config.kv_cache_dtype, device),
         max_context=min(_context_limit(m.model) for m in loaded),
         eos_token_ids=_eos_ids(tokenizer, policies[0].model),
     )
+
+
+def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
+    """The adapter family's copy of load_policy_set's output-rows check."""
+    rows = loaded.model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ConfigError(
+            f"{role} {loaded.name!r} has {rows} output rows "
+            f"but the tokenizer has {vocab_size} tokens"
+        )
 
 
 def _kv_dtype(config: PolicySetConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -249,6 +257,8 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
     """One base model with K LoRA adapters; the base with the adapters off is the reference."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    # The adapters' configs first: they are cheap, and a bad adapter should fail at once.
+    adapter_configs = read_adapter_configs(base_spec, config.adapter_policies)
     tokenizer = _load_tokenizer(base_spec, "base")
     vocab_size = len(tokenizer)
     logger.info(
@@ -256,7 +266,7 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
     )
     base = _load_model(base_spec, "base", device, dtype)
     _check_output_rows(base, "base", vocab_size)
-    family = load_adapters(base.model, base_spec, config.adapter_policies, dtype, device)
+    family = load_adapters(base.model, config.adapter_policies, adapter_configs, dtype, device)
 
     def member(name: str, adapter: int) -> LoadedModel:
         view = cast(PreTrainedModel, family.view(adapter))  # runs like a model of its own

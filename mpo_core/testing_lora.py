@@ -57,15 +57,18 @@ def lora_config(arch: str, shape: LoraShape) -> LoraConfig:
     )
 
 
-def make_adapter(base: Path, out: Path, arch: str, shape: LoraShape, seed: int) -> Any:
-    """Save one LoRA adapter of ``base`` under ``out`` (B non-zero); return the PeftModel."""
+def make_adapter(
+    base: Path, out: Path, arch: str, shape: LoraShape, seed: int, std: float = 0.3
+) -> Any:
+    """Save one LoRA adapter of ``base`` under ``out`` (A and B drawn from N(0, std), so
+    that B is not zero); return the PeftModel."""
     model = AutoModelForCausalLM.from_pretrained(str(base))
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, lora_config(arch, shape))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:  # PEFT starts B at zero: the adapter would be the base
-                param.normal_(0.0, 0.3)
+                param.normal_(0.0, std)
     peft_model.save_pretrained(str(out))
     return peft_model
 
@@ -76,6 +79,7 @@ def make_adapter_family(
     arch: str = "llama",
     seed: int = 0,
     merged: bool = True,
+    lora_std: float = 0.3,
     **size: Any,
 ) -> AdapterFamilyPaths:
     """A random base under ``folder``, one adapter per shape, and (if ``merged``) each
@@ -88,7 +92,9 @@ def make_adapter_family(
     adapters: dict[str, Path] = {}
     for k, (name, shape) in enumerate(zip(names, shapes)):
         adapters[name] = folder / f"lora_{name}"
-        peft_model = make_adapter(base, adapters[name], arch, shape, seed * 1000 + 100 + k)
+        peft_model = make_adapter(
+            base, adapters[name], arch, shape, seed * 1000 + 100 + k, lora_std
+        )
         if merged:
             full = peft_model.merge_and_unload()
             full.save_pretrained(folder / f"merged_{name}")

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     build = demo_commands.add_parser("build", help="build the demo family; print its YAML path")
     build.add_argument("--variant", default=None, help="which demo family to build")
     build.add_argument("--seed", type=int, default=None, help="random seed")
+    build.add_argument(
+        "--adapters",
+        action="store_true",
+        help="build the policies as LoRA adapters of the reference (serve the printed "
+        "YAML with `mpo serve --config`)",
+    )
     build.set_defaults(handler=cmd_demo_build)
 
     fit = commands.add_parser("fit", help="fit mixing weights offline (MPO mirror descent)")
@@ -150,7 +156,7 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
     kwargs = {
         k: v for k, v in {"variant": args.variant, "seed": args.seed}.items() if v is not None
     }
-    print(build_demo(home=Settings().home, **kwargs))
+    print(build_demo(home=Settings().home, adapters=args.adapters, **kwargs))
     return 0
 
 

@@ -47,13 +47,14 @@ def demo_home(home: str | Path | None = None) -> Path:
     return Path(home).expanduser()
 
 
-def family_dir(home: str | Path | None, variant: str, seed: int) -> Path:
-    """Where the family for (recipe, variant, seed) lives; it may not exist yet."""
+def family_dir(home: str | Path | None, variant: str, seed: int, adapters: bool = False) -> Path:
+    """Where the family for (recipe, variant, seed, kind) lives; it may not exist yet."""
     recipe = _recipe(variant)
     digest = hashlib.sha256(
         json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode()
     ).hexdigest()[:8]
-    return demo_home(home) / "demo" / f"v{RECIPE_VERSION}-{variant}-seed{seed}-{digest}"
+    kind = "-lora" if adapters else ""
+    return demo_home(home) / "demo" / f"v{RECIPE_VERSION}-{variant}{kind}-seed{seed}-{digest}"
 
 
 def build_demo(
@@ -61,15 +62,18 @@ def build_demo(
     variant: str = "full",
     seed: int = 0,
     progress: bool = True,
+    adapters: bool = False,
 ) -> Path:
     """Return the demo's policy-set YAML, building the family first if it is not cached.
 
     ``variant`` is ``"full"`` (the served demo, about a minute or two on two CPU cores) or
-    ``"small"`` (fixture-sized, a few seconds). Deterministic for a seed.
+    ``"small"`` (fixture-sized, a few seconds). Deterministic for a seed. ``adapters``
+    builds the same family as LoRA adapters of the reference (an adapter family,
+    docs/adapters.md) instead of three full fine-tunes.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidParameter("seed", f"seed must be a non-negative integer, got {seed!r}")
-    target = family_dir(home, variant, seed)
+    target = family_dir(home, variant, seed, adapters)
     config_path = target / CONFIG_NAME
     if config_path.is_file():  # the rename below makes a present YAML a complete family
         return config_path
@@ -82,7 +86,7 @@ def build_demo(
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
-            _build_family(staging, RECIPES[variant], variant, seed, progress)
+            _build_family(staging, RECIPES[variant], variant, seed, progress, adapters)
             os.rename(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -109,21 +113,24 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _build_family(out: Path, recipe: Recipe, variant: str, seed: int, progress: bool) -> None:
+def _build_family(
+    out: Path, recipe: Recipe, variant: str, seed: int, progress: bool, adapters: bool
+) -> None:
     from .pipeline import build_family  # torch and transformers: only when building
 
-    build_family(out, recipe, variant, seed, progress, RECIPE_VERSION)
-    _write_config(out)
+    build_family(out, recipe, variant, seed, progress, RECIPE_VERSION, adapters=adapters)
+    _write_config(out, adapters)
 
 
-def _write_config(out: Path) -> None:
-    config = {
-        "served_name": SERVED_NAME,
-        "reference": {"name": REFERENCE_NAME, "model": REFERENCE_NAME},
-        "policies": [{"name": name, "model": name} for name in SCORERS],
-        "device": "auto",
-        "dtype": "auto",
-    }
+def _write_config(out: Path, adapters: bool = False) -> None:
+    config: dict[str, object] = {"served_name": SERVED_NAME}
+    if adapters:  # the reference is the adapters' base
+        config["base"] = {"name": REFERENCE_NAME, "model": REFERENCE_NAME}
+        config["policies"] = [{"name": name, "adapter": name} for name in SCORERS]
+    else:
+        config["reference"] = {"name": REFERENCE_NAME, "model": REFERENCE_NAME}
+        config["policies"] = [{"name": name, "model": name} for name in SCORERS]
+    config.update(device="auto", dtype="auto")
     (out / CONFIG_NAME).write_text(
         "# The embedded demo family (mpo_core.demo); paths are relative to this file.\n"
         + yaml.safe_dump(config, sort_keys=False)

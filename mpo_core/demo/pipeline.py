@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -36,6 +37,11 @@ from .train import (
 logger = logging.getLogger(__name__)
 
 SAMPLE_BATCH_PROMPTS = 32  # prompts per generate() call (times samples_per_prompt rows)
+# The adapter family's fine-tunes: LoRA on every linear layer, same steps and batches as
+# the full fine-tunes; a LoRA update is rank-limited, so it takes a larger learning rate.
+LORA_RANK = 16
+LORA_ALPHA = 32
+LORA_LR_SCALE = 3.0
 BUILD_THREADS = 1  # fixed, so the weights do not depend on the machine's core count
 
 
@@ -50,9 +56,16 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def build_family(
-    out: Path, recipe: Recipe, variant: str, seed: int, progress: bool, recipe_version: str
+    out: Path,
+    recipe: Recipe,
+    variant: str,
+    seed: int,
+    progress: bool,
+    recipe_version: str,
+    adapters: bool = False,
 ) -> None:
-    """Train the tokenizer, the reference and the three policies; save them under ``out``."""
+    """Train the tokenizer, the reference and the three policies; save them under ``out``
+    (the policies as full models, or with ``adapters`` as LoRA adapters of the reference)."""
     started = time.perf_counter()
     train_prompts = corpus.train_prompts()
     sample_calls = -(-len(train_prompts) // SAMPLE_BATCH_PROMPTS)
@@ -113,13 +126,13 @@ def build_family(
             bar.set_description(f"demo ({variant}): {name}")
             rewards = score_replies(texts, scorer)  # [P, m]
             probs = tilted_sample_probs(rewards, finished, recipe.beta)  # [P * m]
-            policy = copy.deepcopy(reference)
+            policy = _lora(reference) if adapters else copy.deepcopy(reference)
             loss = train_lm(
                 policy,
                 pool,
                 steps=recipe.ft_steps,
                 batch_size=recipe.ft_batch,
-                lr=recipe.ft_lr,
+                lr=recipe.ft_lr * (LORA_LR_SCALE if adapters else 1.0),
                 pad_id=tokenizer.pad_token_id,
                 generator=generator,
                 sample_probs=probs,
@@ -138,6 +151,9 @@ def build_family(
     meta = {
         "recipe_version": recipe_version,
         "variant": variant,
+        "adapters": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "lr_scale": LORA_LR_SCALE}
+        if adapters
+        else None,
         "seed": seed,
         "recipe": dataclasses.asdict(recipe),
         "parameters": sum(p.numel() for p in reference.parameters()),
@@ -151,7 +167,15 @@ def build_family(
     logger.info("demo family (%s, seed %d) built in %.1f s", variant, seed, meta["build_seconds"])
 
 
-def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+def _lora(reference: PreTrainedModel) -> Any:
+    """A trainable LoRA adapter (every linear layer) on a copy of the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules="all-linear")
+    return get_peft_model(copy.deepcopy(reference), config)
+
+
+def _save(model: Any, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # our own bar covers the build
     try:

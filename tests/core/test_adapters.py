@@ -82,12 +82,14 @@ def test_layers_are_grouped_and_pad_ranks(family: Any) -> None:
     assert not any("peft" in type(m).__module__ for m in adapters.adapters.model.modules())
     # llama: attention layers hold ranks 4 and 2 (padded to 4), MLP layers 8 and 2; GPT-2's
     # c_attn 4 and 2, c_fc 8 and 2, and its c_proj layers only the all-linear adapter's 2.
-    slots_by_rank = {(m.lora_a.shape[-1], m.lora_a.shape[0]) for m in grouped}
-    expected = {(4, 3), (8, 3)} if arch == "llama" else {(4, 3), (8, 3), (2, 2)}
-    assert slots_by_rank == expected
+    rank_and_slots = {(m.rank, m.slots) for m in grouped}
+    expected = {(4, 2), (8, 2)} if arch == "llama" else {(4, 2), (8, 2), (2, 1)}
+    assert rank_and_slots == expected
     for m in grouped:
-        assert m.lora_a[0].abs().sum() == 0 and m.lora_b[0].abs().sum() == 0  # slot 0: base
-        assert m.lora_b[1:].abs().sum(dim=(1, 2)).min() > 0  # every adapter slot is real
+        blocks = m.lora_b.view(m.slots, m.rank, -1)  # [S, R, out]
+        assert blocks.abs().sum(dim=(1, 2)).min() > 0  # every slot holds a real adapter
+        if m.slots == 2:  # the rank-2 adapter's block is padded with zero rows
+            assert blocks[1, 2:].abs().sum() == 0 and blocks[1, :2].abs().sum() > 0
 
 
 def test_index_writes_in_place_and_maps_each_layout() -> None:
@@ -96,13 +98,13 @@ def test_index_writes_in_place_and_maps_each_layout() -> None:
     mlp = index.layout([0, 0, 1, 2])
     assert index.layout([0, 1, 0, 2]) == attention
     index.set(torch.tensor([1, 1, 1, 1]))
-    before = index.slots(attention, 4)
+    before = index.mask(attention, 4)
     index.set(torch.tensor([3, 0, 2, 1]))
-    assert index.slots(attention, 4).tolist() == [2, 0, 0, 1]
-    assert index.slots(mlp, 4).tolist() == [2, 0, 1, 0]
-    assert before.tolist() == [2, 0, 0, 1]  # written in place: a captured graph sees it
+    assert index.slots(attention, 4) == [2, 0, 0, 1]
+    assert index.slots(mlp, 4) == [2, 0, 1, 0]
+    assert before.tolist() == [[0, 1], [0, 0], [0, 0], [1, 0]]  # in place: graph-safe
     index.set(torch.tensor([1] * 6))  # grows
-    assert index.slots(attention, 6).tolist() == [1] * 6
+    assert index.slots(attention, 6) == [1] * 6
 
 
 # -- the engine: adapter backend against merged full models --------------------------------
@@ -196,6 +198,26 @@ def test_rows_per_request_follow_the_coefficients(family: Any) -> None:
     assert len(runner.batch) == 5
     runner.keep({1})
     assert runner.batch.row_ids == [4]
+
+
+def test_cancel_frees_every_slot_of_the_request(family: Any) -> None:
+    """max_running counts requests: a 3-slot request fills max_running=1, and cancelling
+    it frees all three of its slots for the next request."""
+    _, _, adapters, _ = family
+    ids = adapters.tokenizer.encode(PROMPTS[0])
+    with Engine(adapters, EngineLimits(max_running=1, max_queued=4)) as engine:
+        runner = engine.runner
+        assert isinstance(runner, AdapterRunner)
+        mixture = engine.mixture({"harmless": 0.3, "concise": 0.7}, 0.6)
+        stream = engine.submit(GenerationRequest(ids, greedy(200), mixture))
+        events = iter(stream)
+        next(events)
+        assert len(runner.batch) == 3  # 2 adapters + the base, one request
+        queued = engine.submit(GenerationRequest(ids, greedy(3), engine.mixture({"helpful": 1})))
+        stream.cancel()
+        assert list(events)[-1].finish_reason == "cancelled"
+        assert len(list(queued)) == 3  # it got the slot once the cancelled request left
+    assert len(runner.batch) == 0  # after the engine's thread is done: no slot leaked
 
 
 def test_one_hot_greedy_equals_peft_generate(family: Any) -> None:
@@ -355,3 +377,22 @@ def test_adapter_family_describes_its_adapters(family: Any) -> None:
     assert adapters.names == merged.names == ["helpful", "harmless", "concise"]
     assert adapters.vocab_size == merged.vocab_size
     assert [a.rank for a in adapters.adapters.adapters] == [4, 8, 2]
+
+
+def test_hub_adapters_pass_their_revision_to_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def offline(source: str, revision: str | None = None, **kw: Any) -> Any:
+        seen.append((source, revision))
+        raise OSError("offline: not in the cache")  # what HF_HUB_OFFLINE=1 gives
+
+    monkeypatch.setattr("mpo_core.adapters.PeftConfig.from_pretrained", offline)
+    config = parse_config(
+        {
+            "base": {"name": "b", "model": "org/base"},
+            "policies": [{"name": "p", "adapter": "org/p-lora", "revision": "v2"}],
+        }
+    )
+    with pytest.raises(ConfigError, match="adapter 'p': cannot read a PEFT adapter config"):
+        load_policy_set(config)
+    assert seen == [("org/p-lora", "v2")]
