@@ -309,6 +309,22 @@ def test_bad_baseline_and_pareto_fail_before_decoding(eval_engine: Engine) -> No
     assert eval_engine.stats().running == 0
 
 
+def test_family_without_reference_has_no_win_rates_or_kl(no_reference_family: Path) -> None:
+    from mpo_core.config import load_config
+    from mpo_core.evaluation import markdown
+    from mpo_core.policies import load_policy_set
+
+    with Engine(load_policy_set(load_config(no_reference_family))) as engine:
+        rows = RowParser(engine.policy_names, False).parse(["uniform", "single"])
+        options = EvalOptions(samples=1, max_new_tokens=3, bootstrap=10)
+        report = run_evaluation(engine, ["Hi"], OBJECTIVES, rows, options)
+    assert report.baseline is None
+    assert [r.row.label for r in report.rows] == ["uniform", "policy:helpful", "policy:harmless"]
+    assert all(r.kl is None and r.win_rates == {} and r.worst_win is None for r in report.rows)
+    table = markdown(report)
+    assert "win vs" not in table and "KL" not in table and "| `uniform` |" in table
+
+
 def test_cli_writes_json_markdown_and_plots(
     tmp_path: Path, llama_family: Path, reward_module: str
 ) -> None:
