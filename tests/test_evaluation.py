@@ -361,6 +361,31 @@ def test_cli_writes_json_markdown_and_plots(
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_reads_profile_rows_from_the_store(
+    tmp_path: Path, llama_family: Path, reward_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'profiles.db'}"
+    store = open_store(url)
+    store.put("balanced", {"helpful": 1.0, "concise": 3.0}, strength=0.5)
+    store.close()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n")
+    rewards = tmp_path / "rewards.yaml"
+    rewards.write_text(f"objectives:\n  helpful: {{callable: '{reward_module}'}}\n")
+    argv = ["eval", "--config", str(llama_family), "--prompts", str(prompts)]
+    argv += ["--rewards", str(rewards), "--store-url", url, "--samples", "1"]
+    argv += ["--max-new-tokens", "2", "--out", str(tmp_path / "out"), "--bootstrap", "10"]
+    assert main([*argv, "--rows", "profile:balanced"]) == 0
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]
+    assert rows[0]["label"] == "profile:balanced"
+    assert rows[0]["weights"] == {"helpful": 0.25, "harmless": 0.0, "concise": 0.75}
+    assert rows[0]["strength"] == 0.5
+    assert main([*argv, "--rows", "profile:missing"]) == 2
+    assert "profile 'missing' does not exist" in capsys.readouterr().err
+
+
 def test_cli_missing_reward_model_is_a_readable_error(
     tmp_path: Path, llama_family: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
