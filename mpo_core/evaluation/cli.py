@@ -55,7 +55,7 @@ def _inputs(args: argparse.Namespace, home: Path | None) -> dict[str, Any]:
     if args.demo:
         from ..demo import build_demo, heldout_prompts, train_prompts
 
-        config_path = build_demo(home=home, variant=args.demo_variant, seed=args.seed)
+        config_path = build_demo(home=home, variant=args.demo_variant)  # the served demo (seed 0)
         prompts = [p.text for p in heldout_prompts()]
         fit_prompts: list[str] | None = [p.text for p in train_prompts()]
     else:
