@@ -99,6 +99,8 @@ def run_eval_command(
     given = _inputs(args, home)
     specs = split_specs(args.rows or [DEMO_ROWS if args.demo else DEFAULT_ROWS])
     pareto_flag = args.pareto or (DEMO_PARETO if args.demo else None)
+    if pareto_flag == "none":
+        pareto_flag = None
     pareto = tuple(p.strip() for p in pareto_flag.split(",")) if pareto_flag else None
     if pareto is not None and len(pareto) != 2:
         raise InvalidParameter("pareto", f"--pareto takes two objectives A,B, got {pareto_flag!r}")
