@@ -102,7 +102,9 @@ def add_eval_parser(commands: Any) -> None:
     evaluate.add_argument("--temperature", type=float, default=1.0)
     evaluate.add_argument("--seed", type=int, default=0, help="sampling, fit and bootstrap seed")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    evaluate.add_argument("--pareto", help="two objectives A,B: sweep their policies' weights")
+    evaluate.add_argument(
+        "--pareto", help="two objectives A,B: sweep their policies' weights (none: no sweep)"
+    )
     evaluate.add_argument("--pareto-points", type=int, default=11)
     evaluate.add_argument("--examples", type=int, default=2, help="example replies per row")
     evaluate.add_argument("--fit-prompts", type=Path, help="prompts for the `fitted` row's fit")

@@ -309,6 +309,22 @@ def test_bad_baseline_and_pareto_fail_before_decoding(eval_engine: Engine) -> No
     assert eval_engine.stats().running == 0
 
 
+def test_family_without_reference_has_no_win_rates_or_kl(no_reference_family: Path) -> None:
+    from mpo_core.config import load_config
+    from mpo_core.evaluation import markdown
+    from mpo_core.policies import load_policy_set
+
+    with Engine(load_policy_set(load_config(no_reference_family))) as engine:
+        rows = RowParser(engine.policy_names, False).parse(["uniform", "single"])
+        options = EvalOptions(samples=1, max_new_tokens=3, bootstrap=10)
+        report = run_evaluation(engine, ["Hi"], OBJECTIVES, rows, options)
+    assert report.baseline is None
+    assert [r.row.label for r in report.rows] == ["uniform", "policy:helpful", "policy:harmless"]
+    assert all(r.kl is None and r.win_rates == {} and r.worst_win is None for r in report.rows)
+    table = markdown(report)
+    assert "win vs" not in table and "KL" not in table and "| `uniform` |" in table
+
+
 def test_cli_writes_json_markdown_and_plots(
     tmp_path: Path, llama_family: Path, reward_module: str
 ) -> None:
@@ -343,6 +359,31 @@ def test_cli_writes_json_markdown_and_plots(
     assert "| `soup@helpful=1,concise=1` |" in (out / "eval.md").read_text()
     for png in ("eval.png", "eval_pareto.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_reads_profile_rows_from_the_store(
+    tmp_path: Path, llama_family: Path, reward_module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'profiles.db'}"
+    store = open_store(url)
+    store.put("balanced", {"helpful": 1.0, "concise": 3.0}, strength=0.5)
+    store.close()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n")
+    rewards = tmp_path / "rewards.yaml"
+    rewards.write_text(f"objectives:\n  helpful: {{callable: '{reward_module}'}}\n")
+    argv = ["eval", "--config", str(llama_family), "--prompts", str(prompts)]
+    argv += ["--rewards", str(rewards), "--store-url", url, "--samples", "1"]
+    argv += ["--max-new-tokens", "2", "--out", str(tmp_path / "out"), "--bootstrap", "10"]
+    assert main([*argv, "--rows", "profile:balanced"]) == 0
+    rows = json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]
+    assert rows[0]["label"] == "profile:balanced"
+    assert rows[0]["weights"] == {"helpful": 0.25, "harmless": 0.0, "concise": 0.75}
+    assert rows[0]["strength"] == 0.5
+    assert main([*argv, "--rows", "profile:missing"]) == 2
+    assert "profile 'missing' does not exist" in capsys.readouterr().err
 
 
 def test_cli_missing_reward_model_is_a_readable_error(

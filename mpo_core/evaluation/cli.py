@@ -55,7 +55,7 @@ def _inputs(args: argparse.Namespace, home: Path | None) -> dict[str, Any]:
     if args.demo:
         from ..demo import build_demo, heldout_prompts, train_prompts
 
-        config_path = build_demo(home=home, variant=args.demo_variant, seed=args.seed)
+        config_path = build_demo(home=home, variant=args.demo_variant)  # the served demo (seed 0)
         prompts = [p.text for p in heldout_prompts()]
         fit_prompts: list[str] | None = [p.text for p in train_prompts()]
     else:
@@ -99,6 +99,8 @@ def run_eval_command(
     given = _inputs(args, home)
     specs = split_specs(args.rows or [DEMO_ROWS if args.demo else DEFAULT_ROWS])
     pareto_flag = args.pareto or (DEMO_PARETO if args.demo else None)
+    if pareto_flag == "none":
+        pareto_flag = None
     pareto = tuple(p.strip() for p in pareto_flag.split(",")) if pareto_flag else None
     if pareto is not None and len(pareto) != 2:
         raise InvalidParameter("pareto", f"--pareto takes two objectives A,B, got {pareto_flag!r}")

@@ -193,7 +193,8 @@ def run_evaluation(
         raise InvalidParameter("rewards", "no objectives: give at least one reward")
     rows = list(rows)
     labels = {r.label for r in rows}
-    if options.baseline is None and engine.has_reference and "reference" not in labels:
+    wants_reference = options.baseline in (None, "reference")
+    if wants_reference and engine.has_reference and "reference" not in labels:
         rows.append(RowParser(engine.policy_names, True).parse(["reference"])[0])
     baseline = _baseline(options, rows, engine)
     sweep = _pareto_rows(options, objectives, engine.policy_names)
@@ -219,12 +220,7 @@ def run_evaluation(
     rewards = _score_rewards(samples, prompts, objectives, progress)
     seconds["rewards"] = time.monotonic() - started
     started = time.monotonic()
-    kls: dict[object, np.ndarray] = {}
-    if engine.has_reference:
-        for n, (key, got) in enumerate(samples.items()):
-            kls[key] = got.logprobs - reference_logprobs(engine, prompt_ids, got)  # [N, m]
-            if progress is not None:
-                progress("reference log-probs", (n + 1) / len(samples))
+    kls = _kl_estimates(engine, prompt_ids, samples, progress)
     seconds["reference_scoring"] = time.monotonic() - started
 
     base = _baseline_key(rows, baseline)
@@ -244,6 +240,23 @@ def run_evaluation(
         policy_names=list(engine.policy_names),
         seconds=seconds,
     )
+
+
+def _kl_estimates(
+    engine: Engine,
+    prompt_ids: Sequence[Sequence[int]],
+    samples: Mapping[object, Samples],
+    progress: Progress | None,
+) -> dict[object, np.ndarray]:
+    """Per reply ``log p_row(y|x) - log pi_ref(y|x)``: ``{key: [N, m]}`` (empty: no reference)."""
+    kls: dict[object, np.ndarray] = {}
+    if not engine.has_reference:
+        return kls
+    for n, (key, got) in enumerate(samples.items()):
+        kls[key] = got.logprobs - reference_logprobs(engine, prompt_ids, got)  # [N, m]
+        if progress is not None:
+            progress("reference log-probs", (n + 1) / len(samples))
+    return kls
 
 
 def _baseline_key(rows: Sequence[Row], baseline: str | None) -> object | None:
