@@ -107,6 +107,10 @@ class AdapterIndex:
         """Every one of ``rows`` rows runs ``adapter``."""
         self.set(torch.full((rows,), adapter, dtype=torch.long, device=self.device))
 
+    def table(self, layout: int) -> list[int]:
+        """Adapter index -> slot (1..S) in ``layout``'s layers, 0 where they lack it."""
+        return [int(slot) for slot in self._tables[layout]]
+
     def mask(self, layout: int, rows: int) -> torch.Tensor:
         assert rows <= self.rows, "the adapter index was set for fewer rows than the batch has"
         return self._masks[layout][:rows]  # [B, S]

@@ -5,9 +5,9 @@ A soup at weights ``w`` is the model whose every parameter is ``sum_k w_k theta_
 log-linear mixture against. It needs policies of one architecture fine-tuned from one
 base (the case here), and it is one model, so it decodes at the cost of one policy.
 
-Full-model families only. For an adapter family (one base, K LoRA adapters) the soup is
-the weighted sum of the adapters' deltas; ``build_soup`` raises a ``ConfigError`` for
-such a family until that backend provides it (``_is_adapter_family`` is the hook).
+For an adapter family (one base, K LoRA adapters) the soup is the base plus the
+weighted sum of the adapters' deltas, ``W + sum_k w_k B_k A_k``: with weights on the
+simplex that is the same model as the soup of the adapters merged into full copies.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError, InvalidParameter
+from .lora import GroupedLoraLinear
 from .policies import LoadedModel, PolicySet
 
 logger = logging.getLogger(__name__)
@@ -73,17 +74,41 @@ def _is_adapter_family(policy_set: PolicySet) -> bool:
     return policy_set.adapters is not None
 
 
+@torch.no_grad()
+def adapter_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
+    """The base with ``sum_k w_k`` of the adapters' deltas merged into its weights."""
+    family = policy_set.adapters
+    assert family is not None
+    soup = copy.deepcopy(family.model)
+    grouped = [(n, m) for n, m in soup.named_modules() if isinstance(m, GroupedLoraLinear)]
+    for name, module in grouped:
+        table = module.index.table(module.layout)  # adapter index -> slot (1..S), 0 = none
+        rank = module.rank
+        delta = torch.zeros(module.lora_a.shape[0], module.lora_b.shape[1])  # [in, out]
+        for k, weight in enumerate(weights):
+            slot = table[1 + k]
+            if slot == 0 or weight == 0:
+                continue
+            cols = slice((slot - 1) * rank, slot * rank)
+            delta += weight * (module.lora_a[:, cols].float() @ module.lora_b[cols].float()).cpu()
+        base = module.base_layer
+        weight_param = base.weight  # nn.Linear: [out, in]; GPT-2's Conv1D: [in, out]
+        update = delta.t() if isinstance(base, torch.nn.Linear) else delta
+        weight_param += update.to(weight_param.dtype).to(weight_param.device)
+        parent, _, child = name.rpartition(".")
+        soup.get_submodule(parent).register_module(child, base)
+    soup.eval().requires_grad_(False)
+    return soup
+
+
 def build_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
     """One model: the policies' parameters averaged with ``weights`` (policy order, sum 1)."""
-    if _is_adapter_family(policy_set):
-        raise ConfigError(
-            "soup rows are not available for adapter (LoRA) families yet: the soup of an "
-            "adapter family is the weighted sum of the adapters' deltas, which is not built"
-        )
     total = sum(weights)
     if len(weights) != len(policy_set.policies) or total <= 0:
         raise InvalidParameter("weights", "soup weights: one per policy, not all zero")
     normalised = [w / total for w in weights]
+    if _is_adapter_family(policy_set):
+        return adapter_soup(policy_set, normalised)
     template = next(p for p, w in zip(policy_set.policies, normalised) if w != 0)
     soup = copy.deepcopy(template.model)  # same architecture, device and dtype
     soup.load_state_dict(soup_state_dict(policy_set.models, normalised))
