@@ -92,7 +92,7 @@ def adapter_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedM
             cols = slice((slot - 1) * rank, slot * rank)
             delta += weight * (module.lora_a[:, cols].float() @ module.lora_b[cols].float()).cpu()
         base = module.base_layer
-        weight_param = base.weight  # nn.Linear: [out, in]; GPT-2's Conv1D: [in, out]
+        weight_param: torch.Tensor = base.weight  # type: ignore[assignment]  # Linear: [out, in]; Conv1D: [in, out]
         update = delta.t() if isinstance(base, torch.nn.Linear) else delta
         weight_param += update.to(weight_param.dtype).to(weight_param.device)
         parent, _, child = name.rpartition(".")
