@@ -18,7 +18,7 @@ import anyio
 from fastapi import FastAPI
 
 from mpo_core import __version__
-from mpo_core.config import load_config
+from mpo_core.config import PolicySetConfig, load_config
 from mpo_core.engine import Engine, EngineLimits
 from mpo_core.policies import load_policy_set
 
@@ -46,10 +46,17 @@ def config_path(settings: Settings) -> Path:
     return Path(build_demo(home=settings.home))
 
 
+def policy_config(settings: Settings) -> PolicySetConfig:
+    """The policy-set config to serve, with the settings that override it applied."""
+    config = load_config(config_path(settings))
+    if settings.cuda_graphs is not None:
+        config = config.model_copy(update={"cuda_graphs": settings.cuda_graphs})
+    return config
+
+
 def load_engine(settings: Settings, metrics: Metrics) -> Engine:
     """Load the models and start the decoding thread (blocking: run it off the event loop)."""
-    config = load_config(config_path(settings))
-    policy_set = load_policy_set(config)
+    policy_set = load_policy_set(policy_config(settings))
     limits = EngineLimits(
         max_running=settings.max_running,
         max_queued=settings.max_queued,

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap
     default_max_tokens: int = Field(default=256, ge=1)  # when a request gives none
     retry_after_s: float = Field(default=1.0, gt=0)  # Retry-After on 429
+    # Overrides the policy-set's `cuda_graphs` when set: false decodes eagerly on CUDA
+    # (debugging, or a model whose forward cannot be captured).
+    cuda_graphs: bool | None = None
     sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment on a stream idle this long
     shutdown_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: wait for running requests
     log_level: str = "info"

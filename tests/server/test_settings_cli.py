@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mpo_core.config import load_config
 from server import cli
 from server.settings import Settings
 
@@ -107,3 +108,16 @@ def test_retry_after_setting_reaches_the_engine(tmp_path: Path, tiny_yaml: Path)
         assert engine.limits.retry_after_s == 7.5  # what Overloaded (429) then carries
     finally:
         engine.stop(timeout=5)
+
+
+def test_cuda_graphs_flag_overrides_the_policy_set(llama_family: Path) -> None:
+    from server.app import policy_config
+
+    args = cli.build_parser().parse_args(
+        ["serve", "--config", str(llama_family), "--cuda-graphs", "false"]
+    )
+    settings = cli.settings_from_args(args)
+    assert settings.cuda_graphs is False
+    assert load_config(llama_family).cuda_graphs is True
+    assert policy_config(settings).cuda_graphs is False
+    assert policy_config(settings.model_copy(update={"cuda_graphs": None})).cuda_graphs is True
