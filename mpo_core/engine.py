@@ -24,12 +24,13 @@ from typing import Any, Protocol
 
 import torch
 
+from .backends import make_runner
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
-from .runners import PolicyRunner, make_runner
+from .runners import PolicyRunner
 from .sampling import sample_tokens
 from .score_jobs import ScoreJob
 from .scoring import ScoreResult

@@ -23,7 +23,7 @@ import torch
 from .kvcache import KVStorage, ModelBatch
 from .policies import LoadedModel, PolicySet
 from .scoring import ScoreResult, score_sequences
-from .static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
+from .static_cache import StaticBatch
 
 logger = logging.getLogger(__name__)
 
@@ -141,62 +141,3 @@ def all_models(policy_set: PolicySet) -> list[LoadedModel]:
     if policy_set.reference is not None:
         models.append(policy_set.reference)
     return models
-
-
-def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> PolicyRunner:
-    """The backend a policy set runs on: grouped LoRA for an adapter family, K separate
-    models otherwise; on static caches (CUDA-graphed on a GPU) when the config asks."""
-    config = policy_set.config
-    on_cuda = policy_set.device.type == "cuda"
-    static = config.static_cache == "on" or (
-        config.static_cache == "auto" and on_cuda and config.cuda_graphs
-    )
-    max_len = min(max_context, config.max_cache_len or DEFAULT_MAX_CACHE_LEN)
-    graphs = on_cuda and config.cuda_graphs
-    pool = torch.cuda.graph_pool_handle() if static and graphs else None
-
-    def batch(model: LoadedModel, storage: KVStorage, slots: int) -> ModelBatch | StaticBatch:
-        if not static:
-            return ModelBatch(model, policy_set.vocab_size, policy_set.device, storage)
-        return static_or_growing(policy_set, model, storage, slots, max_len, graphs, pool)
-
-    if policy_set.adapters is not None:
-        # Imported here: adapter_runner builds on this module's Row and StepOutput.
-        from .adapter_runner import AdapterRunner
-
-        slots = max_rows * (len(policy_set.policies) + 1)  # a row per request and model
-        policy_set.adapters.index.fill(slots, 0)  # every buffer a graph reads, at full size
-        return AdapterRunner(policy_set, lambda m, _v, _d, storage: batch(m, storage, slots))
-    storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
-    return SeparateModelsRunner(
-        policy_set, [batch(m, storage, max_rows) for m in all_models(policy_set)]
-    )
-
-
-def static_or_growing(
-    policy_set: PolicySet,
-    model: LoadedModel,
-    storage: KVStorage,
-    slots: int,
-    max_len: int,
-    graphs: bool,
-    pool: object,
-) -> ModelBatch | StaticBatch:
-    """A static batch for ``model``, or, with a warning naming the reason, a growing one."""
-    reason = static_unsupported(model, max_len)
-    if reason is None:
-        try:
-            return StaticBatch(
-                model,
-                policy_set.vocab_size,
-                policy_set.device,
-                slots=slots,
-                max_len=max_len,
-                kv_dtype=policy_set.kv_dtype,
-                graphs=graphs,
-                pool=pool,
-            )
-        except Exception as exc:  # a forward that cannot be captured: eager is still right
-            reason = f"{'graph capture' if graphs else 'static cache'} failed: {exc!r}"
-    logger.warning("model %r decodes eagerly with a growing cache: %s", model.name, reason)
-    return ModelBatch(model, policy_set.vocab_size, policy_set.device, storage)

@@ -6,12 +6,13 @@ import logging
 import pytest
 import torch
 
+from mpo_core.backends import make_runner
 from mpo_core.config import load_config
 from mpo_core.engine import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
 from mpo_core.kvcache import KVStorage, ModelBatch
 from mpo_core.policies import load_policy_set
-from mpo_core.runners import SeparateModelsRunner, make_runner
+from mpo_core.runners import SeparateModelsRunner
 from mpo_core.sampling import SamplingParams
 from mpo_core.static_cache import StaticBatch, buckets_for, static_unsupported
 from mpo_core.testing import make_tiny_family
@@ -154,7 +155,7 @@ def test_unsupported_model_falls_back_with_a_warning(tmp_path, caplog):
     ps.policies[1].model.config.sliding_window = 8  # a window shorter than the cache
     assert "sliding-window" in (static_unsupported(ps.policies[1], 64) or "")
     assert static_unsupported(ps.policies[0], 64) is None
-    with caplog.at_level(logging.WARNING, logger="mpo_core.runners"):
+    with caplog.at_level(logging.WARNING, logger="mpo_core.backends"):
         runner = make_runner(_with(ps, static_cache="on", max_cache_len=64), 4, 256)
     assert isinstance(runner, SeparateModelsRunner)
     kinds = [type(b) for b in runner.batches]

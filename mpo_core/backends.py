@@ -1,0 +1,76 @@
+"""Which runner a policy set gets (``make_runner``): the one place that knows every backend.
+
+An adapter family runs on the grouped-LoRA ``AdapterRunner``, any other family on
+``SeparateModelsRunner``; either on growing caches or, when the config asks (the default
+on CUDA), on static caches with CUDA graphs, falling back per model with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapter_runner import AdapterRunner
+from .kvcache import KVStorage, ModelBatch
+from .policies import LoadedModel, PolicySet
+from .runners import PolicyRunner, SeparateModelsRunner, all_models
+from .static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
+
+logger = logging.getLogger(__name__)
+
+
+def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> PolicyRunner:
+    """The backend a policy set runs on: grouped LoRA for an adapter family, K separate
+    models otherwise; on static caches (CUDA-graphed on a GPU) when the config asks."""
+    config = policy_set.config
+    on_cuda = policy_set.device.type == "cuda"
+    static = config.static_cache == "on" or (
+        config.static_cache == "auto" and on_cuda and config.cuda_graphs
+    )
+    max_len = min(max_context, config.max_cache_len or DEFAULT_MAX_CACHE_LEN)
+    graphs = on_cuda and config.cuda_graphs
+    pool = torch.cuda.graph_pool_handle() if static and graphs else None
+
+    def batch(model: LoadedModel, storage: KVStorage, slots: int) -> ModelBatch | StaticBatch:
+        if not static:
+            return ModelBatch(model, policy_set.vocab_size, policy_set.device, storage)
+        return static_or_growing(policy_set, model, storage, slots, max_len, graphs, pool)
+
+    if policy_set.adapters is not None:
+        slots = max_rows * (len(policy_set.policies) + 1)  # a row per request and model
+        policy_set.adapters.index.fill(slots, 0)  # every buffer a graph reads, at full size
+        return AdapterRunner(policy_set, lambda m, _v, _d, storage: batch(m, storage, slots))
+    storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
+    return SeparateModelsRunner(
+        policy_set, [batch(m, storage, max_rows) for m in all_models(policy_set)]
+    )
+
+
+def static_or_growing(
+    policy_set: PolicySet,
+    model: LoadedModel,
+    storage: KVStorage,
+    slots: int,
+    max_len: int,
+    graphs: bool,
+    pool: object,
+) -> ModelBatch | StaticBatch:
+    """A static batch for ``model``, or, with a warning naming the reason, a growing one."""
+    reason = static_unsupported(model, max_len)
+    if reason is None:
+        try:
+            return StaticBatch(
+                model,
+                policy_set.vocab_size,
+                policy_set.device,
+                slots=slots,
+                max_len=max_len,
+                kv_dtype=policy_set.kv_dtype,
+                graphs=graphs,
+                pool=pool,
+            )
+        except Exception as exc:  # a forward that cannot be captured: eager is still right
+            reason = f"{'graph capture' if graphs else 'static cache'} failed: {exc!r}"
+    logger.warning("model %r decodes eagerly with a growing cache: %s", model.name, reason)
+    return ModelBatch(model, policy_set.vocab_size, policy_set.device, storage)
