@@ -12,7 +12,6 @@ a backend must provide.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from .kvcache import KVStorage, ModelBatch
 from .policies import LoadedModel, PolicySet
 from .scoring import ScoreResult, score_sequences
 from .static_cache import StaticBatch
-
-logger = logging.getLogger(__name__)
 
 
 class Row(Protocol):
