@@ -140,14 +140,8 @@ class GroupedLoraLinear(nn.Module):
         self.register_buffer("lora_b", lora_b)
         self.index = index
         self.layout = layout
-
-    @property
-    def slots(self) -> int:
-        return self.index.mask(self.layout, 0).shape[1]
-
-    @property
-    def rank(self) -> int:
-        return self.lora_a.shape[1] // self.slots
+        self.slots = index.mask(layout, 0).shape[1]  # S: adapters that target this layer
+        self.rank = lora_a.shape[1] // self.slots  # R: their largest rank
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # [B, T, out]

@@ -13,14 +13,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .adapters import AdapterFamily, load_adapters, read_adapter_configs
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
+    from .adapters import AdapterFamily
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +257,8 @@ def _kv_dtype(config: PolicySetConfig, device: torch.device, dtype: torch.dtype)
 
 def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> PolicySet:
     """One base model with K LoRA adapters; the base with the adapters off is the reference."""
+    from .adapters import load_adapters, read_adapter_configs  # peft: only for adapters
+
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     # The adapters' configs first: they are cheap, and a bad adapter should fail at once.

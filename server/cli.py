@@ -159,7 +159,9 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
     kwargs = {
         k: v for k, v in {"variant": args.variant, "seed": args.seed}.items() if v is not None
     }
-    print(build_demo(home=Settings().home, adapters=args.adapters, **kwargs))
+    if args.adapters:
+        kwargs["adapters"] = True
+    print(build_demo(home=Settings().home, **kwargs))
     return 0
 
 

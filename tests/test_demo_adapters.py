@@ -49,3 +49,18 @@ def test_adapter_demo_serves_and_its_adapters_moved(adapter_demo: Path) -> None:
         assert isinstance(engine.runner, AdapterRunner)
         result = engine.generate(GenerationRequest(ids, mixture=engine.mixture(None, 0.5)))
     assert result.token_ids and torch.isfinite(torch.tensor(result.events[0].logprob))
+
+
+def test_cli_demo_build_adapters_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server import cli
+
+    calls: list[dict[str, object]] = []
+
+    def fake_build_demo(**kwargs: object) -> Path:
+        calls.append(kwargs)
+        return tmp_path / "policy_set.yaml"
+
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    monkeypatch.setattr("mpo_core.demo.build_demo", fake_build_demo)
+    assert cli.main(["demo", "build", "--adapters", "--seed", "3"]) == 0
+    assert calls == [{"home": tmp_path, "seed": 3, "adapters": True}]

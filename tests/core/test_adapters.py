@@ -173,6 +173,19 @@ def test_adapter_mixture_equals_merged_mixture_with_joins(family: Any) -> None:
     assert got[1][0].policy_logprobs["helpful"] is None
 
 
+def test_both_runners_agree_on_an_adapter_family(family: Any) -> None:
+    """The runner contract: K separate batches over the family's per-adapter views (one
+    forward per model) give what the grouped runner gives in one forward."""
+    _, _, adapters, _ = family
+    with Engine(adapters, EngineLimits(max_running=8)) as engine:
+        grouped = _submit_all(engine, adapters)
+    runner = SeparateModelsRunner(adapters)
+    with Engine(adapters, EngineLimits(max_running=8), runner=runner) as engine:
+        separate = _submit_all(engine, adapters)
+    for g, s in zip(grouped, separate, strict=True):
+        _assert_same_events(g, s)
+
+
 def test_rows_per_request_follow_the_coefficients(family: Any) -> None:
     """A request holds one slot per model whose coefficient is not zero, and frees them."""
     _, _, adapters, _ = family
