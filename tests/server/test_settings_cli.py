@@ -57,7 +57,7 @@ def test_demo_build_passes_variant_and_seed(
     monkeypatch.setenv("MPO_HOME", str(tmp_path))
     monkeypatch.setattr("mpo_core.demo.build_demo", fake_build_demo)
     assert cli.main(["demo", "build", "--variant", "small", "--seed", "3"]) == 0
-    assert calls == [{"home": tmp_path, "variant": "small", "seed": 3, "adapters": False}]
+    assert calls == [{"home": tmp_path, "variant": "small", "seed": 3}]
     assert capsys.readouterr().out.strip() == str(tmp_path / "policy_set.yaml")
 
 
