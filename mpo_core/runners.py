@@ -100,15 +100,25 @@ class SeparateModelsRunner:
         by_sid = {row.sid: row for row in running}
         row_of = {row.sid: i for i, row in enumerate(rows)}
         logprobs = torch.zeros(len(self.batches), len(rows), ps.vocab_size, device=ps.device)
+        # Every model's decode inputs go to the device in one copy, before any forward is
+        # queued: a copy from host memory waits for the stream, which would otherwise
+        # stall each model's launch behind the previous model's (graph) replay.
+        columns: list[list[int]] = [[], [], []]  # tokens, positions, rows of logprobs
+        for batch in self.batches:
+            for sid in batch.row_ids:
+                seq = by_sid[sid]
+                columns[0].append(seq.token_ids[-1])
+                columns[1].append(len(seq.token_ids) - 1)
+                columns[2].append(row_of[sid])
+        inputs = torch.tensor(columns, dtype=torch.long).to(ps.device)  # [3, sum of B_m]
         forward_seconds: dict[str, float] = {}
+        start = 0
         for m, batch in enumerate(self.batches):
             started = time.perf_counter()
             if len(batch):
-                seqs = [by_sid[sid] for sid in batch.row_ids]
-                tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=ps.device)  # [Bm]
-                positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=ps.device)
-                index = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)
-                logprobs[m, index] = batch.decode(tokens, positions)  # [Bm, V]
+                tokens, positions, index = inputs[:, start : start + len(batch)]  # [B_m] each
+                start += len(batch)
+                logprobs[m, index] = batch.decode(tokens, positions)  # [B_m, V]
             joining = [s for s in newcomers if s.coefs[m] != 0]
             if joining:
                 index = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
