@@ -173,17 +173,18 @@ class StaticBatch:
     def _capture_all(self, pool: Any) -> None:
         """Capture one graph per bucket (the batch is empty: warm-up writes are harmless)."""
         self.mask[:, 0] = True  # every slot attends to something during the warm-up
-        stream = torch.cuda.Stream(self.device)
-        for rows in buckets_for(self.slots):
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # lazy initialisation, kernel autotuning
-                    self._forward(rows)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(rows)
-            self.graphs[rows] = (graph, out)
+        with torch.cuda.device(self.device):  # capture on the model's GPU, not the current one
+            stream = torch.cuda.Stream(self.device)
+            for rows in buckets_for(self.slots):
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # lazy initialisation, kernel autotuning
+                        self._forward(rows)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._forward(rows)
+                self.graphs[rows] = (graph, out)
         self.mask.zero_()
         for buf in (*self.keys, *self.values):
             buf.zero_()
@@ -206,7 +207,8 @@ class StaticBatch:
         if self.graphs:
             rows = next(b for b in sorted(self.graphs) if b >= n)
             graph, out = self.graphs[rows]
-            graph.replay()
+            with torch.cuda.device(self.device):  # the graph's GPU, whatever the thread's
+                graph.replay()
             return out[:n]
         return self._forward(n)
 
