@@ -175,16 +175,19 @@ class PolicySetConfig(BaseModel):
         return [p for p in self.policies if isinstance(p, AdapterSpec)]
 
 
+def validation_problems(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``field.path: message; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+    )
+
+
 def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
     """Validate a mapping (already parsed YAML) into a config, with a readable error."""
     try:
         config = PolicySetConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid policy-set config: {problems}") from None
+        raise ConfigError(f"invalid policy-set config: {validation_problems(exc)}") from None
     if base_dir is not None:
         for spec in _all_specs(config):
             candidate = base_dir / spec.model

@@ -31,6 +31,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import validation_problems
 from .errors import ConfigError, MPOError
 
 logger = logging.getLogger(__name__)
@@ -270,11 +271,7 @@ def parse_rewards(
     try:
         parsed = RewardsFile.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid rewards file: {problems}") from None
+        raise ConfigError(f"invalid rewards file: {validation_problems(exc)}") from None
     if not parsed.objectives:
         raise ConfigError("invalid rewards file: `objectives` is empty")
     return {name: _build(name, spec, device, base_dir) for name, spec in parsed.objectives.items()}
