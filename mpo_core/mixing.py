@@ -11,6 +11,7 @@ approximation.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -147,7 +148,7 @@ class Mixture:
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.weights))
 
-    @property
+    @functools.cached_property  # read by every step for every row: computed once
     def coefficients(self) -> tuple[float, ...]:
         """[K + 1]: ``s * w_k`` per policy, then ``1 - s`` for the reference."""
         return (*(self.strength * w for w in self.weights), 1.0 - self.strength)
