@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mpo_core.config import ModelSpec, PolicySetConfig
 from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.kvcache import KVStorage, ModelBatch
+from mpo_core.kvcache import GrowingBatch, KVStorage
 from mpo_core.policies import PolicySet, wrap_model
 from mpo_core.sampling import SamplingParams
 from mpo_core.static_cache import StaticBatch
@@ -126,7 +126,7 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def step_ms(batch: ModelBatch | StaticBatch, rows: int, steps: int) -> float:
+def step_ms(batch: GrowingBatch | StaticBatch, rows: int, steps: int) -> float:
     """Median ms of one decode step over ``rows`` rows (after a prefill and warm-up)."""
     batch.prefill(list(range(rows)), [prompt(i) for i in range(rows)])
     device = batch.device
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             graphed = StaticBatch(model, ps.vocab_size, ps.device, 16, args.context, graphs=CUDA)
             row[f"single_graphed_ms_b{rows}"] = step_ms(graphed, rows, args.single_steps)
             del graphed
-            eager = ModelBatch(model, ps.vocab_size, ps.device, KVStorage(None))
+            eager = GrowingBatch(model, ps.vocab_size, ps.device, KVStorage(None))
             row[f"single_eager_ms_b{rows}"] = step_ms(eager, rows, 20)
         row.update(exactness(ps))
         modes = {

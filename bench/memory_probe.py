@@ -6,7 +6,7 @@ Loads the benchmark family in this process, warms the engine up with one short r
 resets the peak (``/proc/self/clear_refs``), then runs ``--concurrency`` greedy requests
 of ``--new-tokens`` tokens together, as ``bench.worker``'s engine mode does, while
 recording RSS before and after, and the rise of the peak during, every
-``ModelBatch.prefill``/``decode``/``keep``. Prints target 4's ratio and the operations
+``GrowingBatch.prefill``/``decode``/``keep``. Prints target 4's ratio and the operations
 that raised the peak most. ``--no-trim`` turns off the ``malloc_trim`` after cache
 surgery, to see what it saves; otherwise its calls are timed. glibc's heap layout
 varies from run to run: compare a few runs, not one.
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     log: list[tuple[str, str, float, float, float]] = []  # op, model, rss before/after, rise
 
     def recorded(name: str) -> None:
-        method = getattr(kvcache.ModelBatch, name)
+        method = getattr(kvcache.GrowingBatch, name)
 
         def wrapper(self: Any, *a: Any, **kw: Any) -> Any:
             before, peak = rss_mb(), peak_rss_mb()
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             log.append((name, self.loaded.name, before, rss_mb(), peak_rss_mb() - peak))
             return out
 
-        setattr(kvcache.ModelBatch, name, wrapper)
+        setattr(kvcache.GrowingBatch, name, wrapper)
 
     for name in ("prefill", "decode", "keep"):
         recorded(name)

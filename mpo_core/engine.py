@@ -24,13 +24,12 @@ from typing import Any, Protocol
 
 import torch
 
-from .backends import make_runner
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
-from .runners import PolicyRunner
+from .runners import PolicyRunner, context_limit, make_runner
 from .sampling import sample_tokens
 from .score_jobs import ScoreJob
 from .scoring import ScoreResult
@@ -66,14 +65,14 @@ class Engine:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
         self.observer = observer
-        self.max_context = min(
-            self.limits.max_context or policy_set.max_context, policy_set.max_context
-        )
-        self.runner: PolicyRunner = runner or make_runner(
-            policy_set, self.limits.max_running, self.max_context
-        )
-        if self.runner.max_context is not None:  # a static cache holds this many columns
-            self.max_context = min(self.max_context, self.runner.max_context)
+        max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
+        self.runner: PolicyRunner
+        if runner is None:
+            self.runner, self.max_context = make_runner(
+                policy_set, self.limits.max_running, max_context
+            )
+        else:
+            self.runner, self.max_context = runner, context_limit(runner, max_context)
         self.events = EventBuilder(policy_set, self.max_context)
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()

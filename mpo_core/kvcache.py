@@ -241,8 +241,10 @@ def prefill_prompts(
     return to_logprobs(logits[:, -1], vocab_size), cache, mask  # [n, V]
 
 
-class ModelBatch:
+class GrowingBatch:
     """The sequences that one model (a policy or the reference) is decoding."""
+
+    max_len: int | None = None  # the cache grows: no limit of its own
 
     def __init__(
         self,

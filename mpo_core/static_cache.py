@@ -1,6 +1,6 @@
 """Static KV caches and CUDA graphs: a decode step with fixed shapes, captured once.
 
-A ``StaticBatch`` is a drop-in for ``ModelBatch`` (same ``decode``/``prefill``/``keep``).
+A ``StaticBatch`` is a drop-in for ``GrowingBatch`` (same ``decode``/``prefill``/``keep``).
 Its keys and values live in buffers allocated once, ``[slots, H, max_len, D]`` per layer,
 and rows occupy slots ``0..n-1``. As in the growing cache, rows are left-padded so that
 every row writes its next token into the same column ``c``; a boolean mask

@@ -12,7 +12,6 @@ import yaml
 from peft import IA3Config, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from mpo_core.adapter_runner import AdapterRunner
 from mpo_core.adapters import same_base
 from mpo_core.config import load_config, parse_config
 from mpo_core.engine import Engine, EngineLimits, GenerationRequest
@@ -20,7 +19,7 @@ from mpo_core.errors import ConfigError
 from mpo_core.fit_driver import FitOptions, run_fit
 from mpo_core.lora import AdapterIndex, GroupedLoraLinear
 from mpo_core.policies import PolicySet, load_policy_set
-from mpo_core.runners import SeparateModelsRunner
+from mpo_core.runners import AdapterRunner, SeparateModelsRunner
 from mpo_core.sampling import SamplingParams
 from mpo_core.testing import make_tiny_family
 from mpo_core.testing_lora import AdapterFamilyPaths, LoraShape, make_adapter, make_adapter_family

@@ -423,10 +423,10 @@ def test_extreme_parameters_do_not_break_the_engine(llama_set):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama_set, monkeypatch):
     from mpo_core.errors import GenerationFailed
-    from mpo_core.kvcache import ModelBatch
+    from mpo_core.kvcache import GrowingBatch
 
     tok = llama_set.tokenizer
-    original = ModelBatch.decode
+    original = GrowingBatch.decode
     calls = {"n": 0}
 
     def flaky(self, tokens, positions):
@@ -436,7 +436,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama_set, mon
         return original(self, tokens, positions)
 
     with Engine(llama_set) as engine:
-        monkeypatch.setattr(ModelBatch, "decode", flaky)
+        monkeypatch.setattr(GrowingBatch, "decode", flaky)
         stream = engine.submit(
             GenerationRequest(tok.encode(PROMPT), greedy(10), engine.mixture([1, 0, 0]))
         )

@@ -6,7 +6,7 @@ import torch
 from mpo_core.config import parse_config
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import ConfigError
-from mpo_core.kvcache import GrowingLayer, KVStorage, ModelBatch, growing_layers
+from mpo_core.kvcache import GrowingBatch, GrowingLayer, KVStorage, growing_layers
 from mpo_core.sampling import SamplingParams
 
 
@@ -25,7 +25,7 @@ def test_policy_set_resolves_the_cache_dtype(llama_set, llama_set_f16_cache):
 
 
 def _batch(ps, dtype):
-    return ModelBatch(ps.policies[0], ps.vocab_size, ps.device, KVStorage(dtype))
+    return GrowingBatch(ps.policies[0], ps.vocab_size, ps.device, KVStorage(dtype))
 
 
 def _next_token(last: int, position: int) -> int:

@@ -6,13 +6,12 @@ import logging
 import pytest
 import torch
 
-from mpo_core.backends import make_runner
 from mpo_core.config import load_config
 from mpo_core.engine import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
-from mpo_core.kvcache import KVStorage, ModelBatch
+from mpo_core.kvcache import GrowingBatch, KVStorage
 from mpo_core.policies import load_policy_set
-from mpo_core.runners import SeparateModelsRunner
+from mpo_core.runners import SeparateModelsRunner, make_runner
 from mpo_core.sampling import SamplingParams
 from mpo_core.static_cache import StaticBatch, buckets_for, static_unsupported
 from mpo_core.testing import make_tiny_family
@@ -60,7 +59,7 @@ def _script(batch) -> list[tuple[int, torch.Tensor]]:
 def test_static_cache_equals_the_growing_cache(arch, policy_sets):
     ps = policy_sets[arch]
     model = ps.policies[0]
-    growing = ModelBatch(model, ps.vocab_size, ps.device, KVStorage(None))
+    growing = GrowingBatch(model, ps.vocab_size, ps.device, KVStorage(None))
     static = StaticBatch(model, ps.vocab_size, ps.device, slots=4, max_len=40)
     expected, got = _script(growing), _script(static)
     assert static.compactions == 1
@@ -155,11 +154,12 @@ def test_unsupported_model_falls_back_with_a_warning(tmp_path, caplog):
     ps.policies[1].model.config.sliding_window = 8  # a window shorter than the cache
     assert "sliding-window" in (static_unsupported(ps.policies[1], 64) or "")
     assert static_unsupported(ps.policies[0], 64) is None
-    with caplog.at_level(logging.WARNING, logger="mpo_core.backends"):
-        runner = make_runner(_with(ps, static_cache="on", max_cache_len=64), 4, 256)
+    with caplog.at_level(logging.WARNING, logger="mpo_core.runners.factory"):
+        runner, context = make_runner(_with(ps, static_cache="on", max_cache_len=64), 4, 256)
+    assert context == 64  # the static cache's columns cap the 256 asked for
     assert isinstance(runner, SeparateModelsRunner)
     kinds = [type(b) for b in runner.batches]
-    assert kinds == [StaticBatch, ModelBatch, StaticBatch]
+    assert kinds == [StaticBatch, GrowingBatch, StaticBatch]
     assert "'harmless' decodes eagerly" in caplog.text and "sliding-window" in caplog.text
 
 
@@ -185,7 +185,7 @@ def test_cuda_graphs_equal_the_eager_static_step(llama_family):
 def test_adapter_family_on_a_static_cache_matches_the_growing_cache(tmp_path):
     """The grouped-LoRA backend on one static batch (a slot per request and model it
     needs): same greedy tokens and log-probs as on the growing cache, with joins."""
-    from mpo_core.adapter_runner import AdapterRunner
+    from mpo_core.runners import AdapterRunner
     from mpo_core.testing_lora import LoraShape, make_adapter_family
 
     shapes = [LoraShape(r=4, targets="attention"), LoraShape(r=2, targets="all")]

@@ -17,21 +17,27 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .kvcache import KVStorage, ModelBatch
-from .lora import BASE
-from .policies import LoadedModel, PolicySet
-from .runners import Row, StepOutput
-from .scoring import ScoreResult, score_sequences
-from .static_cache import StaticBatch
+from ..kvcache import GrowingBatch, KVStorage
+from ..lora import BASE
+from ..policies import LoadedModel, PolicySet
+from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput
 
-# (shared model, vocab size, device, storage) -> a batch with ModelBatch's interface.
-BatchFactory = Callable[[LoadedModel, int, torch.device, KVStorage], ModelBatch | StaticBatch]
+# (shared model, vocab size, device, storage, slots) -> the batch the adapters share.
+BatchFactory = Callable[[LoadedModel, int, torch.device, KVStorage, int], DecodeBatch]
 
 
-class AdapterRunner:
+def growing(
+    loaded: LoadedModel, vocab_size: int, device: torch.device, storage: KVStorage, _slots: int
+) -> DecodeBatch:
+    return GrowingBatch(loaded, vocab_size, device, storage)
+
+
+class AdapterRunner(ScoresWithPolicySet):
     """One batch over the shared base; a slot per (request, model it needs)."""
 
-    def __init__(self, policy_set: PolicySet, batch_factory: BatchFactory = ModelBatch) -> None:
+    def __init__(
+        self, policy_set: PolicySet, max_rows: int = 16, batch_factory: BatchFactory = growing
+    ) -> None:
         family, reference = policy_set.adapters, policy_set.reference
         assert family is not None and reference is not None, "not an adapter family"
         self.policy_set = policy_set
@@ -41,8 +47,12 @@ class AdapterRunner:
             reference.name, family.model, reference.cache_kwarg, reference.accepts_logits_to_keep
         )
         storage = KVStorage(policy_set.kv_dtype)
-        self.batch = batch_factory(self.shared, policy_set.vocab_size, policy_set.device, storage)
-        self.max_context = self.batch.max_len if isinstance(self.batch, StaticBatch) else None
+        slots = max_rows * self.models  # a slot per request and model
+        self.index.fill(slots, 0)  # every buffer a graph reads, at full size
+        self.batch = batch_factory(
+            self.shared, policy_set.vocab_size, policy_set.device, storage, slots
+        )
+        self.max_context = self.batch.max_len
 
     def _slot(self, sid: int, model: int) -> int:
         return sid * self.models + model
@@ -83,13 +93,3 @@ class AdapterRunner:
 
     def keep(self, sids: set[int]) -> None:
         self.batch.keep({self._slot(sid, m) for sid in sids for m in range(self.models)})
-
-    def score(
-        self,
-        prompts: Sequence[Sequence[int]],
-        completions: Sequence[Sequence[int]],
-        chunk_tokens: int,
-    ) -> ScoreResult:
-        # One teacher-forced forward per model, each through a view that runs its adapter
-        # on every row: the same chunks and masks as a family of full models.
-        return score_sequences(self.policy_set, prompts, completions, chunk_tokens)

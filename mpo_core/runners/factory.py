@@ -11,18 +11,22 @@ import logging
 
 import torch
 
-from .adapter_runner import AdapterRunner
-from .kvcache import KVStorage, ModelBatch
-from .policies import LoadedModel, PolicySet
-from .runners import PolicyRunner, SeparateModelsRunner, all_models
-from .static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
+from ..kvcache import GrowingBatch, KVStorage
+from ..policies import LoadedModel, PolicySet
+from ..static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
+from .adapters import AdapterRunner
+from .base import DecodeBatch, PolicyRunner, all_models, context_limit
+from .separate import SeparateModelsRunner
 
 logger = logging.getLogger(__name__)
 
 
-def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> PolicyRunner:
+def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> tuple[PolicyRunner, int]:
     """The backend a policy set runs on: grouped LoRA for an adapter family, K separate
-    models otherwise; on static caches (CUDA-graphed on a GPU) when the config asks."""
+    models otherwise; on static caches (CUDA-graphed on a GPU) when the config asks.
+
+    Returns the runner and the context limit settled with it: ``max_context``, capped by
+    the columns of a static cache."""
     config = policy_set.config
     on_cuda = policy_set.device.type == "cuda"
     static = config.static_cache == "on" or (
@@ -32,19 +36,22 @@ def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> Polic
     graphs = on_cuda and config.cuda_graphs
     pool = torch.cuda.graph_pool_handle() if static and graphs else None
 
-    def batch(model: LoadedModel, storage: KVStorage, slots: int) -> ModelBatch | StaticBatch:
+    def batch(model: LoadedModel, storage: KVStorage, slots: int) -> DecodeBatch:
         if not static:
-            return ModelBatch(model, policy_set.vocab_size, policy_set.device, storage)
+            return GrowingBatch(model, policy_set.vocab_size, policy_set.device, storage)
         return static_or_growing(policy_set, model, storage, slots, max_len, graphs, pool)
 
+    runner: PolicyRunner
     if policy_set.adapters is not None:
-        slots = max_rows * (len(policy_set.policies) + 1)  # a row per request and model
-        policy_set.adapters.index.fill(slots, 0)  # every buffer a graph reads, at full size
-        return AdapterRunner(policy_set, lambda m, _v, _d, storage: batch(m, storage, slots))
-    storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
-    return SeparateModelsRunner(
-        policy_set, [batch(m, storage, max_rows) for m in all_models(policy_set)]
-    )
+        runner = AdapterRunner(
+            policy_set, max_rows, lambda m, _v, _d, storage, slots: batch(m, storage, slots)
+        )
+    else:
+        storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
+        runner = SeparateModelsRunner(
+            policy_set, [batch(m, storage, max_rows) for m in all_models(policy_set)]
+        )
+    return runner, context_limit(runner, max_context)
 
 
 def static_or_growing(
@@ -55,7 +62,7 @@ def static_or_growing(
     max_len: int,
     graphs: bool,
     pool: object,
-) -> ModelBatch | StaticBatch:
+) -> DecodeBatch:
     """A static batch for ``model``, or, with a warning naming the reason, a growing one."""
     reason = static_unsupported(model, max_len)
     if reason is None:
@@ -73,4 +80,4 @@ def static_or_growing(
         except Exception as exc:  # a forward that cannot be captured: eager is still right
             reason = f"{'graph capture' if graphs else 'static cache'} failed: {exc!r}"
     logger.warning("model %r decodes eagerly with a growing cache: %s", model.name, reason)
-    return ModelBatch(model, policy_set.vocab_size, policy_set.device, storage)
+    return GrowingBatch(model, policy_set.vocab_size, policy_set.device, storage)

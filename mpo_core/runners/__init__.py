@@ -1,0 +1,31 @@
+"""How the policies are run, behind one seam (``base.PolicyRunner``): rows in, per-model
+next-token log-probs out. Backends: ``SeparateModelsRunner`` (K full models, a KV cache
+each) and ``AdapterRunner`` (one base, K LoRA adapters, one grouped forward);
+``make_runner`` picks one for a policy set."""
+
+from .adapters import AdapterRunner
+from .base import (
+    DecodeBatch,
+    PolicyRunner,
+    Row,
+    ScoresWithPolicySet,
+    StepOutput,
+    all_models,
+    context_limit,
+)
+from .factory import make_runner, static_or_growing
+from .separate import SeparateModelsRunner
+
+__all__ = [
+    "AdapterRunner",
+    "DecodeBatch",
+    "PolicyRunner",
+    "Row",
+    "ScoresWithPolicySet",
+    "SeparateModelsRunner",
+    "StepOutput",
+    "all_models",
+    "context_limit",
+    "make_runner",
+    "static_or_growing",
+]

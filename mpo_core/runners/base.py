@@ -1,0 +1,126 @@
+"""The runner seam: rows in, per-model next-token log-probs out.
+
+The engine knows rows (one per running request), each with its tokens so far and its
+coefficients ``[K + 1]`` (``s * w_k`` per policy, then ``1 - s`` for the reference). Each
+step it hands a runner the rows already decoding and the newcomers, and gets back every
+row's next-token log-probs under every model whose coefficient for that row is not zero.
+How the models are run (K separate models with a KV cache each; one base with K LoRA
+adapters in one batched forward; eager or CUDA graphs) is the runner's business: mixing,
+sampling, stops, streaming and scoring do not change with it. docs/architecture.md lists
+what a backend must provide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..policies import LoadedModel, PolicySet
+from ..scoring import ScoreResult, score_sequences
+
+
+class Row(Protocol):
+    """What a runner reads of a running request."""
+
+    @property
+    def sid(self) -> int: ...  # unique per request, stable while it runs
+
+    @property
+    def token_ids(self) -> list[int]: ...  # prompt + generated so far
+
+    @property
+    def coefs(self) -> Sequence[float]: ...  # [K + 1]; 0 = that model is not needed
+
+
+@dataclass
+class StepOutput:
+    logprobs: torch.Tensor  # [M, B, V] float32; M = K (+1 with a reference), rows in call order
+    forward_seconds: dict[str, float]  # per model that ran: wall time of its forwards
+
+
+class DecodeBatch(Protocol):
+    """One model's running rows and their KV cache: ``kvcache.GrowingBatch`` (a cache that
+    grows by columns) or ``static_cache.StaticBatch`` (preallocated, CUDA-graphable)."""
+
+    loaded: LoadedModel
+    row_ids: list[int]  # the rows' ids, in cache row order
+
+    @property
+    def max_len(self) -> int | None: ...  # a row's most columns (static cache); None: grows
+
+    def __len__(self) -> int: ...
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run each row's newest token ([B] each, in row order); log-probs [B, V]."""
+        ...
+
+    def prefill(self, row_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Add rows and run their prompts; the last position's log-probs [n, V]."""
+        ...
+
+    def keep(self, keep_ids: set[int]) -> None:
+        """Drop every row whose id is not in ``keep_ids``."""
+        ...
+
+
+class PolicyRunner(Protocol):
+    """The contract every backend meets (the engine calls it from its own thread only)."""
+
+    # The longest prompt + reply the runner can hold (a static cache's columns); None: no
+    # limit of its own. The engine caps requests at it (``context_limit``).
+    max_context: int | None
+
+    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
+        """Decode the running rows' newest token and prefill the newcomers' prompts.
+
+        Rows of ``logprobs`` follow ``[*running, *newcomers]``; entries of a model a row does
+        not need (coefficient 0) are unspecified. After the call the newcomers are running.
+        """
+        ...
+
+    def keep(self, sids: set[int]) -> None:
+        """Forget every row whose sid is not in ``sids`` (finished, cancelled, failed)."""
+        ...
+
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> ScoreResult:
+        """Teacher-forced log-prob of each completion under every policy and the reference."""
+        ...
+
+
+class ScoresWithPolicySet:
+    """``score`` for a runner over ``self.policy_set``: one teacher-forced forward per
+    model in chunks (an adapter family scores through views that each run one adapter on
+    every row), the same chunks and masks for every backend."""
+
+    policy_set: PolicySet
+
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> ScoreResult:
+        return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
+
+
+def context_limit(runner: PolicyRunner, max_context: int) -> int:
+    """The longest prompt + reply an engine admits: its own limit, capped by the runner's."""
+    if runner.max_context is None:
+        return max_context
+    return min(max_context, runner.max_context)
+
+
+def all_models(policy_set: PolicySet) -> list[LoadedModel]:
+    """The policies, then the reference if there is one (the order of ``logprobs``)."""
+    models = [*policy_set.policies]
+    if policy_set.reference is not None:
+        models.append(policy_set.reference)
+    return models
