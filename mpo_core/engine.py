@@ -29,6 +29,7 @@ from .events import EventBuilder, final_event
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
+from .rules import check_token_ids
 from .runners import PolicyRunner, context_limit, make_runner
 from .sampling import sample_tokens
 from .score_jobs import ScoreJob
@@ -203,8 +204,7 @@ class Engine:
             )
         for name, seqs in (("prompts", prompts), ("completions", completions)):
             for s in seqs:
-                if any(not 0 <= t < self.policy_set.vocab_size for t in s):
-                    raise InvalidParameter(name, f"a token id in {name} is outside the vocabulary")
+                check_token_ids(s, self.policy_set.vocab_size, name)
         chunk = self.limits.score_chunk_tokens
 
         def scorer(p: Sequence[Sequence[int]], c: Sequence[Sequence[int]]) -> ScoreResult:

@@ -13,6 +13,7 @@ from .detokenize import ReplyText
 from .errors import InvalidParameter
 from .mixing import Mixture
 from .policies import PolicySet
+from .rules import check_context, check_token_ids
 from .sampling import SamplingParams
 from .streams import RequestStream
 
@@ -71,17 +72,8 @@ def prepare(
     prompt = list(request.prompt_ids)
     if not prompt:
         raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
-    vocab = policy_set.vocab_size
-    bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidParameter("prompt", f"prompt token id {bad!r} is outside [0, {vocab})")
-    total = len(prompt) + params.max_new_tokens
-    if total > max_context:
-        raise InvalidParameter(
-            "max_new_tokens",
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-            f"= {total} exceeds the context limit of {max_context} tokens",
-        )
+    check_token_ids(prompt, policy_set.vocab_size, "prompt")
+    check_context(len(prompt), params.max_new_tokens, max_context)
     given = request.mixture
     # Rebuilt through the one set of rules: a mixture made for another policy set fails here.
     mixture = Mixture.build(

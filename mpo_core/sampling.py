@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InvalidParameter
+from .rules import check_token_ids
 
 MAX_SEED = 2**63 - 1
 # Below this temperature a row decodes greedily. Dividing log-probs by a temperature near
@@ -60,11 +61,8 @@ class SamplingParams:
             )
         for token_id in self.stop_token_ids:
             _int_at_least("stop_token_ids", token_id, 0)
-            if vocab_size is not None and token_id >= vocab_size:
-                raise InvalidParameter(
-                    "stop_token_ids",
-                    f"stop token id {token_id} is outside the vocabulary of {vocab_size}",
-                )
+        if vocab_size is not None:
+            check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
         _int_at_least("top_logprobs", self.top_logprobs, 0)
         if self.top_logprobs > max_top_logprobs:
             raise InvalidParameter(

@@ -19,6 +19,7 @@ from typing import Any
 
 from mpo_core.engine import Engine
 from mpo_core.errors import InvalidParameter
+from mpo_core.rules import check_context
 
 from .errors import APIError
 from .metrics import Metrics
@@ -171,12 +172,7 @@ class FitJobs:
 
         longest = max(len(encode_prompt(self.engine.tokenizer, p)) for p in prompts)
         limit = int(self.engine.max_context)
-        if longest + max_new_tokens > limit:
-            raise InvalidParameter(
-                "max_new_tokens",
-                f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
-                f"{longest + max_new_tokens} exceeds the context limit of {limit} tokens",
-            )
+        check_context(longest, max_new_tokens, limit, "max_new_tokens", "prompts", "longest prompt")
 
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs() if not j.state.active]

@@ -17,11 +17,13 @@ from typing import Any
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
 from mpo_core.mixing import Mixture
+from mpo_core.rules import check_context, check_token_ids
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
 from .errors import APIError
 from .metrics import Metrics
+from .protocol.common import check_unicode
 from .settings import Settings
 from .store import ProfileStore
 
@@ -175,13 +177,7 @@ class Serving:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def check_token_ids(self, ids: Sequence[int], param: str) -> list[int]:
-        vocab = int(self.engine.policy_set.vocab_size)
-        for token_id in ids:
-            if not 0 <= token_id < vocab:
-                raise InvalidParameter(
-                    param, f"token id {token_id} is outside the vocabulary (0..{vocab - 1})"
-                )
-        return list(ids)
+        return check_token_ids(ids, int(self.engine.policy_set.vocab_size), param)
 
     def token_text(self, token_id: int) -> str:
         return self.engine.token_text(token_id)
@@ -194,20 +190,9 @@ class Serving:
     ) -> int:
         """The number of new tokens to allow, or a 400 naming the context limit."""
         limit = int(self.engine.max_context)
-        if prompt_tokens >= limit:
-            raise InvalidParameter(
-                prompt_param,
-                f"the prompt has {prompt_tokens} tokens; the context limit is {limit} tokens "
-                "(prompt + new tokens), which leaves no room to generate",
-            )
+        room = check_context(prompt_tokens, max_new_tokens, limit, param, prompt_param)
         if max_new_tokens is None:
-            return min(self.settings.default_max_tokens, limit - prompt_tokens)
-        if prompt_tokens + max_new_tokens > limit:
-            raise InvalidParameter(
-                param,
-                f"prompt ({prompt_tokens} tokens) + {param} ({max_new_tokens}) = "
-                f"{prompt_tokens + max_new_tokens} exceeds the context limit of {limit} tokens",
-            )
+            return min(self.settings.default_max_tokens, room)
         return max_new_tokens
 
     def check_top_logprobs(self, value: int, param: str) -> int:
@@ -306,17 +291,6 @@ class Serving:
                 for stream in streams:
                     stream.cancel()
                 await asyncio.gather(work, return_exceptions=True)
-
-
-def check_unicode(text: str, param: str) -> str:
-    """JSON can carry lone surrogates (``"\\ud800"``); no tokenizer can encode them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidParameter(
-            param, f"{param} is not valid Unicode: lone surrogate at position {exc.start}"
-        ) from None
-    return text
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

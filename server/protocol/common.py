@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from mpo_core.errors import InvalidParameter
 from mpo_core.mixing import MAX_STRENGTH, check_weight_map, normalize_weights
 
 # A stop list: a few non-empty strings (the engine matches them on detokenised text).
@@ -48,12 +49,28 @@ class MixingFields(BaseModel):
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
 
 
-def _valid_unicode(text: str) -> str:
-    """JSON may escape a lone surrogate (``"\\ud800"``): no text, and no tokenizer takes it."""
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenised, or None: JSON may escape a lone surrogate
+    (``"\\ud800"``), which is no text, and no tokenizer takes it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"not valid Unicode: lone surrogate at position {exc.start}") from None
+        return f"not valid Unicode: lone surrogate at position {exc.start}"
+    return None
+
+
+def check_unicode(text: str, param: str) -> str:
+    """Text made after validation (a chat template's output): InvalidParameter naming ``param``."""
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise InvalidParameter(param, f"{param} is {problem}")
+    return text
+
+
+def _valid_unicode(text: str) -> str:
+    problem = unicode_problem(text)
+    if problem is not None:
+        raise ValueError(problem)  # pydantic names the field
     return text
 
 
