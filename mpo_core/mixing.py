@@ -70,6 +70,15 @@ def check_strength(strength: object, has_reference: bool = True) -> float:
     return value
 
 
+def check_weight_list(weights: object) -> list[float]:
+    """Raw ``[w, ...]`` whose values obey every weight rule, whatever their count (the wire)."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
+        raise InvalidParameter("weights", f"weights must be a non-empty list, got {weights!r}")
+    checked = [check_weight(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    _total(checked)
+    return checked
+
+
 def check_profile_name(name: object, param: str = "name") -> str:
     if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
         raise InvalidParameter(
@@ -111,7 +120,7 @@ def normalize_weights(weights: WeightsInput, names: Sequence[str]) -> list[float
                 f"weights has {len(weights)} entries but there are {len(names)} policies "
                 f"({', '.join(names)})",
             )
-        raw = [check_weight(f"weights[{i}]", w) for i, w in enumerate(weights)]
+        raw = check_weight_list(weights)
     total = _total(raw)
     return [w / total for w in raw]
 
@@ -144,6 +153,17 @@ class Mixture:
     @classmethod
     def uniform(cls, names: Sequence[str]) -> Mixture:
         return cls.build(names, None, 1.0, has_reference=False)
+
+    def check_fits(self, names: Sequence[str], has_reference: bool) -> None:
+        """A mixture built elsewhere must be over these policies, in this order, and its
+        strength must be possible here (s != 1 needs the reference)."""
+        if self.names != tuple(names):
+            raise InvalidParameter(
+                "weights",
+                f"the mixture is over the policies {', '.join(self.names)}, but this policy "
+                f"set has {', '.join(names)}",
+            )
+        check_strength(self.strength, has_reference)
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, self.weights))

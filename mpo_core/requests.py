@@ -74,14 +74,12 @@ def prepare(
         raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
     check_token_ids(prompt, policy_set.vocab_size, "prompt")
     check_context(len(prompt), params.max_new_tokens, max_context)
-    given = request.mixture
-    # Rebuilt through the one set of rules: a mixture made for another policy set fails here.
-    mixture = Mixture.build(
-        policy_set.names,
-        given.as_dict() if given is not None else None,
-        given.strength if given is not None else 1.0,
-        has_reference=policy_set.reference is not None,
-    )
+    has_reference = policy_set.reference is not None
+    mixture = request.mixture
+    if mixture is None:
+        mixture = Mixture.build(policy_set.names, None, 1.0, has_reference=has_reference)
+    else:  # built once by its caller: a mixture made for another policy set fails here
+        mixture.check_fits(policy_set.names, has_reference)
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=policy_set.device)
     generator.manual_seed(seed)

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
-from .protocol.common import MixingInfo
 from .protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -30,7 +29,7 @@ from .protocol.openai import (
     Usage,
 )
 from .routes.sse import SSEResponse, sse
-from .serving import Choice, ClientGone, Mixing, Serving, merge
+from .serving import Choice, ClientGone, ResolvedMixture, Serving, merge
 
 FinishReason = Literal["stop", "length"]
 FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -54,7 +53,7 @@ def to_sampling(
     )
 
 
-def resolve(serving: Serving, body: SamplingFields) -> Mixing:
+def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     serving.check_n(body.n)
     model_profile = serving.profile_from_model(body.model)
     return serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
@@ -67,11 +66,15 @@ class Plan:
     prompts: list[list[int]]  # one per sequence
     samplings: list[SamplingParams]
     prompt_tokens: int
-    mixing: Mixing
+    mixing: ResolvedMixture
 
     @classmethod
     def build(
-        cls, prompts: list[list[int]], samplings: list[SamplingParams], n: int, mixing: Mixing
+        cls,
+        prompts: list[list[int]],
+        samplings: list[SamplingParams],
+        n: int,
+        mixing: ResolvedMixture,
     ) -> Plan:
         per_sequence = [p for p in prompts for _ in range(n)]
         return cls(per_sequence, samplings, sum(len(p) for p in prompts), mixing)
@@ -164,7 +167,7 @@ async def stream_chunks(
         opening = shape.opening(index)
         if opening is not None:
             yield shape.chunk([opening], **extra)
-    mixing = MixingInfo(**shape.plan.mixing.as_dict())
+    mixing = shape.plan.mixing.info()
     completion_tokens = 0
     async for index, event in merge([serving.events(s) for s in streams]):
         completion_tokens += 1

@@ -23,7 +23,7 @@ from mpo_core.streams import RequestStream, TokenEvent
 
 from .errors import APIError
 from .metrics import Metrics
-from .protocol.common import check_unicode
+from .protocol.common import MixingInfo, check_unicode
 from .settings import Settings
 from .store import ProfileStore
 
@@ -37,7 +37,7 @@ class ClientGone(Exception):
 
 
 @dataclass(frozen=True)
-class Mixing:
+class ResolvedMixture:
     """The core ``Mixture`` a request decodes from, and the stored profile it came from."""
 
     mixture: Mixture
@@ -58,8 +58,9 @@ class Mixing:
             return self.profile
         return "uniform" if self.mixture.is_uniform else "custom"
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights, "strength": self.strength, "profile": self.profile}
+    def info(self) -> MixingInfo:
+        """What the response reports: normalised weights, strength and profile."""
+        return MixingInfo(weights=self.weights, strength=self.strength, profile=self.profile)
 
     def headers(self) -> dict[str, str]:
         """The weights actually used, echoed in response headers."""
@@ -126,7 +127,7 @@ class Serving:
         profile: str | None,
         strength: float | None,
         model_profile: str | None = None,
-    ) -> Mixing:
+    ) -> ResolvedMixture:
         """Explicit weights, else the named profile, else the default profile, else uniform."""
         if profile is not None and model_profile is not None and profile != model_profile:
             raise InvalidParameter(
@@ -148,7 +149,7 @@ class Serving:
                 stored = self.store.get(used)  # UnknownProfile -> 404
                 raw, base_strength = stored.weights, stored.strength
         final_strength = base_strength if strength is None else strength
-        return Mixing(self._build(raw, final_strength, used), used)
+        return ResolvedMixture(self._build(raw, final_strength, used), used)
 
     def _default_profile(self) -> str | None:
         name = self.store.get_default()
@@ -221,7 +222,7 @@ class Serving:
 
     # -- running -------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], sampling: SamplingParams, mixing: Mixing
+        self, prompt_ids: list[int], sampling: SamplingParams, mixing: ResolvedMixture
     ) -> RequestStream:
         """Hand one sequence to the engine (call on the event loop's thread)."""
         request = GenerationRequest(
@@ -234,7 +235,7 @@ class Serving:
         return stream
 
     def submit_many(
-        self, prompts: list[list[int]], samplings: list[SamplingParams], mixing: Mixing
+        self, prompts: list[list[int]], samplings: list[SamplingParams], mixing: ResolvedMixture
     ) -> list[RequestStream]:
         """Submit several sequences; if one is refused, cancel those already admitted."""
         streams: list[RequestStream] = []

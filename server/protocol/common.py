@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from mpo_core.errors import InvalidParameter
-from mpo_core.mixing import MAX_STRENGTH, check_weight_map, normalize_weights
+from mpo_core.mixing import MAX_STRENGTH, check_weight_list, check_weight_map
 
 # A stop list: a few non-empty strings (the engine matches them on detokenised text).
 MAX_STOP_SEQUENCES = 16
@@ -25,10 +25,7 @@ def _check_weights(
         return None
     if isinstance(weights, Mapping):
         return check_weight_map(weights)
-    if not weights:
-        raise ValueError("weights must not be empty")
-    normalize_weights(weights, [str(i) for i in range(len(weights))])  # raises if invalid
-    return weights
+    return check_weight_list(weights)
 
 
 # {policy_name: weight} or a list in policy order; normalised to the simplex by the engine.

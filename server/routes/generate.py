@@ -18,7 +18,6 @@ from mpo_core.streams import RequestStream, TokenEvent
 
 from ..deps import ServingDep, require_api_key
 from ..openapi import BODY_ERRORS, EVENT_STREAM, error_responses, streaming_ok
-from ..protocol.common import MixingInfo
 from ..protocol.tgi import (
     TGIDetails,
     TGIParameters,
@@ -28,7 +27,7 @@ from ..protocol.tgi import (
     TGIStreamEvent,
     TGIToken,
 )
-from ..serving import Choice, ClientGone, Mixing, Serving
+from ..serving import Choice, ClientGone, ResolvedMixture, Serving
 from .sse import SSEResponse, sse
 
 router = APIRouter(tags=["tgi"], dependencies=[Depends(require_api_key)])
@@ -59,7 +58,9 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
     )
 
 
-def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingParams, Mixing]:
+def prepare(
+    serving: Serving, body: TGIRequest
+) -> tuple[list[int], SamplingParams, ResolvedMixture]:
     p = body.parameters
     mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
     prompt_ids = serving.encode(body.inputs, "inputs")
@@ -90,11 +91,11 @@ def top_tokens(serving: Serving, event: TokenEvent) -> list[TGIToken]:
 
 
 def response_body(
-    serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: Mixing
+    serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: ResolvedMixture
 ) -> TGIResponse:
     p = body.parameters
     text = (body.inputs if p.return_full_text else "") + choice.text
-    info = MixingInfo(**mixing.as_dict())
+    info = mixing.info()
     if not p.details:
         return TGIResponse(generated_text=text, mixing=info)
     details = TGIDetails(
@@ -128,7 +129,11 @@ async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> R
 
 
 async def stream_events(
-    serving: Serving, body: TGIRequest, stream: RequestStream, sampled: bool, mixing: Mixing
+    serving: Serving,
+    body: TGIRequest,
+    stream: RequestStream,
+    sampled: bool,
+    mixing: ResolvedMixture,
 ) -> AsyncIterator[str]:
     """One event per token; the last adds the full text, the mixing and (details) a summary."""
     p = body.parameters
@@ -137,7 +142,7 @@ async def stream_events(
         text += event.text
         last: dict[str, Any] = {}
         if event.finish_reason is not None:
-            last = {"generated_text": text, "mixing": MixingInfo(**mixing.as_dict())}
+            last = {"generated_text": text, "mixing": mixing.info()}
             if p.details:
                 last["details"] = TGIStreamDetails(
                     finish_reason=event.finish_reason,  # type: ignore[arg-type]

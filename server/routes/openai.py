@@ -17,7 +17,6 @@ from mpo_core.streams import TokenEvent
 from ..deps import ServingDep, StoreDep, require_api_key
 from ..openai_serving import FINISH, Plan, Shape, resolve, respond, to_sampling
 from ..openapi import BODY_ERRORS, error_responses, streaming_ok
-from ..protocol.common import MixingInfo
 from ..protocol.openai import (
     AssistantMessage,
     ChatChoice,
@@ -107,7 +106,7 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
         mixing = self.plan.mixing
         body = CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices,
-            usage=usage, mixing=MixingInfo(**mixing.as_dict()),
+            usage=usage, mixing=mixing.info(),
         )  # fmt: skip
         return JSONResponse(body.wire(), headers=mixing.headers())
 
@@ -200,7 +199,7 @@ class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
         mixing = self.plan.mixing
         body = ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices,
-            usage=usage, mixing=MixingInfo(**mixing.as_dict()),
+            usage=usage, mixing=mixing.info(),
         )  # fmt: skip
         return JSONResponse(body.wire(), headers=mixing.headers())
 

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from mpo_core.errors import InvalidParameter
-from mpo_core.mixing import check_strength, mix_logprobs, normalize_weights
+from mpo_core.mixing import (
+    Mixture,
+    check_strength,
+    check_weight_list,
+    mix_logprobs,
+    normalize_weights,
+)
 
 NAMES = ["helpful", "harmless", "concise"]
 
@@ -34,6 +40,34 @@ def test_bad_weights_name_the_parameter(weights, param, fragment):
         normalize_weights(weights, NAMES)
     assert err.value.param == param
     assert fragment in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("weights", "param", "fragment"),
+    [
+        ([], "weights", "non-empty list"),
+        ([0, 0], "weights", "all be zero"),
+        ([1, -1], "weights[1]", ">= 0"),
+        ("ab", "weights", "non-empty list"),
+    ],
+)
+def test_a_weight_list_is_checked_without_policy_names(weights, param, fragment):
+    with pytest.raises(InvalidParameter, match=fragment) as err:
+        check_weight_list(weights)
+    assert err.value.param == param
+    assert check_weight_list([1, 0, -0.0]) == [1.0, 0.0, 0.0]
+
+
+def test_a_mixture_is_checked_against_the_policy_set_it_meets():
+    mixture = Mixture.build(NAMES, [1, 2, 1], 0.5, has_reference=True)
+    mixture.check_fits(NAMES, has_reference=True)  # its own policy set: nothing to say
+    for names in (NAMES[:2], [*NAMES[1:], NAMES[0]]):  # fewer policies, another order
+        with pytest.raises(InvalidParameter, match="mixture is over the policies") as err:
+            mixture.check_fits(names, has_reference=True)
+        assert err.value.param == "weights"
+    with pytest.raises(InvalidParameter, match="needs a reference") as err:
+        mixture.check_fits(NAMES, has_reference=False)
+    assert err.value.param == "strength"
 
 
 def test_strength_checks():
