@@ -28,8 +28,8 @@ from .protocol.openai import (
     TopLogprob,
     Usage,
 )
-from .routes.sse import SSEResponse, sse
 from .serving import Choice, ClientGone, ResolvedMixture, Serving, merge
+from .sse import SSEResponse, sse
 
 FinishReason = Literal["stop", "length"]
 FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}

@@ -28,7 +28,7 @@ from ..protocol.tgi import (
     TGIToken,
 )
 from ..serving import Choice, ClientGone, ResolvedMixture, Serving
-from .sse import SSEResponse, sse
+from ..sse import SSEResponse, sse
 
 router = APIRouter(tags=["tgi"], dependencies=[Depends(require_api_key)])
 ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)

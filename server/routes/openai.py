@@ -35,7 +35,7 @@ from ..protocol.openai import (
     Usage,
 )
 from ..serving import Choice, Serving
-from .sse import sse
+from ..sse import sse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)

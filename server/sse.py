@@ -14,8 +14,8 @@ from starlette.types import Receive, Scope, Send
 
 from mpo_core.errors import GenerationFailed, MPOError
 
-from ..errors import error_type
-from ..protocol.errors import error_body
+from .errors import error_type
+from .protocol.errors import error_body
 
 logger = logging.getLogger(__name__)
 
