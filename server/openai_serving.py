@@ -35,24 +35,6 @@ FinishReason = Literal["stop", "length"]
 FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-def to_sampling(
-    body: SamplingFields, max_new_tokens: int, top_logprobs: int, index: int
-) -> SamplingParams:
-    """Choice ``index`` of a seeded request gets seed + index: distinct, reproducible."""
-    return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=body.temperature if body.temperature is not None else 1.0,
-        top_k=body.top_k or 0,
-        top_p=body.top_p if body.top_p is not None else 1.0,
-        min_p=body.min_p or 0.0,
-        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
-        seed=None if body.seed is None else (body.seed + index) % (2**63),
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        top_logprobs=top_logprobs,
-    )
-
-
 def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     serving.check_n(body.n)
     model_profile = serving.profile_from_model(body.model)

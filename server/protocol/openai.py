@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mpo_core.sampling import SamplingParams
+
 from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
 
 
@@ -77,6 +79,25 @@ class SamplingFields(MixingFields):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def to_sampling(self, max_new_tokens: int, top_logprobs: int, index: int) -> SamplingParams:
+        """Choice ``index`` of a seeded request gets seed + index: distinct, reproducible.
+
+        ``max_new_tokens`` and ``top_logprobs`` are what the server allows (Serving)."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature if self.temperature is not None else 1.0,
+            top_k=self.top_k or 0,
+            top_p=self.top_p if self.top_p is not None else 1.0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=(
+                self.repetition_penalty if self.repetition_penalty is not None else 1.0
+            ),
+            seed=None if self.seed is None else (self.seed + index) % (2**63),
+            stop=self.stop_list(),
+            ignore_eos=self.ignore_eos,
+            top_logprobs=top_logprobs,
+        )
 
 
 class CompletionRequest(SamplingFields):

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mpo_core.sampling import SamplingParams
+
 from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
 
 
@@ -40,6 +42,37 @@ class TGIParameters(MixingFields):
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
     grammar: None = None  # guided decoding is not supported
     adapter_id: None = None  # one family, no per-request adapter
+
+    @property
+    def samples(self) -> bool:
+        """TGI samples when asked to, or when any sampling knob is set; temperature 0 is greedy."""
+        if self.temperature == 0:
+            return False
+        knobs = (
+            (self.temperature not in (None, 1.0))
+            or bool(self.top_k)
+            or (self.top_p not in (None, 1.0))
+            or (self.min_p not in (None, 0.0))
+        )
+        return self.do_sample or knobs
+
+    def to_sampling(self, max_new_tokens: int) -> SamplingParams:
+        """The engine's parameters; ``max_new_tokens`` is what the context allows (Serving)."""
+        temperature = self.temperature if self.temperature is not None else 1.0
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if self.samples else 0.0,
+            top_k=self.top_k or 0,
+            top_p=self.top_p if self.top_p is not None else 1.0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=(
+                self.repetition_penalty if self.repetition_penalty is not None else 1.0
+            ),
+            seed=self.seed,
+            stop=list(self.stop),
+            ignore_eos=self.ignore_eos,
+            top_logprobs=self.top_n_tokens or 0,
+        )
 
     @field_validator("stop")
     @classmethod

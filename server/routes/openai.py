@@ -15,7 +15,7 @@ from mpo_core.errors import InvalidParameter
 from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
-from ..openai_serving import FINISH, Plan, Shape, resolve, respond, to_sampling
+from ..openai_serving import FINISH, Plan, Shape, resolve, respond
 from ..openapi import BODY_ERRORS, error_responses, streaming_ok
 from ..protocol.openai import (
     AssistantMessage,
@@ -141,7 +141,7 @@ def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     samplings = []
     for ids in prompts:
         max_new = serving.budget(len(ids), body.max_tokens, "max_tokens", "prompt")
-        samplings += [to_sampling(body, max_new, top, j) for j in range(body.n)]
+        samplings += [body.to_sampling(max_new, top, j) for j in range(body.n)]
     serving.check_capacity(len(samplings), "n" if body.n > 1 else "prompt")
     return Plan.build(prompts, samplings, body.n, mixing)
 
@@ -236,7 +236,7 @@ def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
     prompt = chat_prompt(serving, body)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = serving.budget(len(prompt), body.max_new_tokens(), param, "messages")
-    samplings = [to_sampling(body, max_new, top, j) for j in range(body.n)]
+    samplings = [body.to_sampling(max_new, top, j) for j in range(body.n)]
     serving.check_capacity(len(samplings), "n")
     return Plan.build([prompt], samplings, body.n, mixing)
 

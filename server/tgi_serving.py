@@ -1,0 +1,132 @@
+"""The TGI serving path shared by ``/generate``, ``/generate_stream`` and ``POST /``.
+
+``prepare`` turns a request into a prompt, the engine's sampling parameters and the
+resolved mixture; ``generate_one`` answers with one response, ``stream_response`` with
+one server-sent event per token. The routes (``routes/generate.py``) only pick which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from mpo_core.sampling import SamplingParams
+from mpo_core.streams import RequestStream, TokenEvent
+
+from .protocol.tgi import (
+    TGIDetails,
+    TGIRequest,
+    TGIResponse,
+    TGIStreamDetails,
+    TGIStreamEvent,
+    TGIToken,
+)
+from .serving import Choice, ClientGone, ResolvedMixture, Serving
+from .sse import SSEResponse, sse
+
+
+def prepare(
+    serving: Serving, body: TGIRequest
+) -> tuple[list[int], SamplingParams, ResolvedMixture]:
+    p = body.parameters
+    mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
+    prompt_ids = serving.encode(body.inputs, "inputs")
+    if p.truncate is not None:
+        prompt_ids = prompt_ids[-p.truncate :]
+    serving.check_top_logprobs(p.top_n_tokens or 0, "parameters.top_n_tokens")
+    max_new = serving.budget(
+        len(prompt_ids), p.max_new_tokens, "parameters.max_new_tokens", "inputs"
+    )
+    return prompt_ids, p.to_sampling(max_new), mixing
+
+
+def token(event: TokenEvent) -> TGIToken:
+    return TGIToken(
+        id=event.token_id,
+        text=event.token_text,
+        logprob=event.logprob,
+        special=event.special,
+        policy_logprobs=event.policy_logprobs,
+    )
+
+
+def top_tokens(serving: Serving, event: TokenEvent) -> list[TGIToken]:
+    return [
+        TGIToken(id=i, text=serving.token_text(i), logprob=lp, special=serving.is_special(i))
+        for i, lp in event.top_logprobs
+    ]
+
+
+def response_body(
+    serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: ResolvedMixture
+) -> TGIResponse:
+    p = body.parameters
+    text = (body.inputs if p.return_full_text else "") + choice.text
+    info = mixing.info()
+    if not p.details:
+        return TGIResponse(generated_text=text, mixing=info)
+    details = TGIDetails(
+        finish_reason=choice.finish_reason,  # type: ignore[arg-type]
+        generated_tokens=len(choice.events),
+        seed=choice.seed if sampled else None,
+        tokens=[token(ev) for ev in choice.events],
+    )
+    if p.top_n_tokens:  # set only when asked for: the field is left out otherwise
+        details.top_tokens = [top_tokens(serving, ev) for ev in choice.events]
+    return TGIResponse(generated_text=text, details=details, mixing=info)
+
+
+async def generate_one(
+    serving: Serving, body: TGIRequest, request: Request, as_list: bool = False
+) -> Response:
+    """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
+    prompt_ids, sampling, mixing = prepare(serving, body)
+    streams = serving.submit_many([prompt_ids], [sampling], mixing)
+    try:
+        (choice,) = await serving.collect(streams, request.receive)
+    except ClientGone:
+        return Response(status_code=499)
+    content = response_body(serving, body, choice, not sampling.greedy, mixing).wire()
+    return JSONResponse([content] if as_list else content, headers=mixing.headers())
+
+
+async def stream_events(
+    serving: Serving,
+    body: TGIRequest,
+    stream: RequestStream,
+    sampled: bool,
+    mixing: ResolvedMixture,
+) -> AsyncIterator[str]:
+    """One event per token; the last adds the full text, the mixing and (details) a summary."""
+    p = body.parameters
+    text = body.inputs if p.return_full_text else ""
+    async for event in serving.events(stream):
+        text += event.text
+        last: dict[str, Any] = {}
+        if event.finish_reason is not None:
+            last = {"generated_text": text, "mixing": mixing.info()}
+            if p.details:
+                last["details"] = TGIStreamDetails(
+                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                    generated_tokens=event.index + 1,
+                    seed=stream.seed if sampled else None,
+                )
+        chunk = TGIStreamEvent(
+            index=event.index,
+            token=token(event),
+            top_tokens=top_tokens(serving, event) if p.top_n_tokens else None,
+            **last,
+        )
+        yield sse(chunk.wire_json())
+
+
+def stream_response(serving: Serving, body: TGIRequest) -> Response:
+    """Submit one request and answer with its events as they come."""
+    prompt_ids, sampling, mixing = prepare(serving, body)
+    (stream,) = serving.submit_many([prompt_ids], [sampling], mixing)
+    events = stream_events(serving, body, stream, not sampling.greedy, mixing)
+    keepalive = serving.settings.sse_keepalive_s
+    return SSEResponse(events, mixing.headers(), on_close=stream.cancel, keepalive_s=keepalive)
