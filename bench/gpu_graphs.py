@@ -85,17 +85,8 @@ def build_family(size: str, k: int, vocab: int, context: int, device: str) -> Po
         device=device,
         dtype="bfloat16",
     )
-    return PolicySet(
-        config=config,
-        policies=loaded,
-        reference=None,
-        tokenizer=tokenizer,
-        vocab_size=vocab,
-        device=torch.device(device),
-        dtype=torch.bfloat16,
-        kv_dtype=torch.bfloat16,
-        max_context=context,
-        eos_token_ids=[2],
+    return PolicySet.build(
+        config, loaded, None, tokenizer, torch.device(device), torch.bfloat16, eos_token_ids=[2]
     )
 
 

@@ -21,7 +21,6 @@ that policy skips it (the shapes are still checked).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from peft import PeftConfig, PeftModel, PeftType
 from torch import nn
 
-from .config import AdapterSpec, ModelSpec
+from .config import AdapterSpec, ModelSpec, looks_local
 from .errors import ConfigError
 from .lora import BASE, AdapterIndex, group_lora_layers
 
@@ -87,15 +86,6 @@ class AdapterView:
         return self.model.parameters()
 
 
-def _looks_local(name: str) -> bool:
-    return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or Path(name).expanduser().exists()
-    )
-
-
 def _hub_cache_repo(path: Path) -> str | None:
     """``org/name`` if ``path`` lies in a hub cache folder ``models--org--name``."""
     for part in path.parts:
@@ -108,17 +98,17 @@ def same_base(recorded: str | None, base_model: str) -> bool:
     """The rule of the module docstring: was an adapter recorded against this base?"""
     if not recorded:
         return True
-    if _looks_local(base_model):
+    if looks_local(base_model):
         base_path = Path(base_model).expanduser().resolve()
-        if _looks_local(recorded):
+        if looks_local(recorded):
             return Path(recorded).expanduser().resolve() == base_path
         cached = _hub_cache_repo(base_path)
         return cached is not None and cached.casefold() == recorded.casefold()
-    return not _looks_local(recorded) and recorded.casefold() == base_model.casefold()
+    return not looks_local(recorded) and recorded.casefold() == base_model.casefold()
 
 
 def _adapter_source(spec: AdapterSpec) -> str:
-    if _looks_local(spec.adapter):
+    if looks_local(spec.adapter):
         path = Path(spec.adapter).expanduser()
         if not (path / "adapter_config.json").is_file():
             what = "has no adapter_config.json" if path.is_dir() else "does not exist"

@@ -25,6 +25,7 @@ Relative local paths are resolved against the YAML file's folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,16 @@ from pydantic import (
 from .errors import ConfigError
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+def looks_local(model: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else is taken as a local path."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or Path(model).expanduser().exists()
+    )
 
 
 class ModelSpec(BaseModel):

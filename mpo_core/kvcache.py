@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .mixing import to_logprobs
 from .policies import LoadedModel
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H, T, D]
+
+
+def to_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Float32 log-softmax over the shared vocabulary (padding rows dropped)."""
+    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)  # [..., V]
 
 
 MIN_SPARE = 32  # free columns a buffer keeps at least, so growth is rare

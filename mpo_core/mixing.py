@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,8 +25,6 @@ from .errors import InvalidParameter
 MAX_STRENGTH = 100.0
 # Weights are relative, so a bound costs nothing and keeps their sum finite.
 MAX_WEIGHT = 1e9
-# A stored profile's name (also the ``<served>:<profile>`` model suffix).
-PROFILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 WeightsInput = Mapping[str, float] | Sequence[float] | None
 
 
@@ -79,16 +76,6 @@ def check_weight_list(weights: object) -> list[float]:
     return checked
 
 
-def check_profile_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
-        raise InvalidParameter(
-            param,
-            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
-            "starting with a letter or digit",
-        )
-    return name
-
-
 def _total(raw: list[float]) -> float:
     total = math.fsum(raw)  # each <= MAX_WEIGHT, so finite
     if total <= 0:
@@ -129,7 +116,7 @@ def normalize_weights(weights: WeightsInput, names: Sequence[str]) -> list[float
 class Mixture:
     """What one request decodes from: weights on the simplex (policy order) and strength.
 
-    Built only through :meth:`build` (or :meth:`uniform`), which holds every rule; the
+    Built only through :meth:`build`, which holds every rule; the
     engine, the server, the stores and the fit all take this object rather than loose
     fields. ``coefficients`` are the factors of each model's log-probs in ``log p``.
     """
@@ -149,10 +136,6 @@ class Mixture:
     ) -> Mixture:
         normalised = normalize_weights(weights, names)
         return cls(tuple(names), tuple(normalised), check_strength(strength, has_reference))
-
-    @classmethod
-    def uniform(cls, names: Sequence[str]) -> Mixture:
-        return cls.build(names, None, 1.0, has_reference=False)
 
     def check_fits(self, names: Sequence[str], has_reference: bool) -> None:
         """A mixture built elsewhere must be over these policies, in this order, and its
@@ -176,11 +159,6 @@ class Mixture:
     @property
     def is_uniform(self) -> bool:
         return len(set(self.weights)) == 1
-
-
-def to_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Float32 log-softmax over the shared vocabulary (padding rows dropped)."""
-    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)  # [..., V]
 
 
 def mix_logprobs(

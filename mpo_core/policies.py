@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .config import ModelSpec, PolicySetConfig
+from .config import ModelSpec, PolicySetConfig, looks_local
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
@@ -57,6 +56,51 @@ class PolicySet:
     # views of it, each running one adapter); None for a family of full models.
     adapters: AdapterFamily | None = None
 
+    @classmethod
+    def build(
+        cls,
+        config: PolicySetConfig,
+        policies: list[LoadedModel],
+        reference: LoadedModel | None,
+        tokenizer: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        vocab_size: int | None = None,
+        max_context: int | None = None,
+        eos_token_ids: list[int] | None = None,
+        adapters: AdapterFamily | None = None,
+    ) -> PolicySet:
+        """The one way to assemble a policy set; what is not given is read off the models.
+
+        ``vocab_size`` defaults to the tokenizer's length, ``max_context`` to the smallest
+        of the models' limits, ``eos_token_ids`` to the tokenizer's and the first policy's
+        generation config; every model must have an output row per token.
+        """
+        members = [*policies, *([reference] if reference is not None else [])]
+        vocab = len(tokenizer) if vocab_size is None else vocab_size
+        for member in members:
+            _check_output_rows(member, "reference" if member is reference else "policy", vocab)
+        return cls(
+            config=config,
+            policies=policies,
+            reference=reference,
+            tokenizer=tokenizer,
+            vocab_size=vocab,
+            device=device,
+            dtype=dtype,
+            kv_dtype=_kv_dtype(config, device, dtype),
+            max_context=(
+                min(_context_limit(m.model) for m in members)
+                if max_context is None
+                else max_context
+            ),
+            eos_token_ids=(
+                _eos_ids(tokenizer, policies[0].model) if eos_token_ids is None else eos_token_ids
+            ),
+            adapters=adapters,
+        )
+
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.policies]
@@ -92,18 +136,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _looks_local(model: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else is taken as a local path."""
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") > 1
-        or Path(model).expanduser().exists()
-    )
-
-
 def _source(spec: ModelSpec, role: str) -> str:
-    if _looks_local(spec.model):
+    if looks_local(spec.model):
         path = Path(spec.model).expanduser()
         if not path.exists():
             raise ConfigError(f"{role} {spec.name!r}: model path {spec.model!r} does not exist")
@@ -214,33 +248,15 @@ def load_policy_set(config: PolicySetConfig) -> PolicySet:
     for spec, role in specs:
         logger.info("loading %s %r from %s on %s (%s)", role, spec.name, spec.model, device, dtype)
         model = _load_model(spec, role, device, dtype)
-        rows = model.model.get_output_embeddings().weight.shape[0]
-        if rows < vocab_size:
-            raise ConfigError(
-                f"{role} {spec.name!r} has {rows} output rows "
-                f"but the tokenizer has {vocab_size} tokens"
-            )
+        _check_output_rows(model, role, vocab_size)  # before loading the next one
         loaded.append(model)
     policies = loaded[: len(config.policies)]
     reference = loaded[len(config.policies)] if config.reference is not None else None
-    return PolicySet(
-        config=config,
-        policies=policies,
-        reference=reference,
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        device=device,
-        dtype=dtype,
-        kv_dtype=dtype
-        if config.kv_cache_dtype == "auto"
-        else resolve_dtype(config.kv_cache_dtype, device),
-        max_context=min(_context_limit(m.model) for m in loaded),
-        eos_token_ids=_eos_ids(tokenizer, policies[0].model),
-    )
+    return PolicySet.build(config, policies, reference, tokenizer, device, dtype)
 
 
 def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
-    """The adapter family's copy of load_policy_set's output-rows check."""
+    """Logits are cut to the tokenizer's length: a model needs at least that many rows."""
     rows = loaded.model.get_output_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise ConfigError(
@@ -277,16 +293,5 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
         return LoadedModel(name, view, base.cache_kwarg, base.accepts_logits_to_keep)
 
     policies = [member(spec.name, 1 + k) for k, spec in enumerate(config.adapter_policies)]
-    return PolicySet(
-        config=config,
-        policies=policies,
-        reference=member(base_spec.name, 0),
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        device=device,
-        dtype=dtype,
-        kv_dtype=_kv_dtype(config, device, dtype),
-        max_context=_context_limit(family.model),
-        eos_token_ids=_eos_ids(tokenizer, family.model),
-        adapters=family,
-    )
+    reference = member(base_spec.name, 0)
+    return PolicySet.build(config, policies, reference, tokenizer, device, dtype, adapters=family)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mixing import to_logprobs
+from .kvcache import to_logprobs
 from .policies import LoadedModel, PolicySet
 
 

@@ -139,15 +139,14 @@ def soup_policy_set(policy_set: PolicySet, soups: Mapping[str, Sequence[float]])
         dtype=policy_set.config.dtype,
         kv_cache_dtype=policy_set.config.kv_cache_dtype,
     )
-    return PolicySet(
-        config=config,
-        policies=loaded,
-        reference=None,
-        tokenizer=policy_set.tokenizer,
+    return PolicySet.build(
+        config,
+        loaded,
+        None,
+        policy_set.tokenizer,
+        policy_set.device,
+        policy_set.dtype,
         vocab_size=policy_set.vocab_size,
-        device=policy_set.device,
-        dtype=policy_set.dtype,
-        kv_dtype=policy_set.kv_dtype,
         max_context=policy_set.max_context,
         eos_token_ids=list(policy_set.eos_token_ids),
     )

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .kvcache import KVStorage, cache_layers, prefill_prompts
-from .mixing import to_logprobs
+from .kvcache import KVStorage, cache_layers, prefill_prompts, to_logprobs
 from .policies import LoadedModel
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-FINISH_REASONS = ("length", "eos_token", "stop_sequence", "cancelled")
-
 
 @dataclass
 class TokenEvent:

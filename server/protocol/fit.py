@@ -7,8 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mpo_core.mixing import PROFILE_NAME_PATTERN
-
+from ..store.base import PROFILE_NAME_PATTERN
 from .common import Text
 
 MAX_FIT_PROMPTS = 10_000

@@ -11,13 +11,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from mpo_core.mixing import check_profile_name
-
 from ..deps import EngineDep, StoreDep, require_admin
 from ..openapi import BODY_ERRORS, error_responses
 from ..protocol.admin import DefaultPut, ProfileHistory, ProfileList, ProfileOut, ProfilePut
 from ..protocol.common import MAX_INT
 from ..store import ProfileVersion
+from ..store.base import check_profile_name
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 ERRORS = error_responses(400, 401, 403, 404, 503)  # 400: a bad path or query parameter

@@ -6,6 +6,7 @@ lists profiles and limits, so it takes the API key when one is set, as ``/v1/mod
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -43,6 +44,10 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
         "served_name": serving.served_name,
         "policies": list(engine.policy_names),
         "reference": ps.reference_name,
+        # an adapter family: each policy's LoRA adapter (rank, alpha, layers); else null
+        "adapters": (
+            [dataclasses.asdict(a) for a in ps.adapters.adapters] if ps.adapters else None
+        ),
         "vocab_size": int(ps.vocab_size),
         "device": str(ps.device),
         "dtype": str(ps.dtype).removeprefix("torch."),

@@ -10,17 +10,33 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from mpo_core.errors import InvalidParameter, MPOError
-from mpo_core.mixing import check_profile_name, check_strength, check_weight_map
+from mpo_core.mixing import check_strength, check_weight_map
 
 # ``meta`` is free-form JSON kept with each version; bounded so that one profile cannot
 # make every listing slow or unreadable (JSON decoders recurse once per nesting level).
 MAX_META_DEPTH = 32
 MAX_META_BYTES = 64 * 1024
+
+
+# A stored profile's name (also the ``<served>:<profile>`` model suffix): the store's rule,
+# which the admin routes and the fit request apply to the names they are given.
+PROFILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def check_profile_name(name: object, param: str = "name") -> str:
+    if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
+        raise InvalidParameter(
+            param,
+            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
+            "starting with a letter or digit",
+        )
+    return name
 
 
 class StoreUnavailable(MPOError):

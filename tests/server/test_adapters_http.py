@@ -71,3 +71,7 @@ def test_served_adapter_family_agrees_with_merged_family(
         assert [t["id"] for t in g_top] == [t["id"] for t in w_top]
     info = adapters.get("/info").json()
     assert info["reference"] == "base"  # the base with the adapters off
+    listed = info["adapters"]
+    assert [a["name"] for a in listed] == ["helpful", "harmless", "concise"]
+    assert [(a["rank"], a["alpha"]) for a in listed] == [(s.r, s.alpha) for s in SHAPES]
+    assert all(a["target_modules"] and a["source"] for a in listed)

@@ -19,6 +19,7 @@ def test_health_and_info(client: TestClient) -> None:
     info = client.get("/info").json()
     assert info["policies"] == ["helpful", "harmless", "concise"]
     assert info["reference"] == "base"
+    assert info["adapters"] is None  # a family of full models
     assert info["vocab_size"] == 320
     assert info["limits"]["max_context"] == 256
     assert info["profiles"] == [] and info["default_profile"] is None
