@@ -190,7 +190,7 @@ def test_concurrent_builders_share_one_build(tmp_path: Path) -> None:
         "import sys; from mpo_core.demo import build_demo; "
         "print(build_demo(home=sys.argv[1], variant='small', seed=3, progress=False))"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     procs = [
         subprocess.Popen(
