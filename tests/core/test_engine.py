@@ -319,34 +319,6 @@ def test_eos_finishes_unless_ignored(llama_set, monkeypatch):
         assert ignored.token_ids == full.token_ids and ignored.finish_reason == "length"
 
 
-def _teacher_forced(model, prompt, completion, vocab):
-    ids = torch.tensor([prompt + completion])
-    logprobs = model(ids).logits[0, :-1, :vocab].float().log_softmax(-1)
-    targets = ids[0, 1:]
-    picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked[len(prompt) - 1 :].sum().item()
-
-
-def test_score_equals_direct_teacher_forcing(llama_set):
-    tok = llama_set.tokenizer
-    prompts = [tok.encode(PROMPT), tok.encode("hi"), tok.encode("Sure! Here is")]
-    completions = [tok.encode(" a poem"), tok.encode(" there, friend."), tok.encode(" it")]
-    with Engine(llama_set, EngineLimits(score_chunk_tokens=24)) as engine:  # forces 2+ chunks
-        # a generation running meanwhile must not disturb scoring, nor scoring it
-        stream = engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(30)))
-        result = engine.score(prompts, completions)
-        assert len(list(stream)) == 30
-    assert result.policy_logprobs.shape == (3, 3)
-    assert result.reference_logprobs is not None
-    models = [p.model for p in llama_set.policies]
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        for k, model in enumerate(models):
-            want = _teacher_forced(model, p, c, llama_set.vocab_size)
-            assert result.policy_logprobs[i, k].item() == pytest.approx(want, abs=1e-4)
-        want_ref = _teacher_forced(llama_set.reference.model, p, c, llama_set.vocab_size)
-        assert result.reference_logprobs[i].item() == pytest.approx(want_ref, abs=1e-4)
-
-
 def test_async_iteration_and_observer(llama_set):
     import asyncio
 
