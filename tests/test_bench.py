@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench import run
 from bench.baselines import diy_mix_one, policy_step_seconds
 from bench.common import family_yaml, prompt_ids, prompt_texts
@@ -13,6 +15,8 @@ from mpo_core.config import load_config
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.policies import load_policy_set
 from mpo_core.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow  # runs the benchmark scripts end to end
 
 NEW_TOKENS = 6
 

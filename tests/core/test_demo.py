@@ -107,6 +107,7 @@ def ci_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # builds and samples the CI recipe (about 30 s)
 def test_each_policy_beats_the_reference_on_its_own_objective(ci_family: Path) -> None:
     """192 sampled replies to the held-out prompts per model, scored by every scorer."""
     tokenizer = AutoTokenizer.from_pretrained(ci_family / "base")
@@ -184,6 +185,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [p.name for p in (tmp_path / "demo").iterdir() if not p.name.endswith(".lock")] == []
 
 
+@pytest.mark.slow  # two processes, each importing torch and building
 def test_concurrent_builders_share_one_build(tmp_path: Path) -> None:
     """Two processes asking at once: one builds under the lock, the other waits for it."""
     code = (

@@ -145,6 +145,7 @@ def _process_writer(path: str, worker: int, count: int) -> None:
         backend.put(f"own{worker}", {"x": 1.0})
 
 
+@pytest.mark.slow  # three spawned processes
 def test_sqlite_concurrent_processes_never_corrupt(tmp_path: Path) -> None:
     path = str(tmp_path / "multi.sqlite3")
     SQLiteProfileStore(path)  # create the schema once
