@@ -97,3 +97,28 @@ def test_the_graph_sees_relative_and_lazy_imports() -> None:
 
 def test_no_import_cycles() -> None:
     assert find_cycle(package_graph()) is None
+
+
+def absolute_imports(path: Path) -> set[str]:
+    """The top-level names of every absolute import in a file (at any depth)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+def test_the_core_never_imports_the_web_layer() -> None:
+    """Arrows run one way: ``server`` uses ``mpo_core``, never the reverse (nor the web
+    framework), so the engine runs in scripts and tests without a web stack."""
+    web = {"server", "fastapi", "starlette", "uvicorn"}
+    offenders = {
+        str(path.relative_to(REPO)): sorted(absolute_imports(path) & web)
+        for name, path in module_files().items()
+        if name.startswith("mpo_core") and absolute_imports(path) & web
+    }
+    assert offenders == {}
+    server_app = absolute_imports(REPO / "server" / "app.py")
+    assert {"fastapi", "mpo_core"} <= server_app  # the collector sees absolute imports
