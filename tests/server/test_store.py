@@ -1,6 +1,8 @@
-"""The profile store's contract, run against every backend the ``store`` fixture yields.
-
-A new backend (PostgreSQL, ...) joins by adding a param to ``store`` below.
+"""The profile store's contract, run against every backend the ``store`` fixture yields:
+SQLite, and PostgreSQL when a test database is given (``. .ci/services.sh`` starts one;
+without it those tests skip, except under CI where they fail). A new backend joins by
+adding a param to ``store`` below; what only one backend does is tested in its own file
+(``test_store_postgres.py``) or below, named after it.
 """
 
 from __future__ import annotations
@@ -12,19 +14,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres_helpers import fresh_schema, postgres_url
 
 from mpo_core.errors import ConfigError, InvalidParameter, UnknownProfile
 from server.store import ProfileStore, SQLiteProfileStore, open_store
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProfileStore]:
     if request.param == "sqlite":
         backend: ProfileStore = SQLiteProfileStore(tmp_path / "profiles.sqlite3")
-    else:  # pragma: no cover - a new backend goes here
-        raise AssertionError(request.param)
-    yield backend
-    backend.close()
+        yield backend
+        backend.close()
+        return
+    assert request.param == "postgres", request.param
+    with fresh_schema(postgres_url()) as url:  # a new, empty schema per test
+        from server.store.postgres import PostgresProfileStore
+
+        backend = PostgresProfileStore(url)
+        yield backend
+        backend.close()
 
 
 def test_store_implements_protocol(store: ProfileStore) -> None:

@@ -1,19 +1,14 @@
-"""The PostgreSQL profile store: the shared contract of ``test_store.py``, then what only a
-shared store does (cross-process versions, propagation, reconnects, outages).
-
-The contract's tests are loaded from ``test_store.py`` by path and collected here again
-with this module's ``store`` fixture (a PostgresProfileStore on a fresh schema), so both
-backends run the very same functions.
+"""What only the PostgreSQL profile store does: the same observable results as SQLite,
+cross-process versions, propagation, reconnects, outages. The contract both backends
+share runs from ``test_store.py``, whose ``store`` fixture yields each of them.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import multiprocessing as mp
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,26 +28,6 @@ from mpo_core.errors import ConfigError, UnknownProfile
 from server.store import ProfileStore, SQLiteProfileStore, open_store
 
 
-def _shared_contract() -> dict[str, Callable[..., Any]]:
-    """The ``test_*`` functions of test_store.py that take the ``store`` fixture."""
-    path = Path(__file__).with_name("test_store.py")
-    spec = importlib.util.spec_from_file_location("_shared_store_contract", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {
-        name: func
-        for name, func in vars(module).items()
-        if name.startswith("test_")
-        and inspect.isfunction(func)
-        and "store" in inspect.signature(func).parameters
-    }
-
-
-SHARED_TESTS = _shared_contract()
-globals().update(SHARED_TESTS)  # pytest collects them here, with the fixture below
-
-
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A URL whose search_path selects a new, empty schema."""
@@ -67,16 +42,6 @@ def store(pg_url: str) -> Iterator[ProfileStore]:
     backend = PostgresProfileStore(pg_url)
     yield backend
     backend.close()
-
-
-def test_the_shared_contract_is_collected_here() -> None:
-    assert {
-        "test_put_creates_versions_and_get_returns_latest",
-        "test_delete_keeps_history_and_versions_are_never_reused",
-        "test_rollback_is_a_put_of_old_content",
-        "test_concurrent_threads_get_distinct_versions",
-    } <= set(SHARED_TESTS)
-    assert "test_sqlite_persists_across_reopen" not in SHARED_TESTS  # backend-specific
 
 
 # ---- same observable results as SQLite -------------------------------------------------
