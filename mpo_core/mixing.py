@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .errors import InvalidParameter
+from .names import check_name
 
 # Strength extrapolates away from the reference past 1; far past it s * log p overflows
 # float32 to -inf/NaN, so it is bounded (DESIGN.md §2.1 uses s in about [0, 2]).
 MAX_STRENGTH = 100.0
 # Weights are relative, so a bound costs nothing and keeps their sum finite.
 MAX_WEIGHT = 1e9
-# A stored profile's name (also the ``<served>:<profile>`` model suffix).
-PROFILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 WeightsInput = Mapping[str, float] | Sequence[float] | None
 
 
@@ -71,13 +69,8 @@ def check_strength(strength: object, has_reference: bool = True) -> float:
 
 
 def check_profile_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
-        raise InvalidParameter(
-            param,
-            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
-            "starting with a letter or digit",
-        )
-    return name
+    """A stored profile's name (also the ``<served>:<profile>`` model suffix): ``names``."""
+    return check_name(name, param, kind="profile")
 
 
 def _total(raw: list[float]) -> float:

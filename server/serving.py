@@ -23,7 +23,7 @@ from mpo_core.streams import RequestStream, TokenEvent
 from .errors import APIError
 from .metrics import Metrics
 from .settings import Settings
-from .store import ProfileStore
+from .store import ProfileStore, UnreadableProfile
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,9 @@ class Serving:
             return None
         try:
             self.store.get(name)
+        except UnreadableProfile as exc:  # an older version stored it: serve uniform weights
+            logger.warning("ignoring the default profile: %s", exc)
+            return None
         except UnknownProfile:  # deleted by another process between the two reads
             return None
         return name

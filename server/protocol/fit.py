@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mpo_core.mixing import PROFILE_NAME_PATTERN
+from mpo_core.names import Name
 
 from .common import Text
 
@@ -46,7 +46,7 @@ class FitRequest(BaseModel):
     step_size: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # eta
     batch_size: int | None = Field(default=None, ge=1)  # prompts per step (b)
     seed: int = Field(default=0, ge=0, lt=2**63)
-    profile: str = Field(default="fitted", pattern=PROFILE_NAME_PATTERN.pattern)
+    profile: Name = "fitted"
     activate: bool = False  # make the stored profile the default
 
     @model_validator(mode="after")

@@ -135,7 +135,7 @@ def test_fit_needs_the_admin_token(client: TestClient, admin_client: TestClient)
         ({**SMALL_FIT, "prompt_file": "p.txt"}, None, "exactly one of prompts"),
         ({**SMALL_FIT, "prompts": []}, "prompts", "at least 1"),
         ({**SMALL_FIT, "step_size": -1}, "step_size", "greater than 0"),
-        ({**SMALL_FIT, "profile": "bad name!"}, "profile", "pattern"),
+        ({**SMALL_FIT, "profile": "bad name!"}, "profile", "invalid name"),
         ({"prompt_file": "../../etc/passwd"}, "prompt_file", "not a file under"),
         ({**SMALL_FIT, "prompts": ["ok", "  "]}, "prompts", "non-empty"),
     ],

@@ -69,6 +69,25 @@ def store(pg_url: str) -> Iterator[ProfileStore]:
     backend.close()
 
 
+@pytest.fixture
+def write_raw(store: Any, pg_url: str) -> Callable[[str, int, str, str], None]:
+    """Write a row unchecked (as an older version or hand-run SQL could have), then send
+    the NOTIFY that docs/deploy.md asks of manual SQL."""
+
+    def write(name: str, version: int, weights: str, meta: str) -> None:
+        seen = store.listener_status()["notifications"]
+        sql(
+            pg_url,
+            "INSERT INTO mpo_profile_versions (name, version, weights, strength, meta, "
+            "created_at) VALUES (%s, %s, %s::json, 1.0, %s::json, 0)",
+            (name, version, weights, meta),
+        )
+        sql(pg_url, "NOTIFY mpo_profiles")
+        wait_until(lambda: store.listener_status()["notifications"] > seen, timeout=10)
+
+    return write
+
+
 def test_the_shared_contract_is_collected_here() -> None:
     assert {
         "test_put_creates_versions_and_get_returns_latest",
