@@ -44,7 +44,7 @@ class FitRequest(BaseModel):
     max_new_tokens: int = Field(default=32, ge=1)
     iterations: int = Field(default=500, ge=1, le=1_000_000)  # T
     step_size: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # eta
-    batch_size: int | None = Field(default=None, ge=1)  # prompts per step (b)
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_FIT_PROMPTS)  # prompts a step (b)
     seed: int = Field(default=0, ge=0, lt=2**63)
     profile: Name = "fitted"
     activate: bool = False  # make the stored profile the default
