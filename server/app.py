@@ -27,7 +27,12 @@ from .deps import authorize_route
 from .errors import install_error_handlers
 from .jobs import FitJobs
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware, UnexpectedErrorMiddleware
+from .middleware import (
+    BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
+    RequestMetricsMiddleware,
+    UnexpectedErrorMiddleware,
+)
 from .openapi import install_openapi
 from .routes import admin, fit, generate, openai, ops
 from .serving import Serving
@@ -130,6 +135,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # Outermost last: metrics see every status, including the body limit's 413 and a 500.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(DrainMiddleware, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

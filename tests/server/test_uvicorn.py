@@ -230,7 +230,7 @@ def _slow_body_request(port: int, body: bytes) -> socket.socket:
 def test_sigterm_refuses_new_requests_and_lets_running_ones_finish(
     tiny_yaml: Path, tmp_path: Path
 ) -> None:
-    server = ServerProcess(tiny_yaml, tmp_path, MPO_DRAIN_TIMEOUT_S="120")
+    server = ServerProcess(tiny_yaml, tmp_path, MPO_DRAIN_TIMEOUT_S="120", MPO_BODY_TIMEOUT_S="600")
     try:
         fit = httpx.post(f"{server.url}/admin/fit", headers=ADMIN, timeout=30, json={
             "prompts": ["Hi"] * 200, "samples_per_prompt": 8, "max_new_tokens": 8,
