@@ -42,8 +42,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+from .names import Name
 
 
 def looks_local(model: str) -> bool:
@@ -61,7 +60,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=_NAME_PATTERN)  # used in requests: {"weights": {name: w}}
+    name: Name  # used in requests: {"weights": {name: w}}
     model: str = Field(min_length=1)  # hub id ("org/repo") or a local folder
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     trust_remote_code: bool = False
@@ -72,7 +71,7 @@ class AdapterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=_NAME_PATTERN)
+    name: Name
     adapter: str = Field(min_length=1)  # hub id ("org/repo") or a local adapter folder
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     # Compare the adapter's recorded base_model_name_or_path with the family's base
@@ -98,7 +97,7 @@ class PolicySetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    served_name: str = Field(default="mpo", pattern=_NAME_PATTERN)
+    served_name: Name = "mpo"
     reference: ModelSpec | None = None  # needed for strength != 1 and for fitting
     # An adapter family's base model: every policy is a LoRA adapter of it, and the base
     # with the adapters switched off is the reference (so ``reference`` stays unset).

@@ -78,6 +78,9 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
+        # Admitted by ``_admit`` and being prefilled: neither waiting nor running yet, but
+        # holding slots (counted by ``submit``, cancelled by ``cancel_all``).
+        self._admitted: list[SequenceState] = []
         self._jobs: deque[ScoreJob] = deque()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -107,7 +110,10 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(
-                len(self._running), len(self._waiting), self._steps, self._generated_tokens
+                len(self._running) + len(self._admitted),
+                len(self._waiting),
+                self._steps,
+                self._generated_tokens,
             )
 
     def mixture(self, weights: WeightsInput = None, strength: object = 1.0) -> Mixture:
@@ -137,12 +143,22 @@ class Engine:
                 lambda: not (self._running or self._waiting or self._jobs) or not self.is_alive,
                 timeout=timeout,
             )
-            for seq in [*self._waiting, *self._running.values()]:
+            for seq in [*self._waiting, *self._admitted, *self._running.values()]:
                 seq.stream.cancelled = True
             self._stopping = True
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def cancel_all(self) -> int:
+        """Cancel every waiting and running sequence (each stream's last event is then
+        ``cancelled``) and keep running; the number cancelled. A drain's last step."""
+        with self._lock:
+            pending = [*self._waiting, *self._admitted, *self._running.values()]
+            for seq in pending:
+                seq.stream.cancelled = True
+            self._lock.notify_all()
+        return len(pending)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -161,11 +177,14 @@ class Engine:
                 raise EngineNotRunning(
                     "the engine is not running (not started, stopping or failed)"
                 )
-            free_slots = max(0, self.limits.max_running - len(self._running))
-            if len(self._waiting) >= self.limits.max_queued + free_slots:
+            # Every sequence held counts once, wherever it is (waiting, being admitted or
+            # running), so exactly max_running + max_queued are ever held.
+            running = len(self._running) + len(self._admitted)
+            if running + len(self._waiting) >= self.limits.max_running + self.limits.max_queued:
                 raise Overloaded(
-                    f"{len(self._running)} sequences are running and {len(self._waiting)} are "
-                    f"queued (limit {self.limits.max_queued}); retry later",
+                    f"{running} sequences are running and {len(self._waiting)} are "
+                    f"queued (limits {self.limits.max_running} + {self.limits.max_queued}); "
+                    "retry later",
                     retry_after=self.limits.retry_after_s,
                 )
             self._waiting.append(seq)
@@ -249,6 +268,7 @@ class Engine:
         with self._lock:
             failed = {s.sid: s for s in [*self._running.values(), *newcomers]}
             self._running.clear()
+            self._admitted = []
         self.runner.keep(set())
         for seq in failed.values():
             seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
@@ -261,6 +281,7 @@ class Engine:
         newcomers: list[SequenceState] = []
         while self._waiting and len(self._running) + len(newcomers) < self.limits.max_running:
             newcomers.append(self._waiting.popleft())
+        self._admitted = newcomers
         return newcomers
 
     def _run_one_job(self) -> None:
@@ -272,10 +293,11 @@ class Engine:
     def _fail_all(self, failure: BaseException | None) -> None:
         with self._lock:
             self._accepting = False
-            pending = [*self._waiting, *self._running.values()]
+            pending = [*self._waiting, *self._admitted, *self._running.values()]
             jobs = list(self._jobs)
             self._waiting.clear()
             self._running.clear()
+            self._admitted = []
             self._jobs.clear()
             self._lock.notify_all()
         for seq in pending:
@@ -297,6 +319,7 @@ class Engine:
         output = self.runner.step(running, newcomers)
         with self._lock:
             self._running.update((seq.sid, seq) for seq in newcomers)
+            self._admitted = []
         active = running + newcomers
         logprobs = output.logprobs  # [M, B, V]
         coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]

@@ -2,8 +2,9 @@
 
 Startup: open the profile store, load the policy set from ``settings.config`` (or build
 the demo family) and start the engine, unless a running engine is given (tests pass a
-small one). Shutdown (after uvicorn has drained connections on SIGTERM): stop the engine,
-which finishes what runs within its timeout and cancels the rest.
+small one). Shutdown (after ``shutdown.DrainingServer`` has drained the requests on
+SIGTERM): cancel fit jobs and stop the engine, which finishes what runs within the drain
+timeout and cancels the rest.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ from .deps import authorize_route
 from .errors import install_error_handlers
 from .jobs import FitJobs
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestMetricsMiddleware, UnexpectedErrorMiddleware
+from .middleware import (
+    BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
+    RequestMetricsMiddleware,
+    UnexpectedErrorMiddleware,
+)
 from .openapi import install_openapi
 from .routes import admin, fit, generate, openai, ops
 from .serving import Serving
 from .settings import Settings
+from .shutdown import Drain, DrainMiddleware
 from .store import open_store
 
 logger = logging.getLogger(__name__)
@@ -93,8 +100,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for job in app.state.fit_jobs.jobs():
             app.state.fit_jobs.cancel(job.id)
         if owns_engine:
-            logger.info("stopping the engine (up to %.0f s)", settings.shutdown_timeout_s)
-            await anyio.to_thread.run_sync(ready_engine.stop, settings.shutdown_timeout_s)
+            logger.info("stopping the engine (up to %.0f s)", settings.drain_timeout_s)
+            await anyio.to_thread.run_sync(ready_engine.stop, settings.drain_timeout_s)
         store.close()
 
 
@@ -114,6 +121,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.serving = None
     app.state.store = None
     app.state.started_at = time.time()
+    app.state.drain = Drain()
+    metrics.track_in_flight(lambda: app.state.drain.in_flight)
 
     install_error_handlers(app, authorize=authorize_route)
     install_openapi(app)
@@ -126,5 +135,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # Outermost last: metrics see every status, including the body limit's 413 and a 500.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -29,6 +29,19 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-queued", "max_queued", int, "sequences waiting before 429 (MPO_MAX_QUEUED)"),
     ("--max-body-bytes", "max_body_bytes", int, "request body limit (MPO_MAX_BODY_BYTES)"),
     ("--max-n", "max_n", int, "choices per OpenAI request (MPO_MAX_N)"),
+    (
+        "--drain-timeout",
+        "drain_timeout_s",
+        float,
+        "SIGTERM: seconds running requests may "
+        "finish, new ones get 503 (MPO_DRAIN_TIMEOUT_S, default 30)",
+    ),
+    (
+        "--body-timeout",
+        "body_timeout_s",
+        float,
+        "seconds a request body may take to arrive, else 408 (MPO_BODY_TIMEOUT_S, default 30)",
+    ),
     ("--log-level", "log_level", str, "debug, info, warning, error (MPO_LOG_LEVEL)"),
     ("--cuda-graphs", "cuda_graphs", str, "true/false: override the config's cuda_graphs"),
 ]
@@ -131,23 +144,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .shutdown import DrainingServer
 
     settings = settings_from_args(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        # What is still open once the drain is over (a second signal skips the drain).
+        timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, settings.drain_timeout_s)
     # uvicorn re-raises the signal it shut down on, with the handler found at start; a
     # no-op handler turns a SIGTERM that was handled gracefully into a plain exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()  # SIGTERM/SIGINT: stop accepting, drain, then the lifespan stops the engine
+    server.run()  # SIGTERM/SIGINT: 503 for new requests, drain, then the lifespan stops the engine
     return 0 if server.started else 1
 
 

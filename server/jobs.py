@@ -149,22 +149,30 @@ class FitJobs:
             prompts = request.prompts
         else:
             assert request.prompt_file is not None  # the request model checks one is given
-            path = (self.prompt_dir / request.prompt_file).resolve()
-            if self.prompt_dir.resolve() not in path.parents or not path.is_file():
-                raise InvalidParameter(
-                    "prompt_file",
-                    f"prompt_file {request.prompt_file!r} is not a file under {self.prompt_dir}",
-                )
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidParameter(
-                    "prompt_file", f"prompt_file {request.prompt_file!r} is not UTF-8: {exc}"
-                ) from None
-            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+            prompts = self._read_prompt_file(request.prompt_file)
         if not prompts or any(not p.strip() for p in prompts):
             raise InvalidParameter("prompts", "prompts must be non-empty strings")
         return prompts
+
+    def _read_prompt_file(self, name: str) -> list[str]:
+        """The prompts of a file under ``prompt_dir``; any name that is not one is a 400."""
+        not_a_file = InvalidParameter(
+            "prompt_file", f"prompt_file {name!r} is not a file under {self.prompt_dir}"
+        )
+        if "\x00" in name:  # the OS refuses it (ValueError), whatever the folder holds
+            raise InvalidParameter("prompt_file", "prompt_file must not contain a NUL byte")
+        try:
+            path = (self.prompt_dir / name).resolve()
+            if self.prompt_dir.resolve() not in path.parents or not path.is_file():
+                raise not_a_file
+            text = path.read_text(encoding="utf-8")
+        except UnicodeError as exc:  # not UTF-8, or a name no file system can hold
+            raise InvalidParameter(
+                "prompt_file", f"prompt_file {name!r} is not UTF-8 text: {exc}"
+            ) from None
+        except (OSError, ValueError):  # too long, unreadable, gone meanwhile
+            raise not_a_file from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
 
     def _check_context(self, prompts: list[str], max_new_tokens: int) -> None:
         """A reply that cannot fit the context would fail the job later: a 400 now."""
@@ -203,6 +211,8 @@ class FitJobs:
 
         request = job.request
         job.started_at = time.time()
+        # Sampling starts at once (its first progress report comes with the first reply).
+        self._set_state(job, FitState.SAMPLING)
         try:
             options = FitOptions(
                 samples_per_prompt=request.samples_per_prompt,

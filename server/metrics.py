@@ -68,6 +68,11 @@ class Metrics:
             ["profile"], registry=r,
         )  # fmt: skip
         self.fit_jobs = Gauge("mpo_fit_jobs", "Fit jobs by state.", ["state"], registry=r)
+        self.in_flight = Gauge(
+            "mpo_http_requests_in_flight",
+            "HTTP requests being answered (a drain on SIGTERM waits for them).",
+            registry=r,
+        )
         for state in FitState:
             self.fit_jobs.labels(state=state.value).set(0)
 
@@ -75,6 +80,9 @@ class Metrics:
         """Read the engine's queue sizes at scrape time."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+
+    def track_in_flight(self, in_flight: Callable[[], float]) -> None:
+        self.in_flight.set_function(in_flight)
 
     def on_step(self, batch_size: int, forward_seconds: dict[str, float]) -> None:
         """Engine observer hook, called after each decoding step (on the engine thread)."""

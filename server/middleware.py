@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request metrics, the request-body size limit, unexpected errors.
+"""Pure ASGI middleware: request metrics, the request-body size and time limits, unexpected
+errors.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so streaming responses pass through untouched and
 a client disconnect still reaches the route.
@@ -6,6 +7,7 @@ a client disconnect still reaches the route.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -125,12 +127,67 @@ class BodyLimitMiddleware:
         await send_json(send, 413, body)
 
 
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+class BodyTimeoutMiddleware:
+    """Answer 408 and close the connection when a request body takes over ``timeout_s``.
+
+    A client that announces a body and sends it slowly (or never) would otherwise hold a
+    connection, and the task serving it, for as long as it likes. The clock runs from the
+    request's start until its last body chunk; reads after that (routes waiting for a
+    disconnect) are not timed.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        body_done = False
+        timed_out = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, timed_out
+            if body_done:
+                return await receive()
+            if timed_out:
+                return {"type": "http.disconnect"}
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(left, 0.0))
+            except TimeoutError:
+                timed_out = True  # the app sees a disconnect and gives up reading
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if timed_out and not started:  # the app's answer to a cut body is dropped
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, timed_receive, guarded_send)
+        if timed_out and not started:
+            message = f"the request body did not arrive within {self.timeout_s:g} s"
+            body = error_body(message, "invalid_request_error", code="request_timeout")
+            await send_json(send, 408, body, {"Connection": "close"})
+
+
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], extra: dict[str, str] | None = None
+) -> None:
     """A complete JSON response, written straight to the ASGI channel."""
     payload = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in (extra or {}).items()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

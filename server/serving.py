@@ -25,7 +25,7 @@ from .errors import APIError
 from .metrics import Metrics
 from .protocol.common import MixingInfo, check_unicode
 from .settings import Settings
-from .store import ProfileStore
+from .store import ProfileStore, UnreadableProfile
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,9 @@ class Serving:
             return None
         try:
             self.store.get(name)
+        except UnreadableProfile as exc:  # an older version stored it: serve uniform weights
+            logger.warning("ignoring the default profile: %s", exc)
+            return None
         except UnknownProfile:  # deleted by another process between the two reads
             return None
         return name

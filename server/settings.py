@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,7 +42,16 @@ class Settings(BaseSettings):
     # (debugging, or a model whose forward cannot be captured).
     cuda_graphs: bool | None = None
     sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment on a stream idle this long
-    shutdown_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: wait for running requests
+    # SIGTERM: new requests get 503 while running ones may finish for this long; then the
+    # streams still open end with an error event. MPO_SHUTDOWN_TIMEOUT_S is its old name.
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        validation_alias=AliasChoices(
+            "drain_timeout_s", "MPO_DRAIN_TIMEOUT_S", "MPO_SHUTDOWN_TIMEOUT_S"
+        ),
+    )
+    body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must arrive within it
     log_level: str = "info"
 
     @field_validator("admin_token", mode="before")

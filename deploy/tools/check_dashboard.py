@@ -37,6 +37,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mpo_policy_forward_seconds": ("histogram", ("policy",)),
     "mpo_requests_by_profile_total": ("counter", ("profile",)),
     "mpo_fit_jobs": ("gauge", ("state",)),
+    "mpo_http_requests_in_flight": ("gauge", ()),
 }
 # Labels Prometheus attaches to every scraped series (static and Kubernetes discovery).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}

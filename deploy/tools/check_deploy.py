@@ -23,6 +23,8 @@ from check_dashboard import ROOT, Problems, check_dashboard, check_metric_list, 
 
 DEPLOY = ROOT / "deploy"
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+# After the drain, the server ends the streams left and stops the engine: 10 s for both.
+END_OF_DRAIN_S = 10
 
 # ------------------------------------------------------------------ compose and friends
 
@@ -60,6 +62,14 @@ def check_compose() -> Problems:
         problems.append("compose: the mpo service's build does not reach the Dockerfile")
     if build.get("args", {}).get("RUNTIME") != "cpu":
         problems.append("compose: the mpo service must build the CPU target (RUNTIME: cpu)")
+    env = dict(item.split("=", 1) for item in server.get("environment", []) if "=" in item)
+    drain = float(env.get("MPO_DRAIN_TIMEOUT_S", 30))
+    grace = str(server.get("stop_grace_period", "10s"))
+    if not grace.endswith("s") or float(grace[:-1]) != drain + END_OF_DRAIN_S:
+        problems.append(
+            f"compose: mpo's stop_grace_period is {grace}, not MPO_DRAIN_TIMEOUT_S ({drain:g} s)"
+            f" + {END_OF_DRAIN_S} s"
+        )
     for name, service in services.items():
         for target, source in mount_sources(service).items():
             if not (DEPLOY / source).exists():
@@ -135,7 +145,28 @@ def check_workload(deploy: dict[str, Any], objects: dict[str, dict[str, Any]]) -
     if pod["spec"].get("securityContext", {}).get("runAsNonRoot") is not True:
         problems.append("Deployment: pods must set runAsNonRoot")
     problems += check_env_refs(container, pod["spec"], objects)
+    problems += check_grace_period(pod["spec"], container)
     return problems
+
+
+def check_grace_period(pod_spec: dict[str, Any], container: dict[str, Any]) -> Problems:
+    """terminationGracePeriodSeconds = preStop sleep + MPO_DRAIN_TIMEOUT_S + END_OF_DRAIN_S:
+    shorter, the kubelet kills streams the drain would have ended; longer, a rollout waits
+    for nothing."""
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    drain = env.get("MPO_DRAIN_TIMEOUT_S")
+    if drain is None:
+        return ["Deployment: set MPO_DRAIN_TIMEOUT_S (the grace period is derived from it)"]
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    pre_stop = float(command[1]) if command and command[0] == "sleep" else 0.0
+    want = pre_stop + float(drain) + END_OF_DRAIN_S
+    grace = pod_spec.get("terminationGracePeriodSeconds", 30)
+    if grace != want:
+        return [
+            f"Deployment: terminationGracePeriodSeconds is {grace}, but preStop ({pre_stop:g} s)"
+            f" + MPO_DRAIN_TIMEOUT_S ({drain} s) + {END_OF_DRAIN_S} s = {want:g}"
+        ]
+    return []
 
 
 def check_env_refs(

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mpo_core.mixing import MAX_STRENGTH
+from mpo_core.names import Name
 
 from .common import MAX_INT, Weights
 
@@ -36,7 +37,7 @@ class DefaultPut(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    default: str | None
+    default: Name | None
 
 
 class ProfileOut(BaseModel):

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..store.base import PROFILE_NAME_PATTERN
+from mpo_core.names import Name
+
 from .common import Text
 
 MAX_FIT_PROMPTS = 10_000
@@ -43,9 +44,9 @@ class FitRequest(BaseModel):
     max_new_tokens: int = Field(default=32, ge=1)
     iterations: int = Field(default=500, ge=1, le=1_000_000)  # T
     step_size: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # eta
-    batch_size: int | None = Field(default=None, ge=1)  # prompts per step (b)
+    batch_size: int | None = Field(default=None, ge=1, le=MAX_FIT_PROMPTS)  # prompts a step (b)
     seed: int = Field(default=0, ge=0, lt=2**63)
-    profile: str = Field(default="fitted", pattern=PROFILE_NAME_PATTERN.pattern)
+    profile: Name = "fitted"
     activate: bool = False  # make the stored profile the default
 
     @model_validator(mode="after")

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from mpo_core.errors import ConfigError
 
-from .base import ProfileStore, ProfileVersion, ProfileVersions, StoreUnavailable
+from .base import (
+    ProfileStore,
+    ProfileVersion,
+    ProfileVersions,
+    StoreUnavailable,
+    UnreadableProfile,
+)
 from .sqlite import SQLiteProfileStore
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "ProfileVersions",
     "SQLiteProfileStore",
     "StoreUnavailable",
+    "UnreadableProfile",
     "open_store",
 ]
 

@@ -9,14 +9,18 @@ marked default; requests that name none use it (uniform weights when none is mar
 from __future__ import annotations
 
 import json
+import logging
 import math
-import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from mpo_core.errors import InvalidParameter, MPOError
+from mpo_core.errors import InvalidParameter, MPOError, UnknownProfile
 from mpo_core.mixing import check_strength, check_weight_map
+from mpo_core.names import check_name
+
+logger = logging.getLogger(__name__)
 
 # ``meta`` is free-form JSON kept with each version; bounded so that one profile cannot
 # make every listing slow or unreadable (JSON decoders recurse once per nesting level).
@@ -24,23 +28,30 @@ MAX_META_DEPTH = 32
 MAX_META_BYTES = 64 * 1024
 
 
-# A stored profile's name (also the ``<served>:<profile>`` model suffix): the store's rule,
-# which the admin routes and the fit request apply to the names they are given.
-PROFILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-
-
 def check_profile_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not PROFILE_NAME_PATTERN.match(name):
-        raise InvalidParameter(
-            param,
-            f"invalid profile name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
-            "starting with a letter or digit",
-        )
-    return name
+    """A stored profile's name (also the ``<served>:<profile>`` model suffix): the one name
+    rule (``mpo_core.names``), which the admin routes and the fit request apply too."""
+    return check_name(name, param, kind="profile")
 
 
 class StoreUnavailable(MPOError):
     """The profile database cannot be reached; the server answers 503 (retry shortly)."""
+
+
+class UnreadableProfile(UnknownProfile):
+    """A stored row that breaks the rules a put applies (written by an older version or by
+    hand). It is left alone: listings skip it, and a new version or a delete replaces it."""
+
+    def __init__(self, name: str, version: object, reason: str) -> None:
+        super().__init__(name)
+        self.version = version
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"profile {self.name!r} version {self.version} is unreadable ({self.reason}); "
+            "store a new version or delete the profile"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,8 +80,8 @@ ProfileVersions = list[ProfileVersion]  # alias: the stores' ``list`` method sha
 
 
 def check_meta(meta: object) -> dict[str, Any]:
-    """``meta`` as stored: a JSON object of finite numbers, at most MAX_META_DEPTH deep and
-    MAX_META_BYTES long once encoded."""
+    """``meta`` as stored: a JSON object of finite numbers and valid Unicode text, at most
+    MAX_META_DEPTH deep and MAX_META_BYTES long once encoded."""
     if meta is None:
         return {}
     if not isinstance(meta, dict):
@@ -91,11 +102,29 @@ def _check_meta_value(value: object, depth: int) -> None:
     if isinstance(value, (dict, list)):
         if depth > MAX_META_DEPTH:
             raise InvalidParameter("meta", f"meta is nested more than {MAX_META_DEPTH} levels deep")
+        if isinstance(value, dict):
+            for key in value:
+                _check_meta_text(key)
         items = value.values() if isinstance(value, dict) else value
         for item in items:
             _check_meta_value(item, depth + 1)
+    elif isinstance(value, str):
+        _check_meta_text(value)
     elif isinstance(value, float) and not math.isfinite(value):
         raise InvalidParameter("meta", f"meta must hold finite numbers only, got {value!r}")
+
+
+def _check_meta_text(text: object) -> None:
+    """JSON can escape a lone surrogate (``"\\ud800"``); no UTF-8 reply can carry it."""
+    if not isinstance(text, str):
+        raise InvalidParameter("meta", f"meta keys must be strings, got {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(
+            "meta",
+            f"meta holds text that is not valid Unicode: a lone surrogate at position {exc.start}",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -113,8 +142,50 @@ def prepare_put(
 ) -> NewVersion:
     """Check a new version with the core's rules (the server also checks policy names)."""
     check_profile_name(name)
-    checked = check_weight_map(weights)
+    checked = _check_weights(weights)
     return NewVersion(checked, check_strength(strength), check_meta(meta), time.time())
+
+
+def _check_weights(weights: object) -> dict[str, float]:
+    """The core's weight rules; the keys are policy names, so they obey the name rule."""
+    checked = check_weight_map(weights)
+    for policy in checked:
+        check_name(policy, "weights", kind="policy")
+    return checked
+
+
+def checked_version(
+    name: str, version: Any, weights: Any, strength: Any, meta: Any, created_at: Any
+) -> ProfileVersion:
+    """A stored row (JSON columns as text or decoded) as a ProfileVersion, after the
+    checks a put applies; UnreadableProfile when it breaks them."""
+    try:
+        check_profile_name(name)
+        if isinstance(weights, (str, bytes)):
+            weights = json.loads(weights)
+        if isinstance(meta, (str, bytes)):
+            meta = json.loads(meta)
+        return ProfileVersion(
+            name=name,
+            version=int(version),
+            weights=_check_weights(weights),
+            strength=check_strength(strength),
+            meta=check_meta(meta),
+            created_at=float(created_at),
+        )
+    except (ValueError, TypeError) as exc:  # InvalidParameter and JSONDecodeError included
+        raise UnreadableProfile(str(name), version, str(exc)) from None
+
+
+def readable_versions(rows: Iterable[tuple[Any, ...]]) -> ProfileVersions:
+    """The rows that pass ``checked_version``; each one that does not is named in a warning."""
+    versions: ProfileVersions = []
+    for row in rows:
+        try:
+            versions.append(checked_version(*row))
+        except UnreadableProfile as exc:
+            logger.warning("profile store: skipping a stored row: %s", exc)
+    return versions
 
 
 @runtime_checkable

@@ -37,7 +37,14 @@ from psycopg_pool import ConnectionPool
 
 from mpo_core.errors import ConfigError, UnknownProfile
 
-from .base import ProfileVersion, ProfileVersions, StoreUnavailable, prepare_put
+from .base import (
+    ProfileVersion,
+    ProfileVersions,
+    StoreUnavailable,
+    checked_version,
+    prepare_put,
+    readable_versions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +334,7 @@ class PostgresProfileStore:
         return _copy(value)
 
     def list(self) -> ProfileVersions:
-        return self._read(("list",), lambda c: [_row(r) for r in c.execute(_LIST).fetchall()])
+        return self._read(("list",), lambda c: readable_versions(c.execute(_LIST).fetchall()))
 
     def get(self, name: str, version: int | None = None) -> ProfileVersion:
         found: ProfileVersion | None
@@ -342,12 +349,10 @@ class PostgresProfileStore:
         return found
 
     def history(self, name: str) -> ProfileVersions:
-        versions = self._read(
-            ("history", name), lambda c: [_row(r) for r in c.execute(_HISTORY, (name,))]
-        )
+        versions = self._read(("history", name), lambda c: c.execute(_HISTORY, (name,)).fetchall())
         if not versions:
             raise UnknownProfile(name)
-        return versions
+        return readable_versions(versions)
 
     def get_default(self) -> str | None:
         def query(conn: psycopg.Connection[Any]) -> str | None:
@@ -396,7 +401,7 @@ class PostgresProfileStore:
 
     def delete(self, name: str) -> None:
         with self._write(name) as conn:
-            if _live(conn.execute(_LATEST, (name,))) is None:
+            if _latest_row(conn, name) is None:
                 raise UnknownProfile(name)
             conn.execute(
                 "INSERT INTO mpo_profile_versions (name, version, weights, created_at) "
@@ -413,8 +418,10 @@ class PostgresProfileStore:
             if name is None:
                 conn.execute("DELETE FROM mpo_store_settings WHERE key = 'default_profile'")
                 return
-            if _live(conn.execute(_LATEST, (name,))) is None:
+            row = _latest_row(conn, name)
+            if row is None:
                 raise UnknownProfile(name)
+            checked_version(*row)  # a default that requests could not read: refused
             conn.execute(
                 "INSERT INTO mpo_store_settings (key, value) VALUES ('default_profile', %s) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -433,22 +440,16 @@ def _next_version(conn: psycopg.Connection[Any], name: str) -> int:
     return int(row[0])
 
 
-def _row(row: tuple[Any, ...]) -> ProfileVersion:
-    name, version, weights, strength, meta, created_at = row
-    return ProfileVersion(
-        name=name,
-        version=int(version),
-        weights=dict(weights),
-        strength=float(strength),
-        meta=dict(meta),
-        created_at=float(created_at),
-    )
+def _latest_row(conn: psycopg.Connection[Any], name: str) -> tuple[Any, ...] | None:
+    """The name's newest row as stored, or None when there is none or it is a tombstone."""
+    row = conn.execute(_LATEST, (name,)).fetchone()
+    return None if row is None or row[2] is None else tuple(row)
 
 
 def _live(cursor: psycopg.Cursor[Any]) -> ProfileVersion | None:
-    """The one row a query found, or None when there is none or it is a tombstone."""
+    """The one row a query found, checked; None when there is none or it is a tombstone."""
     row = cursor.fetchone()
-    return None if row is None or row[2] is None else _row(row)
+    return None if row is None or row[2] is None else checked_version(*row)
 
 
 def _copy(value: T) -> T:

@@ -12,7 +12,7 @@ from typing import Any
 
 from mpo_core.errors import UnknownProfile
 
-from .base import ProfileVersion, ProfileVersions, prepare_put
+from .base import ProfileVersion, ProfileVersions, checked_version, prepare_put, readable_versions
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS profile_versions (
@@ -77,7 +77,7 @@ class SQLiteProfileStore:
     def list(self) -> ProfileVersions:
         with self._connect() as conn:
             rows = conn.execute(_LATEST + " WHERE v.weights IS NOT NULL ORDER BY v.name").fetchall()
-        return [_row_to_version(r) for r in rows]
+        return readable_versions(rows)
 
     def get(self, name: str, version: int | None = None) -> ProfileVersion:
         with self._connect() as conn:
@@ -93,7 +93,7 @@ class SQLiteProfileStore:
             if version is not None:
                 raise UnknownProfile(f"{name}@{version}")
             raise UnknownProfile(name)
-        return _row_to_version(row)
+        return checked_version(*row)  # UnreadableProfile for a row that breaks the rules
 
     def history(self, name: str) -> ProfileVersions:
         with self._connect() as conn:
@@ -104,7 +104,7 @@ class SQLiteProfileStore:
             ).fetchall()
         if not rows:
             raise UnknownProfile(name)
-        return [_row_to_version(r) for r in rows]
+        return readable_versions(rows)
 
     def put(
         self,
@@ -153,6 +153,7 @@ class SQLiteProfileStore:
             row = conn.execute(_LATEST + " WHERE v.name = ?", (name,)).fetchone()
             if row is None or row[2] is None:
                 raise UnknownProfile(name)
+            checked_version(*row)  # a default that requests could not read: refused
             conn.execute(
                 "INSERT INTO store_settings (key, value) VALUES ('default_profile', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -168,15 +169,3 @@ def _next_version(conn: sqlite3.Connection, name: str) -> int:
         "SELECT COALESCE(MAX(version), 0) FROM profile_versions WHERE name = ?", (name,)
     ).fetchone()
     return int(row[0]) + 1
-
-
-def _row_to_version(row: tuple[Any, ...]) -> ProfileVersion:
-    name, version, weights, strength, meta, created_at = row
-    return ProfileVersion(
-        name=name,
-        version=int(version),
-        weights=json.loads(weights),
-        strength=float(strength),
-        meta=json.loads(meta),
-        created_at=float(created_at),
-    )

@@ -135,14 +135,39 @@ def test_fit_needs_the_admin_token(client: TestClient, admin_client: TestClient)
         ({**SMALL_FIT, "prompt_file": "p.txt"}, None, "exactly one of prompts"),
         ({**SMALL_FIT, "prompts": []}, "prompts", "at least 1"),
         ({**SMALL_FIT, "step_size": -1}, "step_size", "greater than 0"),
-        ({**SMALL_FIT, "profile": "bad name!"}, "profile", "pattern"),
+        ({**SMALL_FIT, "profile": "bad name!"}, "profile", "invalid name"),
         ({"prompt_file": "../../etc/passwd"}, "prompt_file", "not a file under"),
+        ({"prompt_file": "a\u0000b"}, "prompt_file", "NUL byte"),  # was a 500
+        ({"prompt_file": "a" * 5000}, "prompt_file", "not a file under"),  # name too long
+        ({"prompt_file": "p.txt/" + "a" * 300}, "prompt_file", "not a file under"),
+        ({**SMALL_FIT, "batch_size": 2**64}, "batch_size", "less than or equal to"),
         ({**SMALL_FIT, "prompts": ["ok", "  "]}, "prompts", "non-empty"),
     ],
 )
 def test_bad_fit_requests_are_400(admin_client: TestClient, body, param, text) -> None:
     response = admin_client.post("/admin/fit", json=body, headers=ADMIN)
     assert_error(response, 400, param=param, text=text)
+
+
+def test_a_started_job_reads_sampling_not_queued(admin_client: TestClient, monkeypatch) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def held(engine, prompts, options, progress=None, should_cancel=None):
+        entered.set()  # the driver runs, and has reported no progress yet
+        assert release.wait(timeout=60)
+        from mpo_core.fitting import FitCancelled
+
+        raise FitCancelled("cancelled")
+
+    monkeypatch.setattr(fit_driver, "run_fit", held)
+    job = admin_client.post("/admin/fit", json=SMALL_FIT, headers=ADMIN).json()
+    try:
+        assert entered.wait(timeout=30)
+        running = admin_client.get(f"/admin/fit/{job['id']}", headers=ADMIN).json()
+        assert running["state"] == "sampling" and running["started_at"] is not None
+    finally:
+        release.set()
+    assert wait_final(admin_client, job["id"])["state"] == "cancelled"
 
 
 def test_unknown_job_is_404(admin_client: TestClient) -> None:

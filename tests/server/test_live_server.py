@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -98,6 +99,44 @@ def test_kept_alive_connection_survives_an_unexpected_500(live: Callable[..., Li
         assert failed.headers.get("connection") != "close"
         assert http.get("/test/port").json()["port"] == before  # the same connection
         assert http.get("/health").status_code == 200
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_body_that_does_not_arrive_gets_408_and_a_closed_connection(
+    live: Callable[..., LiveServer],
+) -> None:
+    """A slowloris: 16 sockets announce 1,000 bytes and send 5. Each gets its 408 (the test
+    waits for the server's answer) and the server closes it; the server still serves."""
+    server = live(body_timeout_s=0.2)
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (
+        "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    sockets = [socket.create_connection((host, int(port)), timeout=30) for _ in range(16)]
+    try:
+        for sock in sockets:
+            sock.sendall(head.encode() + b'{"inp')
+        for sock in sockets:
+            answer = _read_until_closed(sock)  # returns only once the server closes
+            status, _, rest = answer.partition(b"\r\n")
+            assert status == b"HTTP/1.1 408 Request Timeout", answer
+            assert b"connection: close" in rest.lower()
+            body = json.loads(rest.partition(b"\r\n\r\n")[2])
+            assert body["error"]["code"] == "request_timeout"
+    finally:
+        for sock in sockets:
+            sock.close()
+    ok = httpx.post(
+        f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}
+    )
+    assert ok.status_code == 200
 
 
 class _Gate:

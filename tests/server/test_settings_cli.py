@@ -45,6 +45,20 @@ def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "tok"
 
 
+def test_drain_and_body_timeouts_from_flags_and_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    monkeypatch.setenv("MPO_SHUTDOWN_TIMEOUT_S", "12")  # the drain timeout's old name
+    assert Settings().drain_timeout_s == 12
+    monkeypatch.setenv("MPO_DRAIN_TIMEOUT_S", "7")
+    monkeypatch.setenv("MPO_BODY_TIMEOUT_S", "4")
+    assert (Settings().drain_timeout_s, Settings().body_timeout_s) == (7, 4)
+    args = cli.build_parser().parse_args(["serve", "--drain-timeout", "3", "--body-timeout", "2"])
+    settings = cli.settings_from_args(args)
+    assert (settings.drain_timeout_s, settings.body_timeout_s) == (3, 2)
+
+
 def test_demo_build_passes_variant_and_seed(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

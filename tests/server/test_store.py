@@ -7,17 +7,20 @@ adding a param to ``store`` below; what only one backend does is tested in its o
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from postgres_helpers import fresh_schema, postgres_url
+from postgres_helpers import fresh_schema, postgres_url, sql, wait_until
 
 from mpo_core.errors import ConfigError, InvalidParameter, UnknownProfile
-from server.store import ProfileStore, SQLiteProfileStore, open_store
+from server.store import ProfileStore, SQLiteProfileStore, UnreadableProfile, open_store
+
+WriteRaw = Callable[[str, int, str, str], None]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -31,9 +34,42 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProfileSto
     with fresh_schema(postgres_url()) as url:  # a new, empty schema per test
         from server.store.postgres import PostgresProfileStore
 
+        request.node.pg_url = url  # for write_raw
         backend = PostgresProfileStore(url)
         yield backend
         backend.close()
+
+
+@pytest.fixture
+def write_raw(store: ProfileStore, request: pytest.FixtureRequest) -> WriteRaw:
+    """Write a row unchecked, as an older version or hand-run SQL could have written it
+    (PostgreSQL: then the NOTIFY that docs/deploy.md asks of manual SQL)."""
+
+    def write_sqlite(name: str, version: int, weights: str, meta: str) -> None:
+        assert isinstance(store, SQLiteProfileStore)
+        with sqlite3.connect(store.path) as conn:
+            conn.execute(
+                "INSERT INTO profile_versions (name, version, weights, strength, meta, "
+                "created_at) VALUES (?, ?, ?, 1.0, ?, 0)",
+                (name, version, weights, meta),
+            )
+
+    def write_postgres(name: str, version: int, weights: str, meta: str) -> None:
+        url = request.node.pg_url
+        seen = store.listener_status()["notifications"]  # type: ignore[attr-defined]
+        sql(
+            url,
+            "INSERT INTO mpo_profile_versions (name, version, weights, strength, meta, "
+            "created_at) VALUES (%s, %s, %s::json, 1.0, %s::json, 0)",
+            (name, version, weights, meta),
+        )
+        sql(url, "NOTIFY mpo_profiles")
+        wait_until(
+            lambda: store.listener_status()["notifications"] > seen,  # type: ignore[attr-defined]
+            timeout=10,
+        )
+
+    return write_sqlite if isinstance(store, SQLiteProfileStore) else write_postgres
 
 
 def test_store_implements_protocol(store: ProfileStore) -> None:
@@ -127,6 +163,61 @@ def test_put_validates(
         store.put(name, weights, strength)
     assert info.value.param == param
     assert store.list() == []
+
+
+@pytest.mark.parametrize(
+    ("meta", "param"),
+    [
+        ({"x": "\ud800"}, "meta"),  # a lone surrogate: stored, it would break every reply
+        ({"\udfff": 1}, "meta"),
+        ({"x": [{"y": "a\udc00b"}]}, "meta"),
+        ({"x": float("inf")}, "meta"),
+    ],
+)
+def test_put_refuses_meta_that_no_reply_can_carry(
+    store: ProfileStore, meta: dict, param: str
+) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        store.put("poison", {"x": 1.0}, meta=meta)
+    assert info.value.param == param
+    assert store.list() == []
+    with pytest.raises(UnknownProfile):
+        store.history("poison")
+
+
+def test_put_refuses_weight_names_outside_the_name_rule(store: ProfileStore) -> None:
+    with pytest.raises(InvalidParameter) as info:
+        store.put("p", {"x\n": 1.0})
+    assert info.value.param == "weights"
+    assert store.list() == []
+
+
+def test_bad_stored_rows_are_skipped_and_named(
+    store: ProfileStore, write_raw: WriteRaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.put("good", {"x": 1.0})
+    store.put("mixed", {"x": 1.0})
+    write_raw("nl\n", 1, '{"x": 1.0}', "{}")  # a name an older version let through
+    write_raw("mixed", 2, '{"x": 1.0}', '{"x": "\\ud800"}')  # a lone surrogate in meta
+    write_raw("negative", 1, '{"x": -1.0}', "{}")
+    with caplog.at_level(logging.WARNING, logger="server.store.base"):
+        listed = store.list()
+    assert [p.name for p in listed] == ["good"]  # mixed's current version is unreadable
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'nl\\n' version 1" in warnings
+    assert "'mixed' version 2" in warnings and "surrogate" in warnings
+    assert "'negative' version 1" in warnings
+    assert [v.version for v in store.history("mixed")] == [1]
+    with pytest.raises(UnreadableProfile, match="'mixed' version 2"):
+        store.get("mixed")
+    assert store.get("mixed", version=1).weights == {"x": 1.0}
+    with pytest.raises(UnreadableProfile):
+        store.set_default("mixed")  # requests could not read it
+    assert store.get_default() is None
+    assert store.put("mixed", {"x": 2.0}).version == 3  # a new version replaces it
+    assert store.get("mixed").weights == {"x": 2.0}
+    store.delete("negative")  # and a delete removes it
+    assert [p.name for p in store.list()] == ["good", "mixed"]
 
 
 def test_concurrent_threads_get_distinct_versions(store: ProfileStore) -> None:

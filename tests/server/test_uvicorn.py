@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, config: Path, home: Path) -> None:
+    def __init__(self, config: Path, home: Path, **env_overrides: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -46,8 +46,9 @@ class ServerProcess:
             "MPO_HOME": str(home),
             "MPO_API_KEY": API_KEY,
             "MPO_ADMIN_TOKEN": ADMIN_TOKEN,
-            "MPO_SHUTDOWN_TIMEOUT_S": "10",
+            "MPO_DRAIN_TIMEOUT_S": "10",
             "OMP_NUM_THREADS": "1",
+            **env_overrides,
         }
         self.log = (home / f"server-{self.port}.log").open("w+")
         self.proc = subprocess.Popen(
@@ -148,6 +149,122 @@ def test_tgi_stream_and_disconnect(server: ServerProcess) -> None:
             time.sleep(0.05)
         assert metric_value(metrics, "mpo_num_requests_running") == 0
         assert metric_value(metrics, "mpo_generation_tokens_total") < 150
+
+
+class StreamReader(threading.Thread):
+    """Reads one ``/generate_stream`` to its end: its events, and the error if it was cut."""
+
+    def __init__(self, url: str, max_new_tokens: int) -> None:
+        super().__init__()
+        self.url = url
+        self.body = {"inputs": "Hi", "parameters": {"max_new_tokens": max_new_tokens,
+                                                    "ignore_eos": True}}  # fmt: skip
+        self.events: list[dict] = []
+        self.first = threading.Event()
+        self.failure: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", f"{self.url}/generate_stream", json=self.body,
+                              headers=AUTH, timeout=60) as response:  # fmt: skip
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        self.events.append(json.loads(line[5:]))
+                        self.first.set()
+        except BaseException as exc:  # a cut stream: httpx.RemoteProtocolError
+            self.failure = exc
+        finally:
+            self.first.set()
+
+
+def wait_for_metric(url: str, name: str, value: float, timeout: float = 60) -> None:
+    """Until the server's /metrics shows ``name`` at ``value`` (each look is its answer)."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = metric_value(httpx.get(f"{url}/metrics", timeout=10).text, name)
+        if seen == value:
+            return
+    raise AssertionError(f"{name} stayed at {seen}, never {value}")
+
+
+def test_sigterm_past_the_drain_timeout_ends_every_stream_with_a_final_event(
+    tiny_yaml: Path, tmp_path: Path
+) -> None:
+    """The issue's reproducer: 4 long streams and a SIGTERM. With no drain time left the
+    engine cancels them, and each stream's last event says so (no bare close)."""
+    server = ServerProcess(tiny_yaml, tmp_path, MPO_DRAIN_TIMEOUT_S="0")
+    try:
+        readers = [StreamReader(server.url, max_new_tokens=250) for _ in range(4)]
+        for reader in readers:
+            assert reader.first.wait(timeout=60)
+        wait_for_metric(server.url, "mpo_num_requests_running", 4)
+        assert server.terminate() == 0, server.output()
+        for reader in readers:
+            reader.join(timeout=30)
+    finally:
+        server.proc.kill()
+    log = server.output()
+    for reader in readers:
+        assert reader.failure is None, f"{reader.failure!r}\n{log}"
+        *tokens, last = reader.events
+        assert 1 <= len(tokens) < 250 and all("token" in e for e in tokens)
+        assert "shutting down" in last["error"]["message"], last  # the final event
+    assert "drain timeout" in log and "Application shutdown complete" in log
+    assert "Traceback" not in log
+
+
+def _slow_body_request(port: int, body: bytes) -> socket.socket:
+    """A POST whose body is announced in full but sent only in part (it stays in flight)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[:5])
+    return sock
+
+
+def test_sigterm_refuses_new_requests_and_lets_running_ones_finish(
+    tiny_yaml: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(tiny_yaml, tmp_path, MPO_DRAIN_TIMEOUT_S="120", MPO_BODY_TIMEOUT_S="600")
+    try:
+        fit = httpx.post(f"{server.url}/admin/fit", headers=ADMIN, timeout=30, json={
+            "prompts": ["Hi"] * 200, "samples_per_prompt": 8, "max_new_tokens": 8,
+        }).json()  # fmt: skip
+        # Held in flight by its own body: the drain cannot end before the test sends it.
+        body = json.dumps({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).encode()
+        slow = _slow_body_request(server.port, body)
+        wait_for_metric(server.url, "mpo_http_requests_in_flight", 2)  # itself and /metrics
+        reader = StreamReader(server.url, max_new_tokens=60)
+        assert reader.first.wait(timeout=60)
+        server.proc.send_signal(signal.SIGTERM)
+
+        while (health := httpx.get(f"{server.url}/health", timeout=10)).status_code == 200:
+            pass  # every answer is the server's: 200 until the drain starts
+        assert health.status_code == 503
+        assert health.json()["error"]["code"] == "shutting_down"
+        assert health.headers["retry-after"] == "1" and health.headers["connection"] == "close"
+        refused = httpx.post(f"{server.url}/generate", json={"inputs": "Hi"}, headers=AUTH)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+        reader.join(timeout=60)
+        assert reader.failure is None and len(reader.events) == 60  # finished, not cut
+        assert reader.events[-1]["generated_text"] is not None
+        slow.sendall(body[5:])  # the held request ends, and with it the drain
+        answer = slow.recv(65536).decode()
+        slow.close()
+        assert answer.startswith("HTTP/1.1 200"), answer
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.proc.kill()
+    log = server.output()
+    assert "drained: every request finished" in log
+    assert f"fit job {fit['id']} cancelled" in log
+    assert "Traceback" not in log
 
 
 def test_sigterm_finishes_running_requests_then_exits(server: ServerProcess) -> None:
