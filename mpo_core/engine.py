@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +66,7 @@ class Engine:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
         self.observer = observer
+        self._watchers: tuple[EngineObserver, ...] = ()  # added by watch(); a tuple: swapped whole
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
         self.runner: PolicyRunner
         if runner is None:
@@ -113,6 +114,18 @@ class Engine:
     def mixture(self, weights: WeightsInput = None, strength: object = 1.0) -> Mixture:
         """A mixture of this engine's policies (InvalidParameter names what is wrong)."""
         return Mixture.build(self.policy_names, weights, strength, has_reference=self.has_reference)
+
+    def watch(self, observer: EngineObserver) -> Callable[[], None]:
+        """Also report every step to ``observer`` (an app's metrics), until the call returned.
+
+        Several apps may serve one engine in turn (tests do); each watches while it runs.
+        """
+        self._watchers = (*self._watchers, observer)
+
+        def unwatch() -> None:
+            self._watchers = tuple(w for w in self._watchers if w is not observer)
+
+        return unwatch
 
     def is_special(self, token: int) -> bool:
         return self.events.is_special(token)
@@ -327,8 +340,9 @@ class Engine:
                 finished.append(seq)
         self._retire(finished)
         self._steps += 1
-        if self.observer is not None:
-            self.observer.on_step(len(active), output.forward_seconds)
+        for observer in (self.observer, *self._watchers):
+            if observer is not None:
+                observer.on_step(len(active), output.forward_seconds)
 
     def _drop_broken(
         self,

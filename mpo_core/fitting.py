@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 # the spread of R, which is far looser (it is set by the single most extreme reply): with that
 # bound the mean iterate moved so slowly that 2000 steps left it 0.1-0.25 (L1) from the optimum.
 # The factor 4 on top (c = 4 sqrt(2 ln K) / G) is empirical: the mean iterate includes the early
-# transient, and on the synthetic cases of tests/core/test_fitting.py a factor 1 left optima on a face
-# of the simplex 0.02-0.05 (L1) away after 3000 steps, where 4 stays under 0.02.
+# transient, and on the synthetic cases of tests/core/test_fitting.py a factor 1 left optima on a
+# face of the simplex 0.02-0.05 (L1) away after 3000 steps, where 4 stays under 0.02.
 _STEP_SCALE = 4.0
 
 
