@@ -6,7 +6,8 @@ Each step (``_step``):
    the newcomers, returning each row's log-probs under each model it needs;
 3. mix the log-probs per row with that row's ``Mixture`` (``mixing``);
 4. sample per row with that row's parameters and generator (``sampling``);
-5. emit a ``TokenEvent`` per row (``events``) and retire finished rows.
+5. emit a ``TokenEvent`` per row (``events``) and retire finished rows. The reply's text
+   and stop strings are not made here: each stream's reader does that as it is read.
 
 Scoring (teacher-forced log-probs for fitting) runs on the same thread in chunks between
 decode steps (``score_jobs``), so a fit never holds up serving for more than one chunk.
@@ -167,7 +168,13 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream."""
         seq = prepare(
-            request, self.policy_set, self.limits, self.max_context, next(self._ids), self._wake
+            request,
+            self.policy_set,
+            self.limits,
+            self.max_context,
+            next(self._ids),
+            self._wake,
+            self.events.token_texts,
         )
         with self._lock:
             if not self._accepting or self._failure is not None:
