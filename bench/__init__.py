@@ -1,1 +1,1 @@
-"""Benchmarks of the MPO engine and server against the baselines (DESIGN.md §5)."""
+"""Benchmarks of the MPO engine and server against the baselines (docs/benchmarks.md)."""

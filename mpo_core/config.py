@@ -93,7 +93,7 @@ PolicySpec = Annotated[
 
 
 class PolicySetConfig(BaseModel):
-    """The family of aligned policies served together (DESIGN.md §2.1)."""
+    """The family of aligned policies served together (docs/architecture.md)."""
 
     model_config = ConfigDict(extra="forbid")
 

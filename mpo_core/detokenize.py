@@ -14,7 +14,10 @@ The window moves on once its text no longer ends in an incomplete character.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from .streams import TokenEvent
 
 
 class ReplyText:
@@ -74,6 +77,50 @@ class ReplyText:
         new = text[self.emitted : end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return new
+
+
+class TokenTexts:
+    """Each token decoded alone, cached: one per engine, shared by all its streams (reported
+    alternatives use it too). Entries are only ever added, so readers on several threads
+    need no lock: at worst two of them decode the same token once each."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = str(self.tokenizer.decode([token]))
+        return text
+
+
+class ReplyReader:
+    """The consumer's side of one stream: fills in each event's text as it is read.
+
+    The engine thread sends token ids and finish reasons only; detokenising and matching
+    stop strings happen here, on the thread that reads the stream (the server's event loop),
+    as vLLM's output processor does them outside its engine core. A stop string found ends
+    the reply at the event that completed it (``stop_sequence``); the stream then cancels
+    the sequence, which leaves the batch at the engine's next step.
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], token_text: Callable[[int], str]) -> None:
+        self.reply = ReplyText(tokenizer, stops)
+        self.token_text = token_text
+        self.generated: list[int] = []  # the reply's token ids read so far
+
+    def read(self, event: TokenEvent) -> TokenEvent:
+        """``event`` with its text; its finish reason is ``stop_sequence`` at a stop string."""
+        if event.token_id < 0:  # a closing event without a token (cancelled)
+            return event
+        self.generated.append(event.token_id)
+        self.reply.update(self.generated)
+        if self.reply.find_stop():
+            event.finish_reason = "stop_sequence"
+        event.token_text = self.token_text(event.token_id)
+        event.text = self.reply.take(final=event.finish_reason is not None)
+        return event
 
 
 def stop_prefix_len(text: str, stops: list[str]) -> int:

@@ -6,7 +6,8 @@ Each step (``_step``):
    the newcomers, returning each row's log-probs under each model it needs;
 3. mix the log-probs per row with that row's ``Mixture`` (``mixing``);
 4. sample per row with that row's parameters and generator (``sampling``);
-5. emit a ``TokenEvent`` per row (``events``) and retire finished rows.
+5. emit a ``TokenEvent`` per row (``events``) and retire finished rows. The reply's text
+   and stop strings are not made here: each stream's reader does that as it is read.
 
 Scoring (teacher-forced log-probs for fitting) runs on the same thread in chunks between
 decode steps (``score_jobs``), so a fit never holds up serving for more than one chunk.
@@ -18,7 +19,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +67,7 @@ class Engine:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
         self.observer = observer
+        self._watchers: tuple[EngineObserver, ...] = ()  # added by watch(); a tuple: swapped whole
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
         self.runner: PolicyRunner
         if runner is None:
@@ -120,6 +122,18 @@ class Engine:
         """A mixture of this engine's policies (InvalidParameter names what is wrong)."""
         return Mixture.build(self.policy_names, weights, strength, has_reference=self.has_reference)
 
+    def watch(self, observer: EngineObserver) -> Callable[[], None]:
+        """Also report every step to ``observer`` (an app's metrics), until the call returned.
+
+        Several apps may serve one engine in turn (tests do); each watches while it runs.
+        """
+        self._watchers = (*self._watchers, observer)
+
+        def unwatch() -> None:
+            self._watchers = tuple(w for w in self._watchers if w is not observer)
+
+        return unwatch
+
     def is_special(self, token: int) -> bool:
         return self.events.is_special(token)
 
@@ -170,7 +184,13 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream."""
         seq = prepare(
-            request, self.policy_set, self.limits, self.max_context, next(self._ids), self._wake
+            request,
+            self.policy_set,
+            self.limits,
+            self.max_context,
+            next(self._ids),
+            self._wake,
+            self.events.token_texts,
         )
         with self._lock:
             if not self._accepting or self._failure is not None:
@@ -350,8 +370,9 @@ class Engine:
                 finished.append(seq)
         self._retire(finished)
         self._steps += 1
-        if self.observer is not None:
-            self.observer.on_step(len(active), output.forward_seconds)
+        for observer in (self.observer, *self._watchers):
+            if observer is not None:
+                observer.on_step(len(active), output.forward_seconds)
 
     def _drop_broken(
         self,

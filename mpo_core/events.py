@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .detokenize import TokenTexts
 from .policies import PolicySet
 from .requests import SequenceState
 from .streams import TokenEvent
@@ -18,17 +19,15 @@ class EventBuilder:
         self.policy_set = policy_set
         self.max_context = max_context
         self._special_ids = set(policy_set.tokenizer.all_special_ids)
-        self._token_texts: dict[int, str] = {}  # token id -> the token decoded alone
+        # Decoded by the streams' readers, not here; shared so each token is decoded once.
+        self.token_texts = TokenTexts(policy_set.tokenizer)
 
     def is_special(self, token: int) -> bool:
         return token in self._special_ids
 
     def token_text(self, token: int) -> str:
         """The token decoded alone, cached (also used for reported alternatives)."""
-        text = self._token_texts.get(token)
-        if text is None:
-            text = self._token_texts[token] = self.policy_set.tokenizer.decode([token])
-        return text
+        return self.token_texts(token)
 
     def finish_reason(self, seq: SequenceState, token: int) -> str | None:
         params = seq.sampling
@@ -47,7 +46,10 @@ class EventBuilder:
         logprobs: torch.Tensor,  # [M, B, V]
         tokens: torch.Tensor,  # [B]
     ) -> list[TokenEvent]:
-        """Append each row's token to its sequence and build its event (in row order)."""
+        """Append each row's token to its sequence and build its event (in row order).
+
+        The event's text is left to the stream's reader (``detokenize.ReplyReader``), and so
+        is a stop string: this thread decides only what the token ids decide."""
         names = self.policy_set.names
         rows = torch.arange(len(active), device=mixed.device)
         chosen = mixed[rows, tokens].tolist()  # [B]
@@ -61,17 +63,14 @@ class EventBuilder:
             seq.token_ids.append(token)
             seq.generated.append(token)
             finish = self.finish_reason(seq, token)
-            seq.reply.update(seq.generated)
-            if seq.reply.find_stop():
-                finish = "stop_sequence"
             n = seq.sampling.top_logprobs
             coefs = seq.coefs
             events.append(
                 TokenEvent(
                     index=len(seq.generated) - 1,
                     token_id=token,
-                    token_text=self.token_text(token),
-                    text=seq.reply.take(final=finish is not None),
+                    token_text="",  # the reader's
+                    text="",  # the reader's
                     logprob=chosen[row],
                     top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
                     policy_logprobs={

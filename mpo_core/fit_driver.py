@@ -1,4 +1,4 @@
-"""The fit driver (DESIGN.md §2.2): sample from the reference, score, fit, evaluate, report.
+"""The fit driver (docs/fitting.md): sample from the reference, score, fit, evaluate, report.
 
 ``run_fit`` drives a running :class:`~mpo_core.engine.Engine`:
 

@@ -1,4 +1,4 @@
-"""MaxMin weight fitting by batch stochastic mirror descent (DESIGN.md §2.2): pure tensor math.
+"""MaxMin weight fitting by batch stochastic mirror descent (docs/fitting.md): pure tensor math.
 
 The input is the tensor of implicit rewards
 ``R[i, j, k] = log pi_k(y_ij|x_i) - log pi_ref(y_ij|x_i)`` for ``m`` responses
@@ -220,7 +220,7 @@ def fit_weights(
 def evaluate_weights(
     log_ratios: torch.Tensor, weights: torch.Tensor | list[float]
 ) -> WeightEvaluation:
-    """Estimate, for the mixture ``pi_lam ∝ pi_ref exp(lam . R)``, the report of DESIGN.md §2.2.
+    """For the mixture ``pi_lam ∝ pi_ref exp(lam . R)``, the report docs/fitting.md describes.
 
     All numbers are self-normalised importance estimates on the same reference samples:
     ``E[R_k] = mean_i sum_j w_ij R_ijk`` and ``KL = mean_i sum_j w_ij log(m w_ij)``, which is

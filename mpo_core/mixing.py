@@ -1,4 +1,4 @@
-"""Log-linear mixing of policies' next-token distributions (DESIGN.md §2.1).
+"""Log-linear mixing of policies' next-token distributions (docs/architecture.md).
 
     log p(v) = s * sum_k w_k log pi_k(v) + (1 - s) log pi_ref(v) - log Z
 
@@ -21,7 +21,7 @@ import torch
 from .errors import InvalidParameter
 
 # Strength extrapolates away from the reference past 1; far past it s * log p overflows
-# float32 to -inf/NaN, so it is bounded (DESIGN.md §2.1 uses s in about [0, 2]).
+# float32 to -inf/NaN, so it is bounded (decoding-time realignment uses s in about [0, 2]).
 MAX_STRENGTH = 100.0
 # Weights are relative, so a bound costs nothing and keeps their sum finite.
 MAX_WEIGHT = 1e9

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .detokenize import ReplyText
+from .detokenize import ReplyReader, TokenTexts
 from .errors import InvalidParameter
 from .mixing import Mixture
 from .policies import PolicySet
@@ -46,7 +46,6 @@ class SequenceState:
     stream: RequestStream
     generator: torch.Generator
     token_ids: list[int]  # prompt + generated
-    reply: ReplyText  # the reply's text so far, stop strings applied
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -65,6 +64,7 @@ def prepare(
     max_context: int,
     sid: int,
     on_cancel: Callable[[], None],
+    token_texts: TokenTexts | None = None,
 ) -> SequenceState:
     """Check a request against the policy set and the limits; raise InvalidParameter if bad."""
     params = request.sampling
@@ -83,6 +83,8 @@ def prepare(
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=policy_set.device)
     generator.manual_seed(seed)
+    tokenizer = policy_set.tokenizer
+    texts = token_texts if token_texts is not None else TokenTexts(tokenizer)
     stream = RequestStream(
         request_id=request.request_id or uuid.uuid4().hex,
         weights=mixture.as_dict(),
@@ -90,6 +92,6 @@ def prepare(
         prompt_tokens=len(prompt),
         seed=seed,
         on_cancel=on_cancel,
+        reader=ReplyReader(tokenizer, list(params.stop), texts).read,
     )
-    reply = ReplyText(policy_set.tokenizer, list(params.stop))
-    return SequenceState(sid, request, mixture, stream, generator, prompt, reply)
+    return SequenceState(sid, request, mixture, stream, generator, prompt)

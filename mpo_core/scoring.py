@@ -1,6 +1,6 @@
 """Teacher-forced scoring: the total log-probability of completions under every model.
 
-Fitting (DESIGN.md §2.2) needs ``log pi_k(y | x)`` and ``log pi_ref(y | x)`` for sampled
+Fitting (docs/fitting.md) needs ``log pi_k(y | x)`` and ``log pi_ref(y | x)`` for sampled
 replies ``y``; prompt and padding tokens are masked out of the sum.
 """
 

@@ -2,6 +2,8 @@
 
 The engine thread pushes; the caller consumes either by blocking iteration (scripts,
 tests, the fit driver) or by ``async for`` (the HTTP server), with no thread per request.
+An event leaves the engine with its token and log-probs; its text is filled in as the
+caller reads it (``reader``: ``detokenize.ReplyReader``), outside the engine thread.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ class TokenEvent:
 
     index: int  # position among the generated tokens, from 0
     token_id: int
-    token_text: str  # the token decoded alone
-    text: str  # new text to append to the reply (stop strings removed, may be "")
+    token_text: str  # the token decoded alone (filled in by the stream's reader)
+    text: str  # new text to append to the reply (stop strings removed, may be ""; the reader's)
     logprob: float  # under the mixed distribution at temperature 1
     top_logprobs: list[tuple[int, float]]  # the mixture's best alternatives
     policy_logprobs: dict[str, float | None]  # each policy's own log-prob; None if not run
@@ -53,6 +55,7 @@ class RequestStream:
         prompt_tokens: int,
         seed: int,
         on_cancel: Callable[[], None],
+        reader: Callable[[TokenEvent], TokenEvent] | None = None,
     ) -> None:
         self.request_id = request_id
         self.weights = weights  # normalised, as used
@@ -60,6 +63,7 @@ class RequestStream:
         self.prompt_tokens = prompt_tokens
         self.seed = seed
         self._on_cancel = on_cancel
+        self._reader = reader  # runs on the caller's thread, outside the lock
         self._items: collections.deque[TokenEvent | BaseException] = collections.deque()
         self._cond = threading.Condition()
         self._done = False
@@ -91,30 +95,36 @@ class RequestStream:
     def finished(self) -> bool:
         return self._done
 
-    def _take(self) -> TokenEvent:
-        item = self._items.popleft()
+    def _finish(self, item: TokenEvent | BaseException) -> TokenEvent:
+        """Read one item (off the lock: the engine thread never waits for a reader)."""
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        if item.finish_reason is not None:
+        engine_finished = item.finish_reason is not None
+        event = self._reader(item) if self._reader is not None else item
+        if event.finish_reason is not None:
+            if not engine_finished:  # a stop string: the engine is still decoding it
+                self.cancel()
             self._done = True
-        return item
+        return event
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while not self._done:
             with self._cond:
                 while not self._items:
                     self._cond.wait()
-                event = self._take()
-            yield event
+                item = self._items.popleft()
+            yield self._finish(item)
 
     async def _anext(self) -> TokenEvent:
         while True:
             with self._cond:
                 if self._items:
-                    return self._take()
+                    item = self._items.popleft()
+                    break
                 self._ready.clear()
             await self._ready.wait()
+        return self._finish(item)
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._aiter()

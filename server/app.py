@@ -61,8 +61,10 @@ def policy_config(settings: Settings) -> PolicySetConfig:
     return config
 
 
-def load_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Load the models and start the decoding thread (blocking: run it off the event loop)."""
+def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """Load the models and start the decoding thread (blocking: run it off the event loop).
+
+    The lifespan gives no ``metrics``: it makes them watch whichever engine it serves."""
     policy_set = load_policy_set(policy_config(settings))
     limits = EngineLimits(
         max_running=settings.max_running,
@@ -82,12 +84,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine: Engine | None = app.state.given_engine
     owns_engine = engine is None
     if engine is None:
-        engine = await anyio.to_thread.run_sync(load_engine, settings, metrics)
-    else:
-        if engine.observer is None or isinstance(engine.observer, Metrics):
-            engine.observer = metrics  # a shared test engine reports to the newest app
-        if not engine.is_alive:
-            engine.start()
+        engine = await anyio.to_thread.run_sync(load_engine, settings)
+    elif not engine.is_alive:
+        engine.start()
+    unwatch = engine.watch(metrics)  # this app's metrics see every step while it serves
     ready_engine = engine
     metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
     app.state.serving = Serving(engine, store, settings, metrics)
@@ -96,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        unwatch()
         app.state.serving = None  # new requests get 503 from here on
         for job in app.state.fit_jobs.jobs():
             app.state.fit_jobs.cancel(job.id)

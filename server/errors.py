@@ -1,4 +1,5 @@
-"""Map every failure to OpenAI's error body with the status DESIGN §4 gives it.
+"""Map every failure to OpenAI's error body with the status docs/architecture.md
+(Errors) gives it.
 
 Engine errors (``mpo_core.errors``) and request validation errors get app-wide handlers,
 so routes raise and never build error responses themselves. Bad input never becomes a 500;

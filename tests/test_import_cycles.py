@@ -1,4 +1,4 @@
-"""No import cycles inside the packages (STYLE.md habit 11), lazy imports included.
+"""No import cycles inside the packages (docs/architecture.md, Layers), lazy imports included.
 
 The graph is read from the source with ``ast``: an edge for every ``import`` of a module
 of the same package, at any depth of the file (an import inside a function still ties

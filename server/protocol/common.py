@@ -33,7 +33,7 @@ Weights = Annotated[dict[str, float] | list[float] | None, AfterValidator(_check
 
 
 class MixingFields(BaseModel):
-    """How to blend the policies (DESIGN §2.1); absent fields fall back to the profile.
+    """How to blend the policies (docs/architecture.md); absent fields fall back to the profile.
 
     Request models are strict: a number must be a JSON number and a flag a JSON boolean
     (``"10"`` or ``true`` for a count, ``0`` for a flag are rejected, not converted).

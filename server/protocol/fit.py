@@ -34,7 +34,7 @@ FINAL_STATES = frozenset({FitState.DONE, FitState.FAILED, FitState.CANCELLED})
 
 
 class FitRequest(BaseModel):
-    """``POST /admin/fit``: learn MaxMin mixing weights (DESIGN.md §2.2) and store them."""
+    """``POST /admin/fit``: learn MaxMin mixing weights (docs/fitting.md) and store them."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

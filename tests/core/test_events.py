@@ -15,10 +15,10 @@ from mpo_core.requests import EngineLimits, GenerationRequest, prepare
 from mpo_core.sampling import SamplingParams
 
 
-def _seq(policy_set, sid, sampling, weights=None, strength=1.0, prompt=(5, 6, 7)):
+def _seq(policy_set, sid, sampling, weights=None, strength=1.0, prompt=(5, 6, 7), on_cancel=None):
     mixture = Mixture.build(policy_set.names, weights, strength, has_reference=True)
     request = GenerationRequest(list(prompt), sampling, mixture)
-    return prepare(request, policy_set, EngineLimits(), 256, sid, lambda: None)
+    return prepare(request, policy_set, EngineLimits(), 256, sid, on_cancel or (lambda: None))
 
 
 def _step(builder, seqs, tokens, vocab, models):
@@ -36,7 +36,10 @@ def test_an_event_reports_the_token_its_logprobs_and_the_policies_that_ran(llama
     (first, second), mixed = _step(builder, [one_hot, blend], [40, 41], vocab, k + 1)
     assert (first.index, first.token_id, first.finish_reason) == (0, 40, None)
     assert first.logprob == pytest.approx(mixed[0, 40].item())
-    assert first.token_text == llama_set.tokenizer.decode([40])
+    assert (first.token_text, first.text) == ("", "")  # left to the stream's reader
+    one_hot.stream.push(first)
+    read = next(iter(one_hot.stream))  # the reader runs on the consumer's thread
+    assert read.token_text == llama_set.tokenizer.decode([40]) == read.text
     assert [i for i, _ in first.top_logprobs] == [vocab - 1, vocab - 2, vocab - 3]
     assert second.top_logprobs == []  # it asked for none
     names = llama_set.names
@@ -69,6 +72,24 @@ def test_the_context_limit_ends_a_sequence(llama_set):
     seq = _seq(llama_set, 0, SamplingParams(max_new_tokens=50, ignore_eos=True))
     (event,), _ = _step(builder, [seq], [33], llama_set.vocab_size, 4)
     assert event.finish_reason == "length"
+
+
+def test_the_reader_ends_the_reply_at_a_stop_string_and_cancels_the_sequence(llama_set):
+    tok = llama_set.tokenizer
+    cancels = []
+    seq = _seq(llama_set, 0, SamplingParams(max_new_tokens=9, stop=["CD"]),
+               on_cancel=lambda: cancels.append(True))  # fmt: skip
+    builder = EventBuilder(llama_set, max_context=256)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("A", "C", "D", "E")]
+    for token in ids:  # the engine thread knows nothing of stop strings
+        (event,), _ = _step(builder, [seq], [token], llama_set.vocab_size, 4)
+        assert event.finish_reason is None
+        seq.stream.push(event)
+    events = list(seq.stream)  # the reader stops at the event completing "CD"
+    assert [e.finish_reason for e in events] == [None, None, "stop_sequence"]
+    assert "".join(e.text for e in events) == "A"  # the stop string itself is never sent
+    assert seq.stream.cancelled and cancels == [True]  # the engine drops the row next step
+    assert seq.stream.finished
 
 
 def test_a_closing_event_carries_no_token(llama_set):

@@ -71,6 +71,21 @@ def test_two_apps_have_separate_registries(make_client: ClientFactory) -> None:
     assert metric_value(text_b, "mpo_requests_total", {"route": "/info", "status": "200"}) == 0
 
 
+def test_an_app_counts_engine_steps_only_while_it_serves(make_client: ClientFactory) -> None:
+    """Apps served one after another over one engine: each one's metrics watch its steps."""
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2, "ignore_eos": True}}
+    first = make_client()
+    assert first.post("/generate", json=body).status_code == 200
+    metrics = first.app.state.metrics  # type: ignore[attr-defined]
+    first.__exit__(None, None, None)  # its lifespan ends: it stops watching the engine
+    steps = metric_value(metrics.render()[0].decode(), "mpo_batch_size_count")
+    assert steps >= 2
+    second = make_client()
+    assert second.post("/generate", json=body).status_code == 200
+    assert metric_value(second.get("/metrics").text, "mpo_batch_size_count") >= 2
+    assert metric_value(metrics.render()[0].decode(), "mpo_batch_size_count") == steps
+
+
 def test_body_too_large(make_client: ClientFactory) -> None:
     client = make_client(max_body_bytes=2048)
     big = {"inputs": "x" * 5000}
