@@ -119,6 +119,10 @@ class Engine:
     def token_text(self, token: int) -> str:
         return self.events.token_text(token)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The token's exact bytes from the tokenizer's byte mapping (``token_bytes``)."""
+        return self.events.bytes_of(token)
+
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Engine:
         if self._thread is None:

@@ -9,6 +9,7 @@ import torch
 from .policies import PolicySet
 from .requests import SequenceState
 from .streams import TokenEvent
+from .token_bytes import TokenBytes
 
 
 class EventBuilder:
@@ -19,6 +20,7 @@ class EventBuilder:
         self.max_context = max_context
         self._special_ids = set(policy_set.tokenizer.all_special_ids)
         self._token_texts: dict[int, str] = {}  # token id -> the token decoded alone
+        self.token_bytes = TokenBytes(policy_set.tokenizer, policy_set.vocab_size)
 
     def is_special(self, token: int) -> bool:
         return token in self._special_ids
@@ -30,15 +32,34 @@ class EventBuilder:
             text = self._token_texts[token] = self.policy_set.tokenizer.decode([token])
         return text
 
-    def finish_reason(self, seq: SequenceState, token: int) -> str | None:
+    def bytes_of(self, token: int) -> bytes:
+        """The token's exact bytes (``token_bytes``): joined over a reply, its UTF-8."""
+        return self.token_bytes.bytes_of(token)
+
+    def stop_token(self, seq: SequenceState, token: int) -> str | None:
+        """The finish reason if ``token`` ends the reply by itself (EOS, a stop token id)."""
         params = seq.sampling
         if token in params.stop_token_ids:
             return "stop_sequence"
         if not params.ignore_eos and token in self.policy_set.eos_token_ids:
             return "eos_token"
+        return None
+
+    def finish_reason(self, seq: SequenceState, token: int) -> str | None:
+        params = seq.sampling
+        stop = self.stop_token(seq, token)
+        if stop is not None:
+            return stop
         if len(seq.generated) >= params.max_new_tokens or len(seq.token_ids) >= self.max_context:
             return "length"
         return None
+
+    def piece(self, seq: SequenceState, token: int, final: bool) -> tuple[bytes, str]:
+        """The token's bytes and the characters they complete in this reply."""
+        data = self.bytes_of(token)
+        if self.is_special(token):  # its own text; not part of the reply's characters
+            return data, self.token_text(token)
+        return data, seq.pieces.push(data, final=final)
 
     def step_events(
         self,
@@ -66,6 +87,7 @@ class EventBuilder:
                 finish = "stop_sequence"
             n = seq.sampling.top_logprobs
             coefs = seq.coefs
+            data, piece = self.piece(seq, token, final=finish is not None)
             events.append(
                 TokenEvent(
                     index=len(seq.generated) - 1,
@@ -80,6 +102,9 @@ class EventBuilder:
                     },
                     special=self.is_special(token),
                     finish_reason=finish,
+                    token_bytes=data,
+                    token_piece=piece,
+                    stop_token=self.stop_token(seq, token) is not None,
                 )
             )
         return events

@@ -15,6 +15,7 @@ from .mixing import Mixture
 from .policies import PolicySet
 from .sampling import SamplingParams
 from .streams import RequestStream
+from .token_bytes import TokenPieces
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SequenceState:
     token_ids: list[int]  # prompt + generated
     reply: ReplyText  # the reply's text so far, stop strings applied
     generated: list[int] = field(default_factory=list)
+    pieces: TokenPieces = field(default_factory=TokenPieces)  # token bytes -> text
 
     @property
     def coefs(self) -> tuple[float, ...]:  # [K + 1] policies, then the reference

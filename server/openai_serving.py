@@ -49,6 +49,7 @@ def to_sampling(
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         seed=None if body.seed is None else (body.seed + index) % (2**63),
         stop=body.stop_list(),
+        stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         top_logprobs=top_logprobs,
     )
@@ -117,17 +118,23 @@ class Shape(Generic[ChoiceT, ChunkChoiceT]):
         raise NotImplementedError
 
     def token_logprob(self, event: TokenEvent) -> TokenLogprob:
-        token_text = self.serving.token_text
+        serving = self.serving
         return TokenLogprob(
             token=event.token_text,
             logprob=event.logprob,
-            bytes=list(event.token_text.encode()),
+            bytes=list(event.token_bytes),
             top_logprobs=[
-                TopLogprob(token=(t := token_text(i)), logprob=lp, bytes=list(t.encode()))
+                TopLogprob(token=serving.token_text(i), logprob=lp, bytes=serving.token_bytes(i))
                 for i, lp in event.top_logprobs
             ],
             policy_logprobs=event.policy_logprobs,
         )
+
+
+def listed(events: list[TokenEvent]) -> list[TokenEvent]:
+    """The events OpenAI lists in ``logprobs``: not the EOS / stop token that ended the reply
+    (it is no part of the text, as OpenAI leaves out the end-of-turn token)."""
+    return [event for event in events if not event.stop_token]
 
 
 async def respond(

@@ -186,6 +186,9 @@ class Serving:
     def token_text(self, token_id: int) -> str:
         return self.engine.token_text(token_id)
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        return list(self.engine.token_bytes(token_id))
+
     def is_special(self, token_id: int) -> bool:
         return self.engine.is_special(token_id)
 

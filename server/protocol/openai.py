@@ -42,6 +42,9 @@ class SamplingFields(MixingFields):
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
+    # vLLM's name: token ids that end the reply like EOS (special tokens such as an
+    # end-of-turn marker, which stop strings never see: they match the decoded text)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
 
     @field_validator("stop")
     @classmethod

@@ -36,6 +36,7 @@ class TGIParameters(MixingFields):
     typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
     watermark: Literal[False] = False
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     # Sent (as null) by TGI's own client; accepted only at their neutral value.
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
     grammar: None = None  # guided decoding is not supported

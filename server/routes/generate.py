@@ -54,6 +54,7 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         seed=p.seed,
         stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids or []),
         ignore_eos=p.ignore_eos,
         top_logprobs=p.top_n_tokens or 0,
     )
@@ -75,7 +76,7 @@ def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingPara
 def token(event: TokenEvent) -> TGIToken:
     return TGIToken(
         id=event.token_id,
-        text=event.token_text,
+        text=event.token_piece,
         logprob=event.logprob,
         special=event.special,
         policy_logprobs=event.policy_logprobs,

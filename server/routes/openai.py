@@ -15,7 +15,7 @@ from mpo_core.errors import InvalidParameter
 from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
-from ..openai_serving import FINISH, Plan, Shape, resolve, respond, to_sampling
+from ..openai_serving import FINISH, Plan, Shape, listed, resolve, respond, to_sampling
 from ..openapi import BODY_ERRORS, error_responses, streaming_ok
 from ..protocol.common import MixingInfo
 from ..protocol.openai import (
@@ -65,6 +65,7 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
     def logprobs(self, events: list[TokenEvent], offset: int) -> CompletionLogprobs | None:
         if self.body.logprobs is None:
             return None
+        events = listed(events)
         offsets = []
         for event in events:
             offsets.append(offset)
@@ -172,7 +173,7 @@ class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
     def logprobs(self, events: list[TokenEvent]) -> ChoiceLogprobs | None:
         if not self.body.logprobs:
             return None
-        return ChoiceLogprobs(content=[self.token_logprob(event) for event in events])
+        return ChoiceLogprobs(content=[self.token_logprob(event) for event in listed(events)])
 
     def choice(self, index: int, choice: Choice) -> ChatChoice:
         return ChatChoice(
@@ -192,7 +193,7 @@ class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
         return ChatChunkChoice(
             index=index,
             delta=ChatDelta(content=event.text) if has_text else ChatDelta(),
-            logprobs=self.logprobs([event]),
+            logprobs=None if event.stop_token else self.logprobs([event]),
             finish_reason=FINISH.get(event.finish_reason or ""),
         )
 
