@@ -26,6 +26,7 @@ import torch
 
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
+from .grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
@@ -74,6 +75,9 @@ class Engine:
         else:
             self.runner, self.max_context = runner, context_limit(runner, max_context)
         self.events = EventBuilder(policy_set, self.max_context)
+        self.grammars = GrammarCompiler(
+            policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
+        )
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
@@ -122,6 +126,11 @@ class Engine:
     def token_bytes(self, token: int) -> bytes:
         """The token's exact bytes from the tokenizer's byte mapping (``token_bytes``)."""
         return self.events.bytes_of(token)
+
+    def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """Check a grammar against the tokenizer (any thread; InvalidParameter names
+        ``spec.param``); pass it in ``GenerationRequest.grammar``."""
+        return self.grammars.compile(spec)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Engine:
@@ -311,17 +320,21 @@ class Engine:
             logprobs[k] if self.has_reference else None,
             coefs[:, k] if self.has_reference else None,
         )  # [B, V]
-        broken = ~torch.isfinite(mixed.logsumexp(dim=-1))  # [B] NaN, or no token possible
+        allowed = constrain(mixed, [s.grammar for s in active])  # [B, V] grammar rows masked
+        broken = ~torch.isfinite(allowed.logsumexp(dim=-1))  # [B] NaN, or no token possible
         if bool(broken.any()):
-            active, mixed, logprobs = self._drop_broken(active, mixed, logprobs, broken)
+            active, (mixed, allowed), logprobs = self._drop_broken(
+                active, (mixed, allowed), logprobs, broken
+            )
             if not active:
                 return
         tokens = sample_tokens(
-            mixed,
+            allowed,
             [s.sampling for s in active],
             [s.generator for s in active],
             [s.token_ids for s in active],
         )  # [B]
+        advance([s.grammar for s in active], tokens)
         events = self.events.step_events(active, mixed, logprobs, tokens)
         self._generated_tokens += len(events)
         finished = []
@@ -337,24 +350,19 @@ class Engine:
     def _drop_broken(
         self,
         active: list[SequenceState],
-        mixed: torch.Tensor,  # [B, V]
+        rows: tuple[torch.Tensor, torch.Tensor],  # [B, V] each: mixed, grammar-masked
         logprobs: torch.Tensor,  # [M, B, V]
         broken: torch.Tensor,  # [B] bool
-    ) -> tuple[list[SequenceState], torch.Tensor, torch.Tensor]:
-        """Fail the rows whose mixed distribution is not finite; return the others."""
+    ) -> tuple[list[SequenceState], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Fail the rows with no finite token to sample; return the others."""
         flags = broken.tolist()
         failed = [seq for seq, bad in zip(active, flags) if bad]
         self._retire(failed)
         for seq in failed:
-            seq.stream.push(
-                GenerationFailed(
-                    "the mixture's log-probabilities are not finite (weights "
-                    f"{seq.stream.weights}, strength {seq.stream.strength})"
-                )
-            )
+            seq.stream.push(GenerationFailed(_broken_reason(seq)))
         keep = (~broken).nonzero().squeeze(-1)  # [B']
         survivors = [seq for seq, bad in zip(active, flags) if not bad]
-        return survivors, mixed[keep], logprobs[:, keep]
+        return survivors, (rows[0][keep], rows[1][keep]), logprobs[:, keep]
 
     def _retire(self, seqs: list[SequenceState]) -> None:
         """Free the rows of ``seqs`` in the runner."""
@@ -365,3 +373,14 @@ class Engine:
                 self._running.pop(seq.sid, None)
             keep = set(self._running)
         self.runner.keep(keep)
+
+
+def _broken_reason(seq: SequenceState) -> str:
+    if seq.grammar is not None and seq.grammar.error:
+        return f"the grammar refused the reply: {seq.grammar.error}"
+    if seq.grammar is not None:
+        return "the grammar allows no token the mixture gives a finite log-probability"
+    return (
+        "the mixture's log-probabilities are not finite (weights "
+        f"{seq.stream.weights}, strength {seq.stream.strength})"
+    )

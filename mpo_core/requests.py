@@ -11,6 +11,7 @@ import torch
 
 from .detokenize import ReplyText
 from .errors import InvalidParameter
+from .grammar import Grammar, RowGrammar
 from .mixing import Mixture
 from .policies import PolicySet
 from .sampling import SamplingParams
@@ -34,6 +35,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mixture: Mixture | None = None  # None = uniform weights, strength 1 (Engine.mixture builds one)
     request_id: str | None = None
+    grammar: Grammar | None = None  # constrains the reply (Engine.compile_grammar builds one)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class SequenceState:
     reply: ReplyText  # the reply's text so far, stop strings applied
     generated: list[int] = field(default_factory=list)
     pieces: TokenPieces = field(default_factory=TokenPieces)  # token bytes -> text
+    grammar: RowGrammar | None = None  # this sequence's place in its request's grammar
 
     @property
     def coefs(self) -> tuple[float, ...]:  # [K + 1] policies, then the reference
@@ -84,6 +87,10 @@ def prepare(
             f"prompt ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
             f"= {total} exceeds the context limit of {max_context} tokens",
         )
+    if request.grammar is not None and params.ignore_eos:
+        raise InvalidParameter(
+            "ignore_eos", "ignore_eos cannot be combined with a grammar: EOS ends the grammar"
+        )
     given = request.mixture
     # Rebuilt through the one set of rules: a mixture made for another policy set fails here.
     mixture = Mixture.build(
@@ -104,4 +111,7 @@ def prepare(
         on_cancel=on_cancel,
     )
     reply = ReplyText(policy_set.tokenizer, list(params.stop))
-    return SequenceState(sid, request, mixture, stream, generator, prompt, reply)
+    seq = SequenceState(sid, request, mixture, stream, generator, prompt, reply)
+    if request.grammar is not None:
+        seq.grammar = request.grammar.matcher()
+    return seq
