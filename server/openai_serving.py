@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, TypeVar
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.grammar import Grammar
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
@@ -69,6 +70,7 @@ class Plan:
     samplings: list[SamplingParams]
     prompt_tokens: int
     mixing: Mixing
+    grammar: Grammar | None = None  # response_format, compiled (the route sets it)
 
     @classmethod
     def build(
@@ -142,7 +144,7 @@ async def respond(
 ) -> Response:
     """The one serving path: submit the plan, then answer whole or as server-sent events."""
     plan = shape.plan
-    streams = serving.submit_many(plan.prompts, plan.samplings, plan.mixing)
+    streams = serving.submit_many(plan.prompts, plan.samplings, plan.mixing, plan.grammar)
     if stream:
 
         def cancel_all() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
+from mpo_core.grammar import Grammar
 from mpo_core.mixing import Mixture
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
@@ -239,26 +240,36 @@ class Serving:
 
     # -- running -------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], sampling: SamplingParams, mixing: Mixing
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        mixing: Mixing,
+        grammar: Grammar | None = None,
     ) -> RequestStream:
         """Hand one sequence to the engine (call on the event loop's thread)."""
         request = GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=sampling,
             mixture=mixing.mixture,
+            grammar=grammar,
         )
         stream = self.engine.submit(request)  # InvalidParameter / Overloaded / EngineNotRunning
         self.metrics.prompt_tokens.inc(stream.prompt_tokens)
         return stream
 
     def submit_many(
-        self, prompts: list[list[int]], samplings: list[SamplingParams], mixing: Mixing
+        self,
+        prompts: list[list[int]],
+        samplings: list[SamplingParams],
+        mixing: Mixing,
+        grammar: Grammar | None = None,
     ) -> list[RequestStream]:
-        """Submit several sequences; if one is refused, cancel those already admitted."""
+        """Submit several sequences; if one is refused, cancel those already admitted.
+        Each sequence of a grammar request gets its own matcher."""
         streams: list[RequestStream] = []
         try:
             for prompt_ids, sampling in zip(prompts, samplings, strict=True):
-                streams.append(self.submit(prompt_ids, sampling, mixing))
+                streams.append(self.submit(prompt_ids, sampling, mixing, grammar))
         except BaseException:
             for stream in streams:
                 stream.cancel()

@@ -6,7 +6,7 @@ Sampling follows TGI: greedy unless ``do_sample`` is true or a sampling knob
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -39,8 +39,17 @@ class TGIParameters(MixingFields):
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     # Sent (as null) by TGI's own client; accepted only at their neutral value.
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
-    grammar: None = None  # guided decoding is not supported
+    # {"type": "json" | "regex", "value": ...}: constrained decoding (server/structured.py)
+    grammar: dict[str, Any] | None = None
     adapter_id: None = None  # one family, no per-request adapter
+    # Sent by LoRAX's client (lorax-client): its JSON mode, its name for ignore_eos and
+    # fields about adapters it would download, accepted only at their neutral value.
+    response_format: dict[str, Any] | None = None  # {"type": "json_object", "schema": ...}
+    ignore_eos_token: bool = False
+    adapter_source: None = None
+    merged_adapters: None = None
+    api_token: str | None = None  # for private adapters on a hub: nothing to download here
+    return_k_alternatives: None = None
 
     @field_validator("stop")
     @classmethod
@@ -78,6 +87,7 @@ class TGIDetails(WireModel):
 
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
+    prompt_tokens: int  # LoRAX's clients require it; TGI's ignore it
     seed: int | None
     prefill: list[TGIToken] = Field(default_factory=list)
     tokens: list[TGIToken] = Field(default_factory=list)
@@ -96,6 +106,7 @@ class TGIResponse(WireModel):
 class TGIStreamDetails(WireModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
+    prompt_tokens: int
     seed: int | None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.grammar import Grammar
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
@@ -29,6 +30,7 @@ from ..protocol.tgi import (
     TGIToken,
 )
 from ..serving import Choice, ClientGone, Mixing, Serving
+from ..structured import compile_grammar, lorax_format_spec, one_of, tgi_grammar_spec
 from .sse import SSEResponse, sse
 
 router = APIRouter(tags=["tgi"], dependencies=[Depends(require_api_key)])
@@ -55,7 +57,7 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
         seed=p.seed,
         stop=list(p.stop),
         stop_token_ids=list(p.stop_token_ids or []),
-        ignore_eos=p.ignore_eos,
+        ignore_eos=p.ignore_eos or p.ignore_eos_token,
         top_logprobs=p.top_n_tokens or 0,
     )
 
@@ -71,6 +73,14 @@ def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingPara
         len(prompt_ids), p.max_new_tokens, "parameters.max_new_tokens", "inputs"
     )
     return prompt_ids, to_sampling(p, max_new), mixing
+
+
+async def grammar_of(serving: Serving, p: TGIParameters) -> Grammar | None:
+    spec = one_of(
+        tgi_grammar_spec(p.grammar, "parameters.grammar"),
+        lorax_format_spec(p.response_format, "parameters.response_format"),
+    )
+    return await compile_grammar(serving, spec)
 
 
 def token(event: TokenEvent) -> TGIToken:
@@ -91,7 +101,12 @@ def top_tokens(serving: Serving, event: TokenEvent) -> list[TGIToken]:
 
 
 def response_body(
-    serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: Mixing
+    serving: Serving,
+    body: TGIRequest,
+    choice: Choice,
+    sampled: bool,
+    mixing: Mixing,
+    prompt_tokens: int,
 ) -> TGIResponse:
     p = body.parameters
     text = (body.inputs if p.return_full_text else "") + choice.text
@@ -101,6 +116,7 @@ def response_body(
     details = TGIDetails(
         finish_reason=choice.finish_reason,  # type: ignore[arg-type]
         generated_tokens=len(choice.events),
+        prompt_tokens=prompt_tokens,
         seed=choice.seed if sampled else None,
         tokens=[token(ev) for ev in choice.events],
     )
@@ -114,12 +130,14 @@ async def generate_one(
 ) -> Response:
     """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
     prompt_ids, sampling, mixing = prepare(serving, body)
-    streams = serving.submit_many([prompt_ids], [sampling], mixing)
+    grammar = await grammar_of(serving, body.parameters)
+    streams = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
     try:
         (choice,) = await serving.collect(streams, request.receive)
     except ClientGone:
         return Response(status_code=499)
-    content = response_body(serving, body, choice, not sampling.greedy, mixing).wire()
+    sampled = not sampling.greedy
+    content = response_body(serving, body, choice, sampled, mixing, len(prompt_ids)).wire()
     return JSONResponse([content] if as_list else content, headers=mixing.headers())
 
 
@@ -143,6 +161,7 @@ async def stream_events(
                 last["details"] = TGIStreamDetails(
                     finish_reason=event.finish_reason,  # type: ignore[arg-type]
                     generated_tokens=event.index + 1,
+                    prompt_tokens=stream.prompt_tokens,
                     seed=stream.seed if sampled else None,
                 )
         chunk = TGIStreamEvent(
@@ -162,7 +181,8 @@ async def stream_events(
 )
 async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
     prompt_ids, sampling, mixing = prepare(serving, body)
-    (stream,) = serving.submit_many([prompt_ids], [sampling], mixing)
+    grammar = await grammar_of(serving, body.parameters)
+    (stream,) = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
     events = stream_events(serving, body, stream, not sampling.greedy, mixing)
     keepalive = serving.settings.sse_keepalive_s
     return SSEResponse(events, mixing.headers(), on_close=stream.cancel, keepalive_s=keepalive)

@@ -36,6 +36,7 @@ from ..protocol.openai import (
     Usage,
 )
 from ..serving import Choice, Serving
+from ..structured import compile_grammar, response_format_spec
 from .sse import sse
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
@@ -155,6 +156,7 @@ def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
 )
 async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
     plan = plan_completion(serving, body)
+    plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = CompletionShape(serving, plan, body.model or serving.served_name, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(serving, shape, body.stream, include_usage, request)
@@ -252,6 +254,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
     plan = plan_chat(serving, body)
+    plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = ChatShape(serving, plan, body.model or serving.served_name, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(serving, shape, body.stream, include_usage, request)

@@ -101,7 +101,8 @@ def test_chat_completion(client: TestClient) -> None:
         assert len(item["top_logprobs"]) == 2
         assert item["top_logprobs"][0]["logprob"] >= item["top_logprobs"][1]["logprob"]
         assert set(item["policy_logprobs"]) == {"helpful", "harmless", "concise"}
-        assert item["bytes"] == list(item["token"].encode())
+        if "\ufffd" not in item["token"]:  # a whole character: its text is its bytes
+            assert item["bytes"] == list(item["token"].encode())
     # The prompt came from the chat template: <|user|>Say hi<|eos|><|assistant|>
     assert body["usage"]["prompt_tokens"] > 3
 
