@@ -10,9 +10,10 @@ where the grammar accepts the text so far; once the grammar is complete, EOS is 
 token left. After sampling each matcher takes its row's token (``advance``).
 
 The library is llguidance: no dependencies of its own (xgrammar pulls triton and a TVM
-runtime), masks for the whole batch filled by one parallel call, and support for draft
-tokens should speculative decoding verify against a grammar later. bench/grammar.py
-measures both libraries' mask cost per step.
+runtime, a heavy install for a CPU machine), errors reported as a matcher state rather
+than exceptions, and masks for draft tokens should speculative decoding verify against a
+grammar later. Its mask fill is slower than xgrammar's, but both are a small share of a
+step (bench/grammar.py measures both).
 """
 
 from __future__ import annotations
@@ -132,26 +133,21 @@ class GrammarCompiler:
         return Grammar(spec, source, tokenizer)
 
 
-_executor: Any = None
-_executor_lock = threading.Lock()
-
-
-def _parallel() -> Any:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = llguidance.LLExecutor()
-        return _executor
-
-
 def allowed_tokens(
     grammars: Sequence[RowGrammar], vocab_size: int, device: torch.device
 ) -> torch.Tensor:
-    """Each grammar's next-token mask, filled in parallel: [G, V] bool on ``device``."""
+    """Each grammar's next-token mask: [G, V] bool on ``device``.
+
+    The masks are filled one row after another on the calling (engine) thread.
+    llguidance's parallel executor hands the rows to worker threads instead; at c = 16 on
+    the demo family that hand-off cost several times the fill itself (bench/grammar.py;
+    docs/server.md has the figures), since the workers sleep through each forward.
+    """
     words = (vocab_size + 31) // 32
     bitmask = torch.zeros(len(grammars), words, dtype=torch.int32)  # [G, W] 32 tokens a word
-    matchers = [(g.matcher, i) for i, g in enumerate(grammars)]
-    _parallel().unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(grammars))
+    start, row_bytes = bitmask.data_ptr(), words * 4
+    for row, grammar in enumerate(grammars):
+        grammar.matcher.unsafe_compute_mask_ptr(start + row * row_bytes, row_bytes)
     bitmask = bitmask.to(device, non_blocking=True)
     shifts = torch.arange(32, device=device, dtype=torch.int32)  # [32]
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [G, W, 32] token 32 w + b
