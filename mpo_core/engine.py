@@ -14,6 +14,7 @@ decode steps (``score_jobs``), so a fit never holds up serving for more than one
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -29,10 +30,11 @@ from .events import EventBuilder, final_event
 from .grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
+from .prompt_logprobs import PromptLogprobs, prompt_logprobs
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
 from .runners import PolicyRunner, context_limit, make_runner
 from .sampling import sample_tokens
-from .score_jobs import ScoreJob
+from .score_jobs import CallJob, ScoreJob
 from .scoring import ScoreResult
 from .streams import GenerationResult, RequestStream
 
@@ -81,7 +83,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
-        self._jobs: deque[ScoreJob] = deque()
+        self._jobs: deque[ScoreJob | CallJob] = deque()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -232,6 +234,25 @@ class Engine:
             self._jobs.append(job)
             self._lock.notify_all()
         return job.future.result()
+
+    def prompt_logprobs(
+        self, prompt_ids: Sequence[int], mixture: Mixture, top_n: int = 0
+    ) -> concurrent.futures.Future[PromptLogprobs]:
+        """Each prompt token's log-prob under ``mixture`` (the first: None), computed on the
+        engine thread between decode steps; the future holds the result."""
+        vocab = self.policy_set.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidParameter("prompt", "a prompt token id is outside the vocabulary")
+        job = CallJob(lambda: prompt_logprobs(self.policy_set, prompt_ids, mixture, top_n))
+        if self._thread is None or threading.current_thread() is self._thread:
+            job.run_one()
+            return job.future
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotRunning("the engine is not running")
+            self._jobs.append(job)
+            self._lock.notify_all()
+        return job.future
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:

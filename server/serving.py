@@ -18,8 +18,10 @@ from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
 from mpo_core.grammar import Grammar
 from mpo_core.mixing import Mixture
+from mpo_core.prompt_logprobs import PromptLogprobs
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
+from mpo_core.token_bytes import TokenPieces
 
 from .errors import APIError
 from .metrics import Metrics
@@ -237,6 +239,25 @@ class Serving:
         if n > self.settings.max_n:
             raise InvalidParameter("n", f"n must be at most {self.settings.max_n}, got {n}")
         return n
+
+    async def prompt_logprobs(
+        self, prompt_ids: list[int], mixing: Mixing, top_n: int = 0
+    ) -> PromptLogprobs:
+        """Each prompt token's log-prob under the mixture (the engine thread computes it)."""
+        future = self.engine.prompt_logprobs(prompt_ids, mixing.mixture, top_n)
+        return await asyncio.wrap_future(future)
+
+    def prompt_pieces(self, prompt_ids: list[int]) -> list[str]:
+        """Each prompt token's text, such that they join to the prompt (``TokenPieces``)."""
+        pieces = TokenPieces()
+        out = []
+        for i, token in enumerate(prompt_ids):
+            final = i == len(prompt_ids) - 1
+            if self.engine.is_special(token):
+                out.append(self.engine.token_text(token))
+            else:
+                out.append(pieces.push(self.engine.token_bytes(token), final=final))
+        return out
 
     # -- running -------------------------------------------------------------------
     def submit(

@@ -17,7 +17,8 @@ class TGIParameters(MixingFields):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     best_of: int | None = Field(default=None, ge=1, le=1)  # only 1: no best-of search
-    decoder_input_details: Literal[False] = False  # prompt logprobs are not computed
+    # each prompt token's log-prob under the request's mixture (details.prefill)
+    decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
@@ -82,6 +83,12 @@ class TGIToken(WireModel):
     policy_logprobs: dict[str, float | None] | None = None  # each policy's log-prob of it
 
 
+class TGIPrefillToken(WireModel):
+    id: int
+    text: str
+    logprob: float | None  # under the request's mixture; None for the first token
+
+
 class TGIDetails(WireModel):
     omit_unless_given = frozenset({"top_tokens"})  # only with top_n_tokens
 
@@ -89,7 +96,7 @@ class TGIDetails(WireModel):
     generated_tokens: int
     prompt_tokens: int  # LoRAX's clients require it; TGI's ignore it
     seed: int | None
-    prefill: list[TGIToken] = Field(default_factory=list)
+    prefill: list[TGIPrefillToken] = Field(default_factory=list)
     tokens: list[TGIToken] = Field(default_factory=list)
     top_tokens: list[list[TGIToken]] | None = None
     best_of_sequences: None = None

@@ -7,13 +7,16 @@ generate_stream (events) or generate, answered as TGI does, a list of one respon
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.errors import InvalidParameter
 from mpo_core.grammar import Grammar
+from mpo_core.prompt_logprobs import PromptLogprobs
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
@@ -23,6 +26,7 @@ from ..protocol.common import MixingInfo
 from ..protocol.tgi import (
     TGIDetails,
     TGIParameters,
+    TGIPrefillToken,
     TGIRequest,
     TGIResponse,
     TGIStreamDetails,
@@ -100,6 +104,16 @@ def top_tokens(serving: Serving, event: TokenEvent) -> list[TGIToken]:
     ]
 
 
+def prefill_tokens(serving: Serving, scored: PromptLogprobs | None) -> list[TGIPrefillToken]:
+    if scored is None:
+        return []
+    texts = serving.prompt_pieces(scored.token_ids)
+    return [
+        TGIPrefillToken(id=token, text=text, logprob=logprob)
+        for token, text, logprob in zip(scored.token_ids, texts, scored.logprobs)
+    ]
+
+
 def response_body(
     serving: Serving,
     body: TGIRequest,
@@ -107,6 +121,7 @@ def response_body(
     sampled: bool,
     mixing: Mixing,
     prompt_tokens: int,
+    prefill: PromptLogprobs | None = None,
 ) -> TGIResponse:
     p = body.parameters
     text = (body.inputs if p.return_full_text else "") + choice.text
@@ -118,6 +133,7 @@ def response_body(
         generated_tokens=len(choice.events),
         prompt_tokens=prompt_tokens,
         seed=choice.seed if sampled else None,
+        prefill=prefill_tokens(serving, prefill),
         tokens=[token(ev) for ev in choice.events],
     )
     if p.top_n_tokens:  # set only when asked for: the field is left out otherwise
@@ -131,13 +147,22 @@ async def generate_one(
     """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
     prompt_ids, sampling, mixing = prepare(serving, body)
     grammar = await grammar_of(serving, body.parameters)
+    p = body.parameters
+    prefill = None
+    if p.decoder_input_details and p.details:  # TGI sends prefill only inside details
+        prefill = asyncio.ensure_future(serving.prompt_logprobs(prompt_ids, mixing))
     streams = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
     try:
         (choice,) = await serving.collect(streams, request.receive)
+        scored = await prefill if prefill is not None else None
     except ClientGone:
         return Response(status_code=499)
-    sampled = not sampling.greedy
-    content = response_body(serving, body, choice, sampled, mixing, len(prompt_ids)).wire()
+    finally:
+        if prefill is not None and not prefill.done():
+            prefill.cancel()
+    content = response_body(
+        serving, body, choice, not sampling.greedy, mixing, len(prompt_ids), scored
+    ).wire()
     return JSONResponse([content] if as_list else content, headers=mixing.headers())
 
 
@@ -180,6 +205,11 @@ async def stream_events(
     responses={**ERRORS, 200: {"description": "One event per token", "content": EVENT_STREAM}},
 )
 async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
+    if body.parameters.decoder_input_details:
+        raise InvalidParameter(
+            "parameters.decoder_input_details",
+            "decoder_input_details is not supported when streaming tokens (as in TGI)",
+        )
     prompt_ids, sampling, mixing = prepare(serving, body)
     grammar = await grammar_of(serving, body.parameters)
     (stream,) = serving.submit_many([prompt_ids], [sampling], mixing, grammar)

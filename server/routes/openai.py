@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from mpo_core.errors import InvalidParameter
+from mpo_core.prompt_logprobs import PromptLogprobs
 from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
@@ -54,6 +55,35 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
         super().__init__(serving, plan, model)
         self.body = body
         self.offsets = [0] * len(plan.prompts)  # streamed text so far, per choice
+        # echo + logprobs: each prompt's own log-probs under the mixture (score_prompts)
+        self.prompt_scores: list[PromptLogprobs] = []
+
+    async def score_prompts(self) -> None:
+        n = self.body.n
+        prompts = [self.plan.prompts[i] for i in range(0, len(self.plan.prompts), n)]
+        top = self.body.logprobs or 0
+        mixing = self.plan.mixing
+        self.prompt_scores = [
+            await self.serving.prompt_logprobs(ids, mixing, top) for ids in prompts
+        ]
+
+    def prompt_logprobs(self, index: int) -> CompletionLogprobs | None:
+        """The echoed prompt's entries (first: no log-prob), offsets from 0."""
+        if not self.prompt_scores:
+            return None
+        scored = self.prompt_scores[index // self.body.n]
+        token_text = self.serving.token_text
+        texts = self.serving.prompt_pieces(scored.token_ids)
+        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return CompletionLogprobs(
+            tokens=[token_text(t) for t in scored.token_ids],
+            token_logprobs=list(scored.logprobs),
+            top_logprobs=[
+                {token_text(i): lp for i, lp in top} if row else None
+                for row, top in enumerate(scored.top_logprobs)
+            ],
+            text_offset=offsets,
+        )
 
     def echo(self, index: int) -> str:
         if not self.body.echo:
@@ -81,10 +111,19 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
 
     def choice(self, index: int, choice: Choice) -> CompletionChoice:
         prefix = self.echo(index)
+        logprobs = self.logprobs(choice.events, len(prefix))
+        echoed = self.prompt_logprobs(index)
+        if logprobs is not None and echoed is not None:
+            logprobs = CompletionLogprobs(
+                tokens=echoed.tokens + logprobs.tokens,
+                token_logprobs=echoed.token_logprobs + logprobs.token_logprobs,
+                top_logprobs=echoed.top_logprobs + logprobs.top_logprobs,
+                text_offset=echoed.text_offset + logprobs.text_offset,
+            )
         return CompletionChoice(
             index=index,
             text=prefix + choice.text,
-            logprobs=self.logprobs(choice.events, len(prefix)),
+            logprobs=logprobs,
             finish_reason=FINISH.get(choice.finish_reason, "stop"),
         )
 
@@ -93,7 +132,8 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
             return None
         prefix = self.echo(index)
         self.offsets[index] = len(prefix)
-        return CompletionChoice(index=index, text=prefix, logprobs=None, finish_reason=None)
+        echoed = self.prompt_logprobs(index)
+        return CompletionChoice(index=index, text=prefix, logprobs=echoed, finish_reason=None)
 
     def delta(self, index: int, event: TokenEvent) -> CompletionChoice:
         item = CompletionChoice(
@@ -137,8 +177,6 @@ def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[i
 
 def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     mixing = resolve(serving, body)
-    if body.echo and body.logprobs is not None:
-        raise InvalidParameter("echo", "echo with logprobs needs prompt logprobs: not supported")
     top = serving.check_top_logprobs(body.logprobs or 0, "logprobs")
     prompts = completion_prompts(serving, body)
     samplings = []
@@ -158,6 +196,8 @@ async def completions(body: CompletionRequest, request: Request, serving: Servin
     plan = plan_completion(serving, body)
     plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = CompletionShape(serving, plan, body.model or serving.served_name, body)
+    if body.echo and body.logprobs is not None:
+        await shape.score_prompts()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(serving, shape, body.stream, include_usage, request)
 

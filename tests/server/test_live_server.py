@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -156,15 +157,27 @@ def test_huggingface_hub_text_generation(live: Callable[..., LiveServer]) -> Non
 
 
 @pytest.mark.skipif(not TGI_PYTHON, reason="set MPO_TGI_PYTHON to a python with text-generation")
-def test_tgi_text_generation_client(live: Callable[..., LiveServer]) -> None:
+def test_tgi_text_generation_client(live: Callable[..., LiveServer], engine: Engine) -> None:
     script = """
 import json, sys
 from text_generation import Client
 client = Client(sys.argv[1], headers={"Authorization": "Bearer sk-tgi"}, timeout=60)
+from text_generation.types import Grammar, GrammarType
 whole = client.generate("Hello", max_new_tokens=4)
 events = list(client.generate_stream("Hello", max_new_tokens=4))
+scored = client.generate("Hello there", max_new_tokens=3, decoder_input_details=True,
+                         top_n_tokens=2)
+pattern = Grammar(type=GrammarType.Regex, value="(yes|no), [a-z]{2,6}")
+regex = client.generate("Answer:", max_new_tokens=20, do_sample=True, seed=1, grammar=pattern)
+schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+          "required": ["n"], "additionalProperties": False}
+shaped = client.generate("JSON:", max_new_tokens=20, grammar=Grammar(type=GrammarType.Json,
+                         value=schema))
 print(json.dumps({"text": whole.generated_text, "n": whole.details.generated_tokens,
-                  "events": len(events), "stream": events[-1].generated_text}))
+                  "events": len(events), "stream": events[-1].generated_text,
+                  "prefill": [[t.id, t.logprob] for t in scored.details.prefill],
+                  "top": [len(step) for step in scored.details.top_tokens],
+                  "regex": regex.generated_text, "json": shaped.generated_text}))
 """
     server = live(api_key="sk-tgi")
     assert TGI_PYTHON is not None
@@ -180,6 +193,12 @@ print(json.dumps({"text": whole.generated_text, "n": whole.details.generated_tok
     ).json()["generated_text"]
     assert result["text"] == expected == result["stream"]
     assert 1 <= result["n"] == result["events"] <= 4
+    prefill = result["prefill"]
+    assert [t for t, _ in prefill] == engine.tokenizer.encode("Hello there")
+    assert prefill[0][1] is None and all(lp is not None and lp <= 0 for _, lp in prefill[1:])
+    assert result["top"] == [2] * len(result["top"]) and result["top"]
+    assert re.fullmatch("(yes|no), [a-z]{2,6}", result["regex"]), result["regex"]
+    assert set(json.loads(result["json"])) == {"n"}
 
 
 def _schemathesis() -> list[str] | None:
