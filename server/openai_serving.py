@@ -58,6 +58,9 @@ def to_sampling(
 
 def resolve(serving: Serving, body: SamplingFields) -> Mixing:
     serving.check_n(body.n)
+    adapter = serving.adapter_from_model(body.model)
+    if adapter is not None:
+        return serving.adapter_mixing(adapter, "model", body.weights, body.profile, body.strength)
     model_profile = serving.profile_from_model(body.model)
     return serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
 

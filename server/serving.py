@@ -120,6 +120,48 @@ class Serving:
             code="model_not_found",
         )
 
+    # -- one adapter ---------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """What ``adapter_id`` (TGI, LoRAX) and an OpenAI ``model`` may name: each policy
+        and the reference."""
+        reference = self.engine.policy_set.reference_name
+        return [*self.engine.policy_names, *([reference] if reference else [])]
+
+    def adapter_from_model(self, model: str | None) -> str | None:
+        """``<served>/<policy>`` or a bare ``<policy>`` (vLLM's LoRA naming) -> the policy;
+        None for the served name and its profiles. ``<served>/<unknown>`` is a 404."""
+        if model is None or model == self.served_name:
+            return None
+        prefix = f"{self.served_name}/"
+        if model.startswith(prefix):
+            return self.check_adapter(model[len(prefix) :], "model")
+        return model if model in self.adapter_names() else None
+
+    def check_adapter(self, name: str, param: str) -> str:
+        if name not in self.adapter_names():
+            raise APIError(
+                404,
+                f"adapter {name!r} does not exist; the adapters are {self.adapter_names()} "
+                "(see GET /v1/models)",
+                param=param,
+                code="adapter_not_found",
+            )
+        return name
+
+    def adapter_mixing(
+        self, name: str, param: str, weights: Any, profile: str | None, strength: float | None
+    ) -> Mixing:
+        """One model alone: a policy with weight 1 (strength 1), or the reference (0)."""
+        self.check_adapter(name, param)
+        for field, value in (("weights", weights), ("profile", profile), ("strength", strength)):
+            if value is not None:
+                raise InvalidParameter(
+                    field, f"{param} selects one model alone; it cannot be combined with {field}"
+                )
+        if name in self.engine.policy_names:
+            return Mixing(self.engine.mixture({name: 1.0}, 1.0), None)
+        return Mixing(self.engine.mixture(None, 0.0), None)  # the reference alone
+
     # -- mixing --------------------------------------------------------------------
     def resolve_mixing(
         self,

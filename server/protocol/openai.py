@@ -282,6 +282,7 @@ class ModelCard(WireModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mpo"
+    parent: str | None = None  # a single policy's card: the family it belongs to (as vLLM)
 
 
 class ModelList(WireModel):

@@ -42,7 +42,8 @@ class TGIParameters(MixingFields):
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
     # {"type": "json" | "regex", "value": ...}: constrained decoding (server/structured.py)
     grammar: dict[str, Any] | None = None
-    adapter_id: None = None  # one family, no per-request adapter
+    # one policy (or the reference) alone, by name: TGI multi-LoRA's and LoRAX's field
+    adapter_id: str | None = Field(default=None, min_length=1, max_length=128)
     # Sent by LoRAX's client (lorax-client): its JSON mode, its name for ignore_eos and
     # fields about adapters it would download, accepted only at their neutral value.
     response_format: dict[str, Any] | None = None  # {"type": "json_object", "schema": ...}

@@ -68,7 +68,12 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
 
 def prepare(serving: Serving, body: TGIRequest) -> tuple[list[int], SamplingParams, Mixing]:
     p = body.parameters
-    mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
+    if p.adapter_id is not None:
+        mixing = serving.adapter_mixing(
+            p.adapter_id, "parameters.adapter_id", p.weights, p.profile, p.strength
+        )
+    else:
+        mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
     prompt_ids = serving.encode(body.inputs, "inputs")
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]

@@ -311,4 +311,10 @@ def models(serving: ServingDep, store: StoreDep, request: Request) -> dict[str, 
         ModelCard(id=f"{serving.served_name}:{p.name}", created=int(p.created_at))
         for p in store.list()
     ]
+    # Each policy (and the reference) alone, named as vLLM names a LoRA adapter: its own
+    # name, with the served family as its parent ("<served>/<name>" works too).
+    cards += [
+        ModelCard(id=name, created=started, parent=serving.served_name)
+        for name in serving.adapter_names()
+    ]
     return ModelList(data=cards).wire()

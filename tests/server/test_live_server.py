@@ -29,6 +29,7 @@ from server.settings import Settings
 
 pytestmark = pytest.mark.slow
 TGI_PYTHON = os.environ.get("MPO_TGI_PYTHON")  # a python with TGI's `text-generation` client
+LORAX_PYTHON = os.environ.get("MPO_LORAX_PYTHON")  # a python with `lorax-client`
 
 
 class _Server(uvicorn.Server):
@@ -199,6 +200,47 @@ print(json.dumps({"text": whole.generated_text, "n": whole.details.generated_tok
     assert result["top"] == [2] * len(result["top"]) and result["top"]
     assert re.fullmatch("(yes|no), [a-z]{2,6}", result["regex"]), result["regex"]
     assert set(json.loads(result["json"])) == {"n"}
+
+
+@pytest.mark.skipif(not LORAX_PYTHON, reason="set MPO_LORAX_PYTHON to a python with lorax-client")
+def test_lorax_client_selects_one_adapter(live: Callable[..., LiveServer]) -> None:
+    script = """
+import json, sys
+from lorax import Client
+client = Client(sys.argv[1], headers={"Authorization": "Bearer sk-lorax"}, timeout=60)
+one = client.generate("Hello", adapter_id="harmless", max_new_tokens=5, ignore_eos_token=True)
+events = list(client.generate_stream("Hello", adapter_id="harmless", max_new_tokens=5,
+                                     ignore_eos_token=True))
+schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
+shaped = client.generate("JSON:", max_new_tokens=20,
+                         response_format={"type": "json_object", "schema": schema})
+try:
+    client.generate("Hello", adapter_id="nope", max_new_tokens=2)
+    missing = None
+except Exception as exc:
+    missing = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"text": one.generated_text, "prompt_tokens": one.details.prompt_tokens,
+                  "stream": events[-1].generated_text, "json": shaped.generated_text,
+                  "missing": missing}))
+"""
+    server = live(api_key="sk-lorax")
+    assert LORAX_PYTHON is not None
+    run = subprocess.run(
+        [LORAX_PYTHON, "-c", script, server.url], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "Hello", "parameters": {"max_new_tokens": 5, "ignore_eos": True,
+                                                "weights": {"harmless": 1}}},
+        headers={"Authorization": "Bearer sk-lorax"},
+    ).json()["generated_text"]  # fmt: skip
+    assert result["text"] == expected == result["stream"]
+    assert result["prompt_tokens"] >= 1
+    assert json.loads(result["json"]) in ({"ok": True}, {"ok": False})
+    assert result["missing"] is not None and "nope" in result["missing"]
 
 
 def _schemathesis() -> list[str] | None:

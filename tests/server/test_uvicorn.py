@@ -98,7 +98,8 @@ def server(tiny_yaml: Path, home: Path) -> Iterator[ServerProcess]:
 
 def test_openai_client(server: ServerProcess) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny", "helpful", "harmless", "concise", "base"]  # family, then each alone
     chat = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
         temperature=0, logprobs=True, top_logprobs=2,
