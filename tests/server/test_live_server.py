@@ -155,6 +155,26 @@ def test_huggingface_hub_text_generation(live: Callable[..., LiveServer]) -> Non
     streamed = list(client.text_generation("Hello", max_new_tokens=4, stream=True, details=True))
     assert streamed[-1].generated_text == expected
     assert len(streamed) == detailed.details.generated_tokens
+    scored = client.text_generation(
+        "Hello there", max_new_tokens=3, details=True, decoder_input_details=True,
+        top_n_tokens=2, adapter_id="concise",
+    )  # fmt: skip
+    assert scored.details is not None and scored.details.prefill[0].logprob is None
+    assert all(t.logprob is not None for t in scored.details.prefill[1:])
+    assert scored.details.top_tokens is not None
+    assert [len(step) for step in scored.details.top_tokens] == [2] * len(scored.details.tokens)
+    alone = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "Hello there", "parameters": {"max_new_tokens": 3,
+                                                      "weights": {"concise": 1}}},
+        headers={"Authorization": "Bearer sk-hub"},
+    ).json()["generated_text"]  # fmt: skip
+    assert scored.generated_text == alone
+    shaped = client.text_generation(
+        "Answer:", max_new_tokens=20, seed=3, do_sample=True,
+        grammar={"type": "regex", "value": "(yes|no)-[0-9]{2}"},
+    )  # fmt: skip
+    assert re.fullmatch("(yes|no)-[0-9]{2}", shaped), shaped
 
 
 @pytest.mark.skipif(not TGI_PYTHON, reason="set MPO_TGI_PYTHON to a python with text-generation")
