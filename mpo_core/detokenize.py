@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .streams import TokenEvent
+from .token_bytes import TokenBytes, TokenPieces
 
 
 class ReplyText:
@@ -80,19 +81,24 @@ class ReplyText:
 
 
 class TokenTexts:
-    """Each token decoded alone, cached: one per engine, shared by all its streams (reported
-    alternatives use it too). Entries are only ever added, so readers on several threads
-    need no lock: at worst two of them decode the same token once each."""
+    """Each token decoded alone, cached, and its exact bytes (``token_bytes``): one per
+    engine, shared by all its streams (reported alternatives use it too). Entries are only
+    ever added, so readers on several threads need no lock: at worst two of them decode the
+    same token once each."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self._texts: dict[int, str] = {}
+        self._bytes = TokenBytes(tokenizer, vocab_size)
 
     def __call__(self, token: int) -> str:
         text = self._texts.get(token)
         if text is None:
             text = self._texts[token] = str(self.tokenizer.decode([token]))
         return text
+
+    def bytes_of(self, token: int) -> bytes:
+        return self._bytes.bytes_of(token)
 
 
 class ReplyReader:
@@ -109,6 +115,7 @@ class ReplyReader:
         self.reply = ReplyText(tokenizer, stops)
         self.token_text = token_text
         self.generated: list[int] = []  # the reply's token ids read so far
+        self.pieces = TokenPieces()  # token bytes -> the characters each completes
 
     def read(self, event: TokenEvent) -> TokenEvent:
         """``event`` with its text; its finish reason is ``stop_sequence`` at a stop string."""
@@ -118,8 +125,13 @@ class ReplyReader:
         self.reply.update(self.generated)
         if self.reply.find_stop():
             event.finish_reason = "stop_sequence"
+        final = event.finish_reason is not None
         event.token_text = self.token_text(event.token_id)
-        event.text = self.reply.take(final=event.finish_reason is not None)
+        event.text = self.reply.take(final=final)
+        # A special token's piece is its own text, not part of the reply's characters.
+        event.token_piece = (
+            event.token_text if event.special else self.pieces.push(event.token_bytes, final)
+        )
         return event
 
 

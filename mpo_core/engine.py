@@ -15,6 +15,7 @@ decode steps (``score_jobs``), so a fit never holds up serving for more than one
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -27,13 +28,15 @@ import torch
 
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
+from .grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
+from .prompt_logprobs import PromptLogprobs, prompt_logprobs
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
 from .rules import check_token_ids
 from .runners import PolicyRunner, context_limit, make_runner
 from .sampling import sample_tokens
-from .score_jobs import ScoreJob
+from .score_jobs import CallJob, ScoreJob
 from .scoring import ScoreResult
 from .streams import GenerationResult, RequestStream
 
@@ -77,13 +80,16 @@ class Engine:
         else:
             self.runner, self.max_context = runner, context_limit(runner, max_context)
         self.events = EventBuilder(policy_set, self.max_context)
+        self.grammars = GrammarCompiler(
+            policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
+        )
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
         # Admitted by ``_admit`` and being prefilled: neither waiting nor running yet, but
         # holding slots (counted by ``submit``, cancelled by ``cancel_all``).
         self._admitted: list[SequenceState] = []
-        self._jobs: deque[ScoreJob] = deque()
+        self._jobs: deque[ScoreJob | CallJob] = deque()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -139,6 +145,15 @@ class Engine:
 
     def token_text(self, token: int) -> str:
         return self.events.token_text(token)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The token's exact bytes from the tokenizer's byte mapping (``token_bytes``)."""
+        return self.events.bytes_of(token)
+
+    def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """Check a grammar against the tokenizer (any thread; InvalidParameter names
+        ``spec.param``); pass it in ``GenerationRequest.grammar``."""
+        return self.grammars.compile(spec)
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Engine:
@@ -259,6 +274,25 @@ class Engine:
             self._lock.notify_all()
         return job.future.result()
 
+    def prompt_logprobs(
+        self, prompt_ids: Sequence[int], mixture: Mixture, top_n: int = 0
+    ) -> concurrent.futures.Future[PromptLogprobs]:
+        """Each prompt token's log-prob under ``mixture`` (the first: None), computed on the
+        engine thread between decode steps; the future holds the result."""
+        vocab = self.policy_set.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidParameter("prompt", "a prompt token id is outside the vocabulary")
+        job = CallJob(lambda: prompt_logprobs(self.policy_set, prompt_ids, mixture, top_n))
+        if self._thread is None or threading.current_thread() is self._thread:
+            job.run_one()
+            return job.future
+        with self._lock:
+            if not self._accepting:
+                raise EngineNotRunning("the engine is not running")
+            self._jobs.append(job)
+            self._lock.notify_all()
+        return job.future
+
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
         try:
@@ -350,17 +384,21 @@ class Engine:
             logprobs[k] if self.has_reference else None,
             coefs[:, k] if self.has_reference else None,
         )  # [B, V]
-        broken = ~torch.isfinite(mixed.logsumexp(dim=-1))  # [B] NaN, or no token possible
+        allowed = constrain(mixed, [s.grammar for s in active])  # [B, V] grammar rows masked
+        broken = ~torch.isfinite(allowed.logsumexp(dim=-1))  # [B] NaN, or no token possible
         if bool(broken.any()):
-            active, mixed, logprobs = self._drop_broken(active, mixed, logprobs, broken)
+            active, (mixed, allowed), logprobs = self._drop_broken(
+                active, (mixed, allowed), logprobs, broken
+            )
             if not active:
                 return
         tokens = sample_tokens(
-            mixed,
+            allowed,
             [s.sampling for s in active],
             [s.generator for s in active],
             [s.token_ids for s in active],
         )  # [B]
+        advance([s.grammar for s in active], tokens)
         events = self.events.step_events(active, mixed, logprobs, tokens)
         self._generated_tokens += len(events)
         finished = []
@@ -377,24 +415,19 @@ class Engine:
     def _drop_broken(
         self,
         active: list[SequenceState],
-        mixed: torch.Tensor,  # [B, V]
+        rows: tuple[torch.Tensor, torch.Tensor],  # [B, V] each: mixed, grammar-masked
         logprobs: torch.Tensor,  # [M, B, V]
         broken: torch.Tensor,  # [B] bool
-    ) -> tuple[list[SequenceState], torch.Tensor, torch.Tensor]:
-        """Fail the rows whose mixed distribution is not finite; return the others."""
+    ) -> tuple[list[SequenceState], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Fail the rows with no finite token to sample; return the others."""
         flags = broken.tolist()
         failed = [seq for seq, bad in zip(active, flags) if bad]
         self._retire(failed)
         for seq in failed:
-            seq.stream.push(
-                GenerationFailed(
-                    "the mixture's log-probabilities are not finite (weights "
-                    f"{seq.stream.weights}, strength {seq.stream.strength})"
-                )
-            )
+            seq.stream.push(GenerationFailed(_broken_reason(seq)))
         keep = (~broken).nonzero().squeeze(-1)  # [B']
         survivors = [seq for seq, bad in zip(active, flags) if not bad]
-        return survivors, mixed[keep], logprobs[:, keep]
+        return survivors, (rows[0][keep], rows[1][keep]), logprobs[:, keep]
 
     def _retire(self, seqs: list[SequenceState]) -> None:
         """Free the rows of ``seqs`` in the runner."""
@@ -405,3 +438,14 @@ class Engine:
                 self._running.pop(seq.sid, None)
             keep = set(self._running)
         self.runner.keep(keep)
+
+
+def _broken_reason(seq: SequenceState) -> str:
+    if seq.grammar is not None and seq.grammar.error:
+        return f"the grammar refused the reply: {seq.grammar.error}"
+    if seq.grammar is not None:
+        return "the grammar allows no token the mixture gives a finite log-probability"
+    return (
+        "the mixture's log-probabilities are not finite (weights "
+        f"{seq.stream.weights}, strength {seq.stream.strength})"
+    )

@@ -20,7 +20,7 @@ class EventBuilder:
         self.max_context = max_context
         self._special_ids = set(policy_set.tokenizer.all_special_ids)
         # Decoded by the streams' readers, not here; shared so each token is decoded once.
-        self.token_texts = TokenTexts(policy_set.tokenizer)
+        self.token_texts = TokenTexts(policy_set.tokenizer, policy_set.vocab_size)
 
     def is_special(self, token: int) -> bool:
         return token in self._special_ids
@@ -29,12 +29,24 @@ class EventBuilder:
         """The token decoded alone, cached (also used for reported alternatives)."""
         return self.token_texts(token)
 
-    def finish_reason(self, seq: SequenceState, token: int) -> str | None:
+    def bytes_of(self, token: int) -> bytes:
+        """The token's exact bytes (``token_bytes``): joined over a reply, its UTF-8."""
+        return self.token_texts.bytes_of(token)
+
+    def stop_token(self, seq: SequenceState, token: int) -> str | None:
+        """The finish reason if ``token`` ends the reply by itself (EOS, a stop token id)."""
         params = seq.sampling
         if token in params.stop_token_ids:
             return "stop_sequence"
         if not params.ignore_eos and token in self.policy_set.eos_token_ids:
             return "eos_token"
+        return None
+
+    def finish_reason(self, seq: SequenceState, token: int) -> str | None:
+        params = seq.sampling
+        stop = self.stop_token(seq, token)
+        if stop is not None:
+            return stop
         if len(seq.generated) >= params.max_new_tokens or len(seq.token_ids) >= self.max_context:
             return "length"
         return None
@@ -79,6 +91,8 @@ class EventBuilder:
                     },
                     special=self.is_special(token),
                     finish_reason=finish,
+                    token_bytes=self.bytes_of(token),  # its piece of text: the reader's
+                    stop_token=self.stop_token(seq, token) is not None,
                 )
             )
         return events

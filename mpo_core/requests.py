@@ -11,6 +11,7 @@ import torch
 
 from .detokenize import ReplyReader, TokenTexts
 from .errors import InvalidParameter
+from .grammar import Grammar, RowGrammar
 from .mixing import Mixture
 from .policies import PolicySet
 from .rules import check_context, check_token_ids
@@ -34,6 +35,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mixture: Mixture | None = None  # None = uniform weights, strength 1 (Engine.mixture builds one)
     request_id: str | None = None
+    grammar: Grammar | None = None  # constrains the reply (Engine.compile_grammar builds one)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class SequenceState:
     generator: torch.Generator
     token_ids: list[int]  # prompt + generated
     generated: list[int] = field(default_factory=list)
+    grammar: RowGrammar | None = None  # this sequence's place in its request's grammar
 
     @property
     def coefs(self) -> tuple[float, ...]:  # [K + 1] policies, then the reference
@@ -74,6 +77,10 @@ def prepare(
         raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
     check_token_ids(prompt, policy_set.vocab_size, "prompt")
     check_context(len(prompt), params.max_new_tokens, max_context)
+    if request.grammar is not None and params.ignore_eos:
+        raise InvalidParameter(
+            "ignore_eos", "ignore_eos cannot be combined with a grammar: EOS ends the grammar"
+        )
     has_reference = policy_set.reference is not None
     mixture = request.mixture
     if mixture is None:
@@ -84,7 +91,7 @@ def prepare(
     generator = torch.Generator(device=policy_set.device)
     generator.manual_seed(seed)
     tokenizer = policy_set.tokenizer
-    texts = token_texts if token_texts is not None else TokenTexts(tokenizer)
+    texts = token_texts if token_texts is not None else TokenTexts(tokenizer, policy_set.vocab_size)
     stream = RequestStream(
         request_id=request.request_id or uuid.uuid4().hex,
         weights=mixture.as_dict(),
@@ -94,4 +101,7 @@ def prepare(
         on_cancel=on_cancel,
         reader=ReplyReader(tokenizer, list(params.stop), texts).read,
     )
-    return SequenceState(sid, request, mixture, stream, generator, prompt)
+    seq = SequenceState(sid, request, mixture, stream, generator, prompt)
+    if request.grammar is not None:
+        seq.grammar = request.grammar.matcher()
+    return seq

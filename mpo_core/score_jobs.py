@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .scoring import ScoreResult, chunk_indices
 
@@ -52,6 +53,26 @@ class ScoreJob:
             self.future.set_exception(exc)
             return True
         return False
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class CallJob:
+    """A single call run on the engine thread between decode steps (prompt log-probs)."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.call = call
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run_one(self) -> bool:
+        if not self.future.done():
+            try:
+                self.future.set_result(self.call())
+            except BaseException as exc:  # delivered to the caller, not the loop
+                self.future.set_exception(exc)
+        return True
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():

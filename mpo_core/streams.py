@@ -29,6 +29,9 @@ class TokenEvent:
     policy_logprobs: dict[str, float | None]  # each policy's own log-prob; None if not run
     special: bool  # a special token (EOS, ...)
     finish_reason: str | None = None  # set on the last event only
+    token_bytes: bytes = b""  # the token's exact bytes (``token_bytes``); joined: the reply
+    token_piece: str = ""  # the characters this token's bytes complete; joined: the reply
+    stop_token: bool = False  # it ended the reply as EOS or a stop token id (not text)
 
 
 @dataclass

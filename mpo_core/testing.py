@@ -141,3 +141,37 @@ def make_tiny_family(
     path = folder / "policies.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+class ScriptedRunner:
+    """A policy runner whose every model puts (almost) all mass on the next token of a
+    script: a greedy reply is exactly ``script`` (then EOS), whatever the prompt. Tests of
+    what is reported about known tokens (bytes, stops) use it in place of random models."""
+
+    max_context: int | None = None
+
+    def __init__(self, num_models: int, vocab_size: int, script: list[int], eos: int) -> None:
+        self.num_models = num_models
+        self.vocab_size = vocab_size
+        self.script = script
+        self.eos = eos
+        self._prompt_len: dict[int, int] = {}
+
+    def step(self, running: Any, newcomers: Any) -> Any:
+        from .runners import StepOutput
+
+        for row in newcomers:
+            self._prompt_len[row.sid] = len(row.token_ids)
+        rows = [*running, *newcomers]
+        scores = torch.zeros(len(rows), self.vocab_size)  # [B, V]
+        for i, row in enumerate(rows):
+            done = len(row.token_ids) - self._prompt_len[row.sid]
+            scores[i, self.script[done] if done < len(self.script) else self.eos] = 30.0
+        logprobs = scores.log_softmax(dim=-1)  # [B, V]
+        return StepOutput(logprobs.expand(self.num_models, -1, -1).clone(), {})
+
+    def keep(self, sids: set[int]) -> None:
+        self._prompt_len = {s: n for s, n in self._prompt_len.items() if s in sids}
+
+    def score(self, prompts: Any, completions: Any, chunk_tokens: int) -> Any:
+        raise NotImplementedError("a scripted runner does not score")

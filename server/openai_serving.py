@@ -16,6 +16,7 @@ from typing import Any, Generic, Literal, TypeVar
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.grammar import Grammar
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
@@ -37,6 +38,9 @@ FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "sto
 
 def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     serving.check_n(body.n)
+    adapter = serving.adapter_from_model(body.model)
+    if adapter is not None:
+        return serving.adapter_mixing(adapter, "model", body.weights, body.profile, body.strength)
     model_profile = serving.profile_from_model(body.model)
     return serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
 
@@ -49,6 +53,7 @@ class Plan:
     samplings: list[SamplingParams]
     prompt_tokens: int
     mixing: ResolvedMixture
+    grammar: Grammar | None = None  # response_format, compiled (the route sets it)
 
     @classmethod
     def build(
@@ -102,17 +107,23 @@ class Shape(Generic[ChoiceT, ChunkChoiceT]):
         raise NotImplementedError
 
     def token_logprob(self, event: TokenEvent) -> TokenLogprob:
-        token_text = self.serving.token_text
+        serving = self.serving
         return TokenLogprob(
             token=event.token_text,
             logprob=event.logprob,
-            bytes=list(event.token_text.encode()),
+            bytes=list(event.token_bytes),
             top_logprobs=[
-                TopLogprob(token=(t := token_text(i)), logprob=lp, bytes=list(t.encode()))
+                TopLogprob(token=serving.token_text(i), logprob=lp, bytes=serving.token_bytes(i))
                 for i, lp in event.top_logprobs
             ],
             policy_logprobs=event.policy_logprobs,
         )
+
+
+def listed(events: list[TokenEvent]) -> list[TokenEvent]:
+    """The events OpenAI lists in ``logprobs``: not the EOS / stop token that ended the reply
+    (it is no part of the text, as OpenAI leaves out the end-of-turn token)."""
+    return [event for event in events if not event.stop_token]
 
 
 async def respond(
@@ -120,7 +131,7 @@ async def respond(
 ) -> Response:
     """The one serving path: submit the plan, then answer whole or as server-sent events."""
     plan = shape.plan
-    streams = serving.submit_many(plan.prompts, plan.samplings, plan.mixing)
+    streams = serving.submit_many(plan.prompts, plan.samplings, plan.mixing, plan.grammar)
     if stream:
 
         def cancel_all() -> None:

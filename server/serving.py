@@ -16,10 +16,13 @@ from typing import Any
 
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
+from mpo_core.grammar import Grammar
 from mpo_core.mixing import Mixture
+from mpo_core.prompt_logprobs import PromptLogprobs
 from mpo_core.rules import check_context, check_token_ids
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
+from mpo_core.token_bytes import TokenPieces
 
 from .errors import APIError
 from .metrics import Metrics
@@ -120,6 +123,48 @@ class Serving:
             code="model_not_found",
         )
 
+    # -- one adapter ---------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """What ``adapter_id`` (TGI, LoRAX) and an OpenAI ``model`` may name: each policy
+        and the reference."""
+        reference = self.engine.policy_set.reference_name
+        return [*self.engine.policy_names, *([reference] if reference else [])]
+
+    def adapter_from_model(self, model: str | None) -> str | None:
+        """``<served>/<policy>`` or a bare ``<policy>`` (vLLM's LoRA naming) -> the policy;
+        None for the served name and its profiles. ``<served>/<unknown>`` is a 404."""
+        if model is None or model == self.served_name:
+            return None
+        prefix = f"{self.served_name}/"
+        if model.startswith(prefix):
+            return self.check_adapter(model[len(prefix) :], "model")
+        return model if model in self.adapter_names() else None
+
+    def check_adapter(self, name: str, param: str) -> str:
+        if name not in self.adapter_names():
+            raise APIError(
+                404,
+                f"adapter {name!r} does not exist; the adapters are {self.adapter_names()} "
+                "(see GET /v1/models)",
+                param=param,
+                code="adapter_not_found",
+            )
+        return name
+
+    def adapter_mixing(
+        self, name: str, param: str, weights: Any, profile: str | None, strength: float | None
+    ) -> ResolvedMixture:
+        """One model alone: a policy with weight 1 (strength 1), or the reference (0)."""
+        self.check_adapter(name, param)
+        for field, value in (("weights", weights), ("profile", profile), ("strength", strength)):
+            if value is not None:
+                raise InvalidParameter(
+                    field, f"{param} selects one model alone; it cannot be combined with {field}"
+                )
+        if name in self.engine.policy_names:
+            return ResolvedMixture(self.engine.mixture({name: 1.0}, 1.0), None)
+        return ResolvedMixture(self.engine.mixture(None, 0.0), None)  # the reference alone
+
     # -- mixing --------------------------------------------------------------------
     def resolve_mixing(
         self,
@@ -186,6 +231,9 @@ class Serving:
     def token_text(self, token_id: int) -> str:
         return self.engine.token_text(token_id)
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        return list(self.engine.token_bytes(token_id))
+
     def is_special(self, token_id: int) -> bool:
         return self.engine.is_special(token_id)
 
@@ -223,28 +271,57 @@ class Serving:
             raise InvalidParameter("n", f"n must be at most {self.settings.max_n}, got {n}")
         return n
 
+    async def prompt_logprobs(
+        self, prompt_ids: list[int], mixing: ResolvedMixture, top_n: int = 0
+    ) -> PromptLogprobs:
+        """Each prompt token's log-prob under the mixture (the engine thread computes it)."""
+        future = self.engine.prompt_logprobs(prompt_ids, mixing.mixture, top_n)
+        return await asyncio.wrap_future(future)
+
+    def prompt_pieces(self, prompt_ids: list[int]) -> list[str]:
+        """Each prompt token's text, such that they join to the prompt (``TokenPieces``)."""
+        pieces = TokenPieces()
+        out = []
+        for i, token in enumerate(prompt_ids):
+            final = i == len(prompt_ids) - 1
+            if self.engine.is_special(token):
+                out.append(self.engine.token_text(token))
+            else:
+                out.append(pieces.push(self.engine.token_bytes(token), final=final))
+        return out
+
     # -- running -------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], sampling: SamplingParams, mixing: ResolvedMixture
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        mixing: ResolvedMixture,
+        grammar: Grammar | None = None,
     ) -> RequestStream:
         """Hand one sequence to the engine (call on the event loop's thread)."""
         request = GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=sampling,
             mixture=mixing.mixture,
+            grammar=grammar,
         )
         stream = self.engine.submit(request)  # InvalidParameter / Overloaded / EngineNotRunning
         self.metrics.prompt_tokens.inc(stream.prompt_tokens)
         return stream
 
     def submit_many(
-        self, prompts: list[list[int]], samplings: list[SamplingParams], mixing: ResolvedMixture
+        self,
+        prompts: list[list[int]],
+        samplings: list[SamplingParams],
+        mixing: ResolvedMixture,
+        grammar: Grammar | None = None,
     ) -> list[RequestStream]:
-        """Submit several sequences; if one is refused, cancel those already admitted."""
+        """Submit several sequences; if one is refused, cancel those already admitted.
+        Each sequence of a grammar request gets its own matcher."""
         streams: list[RequestStream] = []
         try:
             for prompt_ids, sampling in zip(prompts, samplings, strict=True):
-                streams.append(self.submit(prompt_ids, sampling, mixing))
+                streams.append(self.submit(prompt_ids, sampling, mixing, grammar))
         except BaseException:
             for stream in streams:
                 stream.cancel()

@@ -7,17 +7,23 @@ one server-sent event per token. The routes (``routes/generate.py``) only pick w
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.errors import InvalidParameter
+from mpo_core.grammar import Grammar
+from mpo_core.prompt_logprobs import PromptLogprobs
 from mpo_core.sampling import SamplingParams
 from mpo_core.streams import RequestStream, TokenEvent
 
 from .protocol.tgi import (
     TGIDetails,
+    TGIParameters,
+    TGIPrefillToken,
     TGIRequest,
     TGIResponse,
     TGIStreamDetails,
@@ -26,13 +32,19 @@ from .protocol.tgi import (
 )
 from .serving import Choice, ClientGone, ResolvedMixture, Serving
 from .sse import SSEResponse, sse
+from .structured import compile_grammar, lorax_format_spec, one_of, tgi_grammar_spec
 
 
 def prepare(
     serving: Serving, body: TGIRequest
 ) -> tuple[list[int], SamplingParams, ResolvedMixture]:
     p = body.parameters
-    mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
+    if p.adapter_id is not None:
+        mixing = serving.adapter_mixing(
+            p.adapter_id, "parameters.adapter_id", p.weights, p.profile, p.strength
+        )
+    else:
+        mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
     prompt_ids = serving.encode(body.inputs, "inputs")
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
@@ -43,10 +55,18 @@ def prepare(
     return prompt_ids, p.to_sampling(max_new), mixing
 
 
+async def grammar_of(serving: Serving, p: TGIParameters) -> Grammar | None:
+    spec = one_of(
+        tgi_grammar_spec(p.grammar, "parameters.grammar"),
+        lorax_format_spec(p.response_format, "parameters.response_format"),
+    )
+    return await compile_grammar(serving, spec)
+
+
 def token(event: TokenEvent) -> TGIToken:
     return TGIToken(
         id=event.token_id,
-        text=event.token_text,
+        text=event.token_piece,
         logprob=event.logprob,
         special=event.special,
         policy_logprobs=event.policy_logprobs,
@@ -60,8 +80,24 @@ def top_tokens(serving: Serving, event: TokenEvent) -> list[TGIToken]:
     ]
 
 
+def prefill_tokens(serving: Serving, scored: PromptLogprobs | None) -> list[TGIPrefillToken]:
+    if scored is None:
+        return []
+    texts = serving.prompt_pieces(scored.token_ids)
+    return [
+        TGIPrefillToken(id=token, text=text, logprob=logprob)
+        for token, text, logprob in zip(scored.token_ids, texts, scored.logprobs)
+    ]
+
+
 def response_body(
-    serving: Serving, body: TGIRequest, choice: Choice, sampled: bool, mixing: ResolvedMixture
+    serving: Serving,
+    body: TGIRequest,
+    choice: Choice,
+    sampled: bool,
+    mixing: ResolvedMixture,
+    prompt_tokens: int,
+    prefill: PromptLogprobs | None = None,
 ) -> TGIResponse:
     p = body.parameters
     text = (body.inputs if p.return_full_text else "") + choice.text
@@ -71,7 +107,9 @@ def response_body(
     details = TGIDetails(
         finish_reason=choice.finish_reason,  # type: ignore[arg-type]
         generated_tokens=len(choice.events),
+        prompt_tokens=prompt_tokens,
         seed=choice.seed if sampled else None,
+        prefill=prefill_tokens(serving, prefill),
         tokens=[token(ev) for ev in choice.events],
     )
     if p.top_n_tokens:  # set only when asked for: the field is left out otherwise
@@ -84,12 +122,23 @@ async def generate_one(
 ) -> Response:
     """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
     prompt_ids, sampling, mixing = prepare(serving, body)
-    streams = serving.submit_many([prompt_ids], [sampling], mixing)
+    grammar = await grammar_of(serving, body.parameters)
+    p = body.parameters
+    prefill = None
+    if p.decoder_input_details and p.details:  # TGI sends prefill only inside details
+        prefill = asyncio.ensure_future(serving.prompt_logprobs(prompt_ids, mixing))
+    streams = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
     try:
         (choice,) = await serving.collect(streams, request.receive)
+        scored = await prefill if prefill is not None else None
     except ClientGone:
         return Response(status_code=499)
-    content = response_body(serving, body, choice, not sampling.greedy, mixing).wire()
+    finally:
+        if prefill is not None and not prefill.done():
+            prefill.cancel()
+    content = response_body(
+        serving, body, choice, not sampling.greedy, mixing, len(prompt_ids), scored
+    ).wire()
     return JSONResponse([content] if as_list else content, headers=mixing.headers())
 
 
@@ -112,6 +161,7 @@ async def stream_events(
                 last["details"] = TGIStreamDetails(
                     finish_reason=event.finish_reason,  # type: ignore[arg-type]
                     generated_tokens=event.index + 1,
+                    prompt_tokens=stream.prompt_tokens,
                     seed=stream.seed if sampled else None,
                 )
         chunk = TGIStreamEvent(
@@ -123,10 +173,16 @@ async def stream_events(
         yield sse(chunk.wire_json())
 
 
-def stream_response(serving: Serving, body: TGIRequest) -> Response:
+async def stream_response(serving: Serving, body: TGIRequest) -> Response:
     """Submit one request and answer with its events as they come."""
+    if body.parameters.decoder_input_details:
+        raise InvalidParameter(
+            "parameters.decoder_input_details",
+            "decoder_input_details is not supported when streaming tokens (as in TGI)",
+        )
     prompt_ids, sampling, mixing = prepare(serving, body)
-    (stream,) = serving.submit_many([prompt_ids], [sampling], mixing)
+    grammar = await grammar_of(serving, body.parameters)
+    (stream,) = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
     events = stream_events(serving, body, stream, not sampling.greedy, mixing)
     keepalive = serving.settings.sse_keepalive_s
     return SSEResponse(events, mixing.headers(), on_close=stream.cancel, keepalive_s=keepalive)

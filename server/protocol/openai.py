@@ -44,6 +44,9 @@ class SamplingFields(MixingFields):
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
+    # vLLM's name: token ids that end the reply like EOS (special tokens such as an
+    # end-of-turn marker, which stop strings never see: they match the decoded text)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +98,7 @@ class SamplingFields(MixingFields):
             ),
             seed=None if self.seed is None else (self.seed + index) % (2**63),
             stop=self.stop_list(),
+            stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             top_logprobs=top_logprobs,
         )
@@ -107,6 +111,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_INT)
     suffix: None = None
+    # vLLM takes it on completions too; checked and compiled in server/structured.py
+    response_format: dict[str, Any] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -162,7 +168,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_INT)
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
@@ -174,8 +180,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs set to true")
         if self.tools:
             raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported")
         return self
 
     def max_new_tokens(self) -> int | None:
@@ -300,6 +304,7 @@ class ModelCard(WireModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "mpo"
+    parent: str | None = None  # a single policy's card: the family it belongs to (as vLLM)
 
 
 class ModelList(WireModel):

@@ -6,7 +6,7 @@ Sampling follows TGI: greedy unless ``do_sample`` is true or a sampling knob
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,7 +19,8 @@ class TGIParameters(MixingFields):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     best_of: int | None = Field(default=None, ge=1, le=1)  # only 1: no best-of search
-    decoder_input_details: Literal[False] = False  # prompt logprobs are not computed
+    # each prompt token's log-prob under the request's mixture (details.prefill)
+    decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
@@ -38,10 +39,21 @@ class TGIParameters(MixingFields):
     typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
     watermark: Literal[False] = False
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     # Sent (as null) by TGI's own client; accepted only at their neutral value.
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
-    grammar: None = None  # guided decoding is not supported
-    adapter_id: None = None  # one family, no per-request adapter
+    # {"type": "json" | "regex", "value": ...}: constrained decoding (server/structured.py)
+    grammar: dict[str, Any] | None = None
+    # one policy (or the reference) alone, by name: TGI multi-LoRA's and LoRAX's field
+    adapter_id: str | None = Field(default=None, min_length=1, max_length=128)
+    # Sent by LoRAX's client (lorax-client): its JSON mode, its name for ignore_eos and
+    # fields about adapters it would download, accepted only at their neutral value.
+    response_format: dict[str, Any] | None = None  # {"type": "json_object", "schema": ...}
+    ignore_eos_token: bool = False
+    adapter_source: None = None
+    merged_adapters: None = None
+    api_token: str | None = None  # for private adapters on a hub: nothing to download here
+    return_k_alternatives: None = None
 
     @property
     def samples(self) -> bool:
@@ -70,7 +82,8 @@ class TGIParameters(MixingFields):
             ),
             seed=self.seed,
             stop=list(self.stop),
-            ignore_eos=self.ignore_eos,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos or self.ignore_eos_token,
             top_logprobs=self.top_n_tokens or 0,
         )
 
@@ -105,13 +118,20 @@ class TGIToken(WireModel):
     policy_logprobs: dict[str, float | None] | None = None  # each policy's log-prob of it
 
 
+class TGIPrefillToken(WireModel):
+    id: int
+    text: str
+    logprob: float | None  # under the request's mixture; None for the first token
+
+
 class TGIDetails(WireModel):
     omit_unless_given = frozenset({"top_tokens"})  # only with top_n_tokens
 
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
+    prompt_tokens: int  # LoRAX's clients require it; TGI's ignore it
     seed: int | None
-    prefill: list[TGIToken] = Field(default_factory=list)
+    prefill: list[TGIPrefillToken] = Field(default_factory=list)
     tokens: list[TGIToken] = Field(default_factory=list)
     top_tokens: list[list[TGIToken]] | None = None
     best_of_sequences: None = None
@@ -128,6 +148,7 @@ class TGIResponse(WireModel):
 class TGIStreamDetails(WireModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
+    prompt_tokens: int
     seed: int | None
 
 

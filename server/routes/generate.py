@@ -32,7 +32,7 @@ async def generate(body: TGIRequest, request: Request, serving: ServingDep) -> R
     responses={**ERRORS, 200: {"description": "One event per token", "content": EVENT_STREAM}},
 )
 async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
-    return stream_response(serving, body)
+    return await stream_response(serving, body)
 
 
 @router.post(
@@ -43,5 +43,5 @@ async def generate_stream(body: TGIRequest, serving: ServingDep) -> Response:
 async def tgi_compat(body: TGIRequest, request: Request, serving: ServingDep) -> Response:
     """TGI's compatibility route: events when ``stream`` is true, else a list of one."""
     if body.stream:
-        return stream_response(serving, body)
+        return await stream_response(serving, body)
     return await generate_one(serving, body, request, as_list=True)

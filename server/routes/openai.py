@@ -12,10 +12,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from mpo_core.errors import InvalidParameter
+from mpo_core.prompt_logprobs import PromptLogprobs
 from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
-from ..openai_serving import FINISH, Plan, Shape, resolve, respond
+from ..openai_serving import FINISH, Plan, Shape, listed, resolve, respond
 from ..openapi import BODY_ERRORS, error_responses, streaming_ok
 from ..protocol.openai import (
     AssistantMessage,
@@ -36,6 +37,7 @@ from ..protocol.openai import (
 )
 from ..serving import Choice, Serving
 from ..sse import sse
+from ..structured import compile_grammar, response_format_spec
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = error_responses(*BODY_ERRORS, 401, 404, 429, 503)
@@ -52,6 +54,35 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
         super().__init__(serving, plan, model)
         self.body = body
         self.offsets = [0] * len(plan.prompts)  # streamed text so far, per choice
+        # echo + logprobs: each prompt's own log-probs under the mixture (score_prompts)
+        self.prompt_scores: list[PromptLogprobs] = []
+
+    async def score_prompts(self) -> None:
+        n = self.body.n
+        prompts = [self.plan.prompts[i] for i in range(0, len(self.plan.prompts), n)]
+        top = self.body.logprobs or 0
+        mixing = self.plan.mixing
+        self.prompt_scores = [
+            await self.serving.prompt_logprobs(ids, mixing, top) for ids in prompts
+        ]
+
+    def prompt_logprobs(self, index: int) -> CompletionLogprobs | None:
+        """The echoed prompt's entries (first: no log-prob), offsets from 0."""
+        if not self.prompt_scores:
+            return None
+        scored = self.prompt_scores[index // self.body.n]
+        token_text = self.serving.token_text
+        texts = self.serving.prompt_pieces(scored.token_ids)
+        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        return CompletionLogprobs(
+            tokens=[token_text(t) for t in scored.token_ids],
+            token_logprobs=list(scored.logprobs),
+            top_logprobs=[
+                {token_text(i): lp for i, lp in top} if row else None
+                for row, top in enumerate(scored.top_logprobs)
+            ],
+            text_offset=offsets,
+        )
 
     def echo(self, index: int) -> str:
         if not self.body.echo:
@@ -64,6 +95,7 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
     def logprobs(self, events: list[TokenEvent], offset: int) -> CompletionLogprobs | None:
         if self.body.logprobs is None:
             return None
+        events = listed(events)
         offsets = []
         for event in events:
             offsets.append(offset)
@@ -78,10 +110,19 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
 
     def choice(self, index: int, choice: Choice) -> CompletionChoice:
         prefix = self.echo(index)
+        logprobs = self.logprobs(choice.events, len(prefix))
+        echoed = self.prompt_logprobs(index)
+        if logprobs is not None and echoed is not None:
+            logprobs = CompletionLogprobs(
+                tokens=echoed.tokens + logprobs.tokens,
+                token_logprobs=echoed.token_logprobs + logprobs.token_logprobs,
+                top_logprobs=echoed.top_logprobs + logprobs.top_logprobs,
+                text_offset=echoed.text_offset + logprobs.text_offset,
+            )
         return CompletionChoice(
             index=index,
             text=prefix + choice.text,
-            logprobs=self.logprobs(choice.events, len(prefix)),
+            logprobs=logprobs,
             finish_reason=FINISH.get(choice.finish_reason, "stop"),
         )
 
@@ -90,7 +131,8 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
             return None
         prefix = self.echo(index)
         self.offsets[index] = len(prefix)
-        return CompletionChoice(index=index, text=prefix, logprobs=None, finish_reason=None)
+        echoed = self.prompt_logprobs(index)
+        return CompletionChoice(index=index, text=prefix, logprobs=echoed, finish_reason=None)
 
     def delta(self, index: int, event: TokenEvent) -> CompletionChoice:
         item = CompletionChoice(
@@ -134,8 +176,6 @@ def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[i
 
 def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     mixing = resolve(serving, body)
-    if body.echo and body.logprobs is not None:
-        raise InvalidParameter("echo", "echo with logprobs needs prompt logprobs: not supported")
     top = serving.check_top_logprobs(body.logprobs or 0, "logprobs")
     prompts = completion_prompts(serving, body)
     samplings = []
@@ -153,7 +193,10 @@ def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
 )
 async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
     plan = plan_completion(serving, body)
+    plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = CompletionShape(serving, plan, body.model or serving.served_name, body)
+    if body.echo and body.logprobs is not None:
+        await shape.score_prompts()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(serving, shape, body.stream, include_usage, request)
 
@@ -171,7 +214,7 @@ class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
     def logprobs(self, events: list[TokenEvent]) -> ChoiceLogprobs | None:
         if not self.body.logprobs:
             return None
-        return ChoiceLogprobs(content=[self.token_logprob(event) for event in events])
+        return ChoiceLogprobs(content=[self.token_logprob(event) for event in listed(events)])
 
     def choice(self, index: int, choice: Choice) -> ChatChoice:
         return ChatChoice(
@@ -191,7 +234,7 @@ class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
         return ChatChunkChoice(
             index=index,
             delta=ChatDelta(content=event.text) if has_text else ChatDelta(),
-            logprobs=self.logprobs([event]),
+            logprobs=None if event.stop_token else self.logprobs([event]),
             finish_reason=FINISH.get(event.finish_reason or ""),
         )
 
@@ -250,6 +293,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
     plan = plan_chat(serving, body)
+    plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = ChatShape(serving, plan, body.model or serving.served_name, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(serving, shape, body.stream, include_usage, request)
@@ -265,5 +309,11 @@ def models(serving: ServingDep, store: StoreDep, request: Request) -> dict[str, 
     cards += [
         ModelCard(id=f"{serving.served_name}:{p.name}", created=int(p.created_at))
         for p in store.list()
+    ]
+    # Each policy (and the reference) alone, named as vLLM names a LoRA adapter: its own
+    # name, with the served family as its parent ("<served>/<name>" works too).
+    cards += [
+        ModelCard(id=name, created=started, parent=serving.served_name)
+        for name in serving.adapter_names()
     ]
     return ModelList(data=cards).wire()

@@ -9,6 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from server_helpers import assert_error, sse_events
 
+from mpo_core.policies import PolicySet
+
 POLICIES = ["helpful", "harmless", "concise"]
 
 
@@ -90,7 +92,7 @@ def test_stop_sequence(client: TestClient) -> None:
     assert free["generated_text"].startswith(body["generated_text"])
 
 
-def test_generate_stream(client: TestClient) -> None:
+def test_generate_stream(client: TestClient, policy_set: PolicySet) -> None:
     events = sse_events(
         client, "/generate_stream",
         {"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True, "ignore_eos": True,
@@ -99,7 +101,11 @@ def test_generate_stream(client: TestClient) -> None:
     assert [e["index"] for e in events] == [0, 1, 2, 3]
     assert all(e["generated_text"] is None for e in events[:-1])
     last = events[-1]
-    assert last["details"] == {"finish_reason": "length", "generated_tokens": 4, "seed": None}
+    prompt_tokens = len(policy_set.tokenizer.encode("Hi"))
+    assert last["details"] == {
+        "finish_reason": "length", "generated_tokens": 4, "prompt_tokens": prompt_tokens,
+        "seed": None,
+    }  # fmt: skip
     assert last["generated_text"] == "".join(e["token"]["text"] for e in events)
     assert all(len(e["top_tokens"]) == 2 for e in events)
     assert set(last["token"]["policy_logprobs"]) == set(POLICIES)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from server.settings import Settings
 
 pytestmark = pytest.mark.slow
 TGI_PYTHON = os.environ.get("MPO_TGI_PYTHON")  # a python with TGI's `text-generation` client
+LORAX_PYTHON = os.environ.get("MPO_LORAX_PYTHON")  # a python with `lorax-client`
 
 
 class _Server(uvicorn.Server):
@@ -192,18 +194,50 @@ def test_huggingface_hub_text_generation(live: Callable[..., LiveServer]) -> Non
     streamed = list(client.text_generation("Hello", max_new_tokens=4, stream=True, details=True))
     assert streamed[-1].generated_text == expected
     assert len(streamed) == detailed.details.generated_tokens
+    scored = client.text_generation(
+        "Hello there", max_new_tokens=3, details=True, decoder_input_details=True,
+        top_n_tokens=2, adapter_id="concise",
+    )  # fmt: skip
+    assert scored.details is not None and scored.details.prefill[0].logprob is None
+    assert all(t.logprob is not None for t in scored.details.prefill[1:])
+    assert scored.details.top_tokens is not None
+    assert [len(step) for step in scored.details.top_tokens] == [2] * len(scored.details.tokens)
+    alone = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "Hello there", "parameters": {"max_new_tokens": 3,
+                                                      "weights": {"concise": 1}}},
+        headers={"Authorization": "Bearer sk-hub"},
+    ).json()["generated_text"]  # fmt: skip
+    assert scored.generated_text == alone
+    shaped = client.text_generation(
+        "Answer:", max_new_tokens=20, seed=3, do_sample=True,
+        grammar={"type": "regex", "value": "(yes|no)-[0-9]{2}"},
+    )  # fmt: skip
+    assert re.fullmatch("(yes|no)-[0-9]{2}", shaped), shaped
 
 
 @pytest.mark.skipif(not TGI_PYTHON, reason="set MPO_TGI_PYTHON to a python with text-generation")
-def test_tgi_text_generation_client(live: Callable[..., LiveServer]) -> None:
+def test_tgi_text_generation_client(live: Callable[..., LiveServer], engine: Engine) -> None:
     script = """
 import json, sys
 from text_generation import Client
 client = Client(sys.argv[1], headers={"Authorization": "Bearer sk-tgi"}, timeout=60)
+from text_generation.types import Grammar, GrammarType
 whole = client.generate("Hello", max_new_tokens=4)
 events = list(client.generate_stream("Hello", max_new_tokens=4))
+scored = client.generate("Hello there", max_new_tokens=3, decoder_input_details=True,
+                         top_n_tokens=2)
+pattern = Grammar(type=GrammarType.Regex, value="(yes|no), [a-z]{2,6}")
+regex = client.generate("Answer:", max_new_tokens=20, do_sample=True, seed=1, grammar=pattern)
+schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+          "required": ["n"], "additionalProperties": False}
+shaped = client.generate("JSON:", max_new_tokens=20, grammar=Grammar(type=GrammarType.Json,
+                         value=schema))
 print(json.dumps({"text": whole.generated_text, "n": whole.details.generated_tokens,
-                  "events": len(events), "stream": events[-1].generated_text}))
+                  "events": len(events), "stream": events[-1].generated_text,
+                  "prefill": [[t.id, t.logprob] for t in scored.details.prefill],
+                  "top": [len(step) for step in scored.details.top_tokens],
+                  "regex": regex.generated_text, "json": shaped.generated_text}))
 """
     server = live(api_key="sk-tgi")
     assert TGI_PYTHON is not None
@@ -219,6 +253,53 @@ print(json.dumps({"text": whole.generated_text, "n": whole.details.generated_tok
     ).json()["generated_text"]
     assert result["text"] == expected == result["stream"]
     assert 1 <= result["n"] == result["events"] <= 4
+    prefill = result["prefill"]
+    assert [t for t, _ in prefill] == engine.tokenizer.encode("Hello there")
+    assert prefill[0][1] is None and all(lp is not None and lp <= 0 for _, lp in prefill[1:])
+    assert result["top"] == [2] * len(result["top"]) and result["top"]
+    assert re.fullmatch("(yes|no), [a-z]{2,6}", result["regex"]), result["regex"]
+    assert set(json.loads(result["json"])) == {"n"}
+
+
+@pytest.mark.skipif(not LORAX_PYTHON, reason="set MPO_LORAX_PYTHON to a python with lorax-client")
+def test_lorax_client_selects_one_adapter(live: Callable[..., LiveServer]) -> None:
+    script = """
+import json, sys
+from lorax import Client
+client = Client(sys.argv[1], headers={"Authorization": "Bearer sk-lorax"}, timeout=60)
+one = client.generate("Hello", adapter_id="harmless", max_new_tokens=5, ignore_eos_token=True)
+events = list(client.generate_stream("Hello", adapter_id="harmless", max_new_tokens=5,
+                                     ignore_eos_token=True))
+schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
+shaped = client.generate("JSON:", max_new_tokens=20,
+                         response_format={"type": "json_object", "schema": schema})
+try:
+    client.generate("Hello", adapter_id="nope", max_new_tokens=2)
+    missing = None
+except Exception as exc:
+    missing = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"text": one.generated_text, "prompt_tokens": one.details.prompt_tokens,
+                  "stream": events[-1].generated_text, "json": shaped.generated_text,
+                  "missing": missing}))
+"""
+    server = live(api_key="sk-lorax")
+    assert LORAX_PYTHON is not None
+    run = subprocess.run(
+        [LORAX_PYTHON, "-c", script, server.url], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "Hello", "parameters": {"max_new_tokens": 5, "ignore_eos": True,
+                                                "weights": {"harmless": 1}}},
+        headers={"Authorization": "Bearer sk-lorax"},
+    ).json()["generated_text"]  # fmt: skip
+    assert result["text"] == expected == result["stream"]
+    assert result["prompt_tokens"] >= 1
+    assert json.loads(result["json"]) in ({"ok": True}, {"ok": False})
+    assert result["missing"] is not None and "nope" in result["missing"]
 
 
 def _schemathesis() -> list[str] | None:

@@ -101,7 +101,8 @@ def test_chat_completion(client: TestClient) -> None:
         assert len(item["top_logprobs"]) == 2
         assert item["top_logprobs"][0]["logprob"] >= item["top_logprobs"][1]["logprob"]
         assert set(item["policy_logprobs"]) == {"helpful", "harmless", "concise"}
-        assert item["bytes"] == list(item["token"].encode())
+        if "\ufffd" not in item["token"]:  # a whole character: its text is its bytes
+            assert item["bytes"] == list(item["token"].encode())
     # The prompt came from the chat template: <|user|>Say hi<|eos|><|assistant|>
     assert body["usage"]["prompt_tokens"] > 3
 
@@ -140,7 +141,7 @@ def test_models_lists_profiles(admin_client: TestClient) -> None:
     )
     assert put.status_code == 201, put.text
     data = admin_client.get("/v1/models").json()["data"]
-    assert [m["id"] for m in data] == ["tiny", "tiny:safe"]
+    assert [m["id"] for m in data if m["parent"] is None] == ["tiny", "tiny:safe"]
     assert all(m["object"] == "model" for m in data)
     body = admin_client.post(
         "/v1/chat/completions", json={**CHAT, "model": "tiny:safe", "max_tokens": 2}

@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 from server_helpers import ADMIN_TOKEN, metric_value
 
@@ -97,7 +99,8 @@ def server(tiny_yaml: Path, home: Path) -> Iterator[ServerProcess]:
 
 def test_openai_client(server: ServerProcess) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny", "helpful", "harmless", "concise", "base"]  # family, then each alone
     chat = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
         temperature=0, logprobs=True, top_logprobs=2,
@@ -130,6 +133,43 @@ def test_openai_client(server: ServerProcess) -> None:
     assert "temperature" in str(info.value)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
+
+
+class Forecast(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=8)
+    rain: bool
+    days: list[Literal["mon", "tue", "sun"]] = pydantic.Field(max_length=3)
+
+
+def test_openai_client_structured_output_and_echo(server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+    messages: Any = [{"role": "user", "content": "Forecast"}]
+    parsed = client.chat.completions.parse(
+        model="tiny", messages=messages, response_format=Forecast, max_tokens=120,
+        temperature=1.0, seed=4, n=2,
+    )  # fmt: skip
+    assert len(parsed.choices) == 2
+    for choice in parsed.choices:  # the SDK sends a strict json_schema and validates it
+        assert isinstance(choice.message.parsed, Forecast)
+    plain = client.chat.completions.create(
+        model="tiny", messages=messages, response_format={"type": "json_object"},
+        max_tokens=120, temperature=1.0, seed=2,
+    )  # fmt: skip
+    assert isinstance(json.loads(plain.choices[0].message.content or ""), dict)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+        )  # fmt: skip
+    assert info.value.param == "response_format"
+    echoed = client.completions.create(
+        model="tiny", prompt="Hello there", max_tokens=2, echo=True, logprobs=1
+    )
+    logprobs = echoed.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None
+    assert logprobs.token_logprobs[0] is None and logprobs.token_logprobs[1] is not None
+    assert echoed.choices[0].text.startswith("Hello there")
 
 
 def test_tgi_stream_and_disconnect(server: ServerProcess) -> None:
