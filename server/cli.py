@@ -108,10 +108,16 @@ def add_eval_parser(commands: Any) -> None:
         "--rows",
         action="append",
         help="rows to compare, comma-separated: reference, uniform, single, policy:NAME, "
-        "weights:A=1,B=2[@S], profile:NAME (= fitted:NAME), fitted, soup[:SOURCE] "
-        "(default: uniform,single,reference; demo: fitted,uniform,single,soup,reference)",
+        "weights:A=1,B=2[@S], profile:NAME (= fitted:NAME), fitted, fitted:rewards, "
+        "soup[:SOURCE] (default: uniform,single,reference; demo: "
+        "fitted,fitted:rewards,uniform,single,soup,reference)",
     )
     evaluate.add_argument("--baseline", help="row for the win rates (default: reference)")
+    evaluate.add_argument(
+        "--compare",
+        action="append",
+        help="rows every row is also paired with, comma-separated (demo default: uniform)",
+    )
     evaluate.add_argument("--samples", type=int, default=4, help="replies per prompt and row")
     evaluate.add_argument("--max-new-tokens", type=int, default=48)
     evaluate.add_argument("--temperature", type=float, default=1.0)
@@ -126,6 +132,16 @@ def add_eval_parser(commands: Any) -> None:
     evaluate.add_argument("--fit-samples", type=int, default=8, help="fit: replies per prompt")
     evaluate.add_argument("--fit-max-new-tokens", type=int, default=32)
     evaluate.add_argument("--fit-iterations", type=int, default=1000)
+    evaluate.add_argument(
+        "--fit-rounds", type=int, default=2, help="fitted:rewards: most mixtures sampled"
+    )
+    evaluate.add_argument(
+        "--fit-reference-samples", type=int, default=8, help="fitted:rewards: m_ref per prompt"
+    )
+    evaluate.add_argument("--fit-kl-coef", type=float, default=0.02, help="fitted:rewards: beta")
+    evaluate.add_argument(
+        "--fit-strength", action="store_true", help="fitted:rewards: fit the strength too"
+    )
     evaluate.add_argument("--store-url", help="profile store for profile rows (MPO_STORE_URL)")
     evaluate.add_argument("--max-running", type=int, default=64, help="sequences decoded together")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
