@@ -25,6 +25,7 @@ Relative local paths are resolved against the YAML file's folder.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -106,6 +107,20 @@ class PolicySetConfig(BaseModel):
     # Columns per slot of a static cache: the longest prompt + reply it can hold. None:
     # the models' context, at most DEFAULT_MAX_CACHE_LEN (each column costs memory).
     max_cache_len: int | None = Field(default=None, ge=2)
+    # Reward sets a fit may name (``POST /admin/fit`` with ``"rewards": "<name>"``): name ->
+    # a rewards YAML (docs/evaluation.md), relative paths against this file's folder. Only
+    # these can be named: a request never gives code or a path.
+    rewards: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_set_names(cls, rewards: dict[str, str]) -> dict[str, str]:
+        for name, path in rewards.items():
+            if not re.match(_NAME_PATTERN, name):
+                raise ValueError(f"reward set name {name!r} must match {_NAME_PATTERN}")
+            if not path.strip():
+                raise ValueError(f"reward set {name!r} needs the path of a rewards YAML")
+        return rewards
 
     @field_validator("policies")
     @classmethod
@@ -197,6 +212,9 @@ def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
             candidate = base_dir / adapter.adapter
             if not Path(adapter.adapter).is_absolute() and candidate.exists():
                 adapter.adapter = str(candidate.resolve())
+        for name, rewards in config.rewards.items():
+            if not Path(rewards).expanduser().is_absolute():
+                config.rewards[name] = str((base_dir / rewards).resolve())
     return config
 
 

@@ -57,19 +57,48 @@ class ScoredPool:
     reference_logprobs: torch.Tensor  # [N, n] log pi_ref(y|x)
     proposal_logprobs: torch.Tensor  # [N, n] log q(y|x) of the distribution that drew y
     utilities: torch.Tensor  # [N, n, J] u_j(x, y): win probability against reference replies
+    # The decoded (per-token) target, when given (mpo_core/token_moments.py): M(y), the sum
+    # over the reply's positions of E_{q_r}[log pi_k - log pi_ref], and theta_r = s lam of
+    # the mixture q_r that drew y. None: the sequence-level target pi_theta.
+    token_moments: torch.Tensor | None = None  # [N, n, K]
+    proposal_coefficients: torch.Tensor | None = None  # [N, n, K]
 
     def __post_init__(self) -> None:
         self.log_ratios = torch.as_tensor(self.log_ratios, dtype=torch.float64)
         self.reference_logprobs = torch.as_tensor(self.reference_logprobs, dtype=torch.float64)
         self.proposal_logprobs = torch.as_tensor(self.proposal_logprobs, dtype=torch.float64)
         self.utilities = torch.as_tensor(self.utilities, dtype=torch.float64)
-        n, m, _ = self.log_ratios.shape
+        n, m, k = self.log_ratios.shape
         shapes = (self.reference_logprobs.shape, self.proposal_logprobs.shape)
         if any(tuple(s) != (n, m) for s in shapes) or self.utilities.shape[:2] != (n, m):
             raise InvalidParameter("samples", "the pool's tensors disagree on [N, n]")
-        for name in ("log_ratios", "reference_logprobs", "proposal_logprobs", "utilities"):
+        names = ["log_ratios", "reference_logprobs", "proposal_logprobs", "utilities"]
+        if (self.token_moments is None) != (self.proposal_coefficients is None):
+            raise InvalidParameter("samples", "token_moments needs proposal_coefficients")
+        if self.token_moments is not None and self.proposal_coefficients is not None:
+            self.token_moments = torch.as_tensor(self.token_moments, dtype=torch.float64)
+            self.proposal_coefficients = torch.as_tensor(
+                self.proposal_coefficients, dtype=torch.float64
+            )
+            for tensor in (self.token_moments, self.proposal_coefficients):
+                if tuple(tensor.shape) != (n, m, k):
+                    raise InvalidParameter("samples", "the pool's tensors disagree on [N, n, K]")
+            names += ["token_moments", "proposal_coefficients"]
+        for name in names:
             if not bool(torch.isfinite(getattr(self, name)).all()):
                 raise InvalidParameter("samples", f"the pool's {name} has non-finite values")
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the target is the decoded mixture (first order) rather than ``pi_theta``."""
+        return self.token_moments is not None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``d log target / d theta`` per sample: ``R``, or ``R - M`` for the decoded target."""
+        if self.token_moments is None:
+            return self.log_ratios  # [N, n, K]
+        return self.log_ratios - self.token_moments  # [N, n, K]
 
     @property
     def samples_per_prompt(self) -> int:
@@ -78,14 +107,23 @@ class ScoredPool:
     def extend(self, other: ScoredPool) -> ScoredPool:
         """The pool with ``other``'s samples appended per prompt (same prompts, same order)."""
 
-        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        def cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None or b is None:
+                if (a is None) != (b is None):
+                    raise InvalidParameter("samples", "pools with and without token moments")
+                return None
+            return torch.cat([a, b], dim=1)
+
+        def both(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.cat([a, b], dim=1)
 
         return ScoredPool(
-            cat(self.log_ratios, other.log_ratios),
-            cat(self.reference_logprobs, other.reference_logprobs),
-            cat(self.proposal_logprobs, other.proposal_logprobs),
-            cat(self.utilities, other.utilities),
+            both(self.log_ratios, other.log_ratios),
+            both(self.reference_logprobs, other.reference_logprobs),
+            both(self.proposal_logprobs, other.proposal_logprobs),
+            both(self.utilities, other.utilities),
+            token_moments=cat(self.token_moments, other.token_moments),
+            proposal_coefficients=cat(self.proposal_coefficients, other.proposal_coefficients),
         )
 
 
@@ -140,18 +178,43 @@ class _Point:
     soft: float  # softmin_j V_j - beta KL: what the ascent maximises
 
 
+def _log_target_ratio(pool: ScoredPool, theta: torch.Tensor) -> torch.Tensor:
+    """``log target(y) - log q(y)`` per sample, up to a per-prompt constant: ``[N, n]``.
+
+    Sequence level: ``log pi_ref + theta . R - log q`` (unnormalised). Decoded target: the first
+    order ``(theta - theta_r) . (R - M)`` of ``log q_theta - log q_theta_r`` (token_moments.py).
+    """
+    if pool.proposal_coefficients is None:
+        return pool.reference_logprobs + pool.log_ratios @ theta - pool.proposal_logprobs
+    delta = theta - pool.proposal_coefficients  # [N, n, K]
+    return (pool.features * delta).sum(dim=-1)  # [N, n]
+
+
 def log_importance(pool: ScoredPool, theta: torch.Tensor) -> torch.Tensor:
-    """``log w[i, n]``: self-normalised log importance weights of ``pi_theta`` over ``q``."""
-    log_target = pool.reference_logprobs + pool.log_ratios @ theta  # [N, n] unnormalised
-    return torch.log_softmax(log_target - pool.proposal_logprobs, dim=1)  # [N, n]
+    """``log w[i, n]``: self-normalised log importance weights of the target over ``q``."""
+    return torch.log_softmax(_log_target_ratio(pool, theta), dim=1)  # [N, n]
+
+
+def _log_target_over_reference(pool: ScoredPool, theta: torch.Tensor) -> torch.Tensor:
+    """``log target(y) - log pi_ref(y)`` per sample (sequence level: before ``- log Z``)."""
+    if pool.proposal_coefficients is None:
+        return pool.log_ratios @ theta  # [N, n]: theta . R
+    shift = pool.proposal_logprobs - pool.reference_logprobs  # [N, n]: log q_r - log pi_ref
+    return shift + _log_target_ratio(pool, theta)  # [N, n]
 
 
 def _kl(pool: ScoredPool, theta: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """``KL = E_w[theta . R] - log Z`` per prompt, ``Z = E_q[pi_ref exp(theta . R) / q]``."""
-    scores = pool.log_ratios @ theta  # [N, n]: theta . R
-    log_ratio = pool.reference_logprobs + scores - pool.proposal_logprobs  # [N, n]
-    log_z = torch.logsumexp(log_ratio, dim=1) - math.log(log_ratio.shape[1])  # [N]
-    return (log_w.exp() * scores).sum(dim=1) - log_z  # [N]
+    """``KL(target || pi_ref)`` per prompt ``[N]``.
+
+    Sequence level: ``E_w[theta . R] - log Z`` with ``Z = E_q[pi_ref exp(theta . R) / q]``;
+    decoded target (normalised per token already): ``E_w[log q_theta - log pi_ref]``.
+    """
+    excess = _log_target_over_reference(pool, theta)  # [N, n]
+    kl = (log_w.exp() * excess).sum(dim=1)  # [N]
+    if pool.proposal_coefficients is None:
+        log_ratio = _log_target_ratio(pool, theta)  # [N, n]
+        kl = kl - (torch.logsumexp(log_ratio, dim=1) - math.log(log_ratio.shape[1]))
+    return kl
 
 
 def _softmin(values: torch.Tensor, temperature: float) -> tuple[float, torch.Tensor]:
@@ -201,9 +264,12 @@ def _gradient(
 ) -> tuple[torch.Tensor, float]:
     w = point.log_w.exp()  # [N, n]
     theta = point.strength * point.lam  # [K]
-    dv = _covariance(w, pool.utilities, pool.log_ratios)  # [J, K]: dV_j / dtheta_k
-    scores = (pool.log_ratios @ theta).unsqueeze(2)  # [N, n, 1]
-    dkl = _covariance(w, scores, pool.log_ratios)[0]  # [K]: dKL / dtheta_k
+    features = pool.features  # [N, n, K]: d log w / d theta (up to the normaliser)
+    dv = _covariance(w, pool.utilities, features)  # [J, K]: dV_j / dtheta_k
+    excess = _log_target_over_reference(pool, theta).unsqueeze(2)  # [N, n, 1]
+    dkl = _covariance(w, excess, features)[0]  # [K]: dKL / dtheta_k
+    if pool.per_token:  # the log-density itself moves with theta: d excess / d theta = F
+        dkl = dkl + torch.einsum("in,ink->k", w, features) / w.shape[0]
     _, mix = _softmin(point.values, temperature)  # [J]
     d_theta = mix @ dv - kl_coef * dkl  # [K]
     return point.strength * d_theta, float(point.lam @ d_theta)  # theta = s lam: chain rule

@@ -38,6 +38,7 @@ from .fit_driver import (
     sample_mixture,
 )
 from .fitting import FitCancelled
+from .mixing import Mixture
 from .reward_fit import (
     RewardFitOptions,
     ScoredPool,
@@ -46,6 +47,8 @@ from .reward_fit import (
     win_utilities,
 )
 from .rewards import Objective
+from .runners import SeparateModelsRunner
+from .token_moments import score_with_moments
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,9 @@ class RewardFitDriverOptions:
     min_ess_fraction: float = 0.2
     iterations: int = 200  # ascent steps per refit
     seed: int = 0
+    # "decoded": the per-token mixture the engine decodes, to first order around each round's
+    # mixture (needs K separate models: mpo_core/token_moments.py); "sequence": pi_theta
+    target: str = "decoded"
 
     def validate(self) -> RewardFitDriverOptions:
         for name in (
@@ -84,6 +90,10 @@ class RewardFitDriverOptions:
             raise InvalidParameter("max_strength", "max_strength must be finite and > 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidParameter("seed", f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.target not in ("decoded", "sequence"):
+            raise InvalidParameter(
+                "target", f"target must be decoded or sequence, got {self.target!r}"
+            )
         self.inner().validate()
         return self
 
@@ -108,6 +118,7 @@ class RewardFitReport:
     rows: dict[str, dict[str, Any]]  # fitted, uniform, policy:<name>, reference -> estimate
     rounds: list[dict[str, Any]]
     stopped: str  # "tolerance" or "rounds"
+    target: str  # "decoded" (per-token mixture, first order) or "sequence" (pi_theta)
     num_prompts: int
     options: dict[str, Any]
     seconds: dict[str, float]
@@ -124,10 +135,23 @@ class _Pool:
         self.reference_rewards = reference_rewards  # [N, m_ref, J]
         self.pool: ScoredPool | None = None
 
-    def add(self, ratios: torch.Tensor, ref: torch.Tensor, q: torch.Tensor, rewards: torch.Tensor):
-        utilities = win_utilities(rewards, self.reference_rewards)  # [N, n, J]
-        part = ScoredPool(ratios, ref, q, utilities)
+    def add(self, scored: Scored) -> None:
+        utilities = win_utilities(scored.rewards, self.reference_rewards)  # [N, n, J]
+        part = ScoredPool(scored.ratios, scored.reference, scored.proposal, utilities,
+                          scored.moments, scored.coefficients)  # fmt: skip
         self.pool = part if self.pool is None else self.pool.extend(part)
+
+
+@dataclass
+class Scored:
+    """One round's samples, scored."""
+
+    ratios: torch.Tensor  # [N, m, K] R
+    reference: torch.Tensor  # [N, m] log pi_ref
+    proposal: torch.Tensor  # [N, m] log q (the engine's per-token log-probs, summed)
+    rewards: torch.Tensor  # [N, m, J]
+    moments: torch.Tensor | None  # [N, m, K] M (decoded target) or None
+    coefficients: torch.Tensor | None  # [N, m, K] theta_r of the round's mixture, or None
 
 
 def run_reward_fit(
@@ -158,10 +182,10 @@ def run_reward_fit(
     sampler = RoundSampler(engine, prompts, prompt_ids, objectives, options, seeds, seconds)
 
     reference = engine.mixture(strength=0.0)
-    ratios, ref, q, rewards = sampler.round(reference, options.reference_samples, "fit-ref",
-                                            report_progress, cancelled)  # fmt: skip
-    pool = _Pool(rewards)
-    pool.add(ratios, ref, q, rewards)
+    first = sampler.round(reference, options.reference_samples, "fit-ref", report_progress,
+                          cancelled)  # fmt: skip
+    pool = _Pool(first.rewards)
+    pool.add(first)
     lam = torch.full((len(names),), 1.0 / len(names), dtype=torch.float64)
     strength, rounds, stopped = 1.0, [], "rounds"
     for number in range(options.rounds + 1):
@@ -182,7 +206,7 @@ def run_reward_fit(
         mixture = engine.mixture(dict(zip(names, lam.tolist())), strength)
         part = sampler.round(mixture, options.samples_per_round, f"fit-r{number + 1}",
                              report_progress, cancelled)  # fmt: skip
-        pool.add(*part)
+        pool.add(part)
     assert pool.pool is not None
     rows = _rows(pool.pool, lam, strength, names, list(objectives), options.kl_coef)
     return RewardFitReport(
@@ -193,11 +217,17 @@ def run_reward_fit(
         rows=rows,
         rounds=rounds,
         stopped=stopped,
+        target="decoded" if sampler.decoded else "sequence",
         num_prompts=len(prompts),
         options=asdict(options),
         seconds=seconds,
         warnings=_warnings(rows["fitted"]),
     )
+
+
+def decoded_target_supported(engine: Engine) -> bool:
+    """The decoded target scores every model's full distributions: K separate models only."""
+    return isinstance(engine.runner, SeparateModelsRunner) and engine.has_reference
 
 
 class RoundSampler:
@@ -214,41 +244,59 @@ class RoundSampler:
         seconds: dict[str, float],
     ) -> None:
         self.engine, self.prompts, self.prompt_ids = engine, prompts, prompt_ids
-        self.objectives, self.options, self.seeds, self.seconds = (
-            objectives,
-            options,
-            seeds,
-            seconds,
-        )
+        self.objectives, self.options = objectives, options
+        self.seeds, self.seconds = seeds, seconds
+        self.decoded = options.target == "decoded" and decoded_target_supported(engine)
+        if options.target == "decoded" and not self.decoded:
+            logger.warning(
+                "the decoded target needs K separate models; fitting the sequence-level mixture"
+            )
 
     def round(
-        self, mixture: Any, m: int, tag: str, progress: Progress, cancelled: CancelCheck
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``R [N, m, K]``, ``log pi_ref [N, m]``, ``log q [N, m]``, rewards ``[N, m, J]``."""
+        self, mixture: Mixture, m: int, tag: str, progress: Progress, cancelled: CancelCheck
+    ) -> Scored:
+        """Sample ``m`` replies per prompt from ``mixture``; score them every way the fit needs."""
         started = time.monotonic()
         replies = sample_mixture(self.engine, self.prompt_ids, mixture, m,
                                  self.options.max_new_tokens, self.seeds, progress, cancelled,
                                  tag=tag)  # fmt: skip
         self.seconds["sampling"] += time.monotonic() - started
         started = time.monotonic()
-        ratios, ref = self._score(replies, m, progress, cancelled)
+        theta = [c * mixture.strength for c in mixture.weights]  # [K] theta_r = s lam
+        ratios, ref, moments = self._score(replies, m, theta, progress, cancelled)
         rewards = self._rewards(replies, m, cancelled)
         self.seconds["scoring"] += time.monotonic() - started
         n = len(self.prompt_ids)
         q = torch.tensor([r.logprob for r in replies], dtype=torch.float64).reshape(n, m)
-        return ratios, ref, q, rewards
+        coefficients = None
+        if moments is not None:
+            coefficients = torch.tensor(theta, dtype=torch.float64).expand(n, m, -1).clone()
+        return Scored(ratios, ref, q, rewards, moments, coefficients)
 
     def _score(
-        self, replies: list[Reply], m: int, progress: Progress, cancelled: CancelCheck
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        replies: list[Reply],
+        m: int,
+        theta: list[float],
+        progress: Progress,
+        cancelled: CancelCheck,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``R [N, m, K]``, ``log pi_ref [N, m]`` and, for the decoded target, ``M [N, m, K]``."""
         contexts = [self.prompt_ids[i // m] for i in range(len(replies))]
         ids = [r.token_ids for r in replies]
         part = max(1, math.ceil(len(ids) / _SCORE_PARTS))
-        policy, reference = [], []
+        policy, reference, moments = [], [], []
         for start in range(0, len(ids), part):
             if cancelled():
                 raise FitCancelled("fit cancelled while scoring")
-            scores = self.engine.score(contexts[start : start + part], ids[start : start + part])
+            span = slice(start, start + part)
+            if self.decoded:  # every model's full distributions, on this thread
+                scores, moment = score_with_moments(
+                    self.engine.policy_set, contexts[span], ids[span], [theta] * len(ids[span])
+                )
+                moments.append(moment)  # [b, K]
+            else:
+                scores = self.engine.score(contexts[span], ids[span])
             assert scores.reference_logprobs is not None  # run_reward_fit checked
             policy.append(scores.policy_logprobs.double())  # [b, K]
             reference.append(scores.reference_logprobs.double())  # [b]
@@ -256,7 +304,8 @@ class RoundSampler:
         n = len(self.prompt_ids)
         ref = torch.cat(reference)  # [N * m]
         ratios = torch.cat(policy) - ref.unsqueeze(1)  # [N * m, K]
-        return ratios.reshape(n, m, -1), ref.reshape(n, m)
+        moment_grid = torch.cat(moments).reshape(n, m, -1) if moments else None  # [N, m, K]
+        return ratios.reshape(n, m, -1), ref.reshape(n, m), moment_grid
 
     def _rewards(self, replies: list[Reply], m: int, cancelled: CancelCheck) -> torch.Tensor:
         prompts = [self.prompts[i // m] for i in range(len(replies))]
@@ -271,7 +320,7 @@ class RoundSampler:
 
 def _cancel_check(cancelled: CancelCheck):  # type: ignore[no-untyped-def]
     def on_step(step: int, total: int) -> None:
-        if step % 10 == 0 and cancelled():
+        if cancelled():
             raise FitCancelled("fit cancelled while optimising")
 
     return on_step

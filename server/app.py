@@ -84,7 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ready_engine = engine
     metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
     app.state.serving = Serving(engine, store, settings, metrics)
-    app.state.fit_jobs = FitJobs(engine, store, metrics, settings.data_path)
+    reward_sets: dict[str, str | Path] = {**engine.policy_set.config.rewards, **settings.rewards}
+    app.state.fit_jobs = FitJobs(engine, store, metrics, settings.data_path, reward_sets)
     logger.info("serving %s: policies %s", engine.policy_set.served_name, engine.policy_names)
     try:
         yield

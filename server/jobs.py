@@ -13,12 +13,14 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpo_core.engine import Engine
-from mpo_core.errors import InvalidParameter
+from mpo_core.errors import ConfigError, InvalidParameter
+from mpo_core.rewards import Objective
 
 from .errors import APIError
 from .metrics import Metrics
@@ -85,11 +87,20 @@ class FitJob:
 class FitJobs:
     """Starts, tracks and cancels fit jobs; at most one is active."""
 
-    def __init__(self, engine: Engine, store: ProfileStore, metrics: Metrics, data_dir: Path):
+    def __init__(
+        self,
+        engine: Engine,
+        store: ProfileStore,
+        metrics: Metrics,
+        data_dir: Path,
+        reward_sets: Mapping[str, str | Path] | None = None,
+    ):
         self.engine = engine
         self.store = store
         self.metrics = metrics
         self.prompt_dir = data_dir / "prompts"
+        self.reward_sets = dict(reward_sets or {})  # name -> rewards YAML, from the server
+        self._objectives: dict[str, dict[str, Objective]] = {}  # loaded reward sets
         self._jobs: dict[str, FitJob] = {}
         self._lock = threading.Lock()
 
@@ -102,6 +113,7 @@ class FitJobs:
             )
         prompts = self._prompts(request)
         self._check_context(prompts, request.max_new_tokens)
+        objectives = None if request.rewards is None else self._reward_set(request.rewards)
         with self._lock:
             active = [j for j in self._jobs.values() if j.state.active]
             if active:
@@ -112,7 +124,9 @@ class FitJobs:
             self._jobs[job.id] = job
             self._forget_old()
         self._set_state(job, FitState.QUEUED)
-        thread = threading.Thread(target=self._run, args=(job, prompts), name=f"fit-{job.id}")
+        thread = threading.Thread(
+            target=self._run, args=(job, prompts, objectives), name=f"fit-{job.id}"
+        )
         thread.daemon = True
         thread.start()
         return job
@@ -143,6 +157,32 @@ class FitJobs:
         return job
 
     # -- internals -------------------------------------------------------------------
+    def _reward_set(self, name: str) -> dict[str, Objective]:
+        """The configured reward set ``name``, loaded once; unknown names are a 400."""
+        if name not in self.reward_sets:
+            known = ", ".join(sorted(self.reward_sets)) or "none are configured"
+            raise InvalidParameter(
+                "rewards",
+                f"rewards {name!r} is not a reward set of this server ({known}); reward sets "
+                "are named in the policy-set YAML (`rewards:`) or MPO_REWARDS",
+            )
+        with self._lock:
+            loaded = self._objectives.get(name)
+        if loaded is None:
+            from mpo_core.rewards import load_rewards
+
+            try:
+                loaded = load_rewards(self.reward_sets[name], self.engine.policy_set.device)
+            except ConfigError as exc:
+                logger.error("reward set %r cannot be loaded: %s", name, exc)
+                raise APIError(
+                    500, f"reward set {name!r} is misconfigured on the server: {exc}",
+                    code="reward_set_error",
+                ) from None  # fmt: skip
+            with self._lock:
+                self._objectives.setdefault(name, loaded)
+        return loaded
+
     def _prompts(self, request: FitRequest) -> list[str]:
         if request.prompts is not None:
             prompts = request.prompts
@@ -201,14 +241,20 @@ class FitJobs:
             self._set_state(job, state)
         job.phase_progress = min(max(fraction, 0.0), 1.0)
 
-    def _run(self, job: FitJob, prompts: list[str]) -> None:
-        from mpo_core.fit_driver import FitOptions, run_fit
-        from mpo_core.fitting import FitCancelled
+    def _fit(
+        self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None
+    ) -> tuple[dict[str, float], float, dict[str, Any]]:
+        """Run the fit the request asks for: (weights, strength, report)."""
+        from mpo_core import fit_driver, reward_fit_driver
 
         request = job.request
-        job.started_at = time.time()
-        try:
-            options = FitOptions(
+
+        def progress(phase: str, fraction: float) -> None:
+            self._progress(job, phase, fraction)
+
+        cancelled = job.cancel_requested.is_set
+        if objectives is None:
+            options = fit_driver.FitOptions(
                 samples_per_prompt=request.samples_per_prompt,
                 max_new_tokens=request.max_new_tokens,
                 iterations=request.iterations,
@@ -216,19 +262,41 @@ class FitJobs:
                 batch_size=request.batch_size,
                 seed=request.seed,
             )
-            report = run_fit(
-                self.engine,
-                prompts,
-                options,
-                progress=lambda phase, fraction: self._progress(job, phase, fraction),
-                should_cancel=job.cancel_requested.is_set,
-            )
+            report = fit_driver.run_fit(self.engine, prompts, options, progress, cancelled)
+            return dict(report.weights), 1.0, report.to_dict()
+        reward_options = reward_fit_driver.RewardFitDriverOptions(
+            reference_samples=request.reference_samples,
+            samples_per_round=request.samples_per_prompt,
+            rounds=request.rounds,
+            tolerance=request.tolerance,
+            max_new_tokens=request.max_new_tokens,
+            kl_coef=request.kl_coef,
+            fit_strength=request.fit_strength,
+            iterations=request.iterations,
+            seed=request.seed,
+        )
+        reward_report = reward_fit_driver.run_reward_fit(
+            self.engine, prompts, objectives, reward_options, progress, cancelled
+        )
+        report_dict = reward_report.to_dict()
+        report_dict["rewards"] = request.rewards
+        return dict(reward_report.weights), reward_report.strength, report_dict
+
+    def _run(
+        self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None = None
+    ) -> None:
+        from mpo_core.fitting import FitCancelled
+
+        request = job.request
+        job.started_at = time.time()
+        try:
+            weights, strength, report = self._fit(job, prompts, objectives)
             if job.cancel_requested.is_set():
                 raise FitCancelled("cancelled")
-            job.report = report.to_dict()
-            job.weights = dict(report.weights)
+            job.report = report
+            job.weights = weights
             version = self.store.put(
-                request.profile, job.weights, 1.0, {"fit_job": job.id, "report": job.report}
+                request.profile, weights, strength, {"fit_job": job.id, "report": job.report}
             )
             if request.activate:
                 self.store.set_default(request.profile)

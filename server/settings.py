@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment on a stream idle this long
     shutdown_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: wait for running requests
     log_level: str = "info"
+    # Reward sets a fit may name, beside the policy-set YAML's `rewards:` (which these
+    # override): name -> rewards YAML. MPO_REWARDS='{"helpful": "/etc/mpo/rewards.yaml"}'
+    rewards: dict[str, Path] = Field(default_factory=dict)
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -220,3 +220,45 @@ def test_bad_pool_and_options_name_the_parameter() -> None:
     with pytest.raises(InvalidParameter) as bad:
         RewardFitOptions(kl_coef=-1.0).validate()
     assert bad.value.param == "kl_coef"
+
+
+def _per_token_pool(space: Space, theta_r: torch.Tensor, seed: int) -> ScoredPool:
+    """The full pool as if drawn from a decoded mixture at ``theta_r``, with random moments."""
+    pool = space.full_pool()
+    gen = torch.Generator().manual_seed(seed)
+    moments = 0.3 * torch.randn(pool.log_ratios.shape, generator=gen, dtype=torch.float64)
+    return ScoredPool(
+        pool.log_ratios, pool.reference_logprobs, pool.proposal_logprobs, pool.utilities,
+        token_moments=moments, proposal_coefficients=theta_r.expand_as(moments).clone(),
+    )  # fmt: skip
+
+
+def test_decoded_target_is_the_proposal_at_its_own_coefficients() -> None:
+    space = Space(3, 8, BOTTLENECK, seed=10)
+    theta_r = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
+    pool = _per_token_pool(space, theta_r, seed=11)
+    at_proposal = estimate(pool, theta_r, 1.0, KL_COEF)
+    assert at_proposal.ess_fraction == pytest.approx(1.0)  # every weight equal
+    assert at_proposal.win_rates == pytest.approx(pool.utilities.mean(dim=(0, 1)).tolist())
+    log_q_over_ref = (pool.proposal_logprobs - pool.reference_logprobs).mean()
+    assert at_proposal.kl == pytest.approx(float(log_q_over_ref))
+    moved = estimate(pool, torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64), 1.0, KL_COEF)
+    assert moved.ess_fraction < 1.0
+
+
+def test_decoded_target_gradient_matches_finite_differences() -> None:
+    space = Space(3, 8, BOTTLENECK, seed=12)
+    pool = _per_token_pool(space, torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64), seed=13)
+    lam = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
+
+    def soft(lam: torch.Tensor, strength: float) -> float:
+        return _point(pool, lam, strength, 0.5, 0.05).soft
+
+    g_lam, g_s = gradient(pool, lam, 1.1, 0.5, 0.05)
+    h = 1e-6
+    for k in range(3):
+        bump = torch.zeros(3, dtype=torch.float64)
+        bump[k] = h
+        numeric = (soft(lam + bump, 1.1) - soft(lam - bump, 1.1)) / (2 * h)
+        assert float(g_lam[k]) == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    assert g_s == pytest.approx((soft(lam, 1.1 + h) - soft(lam, 1.1 - h)) / (2 * h), rel=1e-5)

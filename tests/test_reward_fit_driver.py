@@ -111,15 +111,17 @@ def test_round_records_the_mixture_density(engine: Engine) -> None:
     replies_seen = []
     original = sampler._score
 
-    def spy(replies, m, progress, cancelled):  # type: ignore[no-untyped-def]
+    def spy(replies, m, theta, progress, cancelled):  # type: ignore[no-untyped-def]
         replies_seen.extend(replies)
-        return original(replies, m, progress, cancelled)
+        return original(replies, m, theta, progress, cancelled)
 
     sampler._score = spy  # type: ignore[method-assign]
-    ratios, ref, q, rewards = sampler.round(mixture, 2, "t", lambda p, f: None, lambda: False)
-    assert (
-        q.shape == ref.shape == (2, 2) and ratios.shape == (2, 2, 3) and rewards.shape == (2, 2, 2)
-    )
+    got = sampler.round(mixture, 2, "t", lambda p, f: None, lambda: False)
+    q, ref, rewards = got.proposal, got.reference, got.rewards
+    assert q.shape == ref.shape == (2, 2) and got.ratios.shape == (2, 2, 3)
+    assert rewards.shape == (2, 2, 2)
+    assert got.coefficients is not None and got.moments is not None
+    assert got.coefficients[1, 1].tolist() == pytest.approx([strength * w for w in lam])
     for n, reply in enumerate(replies_seen):
         expected = _mixture_logprob(engine.policy_set, prompt_ids[n // 2], reply.token_ids, lam,
                                     strength)  # fmt: skip
@@ -158,3 +160,38 @@ def test_sampling_window_is_full_only_when_nobody_else_waits() -> None:
     assert sampling_window(fake(0, 0), own=0) == 16  # type: ignore[arg-type]
     assert sampling_window(fake(16, 4), own=20) == 16  # type: ignore[arg-type]  # all ours
     assert sampling_window(fake(16, 5), own=20) == 8  # type: ignore[arg-type]  # one other
+
+
+@torch.inference_mode()
+def test_token_moments_give_the_decoded_density_to_first_order(engine: Engine) -> None:
+    """log q_theta(y) - log q_r(y) ~= (theta - theta_r) . (R - M): the error shrinks as delta^2."""
+    from mpo_core.token_moments import score_with_moments
+
+    prompt = encode_prompt(engine.tokenizer, PROMPTS[0])
+    lam_r, s_r = [0.5, 0.2, 0.3], 1.0
+    mixture = engine.mixture(dict(zip(engine.policy_names, lam_r)), s_r)
+    seconds = {"sampling": 0.0, "scoring": 0.0}
+    sampler = RoundSampler(engine, PROMPTS[:1], [prompt], OBJECTIVES, SMALL, random.Random(1),
+                           seconds)  # fmt: skip
+    from mpo_core.fit_driver import sample_mixture
+
+    (reply,) = sample_mixture(engine, [prompt], mixture, 1, 6, random.Random(2),
+                              lambda p, f: None, lambda: False)  # fmt: skip
+    theta_r = torch.tensor(lam_r, dtype=torch.float64) * s_r
+    scores, moments = score_with_moments(engine.policy_set, [prompt], [reply.token_ids],
+                                         [theta_r.tolist()])  # fmt: skip
+    assert scores.reference_logprobs is not None
+    features = scores.policy_logprobs[0].double() - float(scores.reference_logprobs[0]) - moments[0]
+    base = _mixture_logprob(engine.policy_set, prompt, reply.token_ids, lam_r, s_r)
+    assert base == pytest.approx(reply.logprob, abs=1e-3)  # the engine's log q is this density
+    direction = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    errors = []
+    for size in (0.4, 0.2):
+        theta = theta_r + size * direction
+        total = float(theta.sum())  # theta = s lam with s = sum(theta)
+        lam = (theta / total).tolist()
+        exact = _mixture_logprob(engine.policy_set, prompt, reply.token_ids, lam, total)
+        approx = base + float((theta - theta_r) @ features)
+        errors.append(abs(exact - approx))
+    assert errors[1] < errors[0] / 3  # second-order error: a quarter, up to noise
+    assert sampler.decoded  # K separate models: the driver uses this target
