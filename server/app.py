@@ -91,8 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         app.state.serving = None  # new requests get 503 from here on
-        for job in app.state.fit_jobs.jobs():
-            app.state.fit_jobs.cancel(job.id)
+        app.state.fit_jobs.cancel_all()
         if owns_engine:
             logger.info("stopping the engine (up to %.0f s)", settings.shutdown_timeout_s)
             await anyio.to_thread.run_sync(ready_engine.stop, settings.shutdown_timeout_s)

@@ -1,10 +1,12 @@
 """Fit jobs: run the MPO weight fit in a background thread, one at a time.
 
-A job samples from the reference through the shared engine (its requests queue with
-everyone else's, a bounded number at a time, so serving continues), scores, runs mirror
-descent, and on success stores the weights as a new version of a profile. A failed or
-cancelled job stores nothing. Jobs live in this process's memory: a restart forgets them
-(the stored profiles, with their reports, persist).
+A job samples through the shared engine (its requests queue with everyone else's, a
+bounded number at a time, so serving continues), scores, fits, and on success stores the
+weights as a new version of a profile. A failed or cancelled job stores nothing.
+
+Every job has a record in the store (``server/store/fit_records.py``): any replica answers
+its status, a cancel on any replica reaches the process running it, one fit runs at a time
+across the replicas sharing a PostgreSQL store, and a job whose process died reads failed.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from mpo_core.rewards import Objective
 
 from .errors import APIError
 from .metrics import Metrics
-from .protocol.fit import FitRequest, FitState
+from .protocol.fit import FitJobOut, FitRequest, FitState
 from .store import ProfileStore
+from .store.fit_records import FitClaim, FitRecords, open_fit_records
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ _PHASE_SPAN = {
     FitState.OPTIMISING: (0.95, 1.0),
 }
 MAX_KEPT_JOBS = 100
+_PROGRESS_WRITE_S = 0.5  # progress reaches the store at most this often (states at once)
 
 
 @dataclass
@@ -52,6 +56,9 @@ class FitJob:
     profile: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    claim: FitClaim | None = None  # the cluster's fit slot, held while the job runs
+    owner: str | None = None  # the process running it (``FitRecords.owner``)
+    progress_written: float = 0.0  # monotonic time of the last progress write
 
     @property
     def progress(self) -> float:
@@ -65,6 +72,23 @@ class FitJob:
             return None
         elapsed = time.time() - self.started_at
         return elapsed * (1 - self.progress) / self.progress
+
+    def record(self) -> dict[str, Any]:
+        """The fields the store keeps (``fit_records.FIELDS`` less owner and cancel flag)."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "progress": self.progress,
+            "phase_progress": self.phase_progress,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "request": self.request.model_dump(),
+            "error": self.error,
+            "weights": self.weights,
+            "profile": self.profile,
+            "report": self.report,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +105,7 @@ class FitJob:
             "weights": self.weights,
             "profile": self.profile,
             "report": self.report,
+            "owner": self.owner,
         }
 
 
@@ -101,7 +126,8 @@ class FitJobs:
         self.prompt_dir = data_dir / "prompts"
         self.reward_sets = dict(reward_sets or {})  # name -> rewards YAML, from the server
         self._objectives: dict[str, dict[str, Objective]] = {}  # loaded reward sets
-        self._jobs: dict[str, FitJob] = {}
+        self.records: FitRecords = open_fit_records(store)
+        self._jobs: dict[str, FitJob] = {}  # the jobs this process runs or ran
         self._lock = threading.Lock()
 
     def start(self, request: FitRequest) -> FitJob:
@@ -115,12 +141,14 @@ class FitJobs:
         self._check_context(prompts, request.max_new_tokens)
         objectives = None if request.rewards is None else self._reward_set(request.rewards)
         with self._lock:
-            active = [j for j in self._jobs.values() if j.state.active]
-            if active:
-                running = active[0]
-                message = f"fit job {running.id} is still {running.state.value}; one fit at a time"
-                raise APIError(409, message, code="fit_in_progress")
-            job = FitJob(id=uuid.uuid4().hex[:16], request=request)
+            job = FitJob(id=uuid.uuid4().hex[:16], request=request, owner=self.records.owner)
+            claim = self.records.claim(job.record())
+            if claim is None:
+                running = next((r for r in self.records.list(MAX_KEPT_JOBS) if _active(r)), None)
+                which = f"fit job {running['id']} is still {running['state']}" if running else (
+                    "another fit is running")  # fmt: skip
+                raise APIError(409, f"{which}; one fit at a time", code="fit_in_progress")
+            job.claim, job.cancel_requested = claim, claim.cancelled
             self._jobs[job.id] = job
             self._forget_old()
         self._set_state(job, FitState.QUEUED)
@@ -131,30 +159,44 @@ class FitJobs:
         thread.start()
         return job
 
-    def get(self, job_id: str) -> FitJob:
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The job as ``GET /admin/fit/{id}`` shows it, from this process or from the store."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is not None:
+            return job.to_dict()
+        record = self.records.get(job_id)
+        if record is None:
             raise APIError(
                 404, f"fit job {job_id!r} does not exist", param="id", code="job_not_found"
             )
-        return job
+        return _record_out(record)
 
-    def jobs(self) -> list[FitJob]:
-        return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job the store knows (newest first), this process's own ones up to date."""
+        listed = {r["id"]: _record_out(r) for r in self.records.list(MAX_KEPT_JOBS)}
+        listed.update({job.id: job.to_dict() for job in self._jobs.values()})
+        return sorted(listed.values(), key=lambda j: j["created_at"], reverse=True)
 
-    def cancel(self, job_id: str) -> FitJob:
-        job = self.get(job_id)
-        if job.state.active:
-            job.cancel_requested.set()
-        return job
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask the job to stop, wherever it runs; it ends ``cancelled`` at its next check."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            if job.state.active:
+                job.cancel_requested.set()
+                self.records.request_cancel(job_id)
+            return job.to_dict()
+        record = self.records.request_cancel(job_id)
+        if record is None:
+            raise APIError(
+                404, f"fit job {job_id!r} does not exist", param="id", code="job_not_found"
+            )
+        return _record_out(record)
 
-    def wait(self, job_id: str, timeout: float) -> FitJob:
-        """Block until the job ends or ``timeout`` passes (tests and the CLI)."""
-        deadline = time.monotonic() + timeout
-        job = self.get(job_id)
-        while job.state.active and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return job
+    def cancel_all(self) -> None:
+        """Cancel this process's active jobs (shutdown)."""
+        for job in list(self._jobs.values()):
+            if job.state.active:
+                job.cancel_requested.set()
 
     # -- internals -------------------------------------------------------------------
     def _reward_set(self, name: str) -> dict[str, Objective]:
@@ -219,7 +261,8 @@ class FitJobs:
             )
 
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs() if not j.state.active]
+        own = sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+        finished = [j for j in own if not j.state.active]
         for job in finished[MAX_KEPT_JOBS:]:
             del self._jobs[job.id]
 
@@ -232,6 +275,15 @@ class FitJobs:
                 counts[other.state] += 1
         for counted, count in counts.items():
             self.metrics.fit_jobs.labels(state=counted.value).set(count)
+        self._write(job)
+
+    def _write(self, job: FitJob) -> None:
+        """The job's record in the store; a store outage is logged, the job goes on."""
+        job.progress_written = time.monotonic()
+        try:
+            self.records.update(job.id, {k: v for k, v in job.record().items() if k != "id"})
+        except Exception as exc:
+            logger.warning("fit job %s: cannot write its record (%s)", job.id, exc)
 
     def _progress(self, job: FitJob, phase: str, fraction: float) -> None:
         if job.cancel_requested.is_set():
@@ -240,6 +292,8 @@ class FitJobs:
         if state is not job.state:
             self._set_state(job, state)
         job.phase_progress = min(max(fraction, 0.0), 1.0)
+        if time.monotonic() - job.progress_written >= _PROGRESS_WRITE_S:
+            self._write(job)
 
     def _fit(
         self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None
@@ -311,5 +365,26 @@ class FitJobs:
 
     def _finish(self, job: FitJob, state: FitState) -> None:
         job.finished_at = time.time()
-        self._set_state(job, state)
+        try:
+            self._set_state(job, state)  # the final record is written before the slot frees
+        finally:
+            if job.claim is not None:
+                job.claim.release()
         logger.info("fit job %s %s", job.id, state.value)
+
+
+def _active(record: dict[str, Any]) -> bool:
+    return FitState(record["state"]).active
+
+
+def _record_out(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored record in the shape of ``FitJob.to_dict`` (another replica's job)."""
+    out = {k: record.get(k) for k in FitJobOut.model_fields if k in record}
+    out["eta_seconds"] = None
+    if _active(record) and record.get("started_at") and record["progress"] > 0.01:
+        elapsed = time.time() - record["started_at"]
+        out["eta_seconds"] = elapsed * (1 - record["progress"]) / record["progress"]
+    out["progress"] = round(float(record["progress"]), 4)
+    out["phase_progress"] = round(float(record["phase_progress"]), 4)
+    out["owner"] = record.get("owner")
+    return out

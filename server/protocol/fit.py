@@ -79,3 +79,4 @@ class FitJobOut(BaseModel):
     weights: dict[str, float] | None = None
     profile: dict[str, Any] | None = None  # the stored profile version, once done
     report: dict[str, Any] | None = None
+    owner: str | None = None  # the id of the server process running (or that ran) the job
