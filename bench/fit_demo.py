@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         iterations=args.iterations,
         seed=args.seed,
     )
-    limits = EngineLimits(max_running=64, max_queued=max(64, args.n))
+    limits = EngineLimits(max_running=256, max_queued=max(256, args.n))  # the fit: whole batch
     with Engine(policy_set, limits) as engine:
         started = time.perf_counter()
         report = run_fit(engine, [p.text for p in train_prompts()], options)

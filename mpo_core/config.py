@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .names import Name
+from .names import NAME_HINT, Name, is_valid_name
 
 
 def looks_local(model: str) -> bool:
@@ -116,6 +116,20 @@ class PolicySetConfig(BaseModel):
     # Columns per slot of a static cache: the longest prompt + reply it can hold. None:
     # the models' context, at most DEFAULT_MAX_CACHE_LEN (each column costs memory).
     max_cache_len: int | None = Field(default=None, ge=2)
+    # Reward sets a fit may name (``POST /admin/fit`` with ``"rewards": "<name>"``): name ->
+    # a rewards YAML (docs/evaluation.md), relative paths against this file's folder. Only
+    # these can be named: a request never gives code or a path.
+    rewards: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("rewards")
+    @classmethod
+    def _reward_set_names(cls, rewards: dict[str, str]) -> dict[str, str]:
+        for name, path in rewards.items():
+            if not is_valid_name(name):
+                raise ValueError(f"invalid reward set name {name!r}: {NAME_HINT}")
+            if not path.strip():
+                raise ValueError(f"reward set {name!r} needs the path of a rewards YAML")
+        return rewards
 
     @field_validator("policies")
     @classmethod
@@ -207,6 +221,9 @@ def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
             candidate = base_dir / adapter.adapter
             if not Path(adapter.adapter).is_absolute() and candidate.exists():
                 adapter.adapter = str(candidate.resolve())
+        for name, rewards in config.rewards.items():
+            if not Path(rewards).expanduser().is_absolute():
+                config.rewards[name] = str((base_dir / rewards).resolve())
     return config
 
 

@@ -28,6 +28,7 @@ import torch
 from .engine import Engine, GenerationRequest
 from .errors import InvalidParameter, Overloaded
 from .fitting import FitCancelled, WeightEvaluation, evaluate_weights, fit_weights
+from .mixing import Mixture
 from .sampling import SamplingParams
 from .streams import RequestStream
 
@@ -185,6 +186,15 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 
 
 # -- phase 1: sampling ------------------------------------------------------------------
+@dataclass
+class Reply:
+    """One sampled reply: its ids (a final EOS included), its text and ``log q(y|x)``."""
+
+    token_ids: list[int]
+    text: str
+    logprob: float  # sum of the sampled tokens' log-probs under the mixture (temperature 1)
+
+
 def sample_replies(
     engine: Engine,
     prompt_ids: list[list[int]],
@@ -192,33 +202,64 @@ def sample_replies(
     progress: Progress,
     should_cancel: CancelCheck,
 ) -> list[list[int]]:
-    """``m`` replies per prompt from the reference, flattened prompt-major: ``[N * m]`` lists.
+    """``m`` replies per prompt from the reference, flattened prompt-major: ``[N * m]`` lists."""
+    replies = sample_mixture(
+        engine,
+        prompt_ids,
+        engine.mixture(strength=0.0),  # s = 0: the mixture is pi_ref alone
+        options.samples_per_prompt,
+        options.max_new_tokens,
+        random.Random(options.seed),
+        progress,
+        should_cancel,
+    )
+    return [reply.token_ids for reply in replies]
 
-    Up to half of ``max_running`` requests are in flight at once (the engine decodes them
-    as one batch), so that the other half of the slots and the whole queue stay free for
-    interactive traffic; ``Overloaded`` waits.
+
+def sampling_window(engine: Engine, own: int) -> int:
+    """How many of the fit's requests may be in flight: the whole batch while nobody else
+    decodes or waits, half of ``max_running`` otherwise (the other half stays free for
+    interactive traffic)."""
+    stats = engine.stats()
+    others = stats.running + stats.waiting - own
+    full = engine.limits.max_running
+    return full if others <= 0 else max(1, full // 2)
+
+
+def sample_mixture(
+    engine: Engine,
+    prompt_ids: list[list[int]],
+    mixture: Mixture,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    seeds: random.Random,
+    progress: Progress,
+    should_cancel: CancelCheck,
+    tag: str = "fit",
+) -> list[Reply]:
+    """``m`` replies per prompt from ``mixture`` at temperature 1, prompt-major: ``[N * m]``.
+
+    The requests are submitted together (the engine decodes them as one batch), at most
+    ``sampling_window`` in flight, re-read as requests come and go; ``Overloaded`` waits.
     """
-    m = options.samples_per_prompt
-    seeds = random.Random(options.seed)
-    reference_only = engine.mixture(strength=0.0)  # s = 0: the mixture is pi_ref alone
     pending = deque(
         GenerationRequest(
             prompt_ids=ids,
             sampling=SamplingParams(
-                max_new_tokens=options.max_new_tokens, temperature=1.0, seed=seeds.getrandbits(63)
+                max_new_tokens=max_new_tokens, temperature=1.0, seed=seeds.getrandbits(63)
             ),
-            mixture=reference_only,
-            request_id=f"fit-{i}-{j}",
+            mixture=mixture,
+            request_id=f"{tag}-{i}-{j}",
         )
         for i, ids in enumerate(prompt_ids)
-        for j in range(m)
+        for j in range(samples_per_prompt)
     )
     total = len(pending)
-    window = max(1, engine.limits.max_running // 2)
     in_flight: deque[RequestStream] = deque()
-    replies: list[list[int]] = []
+    replies: list[Reply] = []
     try:
         while pending or in_flight:
+            window = sampling_window(engine, len(in_flight))
             while pending and len(in_flight) < window:
                 try:
                     in_flight.append(engine.submit(pending[0]))
@@ -237,8 +278,10 @@ def sample_replies(
     return replies
 
 
-def _collect(stream: RequestStream, should_cancel: CancelCheck) -> list[int]:
+def _collect(stream: RequestStream, should_cancel: CancelCheck) -> Reply:
     tokens: list[int] = []
+    text: list[str] = []
+    logprob = 0.0
     for event in stream:
         if should_cancel():
             stream.cancel()
@@ -246,7 +289,9 @@ def _collect(stream: RequestStream, should_cancel: CancelCheck) -> list[int]:
         if event.finish_reason == "cancelled":
             raise FitCancelled(f"reply {stream.request_id} was cancelled by the engine")
         tokens.append(event.token_id)  # includes a final EOS: it is part of y
-    return tokens
+        text.append(event.text)
+        logprob += event.logprob
+    return Reply(tokens, "".join(text).strip(), logprob)
 
 
 def _wait(seconds: float, should_cancel: CancelCheck) -> None:

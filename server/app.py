@@ -91,15 +91,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ready_engine = engine
     metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
     app.state.serving = Serving(engine, store, settings, metrics)
-    app.state.fit_jobs = FitJobs(engine, store, metrics, settings.data_path)
+    reward_sets: dict[str, str | Path] = {**engine.policy_set.config.rewards, **settings.rewards}
+    app.state.fit_jobs = FitJobs(engine, store, metrics, settings.data_path, reward_sets)
     logger.info("serving %s: policies %s", engine.policy_set.served_name, engine.policy_names)
     try:
         yield
     finally:
         unwatch()
         app.state.serving = None  # new requests get 503 from here on
-        for job in app.state.fit_jobs.jobs():
-            app.state.fit_jobs.cancel(job.id)
+        app.state.fit_jobs.cancel_all()
         if owns_engine:
             logger.info("stopping the engine (up to %.0f s)", settings.drain_timeout_s)
             await anyio.to_thread.run_sync(ready_engine.stop, settings.drain_timeout_s)

@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=None, help="prompts per step (b)")
     fit.add_argument("--seed", type=int, default=None, help="random seed")
     fit.add_argument("--save", metavar="NAME", default=None, help="store as this profile")
+    fit.add_argument(
+        "--rewards",
+        type=Path,
+        default=None,
+        help="rewards YAML (the format `mpo eval` reads): fit MaxMin win rates against the "
+        "reference on these rewards, in rounds, instead of the implicit rewards",
+    )
+    fit.add_argument("--rounds", type=int, default=None, help="rewards: most mixtures sampled")
+    fit.add_argument("--reference-samples", type=int, default=None, help="rewards: m_ref")
+    fit.add_argument("--kl-coef", type=float, default=None, help="rewards: beta (win rate/nat)")
+    fit.add_argument("--tolerance", type=float, default=None, help="rewards: stop when L1 < this")
+    fit.add_argument("--fit-strength", action="store_true", help="rewards: fit the strength too")
+    fit.add_argument("--max-running", type=int, default=64, help="sequences decoded together")
+    fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     fit.set_defaults(handler=cmd_fit)
     add_eval_parser(commands)
     return parser
@@ -107,10 +121,16 @@ def add_eval_parser(commands: Any) -> None:
         "--rows",
         action="append",
         help="rows to compare, comma-separated: reference, uniform, single, policy:NAME, "
-        "weights:A=1,B=2[@S], profile:NAME (= fitted:NAME), fitted, soup[:SOURCE] "
-        "(default: uniform,single,reference; demo: fitted,uniform,single,soup,reference)",
+        "weights:A=1,B=2[@S], profile:NAME (= fitted:NAME), fitted, fitted:rewards, "
+        "soup[:SOURCE] (default: uniform,single,reference; demo: "
+        "fitted,fitted:rewards,uniform,single,soup,reference)",
     )
     evaluate.add_argument("--baseline", help="row for the win rates (default: reference)")
+    evaluate.add_argument(
+        "--compare",
+        action="append",
+        help="rows every row is also paired with, comma-separated (demo default: uniform)",
+    )
     evaluate.add_argument("--samples", type=int, default=4, help="replies per prompt and row")
     evaluate.add_argument("--max-new-tokens", type=int, default=48)
     evaluate.add_argument("--temperature", type=float, default=1.0)
@@ -125,6 +145,16 @@ def add_eval_parser(commands: Any) -> None:
     evaluate.add_argument("--fit-samples", type=int, default=8, help="fit: replies per prompt")
     evaluate.add_argument("--fit-max-new-tokens", type=int, default=32)
     evaluate.add_argument("--fit-iterations", type=int, default=1000)
+    evaluate.add_argument(
+        "--fit-rounds", type=int, default=2, help="fitted:rewards: most mixtures sampled"
+    )
+    evaluate.add_argument(
+        "--fit-reference-samples", type=int, default=8, help="fitted:rewards: m_ref per prompt"
+    )
+    evaluate.add_argument("--fit-kl-coef", type=float, default=0.02, help="fitted:rewards: beta")
+    evaluate.add_argument(
+        "--fit-strength", action="store_true", help="fitted:rewards: fit the strength too"
+    )
     evaluate.add_argument("--store-url", help="profile store for profile rows (MPO_STORE_URL)")
     evaluate.add_argument("--max-running", type=int, default=64, help="sequences decoded together")
     evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -181,41 +211,88 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    # lazy: the fitting driver pulls in the models
+def _progress_bar() -> tuple[Any, Any]:
     from tqdm import tqdm
 
-    from mpo_core import fit_driver
+    bar = tqdm(total=100, unit="%", desc="fit", file=sys.stderr)
+
+    def progress(phase: str, fraction: float) -> None:
+        bar.set_description(phase)
+        bar.n = round(100 * fraction)
+        bar.refresh()
+
+    return bar, progress
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    # lazy: the fitting driver pulls in the models
+    import torch
+
     from mpo_core.config import load_config
-    from mpo_core.engine import Engine
+    from mpo_core.engine import Engine, EngineLimits
+    from mpo_core.evaluation.inputs import load_prompts
     from mpo_core.policies import load_policy_set
 
-    given = {
-        "samples_per_prompt": args.samples_per_prompt,
-        "max_new_tokens": args.max_new_tokens,
-        "iterations": args.iterations,
-        "step_size": args.step_size,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
-    options = fit_driver.FitOptions(**{k: v for k, v in given.items() if v is not None})
-    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-    engine = Engine(load_policy_set(load_config(args.config))).start()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = load_prompts(args.prompts)
+    policy_set = load_policy_set(load_config(args.config))
+    objectives = None
+    if args.rewards is not None:
+        from mpo_core.rewards import load_rewards
+
+        objectives = load_rewards(args.rewards, policy_set.device)
+    limits = EngineLimits(max_running=args.max_running, max_queued=max(64, args.max_running))
+    engine = Engine(policy_set, limits).start()
     try:
-        with tqdm(total=100, unit="%", desc="fit", file=sys.stderr) as bar:
-
-            def progress(phase: str, fraction: float) -> None:
-                bar.set_description(phase)
-                bar.n = round(100 * fraction)
-                bar.refresh()
-
-            report = fit_driver.run_fit(engine, prompts, options, progress=progress)
+        bar, progress = _progress_bar()
+        with bar:
+            if objectives is None:
+                weights, strength, table = _implicit_fit(engine, prompts, args, progress)
+            else:
+                weights, strength, table = _reward_fit(engine, prompts, objectives, args, progress)
     finally:
         engine.stop(timeout=5)
-    print(fit_driver.format_report_table(report))
+    print(table)
     if args.save:
-        save_profile(args.save, dict(report.weights))
+        source = "mpo fit" if objectives is None else f"mpo fit --rewards {args.rewards}"
+        save_profile(args.save, weights, strength, source)
     return 0
+
+
+def _given(args: argparse.Namespace, fields: dict[str, str]) -> dict[str, Any]:
+    values = {option: getattr(args, flag) for option, flag in fields.items()}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _implicit_fit(engine: Any, prompts: list[str], args: argparse.Namespace, progress: Any) -> Any:
+    from mpo_core import fit_driver
+
+    fields = {name: name for name in ("samples_per_prompt", "max_new_tokens", "iterations")}
+    fields.update(step_size="step_size", batch_size="batch_size", seed="seed")
+    options = fit_driver.FitOptions(**_given(args, fields))
+    report = fit_driver.run_fit(engine, prompts, options, progress=progress)
+    return dict(report.weights), 1.0, fit_driver.format_report_table(report)
+
+
+def _reward_fit(
+    engine: Any, prompts: list[str], objectives: Any, args: argparse.Namespace, progress: Any
+) -> Any:
+    from mpo_core import reward_fit_driver as driver
+
+    fields = {
+        "samples_per_round": "samples_per_prompt",
+        "max_new_tokens": "max_new_tokens",
+        "iterations": "iterations",
+        "seed": "seed",
+        "rounds": "rounds",
+        "reference_samples": "reference_samples",
+        "kl_coef": "kl_coef",
+        "tolerance": "tolerance",
+    }
+    options = driver.RewardFitDriverOptions(**_given(args, fields), fit_strength=args.fit_strength)
+    report = driver.run_reward_fit(engine, prompts, objectives, options, progress=progress)
+    return dict(report.weights), report.strength, driver.format_reward_report(report)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -246,12 +323,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_profile(name: str, weights: dict[str, float]) -> None:
+def save_profile(
+    name: str, weights: dict[str, float], strength: float = 1.0, source: str = "mpo fit"
+) -> None:
     from .settings import Settings
     from .store import open_store
 
     store = open_store(Settings().resolved_store_url())
-    version = store.put(name, weights, meta={"source": "mpo fit"})
+    version = store.put(name, weights, strength, meta={"source": source})
     store.close()
     print(f"stored profile {name!r} version {version.version}")
 

@@ -1,10 +1,12 @@
 """Fit jobs: run the MPO weight fit in a background thread, one at a time.
 
-A job samples from the reference through the shared engine (its requests queue with
-everyone else's, a bounded number at a time, so serving continues), scores, runs mirror
-descent, and on success stores the weights as a new version of a profile. A failed or
-cancelled job stores nothing. Jobs live in this process's memory: a restart forgets them
-(the stored profiles, with their reports, persist).
+A job samples through the shared engine (its requests queue with everyone else's, a
+bounded number at a time, so serving continues), scores, fits, and on success stores the
+weights as a new version of a profile. A failed or cancelled job stores nothing.
+
+Every job has a record in the store (``server/store/fit_records.py``): any replica answers
+its status, a cancel on any replica reaches the process running it, one fit runs at a time
+across the replicas sharing a PostgreSQL store, and a job whose process died reads failed.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpo_core.engine import Engine
-from mpo_core.errors import InvalidParameter
+from mpo_core.errors import ConfigError, InvalidParameter
+from mpo_core.rewards import Objective
 from mpo_core.rules import check_context
 
 from .errors import APIError
 from .metrics import Metrics
-from .protocol.fit import FitRequest, FitState
+from .protocol.fit import FitJobOut, FitRequest, FitState
 from .store import ProfileStore
+from .store.fit_records import FitClaim, FitRecords, open_fit_records
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ _PHASE_SPAN = {
     FitState.OPTIMISING: (0.95, 1.0),
 }
 MAX_KEPT_JOBS = 100
+_PROGRESS_WRITE_S = 0.5  # progress reaches the store at most this often (states at once)
 
 
 @dataclass
@@ -51,6 +57,10 @@ class FitJob:
     profile: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    claim: FitClaim | None = None  # the cluster's fit slot, held while the job runs
+    owner: str | None = None  # the process running it (``FitRecords.owner``)
+    progress_written: float = 0.0  # monotonic time of the last progress write
+    ended: threading.Event = field(default_factory=threading.Event)  # set once it is final
 
     @property
     def progress(self) -> float:
@@ -64,6 +74,23 @@ class FitJob:
             return None
         elapsed = time.time() - self.started_at
         return elapsed * (1 - self.progress) / self.progress
+
+    def record(self) -> dict[str, Any]:
+        """The fields the store keeps (``fit_records.FIELDS`` less owner and cancel flag)."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "progress": self.progress,
+            "phase_progress": self.phase_progress,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "request": self.request.model_dump(),
+            "error": self.error,
+            "weights": self.weights,
+            "profile": self.profile,
+            "report": self.report,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,18 +107,29 @@ class FitJob:
             "weights": self.weights,
             "profile": self.profile,
             "report": self.report,
+            "owner": self.owner,
         }
 
 
 class FitJobs:
     """Starts, tracks and cancels fit jobs; at most one is active."""
 
-    def __init__(self, engine: Engine, store: ProfileStore, metrics: Metrics, data_dir: Path):
+    def __init__(
+        self,
+        engine: Engine,
+        store: ProfileStore,
+        metrics: Metrics,
+        data_dir: Path,
+        reward_sets: Mapping[str, str | Path] | None = None,
+    ):
         self.engine = engine
         self.store = store
         self.metrics = metrics
         self.prompt_dir = data_dir / "prompts"
-        self._jobs: dict[str, FitJob] = {}
+        self.reward_sets = dict(reward_sets or {})  # name -> rewards YAML, from the server
+        self._objectives: dict[str, dict[str, Objective]] = {}  # loaded reward sets
+        self.records: FitRecords = open_fit_records(store)
+        self._jobs: dict[str, FitJob] = {}  # the jobs this process runs or ran
         self._lock = threading.Lock()
 
     def start(self, request: FitRequest) -> FitJob:
@@ -103,47 +141,100 @@ class FitJobs:
             )
         prompts = self._prompts(request)
         self._check_context(prompts, request.max_new_tokens)
+        objectives = None if request.rewards is None else self._reward_set(request.rewards)
         with self._lock:
-            active = [j for j in self._jobs.values() if j.state.active]
-            if active:
-                running = active[0]
-                message = f"fit job {running.id} is still {running.state.value}; one fit at a time"
-                raise APIError(409, message, code="fit_in_progress")
-            job = FitJob(id=uuid.uuid4().hex[:16], request=request)
+            job = FitJob(id=uuid.uuid4().hex[:16], request=request, owner=self.records.owner)
+            claim = self.records.claim(job.record())
+            if claim is None:
+                running = next((r for r in self.records.list(MAX_KEPT_JOBS) if _active(r)), None)
+                which = f"fit job {running['id']} is still {running['state']}" if running else (
+                    "another fit is running")  # fmt: skip
+                raise APIError(409, f"{which}; one fit at a time", code="fit_in_progress")
+            job.claim, job.cancel_requested = claim, claim.cancelled
             self._jobs[job.id] = job
             self._forget_old()
         self._set_state(job, FitState.QUEUED)
-        thread = threading.Thread(target=self._run, args=(job, prompts), name=f"fit-{job.id}")
+        thread = threading.Thread(
+            target=self._run, args=(job, prompts, objectives), name=f"fit-{job.id}"
+        )
         thread.daemon = True
         thread.start()
         return job
 
-    def get(self, job_id: str) -> FitJob:
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The job as ``GET /admin/fit/{id}`` shows it, from this process or from the store."""
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is not None:
+            return job.to_dict()
+        record = self.records.get(job_id)
+        if record is None:
             raise APIError(
                 404, f"fit job {job_id!r} does not exist", param="id", code="job_not_found"
             )
-        return job
+        return _record_out(record)
 
-    def jobs(self) -> list[FitJob]:
-        return sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job the store knows (newest first), this process's own ones up to date."""
+        listed = {r["id"]: _record_out(r) for r in self.records.list(MAX_KEPT_JOBS)}
+        listed.update({job.id: job.to_dict() for job in self._jobs.values()})
+        return sorted(listed.values(), key=lambda j: j["created_at"], reverse=True)
 
-    def cancel(self, job_id: str) -> FitJob:
-        job = self.get(job_id)
-        if job.state.active:
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask the job to stop, wherever it runs; it ends ``cancelled`` at its next check."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            if job.state.active:
+                job.cancel_requested.set()
+                self.records.request_cancel(job_id)
+            return job.to_dict()
+        record = self.records.request_cancel(job_id)
+        if record is None:
+            raise APIError(
+                404, f"fit job {job_id!r} does not exist", param="id", code="job_not_found"
+            )
+        return _record_out(record)
+
+    def cancel_all(self) -> list[FitJob]:
+        """Cancel this process's active jobs (shutdown); the jobs cancelled."""
+        active = [job for job in list(self._jobs.values()) if job.state.active]
+        for job in active:
             job.cancel_requested.set()
-        return job
+            self.records.request_cancel(job.id)
+        return active
 
-    def wait(self, job_id: str, timeout: float) -> FitJob:
-        """Block until the job ends or ``timeout`` passes (tests and the CLI)."""
-        deadline = time.monotonic() + timeout
-        job = self.get(job_id)
-        while job.state.active and time.monotonic() < deadline:
-            time.sleep(0.05)
+    @staticmethod
+    def wait(job: FitJob, timeout: float) -> FitJob:
+        """Block until this process's ``job`` has ended or ``timeout`` passes."""
+        job.ended.wait(timeout)
         return job
 
     # -- internals -------------------------------------------------------------------
+    def _reward_set(self, name: str) -> dict[str, Objective]:
+        """The configured reward set ``name``, loaded once; unknown names are a 400."""
+        if name not in self.reward_sets:
+            known = ", ".join(sorted(self.reward_sets)) or "none are configured"
+            raise InvalidParameter(
+                "rewards",
+                f"rewards {name!r} is not a reward set of this server ({known}); reward sets "
+                "are named in the policy-set YAML (`rewards:`) or MPO_REWARDS",
+            )
+        with self._lock:
+            loaded = self._objectives.get(name)
+        if loaded is None:
+            from mpo_core.rewards import load_rewards
+
+            try:
+                loaded = load_rewards(self.reward_sets[name], self.engine.policy_set.device)
+            except ConfigError as exc:
+                logger.error("reward set %r cannot be loaded: %s", name, exc)
+                raise APIError(
+                    500, f"reward set {name!r} is misconfigured on the server: {exc}",
+                    code="reward_set_error",
+                ) from None  # fmt: skip
+            with self._lock:
+                self._objectives.setdefault(name, loaded)
+        return loaded
+
     def _prompts(self, request: FitRequest) -> list[str]:
         if request.prompts is not None:
             prompts = request.prompts
@@ -183,7 +274,8 @@ class FitJobs:
         check_context(longest, max_new_tokens, limit, "max_new_tokens", "prompts", "longest prompt")
 
     def _forget_old(self) -> None:
-        finished = [j for j in self.jobs() if not j.state.active]
+        own = sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)
+        finished = [j for j in own if not j.state.active]
         for job in finished[MAX_KEPT_JOBS:]:
             del self._jobs[job.id]
 
@@ -196,6 +288,15 @@ class FitJobs:
                 counts[other.state] += 1
         for counted, count in counts.items():
             self.metrics.fit_jobs.labels(state=counted.value).set(count)
+        self._write(job)
+
+    def _write(self, job: FitJob) -> None:
+        """The job's record in the store; a store outage is logged, the job goes on."""
+        job.progress_written = time.monotonic()
+        try:
+            self.records.update(job.id, {k: v for k, v in job.record().items() if k != "id"})
+        except Exception as exc:
+            logger.warning("fit job %s: cannot write its record (%s)", job.id, exc)
 
     def _progress(self, job: FitJob, phase: str, fraction: float) -> None:
         if job.cancel_requested.is_set():
@@ -204,17 +305,23 @@ class FitJobs:
         if state is not job.state:
             self._set_state(job, state)
         job.phase_progress = min(max(fraction, 0.0), 1.0)
+        if time.monotonic() - job.progress_written >= _PROGRESS_WRITE_S:
+            self._write(job)
 
-    def _run(self, job: FitJob, prompts: list[str]) -> None:
-        from mpo_core.fit_driver import FitOptions, run_fit
-        from mpo_core.fitting import FitCancelled
+    def _fit(
+        self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None
+    ) -> tuple[dict[str, float], float, dict[str, Any]]:
+        """Run the fit the request asks for: (weights, strength, report)."""
+        from mpo_core import fit_driver, reward_fit_driver
 
         request = job.request
-        job.started_at = time.time()
-        # Sampling starts at once (its first progress report comes with the first reply).
-        self._set_state(job, FitState.SAMPLING)
-        try:
-            options = FitOptions(
+
+        def progress(phase: str, fraction: float) -> None:
+            self._progress(job, phase, fraction)
+
+        cancelled = job.cancel_requested.is_set
+        if objectives is None:
+            options = fit_driver.FitOptions(
                 samples_per_prompt=request.samples_per_prompt,
                 max_new_tokens=request.max_new_tokens,
                 iterations=request.iterations,
@@ -222,19 +329,43 @@ class FitJobs:
                 batch_size=request.batch_size,
                 seed=request.seed,
             )
-            report = run_fit(
-                self.engine,
-                prompts,
-                options,
-                progress=lambda phase, fraction: self._progress(job, phase, fraction),
-                should_cancel=job.cancel_requested.is_set,
-            )
+            report = fit_driver.run_fit(self.engine, prompts, options, progress, cancelled)
+            return dict(report.weights), 1.0, report.to_dict()
+        reward_options = reward_fit_driver.RewardFitDriverOptions(
+            reference_samples=request.reference_samples,
+            samples_per_round=request.samples_per_prompt,
+            rounds=request.rounds,
+            tolerance=request.tolerance,
+            max_new_tokens=request.max_new_tokens,
+            kl_coef=request.kl_coef,
+            fit_strength=request.fit_strength,
+            iterations=request.iterations,
+            seed=request.seed,
+        )
+        reward_report = reward_fit_driver.run_reward_fit(
+            self.engine, prompts, objectives, reward_options, progress, cancelled
+        )
+        report_dict = reward_report.to_dict()
+        report_dict["rewards"] = request.rewards
+        return dict(reward_report.weights), reward_report.strength, report_dict
+
+    def _run(
+        self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None = None
+    ) -> None:
+        from mpo_core.fitting import FitCancelled
+
+        request = job.request
+        job.started_at = time.time()
+        # Sampling starts at once (its first progress report comes with the first reply).
+        self._set_state(job, FitState.SAMPLING)
+        try:
+            weights, strength, report = self._fit(job, prompts, objectives)
             if job.cancel_requested.is_set():
                 raise FitCancelled("cancelled")
-            job.report = report.to_dict()
-            job.weights = dict(report.weights)
+            job.report = report
+            job.weights = weights
             version = self.store.put(
-                request.profile, job.weights, 1.0, {"fit_job": job.id, "report": job.report}
+                request.profile, weights, strength, {"fit_job": job.id, "report": job.report}
             )
             if request.activate:
                 self.store.set_default(request.profile)
@@ -249,5 +380,27 @@ class FitJobs:
 
     def _finish(self, job: FitJob, state: FitState) -> None:
         job.finished_at = time.time()
-        self._set_state(job, state)
+        try:
+            self._set_state(job, state)  # the final record is written before the slot frees
+        finally:
+            if job.claim is not None:
+                job.claim.release()
+            job.ended.set()
         logger.info("fit job %s %s", job.id, state.value)
+
+
+def _active(record: dict[str, Any]) -> bool:
+    return FitState(record["state"]).active
+
+
+def _record_out(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored record in the shape of ``FitJob.to_dict`` (another replica's job)."""
+    out = {k: record.get(k) for k in FitJobOut.model_fields if k in record}
+    out["eta_seconds"] = None
+    if _active(record) and record.get("started_at") and record["progress"] > 0.01:
+        elapsed = time.time() - record["started_at"]
+        out["eta_seconds"] = elapsed * (1 - record["progress"]) / record["progress"]
+    out["progress"] = round(float(record["progress"]), 4)
+    out["phase_progress"] = round(float(record["phase_progress"]), 4)
+    out["owner"] = record.get("owner")
+    return out

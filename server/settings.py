@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     body_timeout_s: float = Field(default=30.0, gt=0)  # a request body must arrive within it
     log_level: str = "info"
+    # Reward sets a fit may name, beside the policy-set YAML's `rewards:` (which these
+    # override): name -> rewards YAML. MPO_REWARDS='{"helpful": "/etc/mpo/rewards.yaml"}'
+    rewards: dict[str, Path] = Field(default_factory=dict)
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -102,10 +102,7 @@ async def drain_app(app: FastAPI, timeout_s: float) -> None:
         timeout_s,
     )
     fit_jobs: FitJobs | None = getattr(app.state, "fit_jobs", None)
-    active = [job for job in fit_jobs.jobs() if job.state.active] if fit_jobs else []
-    for job in active:
-        assert fit_jobs is not None
-        fit_jobs.cancel(job.id)
+    active = fit_jobs.cancel_all() if fit_jobs is not None else []
     if await drain.wait_idle(timeout_s):
         logger.info("drained: every request finished")
     else:
@@ -124,7 +121,7 @@ async def drain_app(app: FastAPI, timeout_s: float) -> None:
         left = max(timeout_s - (time.monotonic() - started), 0.0) + END_STREAMS_GRACE_S
         for job in active:
             assert fit_jobs is not None
-            final = await asyncio.to_thread(fit_jobs.wait, job.id, left)
+            final = await asyncio.to_thread(fit_jobs.wait, job, left)
             logger.info("fit job %s is %s", job.id, final.state.value)
 
 

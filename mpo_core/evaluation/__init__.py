@@ -13,7 +13,7 @@ from .inputs import load_prompts
 from .render import markdown, plot_pareto, plot_rewards, write_report
 from .rows import ROW_GRAMMAR, Row, RowParser, split_specs, sweep_rows
 from .run import EvalOptions, EvalReport, RowResult, run_evaluation
-from .stats import Estimate, bootstrap_mean, win_rate, win_scores
+from .stats import Estimate, bootstrap_mean, win_rate, win_scores, worst_gap
 
 __all__ = [
     "ROW_GRAMMAR",
@@ -34,5 +34,6 @@ __all__ = [
     "sweep_rows",
     "win_rate",
     "win_scores",
+    "worst_gap",
     "write_report",
 ]

@@ -27,12 +27,13 @@ from ..policies import load_policy_set
 from ..rewards import Objective, align_policies, builtin_objectives, load_rewards
 from .inputs import load_prompts
 from .render import write_report
-from .rows import ProfileLookup, RowParser, split_specs
+from .rows import REWARD_FIT_ROW, ProfileLookup, RowParser, split_specs
 from .run import EvalOptions, EvalReport, run_evaluation
 
 logger = logging.getLogger(__name__)
 
-DEMO_ROWS = "fitted,uniform,single,soup,reference"
+DEMO_ROWS = "fitted,fitted:rewards,uniform,single,soup,reference"
+DEMO_COMPARE = "uniform"
 DEFAULT_ROWS = "uniform,single,reference"
 DEMO_PARETO = "polite,concise"
 
@@ -89,6 +90,27 @@ def _fit(engine: Engine, prompts: list[str], args: argparse.Namespace) -> dict[s
     return dict(report.weights)
 
 
+def _reward_fit(
+    engine: Engine, prompts: list[str], objectives: dict[str, Objective], args: argparse.Namespace
+) -> tuple[dict[str, float], float, dict[str, Any]]:
+    from ..reward_fit_driver import RewardFitDriverOptions, run_reward_fit
+
+    options = RewardFitDriverOptions(
+        reference_samples=args.fit_reference_samples,
+        samples_per_round=args.fit_samples,
+        rounds=args.fit_rounds,
+        max_new_tokens=args.fit_max_new_tokens,
+        kl_coef=args.fit_kl_coef,
+        fit_strength=args.fit_strength,
+        seed=args.seed,
+    )
+    bar, progress = _tqdm_progress()
+    with bar:
+        report = run_reward_fit(engine, prompts, objectives, options, progress=progress)
+    logger.info("reward-fitted weights %s, strength %.3f", report.weights, report.strength)
+    return dict(report.weights), report.strength, report.to_dict()
+
+
 def run_eval_command(
     args: argparse.Namespace, home: Path | None, profiles: ProfileLookup | None
 ) -> tuple[EvalReport, list[Path]]:
@@ -114,6 +136,7 @@ def run_eval_command(
         pareto=pareto,  # type: ignore[arg-type]  # checked: two names
         pareto_points=args.pareto_points,
         examples=args.examples,
+        compare=tuple(split_specs(args.compare or ([DEMO_COMPARE] if args.demo else []))),
     ).validate()
 
     policy_set = load_policy_set(load_config(given["config"]))
@@ -121,16 +144,27 @@ def run_eval_command(
     align_policies(objectives, policy_set.names)
     limits = EngineLimits(max_running=args.max_running, max_queued=1 << 20)
     with Engine(policy_set, limits) as engine:
-        fitted = None
+        fitted, reward_fit, reward_report = None, None, None
+        fit_seconds: dict[str, float] = {}
         if any(s in ("fitted", "soup:fitted") for s in specs) and given["fit_prompts"]:
+            fit_started = time.monotonic()
             fitted = _fit(engine, given["fit_prompts"], args)
-        parser = RowParser(policy_set.names, engine.has_reference, profiles, fitted)
+            fit_seconds["fit"] = time.monotonic() - fit_started
+        if REWARD_FIT_ROW in specs and given["fit_prompts"]:
+            fit_started = time.monotonic()
+            weights, strength, reward_report = _reward_fit(
+                engine, given["fit_prompts"], objectives, args
+            )
+            reward_fit = (weights, strength)
+            fit_seconds["reward_fit"] = time.monotonic() - fit_started
+        parser = RowParser(policy_set.names, engine.has_reference, profiles, fitted, reward_fit)
         rows = parser.parse(specs)
         bar, progress = _tqdm_progress()
         with bar:
             report = run_evaluation(
                 engine, given["prompts"], objectives, rows, options, progress=progress
             )
+    report.seconds.update(fit_seconds)
     report.seconds["total"] = time.monotonic() - started
     report.meta.update(
         {
@@ -149,6 +183,7 @@ def run_eval_command(
             "dtype": str(policy_set.dtype),
             "rows": specs,
             "fitted_weights": fitted,
+            "reward_fit": reward_report,
             "fit": None
             if fitted is None
             else {

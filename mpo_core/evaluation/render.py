@@ -73,6 +73,8 @@ def markdown(report: EvalReport) -> str:
             f"| {_label(r)} | {weights} | {cells} | {r.worst_reward[0]} {r.worst_reward[1]:+.3f} |"
         )
     lines += ["", _second_table(report, names), ""]
+    for other in report.options.compare:
+        lines += [_paired_table(report, names, other), ""]
     if opts.examples:
         lines += ["Example replies (first sample of the first prompts):", ""]
         for r in report.rows:
@@ -98,6 +100,26 @@ def _second_table(report: EvalReport, names: list[str]) -> str:
         cells += [f"{r.reply_tokens:.1f}", f"{r.reply_words:.1f}"]
         if has_kl:
             cells.append(_cell(r.kl) if r.kl is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired_table(report: EvalReport, names: list[str], other: str) -> str:
+    """Every row against ``other``, reply against reply, and the gap in worst win rates."""
+    header = ["row", *(f"win vs `{other}`: {n}" for n in names)]
+    if report.baseline is not None:
+        header.append(f"worst win rate vs `{report.baseline}` minus `{other}`'s (points)")
+    lines = [
+        f"Paired against `{other}` (same prompts and seeds):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+    for r in report.rows:
+        cells = [_label(r), *(_cell(r.paired[other][n], percent=True) for n in names)]
+        if report.baseline is not None:
+            gap = r.worst_gap[other]
+            cells.append(f"{100 * gap.mean:+.1f} [{100 * gap.low:+.1f}, {100 * gap.high:+.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

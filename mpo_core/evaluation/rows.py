@@ -9,6 +9,9 @@ A ``--rows`` value is a comma-separated list of specs::
     weights:a=1,b=2[@s]       explicit weights (normalised), optional strength s
     profile:<name>[@s]        a stored profile (``fitted:<name>`` is the same)
     fitted                    the weights an MPO fit finds in this run (needs fit prompts)
+    fitted:rewards            the weights (and strength) a fit to the rewards finds in this
+                              run (``mpo_core.reward_fit_driver``); a stored profile named
+                              "rewards" is ``profile:rewards``
     soup[:<source>]           the parameter average of the policies at the weights of
                               <source>: ``fitted``, ``uniform``, ``profile:<name>``,
                               ``a=1,b=2``; bare ``soup`` takes the first fitted or profile
@@ -34,8 +37,9 @@ _PAIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*=")
 _STORED = ("fitted:", "profile:")
 ROW_GRAMMAR = (
     "reference, uniform, single, policy:NAME, weights:NAME=W,...[@S], profile:NAME[@S], "
-    "fitted:NAME, fitted, soup[:fitted|uniform|profile:NAME|NAME=W,...]"
+    "fitted:NAME, fitted, fitted:rewards, soup[:fitted|uniform|profile:NAME|NAME=W,...]"
 )
+REWARD_FIT_ROW = "fitted:rewards"
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,13 @@ class RowParser:
         has_reference: bool,
         profiles: ProfileLookup | None = None,
         fitted: dict[str, float] | None = None,
+        reward_fitted: tuple[dict[str, float], float] | None = None,
     ) -> None:
         self.names = tuple(names)
         self.has_reference = has_reference
         self.profiles = profiles
         self.fitted = fitted
+        self.reward_fitted = reward_fitted  # (weights, strength) of this run's reward fit
 
     def mixture_row(self, label: str, weights: object, strength: object = 1.0) -> Row:
         mixture = Mixture.build(self.names, weights, strength, has_reference=self.has_reference)  # type: ignore[arg-type]
@@ -155,6 +161,12 @@ class RowParser:
             return [self.mixture_row(f"policy:{n}", {n: 1.0}) for n in self.names]
         if spec == "fitted":
             return [self.mixture_row("fitted", self._fitted(spec))]
+        if spec == REWARD_FIT_ROW:
+            if self.reward_fitted is None:
+                raise _bad(
+                    spec, "no reward fit in this run: give fit prompts and --rewards, or --demo"
+                )
+            return [self.mixture_row(spec, *self.reward_fitted)]
         if head == "policy" and body:
             if body not in self.names:
                 raise _bad(spec, f"unknown policy {body!r} (policies: {', '.join(self.names)})")

@@ -30,7 +30,7 @@ from ..rewards import Objective
 from ..soup import soup_policy_set
 from .decode import DecodeJob, Progress, Samples, decode_jobs, reference_logprobs, sample_seed
 from .rows import Row, RowParser, sweep_rows
-from .stats import Estimate, bootstrap_mean, win_rate
+from .stats import Estimate, bootstrap_mean, win_rate, win_scores, worst_gap
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class EvalOptions:
     pareto: tuple[str, str] | None = None  # two objectives whose policies are swept
     pareto_points: int = 11
     examples: int = 2  # example replies kept per row
+    compare: tuple[str, ...] = ()  # rows every row is also compared with, reply against reply
 
     def validate(self) -> EvalOptions:
         for name in ("samples", "max_new_tokens", "pareto_points"):
@@ -76,6 +77,10 @@ class RowResult:
     reply_words: float
     kl: Estimate | None
     examples: list[tuple[str, str]]
+    # against each ``compare`` row: per-objective paired win rates, and the gap between the
+    # two rows' worst win rates against the baseline (paired bootstrap)
+    paired: dict[str, dict[str, Estimate]] = field(default_factory=dict)
+    worst_gap: dict[str, Estimate] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +100,11 @@ class RowResult:
             "reply_words": self.reply_words,
             "kl": None if self.kl is None else self.kl.as_dict(),
             "examples": [{"prompt": p, "reply": r} for p, r in self.examples],
+            "paired": {
+                other: {k: e.as_dict() for k, e in wins.items()}
+                for other, wins in self.paired.items()
+            },
+            "worst_gap": {other: e.as_dict() for other, e in self.worst_gap.items()},
         }
 
 
@@ -120,6 +130,7 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         options = dict(vars(self.options))
         options["pareto"] = list(self.options.pareto) if self.options.pareto else None
+        options["compare"] = list(self.options.compare)
         return {
             "meta": self.meta,
             "options": options,
@@ -224,14 +235,18 @@ def run_evaluation(
     seconds["reference_scoring"] = time.monotonic() - started
 
     base = _baseline_key(rows, baseline)
+    compare = _compare_keys(rows, options.compare)
 
     def summarise(row: Row) -> RowResult:
         return _summarise(row, samples[row.key], rewards, kls.get(row.key), base, prompts, options)
 
+    summaries = [summarise(r) for r in rows]
+    for result in summaries:
+        _pair(result, rewards, base, compare, options)
     return EvalReport(
         objectives={name: o.source for name, o in objectives.items()},
         baseline=baseline,
-        rows=[summarise(r) for r in rows],
+        rows=summaries,
         pareto=[summarise(r) for r in sweep],
         pareto_objectives=options.pareto,
         prompts=list(prompts),
@@ -261,6 +276,39 @@ def _kl_estimates(
 
 def _baseline_key(rows: Sequence[Row], baseline: str | None) -> object | None:
     return next((r.key for r in rows if r.label == baseline), None)
+
+
+def _compare_keys(rows: Sequence[Row], labels: Sequence[str]) -> dict[str, object]:
+    keys = {r.label: r.key for r in rows}
+    for label in labels:
+        if label not in keys:
+            raise InvalidParameter(
+                "compare", f"compare row {label!r} is not one of the rows ({', '.join(keys)})"
+            )
+    return {label: keys[label] for label in labels}
+
+
+def _pair(
+    result: RowResult,
+    rewards: Mapping[object, Mapping[str, np.ndarray]],
+    baseline_key: object | None,
+    compare: Mapping[str, object],
+    options: EvalOptions,
+) -> None:
+    """Fill ``paired`` and ``worst_gap`` of one row against every ``compare`` row."""
+    mine = rewards[result.row.key]
+    resamples, seed = options.bootstrap, options.seed
+    for label, key in compare.items():
+        other = rewards[key]
+        result.paired[label] = {
+            name: win_rate(values, other[name], resamples, seed) for name, values in mine.items()
+        }
+        if baseline_key is None:
+            continue
+        base = rewards[baseline_key]
+        row_wins = np.stack([win_scores(mine[n], base[n]) for n in mine])  # [J, N, m]
+        other_wins = np.stack([win_scores(other[n], base[n]) for n in mine])  # [J, N, m]
+        result.worst_gap[label] = worst_gap(row_wins, other_wins, resamples, seed)
 
 
 def _jobs(engine: Engine, rows: Sequence[Row]) -> tuple[list[DecodeJob], Engine | None]:

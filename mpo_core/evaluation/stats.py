@@ -73,3 +73,32 @@ def win_rate(
 ) -> Estimate:
     """The share of paired samples the row wins (ties count half), with its interval."""
     return bootstrap_mean(win_scores(row, baseline), resamples, seed)
+
+
+def worst_gap(
+    row_wins: np.ndarray,  # [J, N, m] per-objective win scores of a row against the baseline
+    other_wins: np.ndarray,  # [J, N, m] the same for another row, same prompts and seeds
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """``min_j WR_j(row) - min_j WR_j(other)``, both against one baseline, with a paired interval.
+
+    Each bootstrap draw resamples prompts once for both rows and every objective (the rows'
+    replies share seeds), and takes each row's worst objective *in that draw*, so the interval
+    accounts for which objective is the worst changing.
+    """
+    row = np.asarray(row_wins, dtype=np.float64).mean(axis=2)  # [J, N] per-prompt win rates
+    other = np.asarray(other_wins, dtype=np.float64).mean(axis=2)  # [J, N]
+    if row.shape != other.shape or row.ndim != 2 or row.size == 0:
+        raise ValueError(f"expected matching [J, N, m] arrays, got {row.shape} and {other.shape}")
+    gap = float(row.mean(axis=1).min() - other.mean(axis=1).min())
+    num_prompts = row.shape[1]
+    if num_prompts == 1 or resamples < 1:
+        return Estimate(gap, gap, gap)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, num_prompts, size=(resamples, num_prompts))  # [B, N]
+    draws = row[:, picks].mean(axis=2).min(axis=0) - other[:, picks].mean(axis=2).min(axis=0)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])  # draws: [B]
+    return Estimate(gap, float(min(low, gap)), float(max(high, gap)))

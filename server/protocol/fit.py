@@ -48,6 +48,15 @@ class FitRequest(BaseModel):
     seed: int = Field(default=0, ge=0, lt=2**63)
     profile: Name = "fitted"
     activate: bool = False  # make the stored profile the default
+    # Fit to a reward set configured on the server (docs/fitting.md), by name; None: the
+    # implicit fit. The options below apply to reward fits only; samples_per_prompt is then
+    # the replies per prompt of each round and iterations the ascent steps per refit.
+    rewards: Name | None = None
+    reference_samples: int = Field(default=8, ge=1, le=256)  # m_ref
+    rounds: int = Field(default=2, ge=0, le=20)
+    tolerance: float = Field(default=0.02, ge=0, allow_inf_nan=False)
+    kl_coef: float = Field(default=0.02, ge=0, allow_inf_nan=False)
+    fit_strength: bool = False
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> FitRequest:
@@ -70,3 +79,4 @@ class FitJobOut(BaseModel):
     weights: dict[str, float] | None = None
     profile: dict[str, Any] | None = None  # the stored profile version, once done
     report: dict[str, Any] | None = None
+    owner: str | None = None  # the id of the server process running (or that ran) the job

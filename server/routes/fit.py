@@ -43,15 +43,15 @@ def start_fit(body: FitRequest, jobs: JobsDep) -> JSONResponse:
 
 @router.get("/fit", responses=ERRORS)
 def list_fits(jobs: JobsDep) -> dict[str, Any]:
-    return {"jobs": [job.to_dict() for job in jobs.jobs()]}
+    return {"jobs": jobs.jobs()}
 
 
 @router.get("/fit/{job_id}", response_model=FitJobOut, responses=ERRORS)
 def get_fit(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    return jobs.get(job_id).to_dict()
+    return jobs.get(job_id)
 
 
 @router.delete("/fit/{job_id}", response_model=FitJobOut, responses=ERRORS)
 def cancel_fit(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     """Ask a running job to stop; it ends ``cancelled`` at its next check, storing nothing."""
-    return jobs.cancel(job_id).to_dict()
+    return jobs.cancel(job_id)

@@ -23,6 +23,7 @@ from mpo_core.evaluation import (
     sweep_rows,
     win_rate,
     win_scores,
+    worst_gap,
 )
 from mpo_core.policies import PolicySet
 from mpo_core.rewards import Objective, load_rewards, parse_rewards
@@ -103,6 +104,19 @@ def test_bootstrap_interval_contains_the_mean_and_is_seeded() -> None:
     assert one_prompt.low == one_prompt.high == one_prompt.mean
 
 
+def test_worst_gap_takes_each_rows_worst_objective_per_draw() -> None:
+    rng = np.random.default_rng(2)
+    # row A: 0.8 on objective 0, 0.6 on objective 1 -> worst 0.6; row B: 0.7 / 0.3 -> worst 0.3
+    a = np.stack([rng.random((40, 4)) < 0.8, rng.random((40, 4)) < 0.6]).astype(float)
+    b = np.stack([rng.random((40, 4)) < 0.7, rng.random((40, 4)) < 0.3]).astype(float)
+    gap = worst_gap(a, b, resamples=400, seed=1)
+    expected = a.mean(axis=(1, 2)).min() - b.mean(axis=(1, 2)).min()
+    assert gap.mean == pytest.approx(expected)
+    assert 0.15 < gap.low < gap.mean < gap.high < 0.45
+    assert worst_gap(a, a).as_dict() == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert worst_gap(a, b, resamples=400, seed=1) == gap
+
+
 # -- rows ---------------------------------------------------------------------------------
 def test_row_specs_parse_weights_profiles_and_soups() -> None:
     names = ["helpful", "harmless", "concise"]
@@ -117,6 +131,9 @@ def test_row_specs_parse_weights_profiles_and_soups() -> None:
     assert rows["fitted:best"].strength == 0.5  # the stored strength
     assert rows["soup@fitted:best"].kind == "soup"
     assert rows["soup@fitted:best"].weights == (0.75, 0.0, 0.25)
+    by_rewards = RowParser(names, True, reward_fitted=({"harmless": 1.0, "concise": 3.0}, 1.5))
+    (row,) = by_rewards.parse(["fitted:rewards"])
+    assert (row.label, row.weights, row.strength) == ("fitted:rewards", (0.0, 0.25, 0.75), 1.5)
     assert [label for label in rows if label.startswith("policy:")] == [
         "policy:helpful",
         "policy:harmless",
@@ -140,6 +157,7 @@ def test_row_specs_parse_weights_profiles_and_soups() -> None:
         ("weights:helpful=0,harmless=0", "must not all be zero"),
         ("soup:helpful=1@0.5", "takes no strength"),
         ("fitted", "no fit in this run"),
+        ("fitted:rewards", "no reward fit in this run"),
         ("profile:best", "need a profile store"),
     ],
 )
@@ -264,6 +282,24 @@ def test_same_seeds_give_the_same_report(eval_engine: Engine) -> None:
         worst = min(row["win_rates"].items(), key=lambda item: item[1]["mean"])
         assert row["worst_win_rate"] == {"objective": worst[0], "mean": worst[1]["mean"]}
     assert len(first["seeds"]["per_prompt_and_sample"]) == 3
+
+
+def test_compare_pairs_every_row_with_another(eval_engine: Engine) -> None:
+    rows = RowParser(eval_engine.policy_names, True).parse(["uniform", "single"])
+    options = EvalOptions(samples=2, max_new_tokens=6, seed=5, bootstrap=200, compare=("uniform",))
+    report = run_evaluation(eval_engine, ["Hello there", "How are you?", "Tell me"], OBJECTIVES,
+                            rows, options)  # fmt: skip
+    uniform = report.row("uniform")
+    assert uniform.paired["uniform"]["helpful"].as_dict() == {"mean": 0.5, "low": 0.5, "high": 0.5}
+    assert uniform.worst_gap["uniform"].mean == 0.0
+    single = report.row("policy:helpful")
+    worst = min(e.mean for e in single.win_rates.values()) - min(
+        e.mean for e in uniform.win_rates.values()
+    )
+    assert single.worst_gap["uniform"].mean == pytest.approx(worst)
+    with pytest.raises(InvalidParameter) as bad:
+        run_evaluation(eval_engine, ["Hi"], OBJECTIVES, rows, EvalOptions(compare=("nope",)))
+    assert bad.value.param == "compare"
 
 
 def test_rows_are_decoded_together_with_soups(llama_set: PolicySet) -> None:
@@ -409,12 +445,14 @@ def test_demo_shortcut_fits_and_compares_every_row(
     argv = ["eval", "--demo", "--demo-variant", "small", "--samples", "1", "--threads", "1"]
     argv += ["--max-new-tokens", "6", "--fit-samples", "2", "--fit-max-new-tokens", "6"]
     argv += ["--fit-iterations", "50", "--pareto-points", "3", "--bootstrap", "50"]
+    argv += ["--fit-rounds", "1", "--fit-reference-samples", "2"]
     argv += ["--out", str(out), "--name", "demo"]
     assert main(argv) == 0
     data = json.loads((out / "demo.json").read_text())
     labels = [r["label"] for r in data["rows"]]
     assert labels == [
         "fitted",
+        "fitted:rewards",
         "uniform",
         "policy:polite",
         "policy:concise",
@@ -425,7 +463,12 @@ def test_demo_shortcut_fits_and_compares_every_row(
     fitted = data["meta"]["fitted_weights"]
     assert sum(fitted.values()) == pytest.approx(1.0)
     assert data["rows"][0]["weights"] == pytest.approx(fitted)
-    assert data["rows"][5]["weights"] == pytest.approx(fitted)
+    assert data["rows"][6]["weights"] == pytest.approx(fitted)
+    reward_fit = data["meta"]["reward_fit"]
+    assert data["rows"][1]["weights"] == pytest.approx(reward_fit["weights"])
+    assert set(reward_fit["objectives"]) == {"polite", "concise", "upbeat"}
+    assert data["options"]["compare"] == ["uniform"]
+    assert set(data["rows"][1]["paired"]["uniform"]) == {"polite", "concise", "upbeat"}
     assert set(data["objectives"]) == {"polite", "concise", "upbeat"}
     assert len(data["prompts"]) == 24  # the held-out prompts
     assert data["pareto"]["objectives"] == ["polite", "concise"]

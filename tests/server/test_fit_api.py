@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from server_helpers import ADMIN, ADMIN_TOKEN, ClientFactory, assert_error, metric_value
 
-from mpo_core import fit_driver
+from mpo_core import fit_driver, reward_fit_driver
 
 PROMPTS = ["Could you help me?", "Write a short poem.", "Say thanks."]
 SMALL_FIT = {
@@ -201,3 +201,75 @@ def test_fit_without_reference_is_400(make_client: ClientFactory, tmp_path: Path
         assert_error(
             client.post("/admin/fit", json=SMALL_FIT, headers=ADMIN), 400, param="reference"
         )
+
+
+# -- fits to reward sets configured on the server --------------------------------------
+REWARDS_YAML = "objectives:\n  polite: {builtin: demo.polite}\n  concise: {builtin: demo.concise}\n"
+REWARD_FIT = {**SMALL_FIT, "samples_per_prompt": 2, "reference_samples": 3, "rounds": 1,
+              "iterations": 20, "rewards": "tiny"}  # fmt: skip
+
+
+@pytest.fixture
+def rewards_client(make_client: ClientFactory, tmp_path: Path) -> TestClient:
+    path = tmp_path / "rewards.yaml"
+    path.write_text(REWARDS_YAML)
+    return make_client(admin_token=ADMIN_TOKEN, rewards={"tiny": path})
+
+
+def test_reward_fit_stores_weights_strength_and_report(rewards_client: TestClient) -> None:
+    body = {**REWARD_FIT, "profile": "by-rewards", "fit_strength": True}
+    job = rewards_client.post("/admin/fit", json=body, headers=ADMIN)
+    assert job.status_code == 202, job.text
+    final = wait_final(rewards_client, job.json()["id"])
+    assert final["state"] == "done", final["error"]
+    report = final["report"]
+    assert report["rewards"] == "tiny" and set(report["objectives"]) == {"polite", "concise"}
+    assert set(report["rows"]) >= {"fitted", "uniform", "reference"}
+    stored = rewards_client.get("/admin/profiles/by-rewards", headers=ADMIN).json()
+    assert stored["weights"] == pytest.approx(final["weights"])
+    assert stored["strength"] == pytest.approx(report["strength"])
+    assert stored["meta"]["report"]["rounds"] == report["rounds"]
+
+
+@pytest.mark.parametrize("name", ["nope", "../rewards.yaml", "mypkg.rewards:brevity"])
+def test_reward_fit_names_only_configured_sets(rewards_client: TestClient, name: str) -> None:
+    response = rewards_client.post(
+        "/admin/fit", json={**REWARD_FIT, "rewards": name}, headers=ADMIN
+    )
+    assert_error(response, 400, param="rewards")
+    assert rewards_client.get("/admin/fit", headers=ADMIN).json()["jobs"] == []
+
+
+def test_reward_sets_come_from_the_policy_set_yaml(tmp_path: Path) -> None:
+    from mpo_core.config import load_config
+
+    (tmp_path / "r.yaml").write_text(REWARDS_YAML)
+    family = tmp_path / "family.yaml"
+    family.write_text("policies: [{name: a, model: m}]\nrewards: {house: r.yaml}\n")
+    assert load_config(family).rewards == {"house": str((tmp_path / "r.yaml").resolve())}
+
+
+def test_reward_fit_cancelled_mid_round_stores_nothing(
+    rewards_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached, release = threading.Event(), threading.Event()
+    real = reward_fit_driver.sample_mixture
+
+    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("tag") == "fit-r1":  # the first round sampled from a fitted mixture
+            reached.set()
+            assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reward_fit_driver, "sample_mixture", held)
+    before = profiles(rewards_client)
+    job = rewards_client.post("/admin/fit", json={**REWARD_FIT, "profile": "never"}, headers=ADMIN)
+    assert job.status_code == 202, job.text
+    assert reached.wait(60)  # round 0 is sampled, scored and fitted; round 1 has begun
+    cancelled = rewards_client.delete(f"/admin/fit/{job.json()['id']}", headers=ADMIN)
+    assert cancelled.status_code == 200
+    release.set()
+    final = wait_final(rewards_client, job.json()["id"])
+    assert final["state"] == "cancelled"
+    assert final["weights"] is None and final["profile"] is None
+    assert profiles(rewards_client) == before

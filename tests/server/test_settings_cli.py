@@ -112,6 +112,33 @@ def test_fit_prints_the_table_and_saves_a_profile(
     assert stored.meta == {"source": "mpo fit"}
 
 
+def test_fit_with_rewards_prints_win_rates_and_saves_the_strength(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_yaml: Path,
+) -> None:
+    from server.store import open_store
+
+    monkeypatch.setenv("MPO_HOME", str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\nThank you\n")
+    rewards = tmp_path / "rewards.yaml"
+    rewards.write_text("objectives:\n  polite: {builtin: demo.polite}\n"
+                       "  concise: {builtin: demo.concise}\n")  # fmt: skip
+    argv = ["fit", "--config", str(tiny_yaml), "--prompts", str(prompts), "--rewards",
+            str(rewards), "--samples-per-prompt", "2", "--reference-samples", "3",
+            "--rounds", "1", "--max-new-tokens", "3", "--iterations", "10", "--fit-strength",
+            "--save", "by-rewards"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "win:polite" in out and "win:concise" in out and "reference" in out
+    stored = open_store(Settings().resolved_store_url()).get("by-rewards")
+    assert abs(sum(stored.weights.values()) - 1) < 1e-6
+    assert stored.meta == {"source": f"mpo fit --rewards {rewards}"}
+    assert f"strength {stored.strength:.3f}" in out  # the fitted strength is what is stored
+
+
 def test_retry_after_setting_reaches_the_engine(tmp_path: Path, tiny_yaml: Path) -> None:
     from server.app import load_engine
     from server.metrics import Metrics
