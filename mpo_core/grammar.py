@@ -55,10 +55,13 @@ class Grammar:
 
     spec: GrammarSpec
     source: str  # llguidance's grammar text
-    tokenizer: Any  # llguidance.LLTokenizer
+    prototype: Any  # an llguidance.LLMatcher at the start, never advanced
 
     def matcher(self) -> RowGrammar:
-        return RowGrammar(llguidance.LLMatcher(self.tokenizer, self.source, log_level=0))
+        # A copy of the prototype costs microseconds; building a matcher from the source
+        # re-parses the grammar (a millisecond for a small schema), which would stall the
+        # thread that submits (the server's event loop).
+        return RowGrammar(self.prototype.deep_copy())
 
 
 class RowGrammar:
@@ -130,7 +133,7 @@ class GrammarCompiler:
             what = "regex" if spec.kind == "regex" else "JSON schema"
             detail = messages[0] if messages else "unknown error"
             raise InvalidParameter(spec.param, f"the {what} cannot be compiled: {detail}")
-        return Grammar(spec, source, tokenizer)
+        return Grammar(spec, source, llguidance.LLMatcher(tokenizer, source, log_level=0))
 
 
 def allowed_tokens(
