@@ -129,7 +129,8 @@ def add_eval_parser(commands: Any) -> None:
     evaluate.add_argument(
         "--compare",
         action="append",
-        help="rows every row is also paired with, comma-separated (demo default: uniform)",
+        help="rows every row is also paired with, comma-separated (demo default: uniform; "
+        "none: no paired table)",
     )
     evaluate.add_argument("--samples", type=int, default=4, help="replies per prompt and row")
     evaluate.add_argument("--max-new-tokens", type=int, default=48)

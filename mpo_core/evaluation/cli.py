@@ -136,7 +136,11 @@ def run_eval_command(
         pareto=pareto,  # type: ignore[arg-type]  # checked: two names
         pareto_points=args.pareto_points,
         examples=args.examples,
-        compare=tuple(split_specs(args.compare or ([DEMO_COMPARE] if args.demo else []))),
+        compare=tuple(
+            spec
+            for spec in split_specs(args.compare or ([DEMO_COMPARE] if args.demo else []))
+            if spec != "none"  # --compare none: no paired table (the demo's default off)
+        ),
     ).validate()
 
     policy_set = load_policy_set(load_config(given["config"]))
