@@ -174,8 +174,15 @@ def test_idle_stream_gets_keepalive_comments(
     assert events[-1]["generated_text"] is not None
 
 
-def test_huggingface_hub_text_generation(live: Callable[..., LiveServer]) -> None:
-    from huggingface_hub import InferenceClient
+def test_huggingface_hub_text_generation(
+    live: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import InferenceClient, constants
+
+    # HF_HUB_OFFLINE=1 (how an offline deployment runs) makes huggingface_hub refuse every
+    # URL, this loopback server's too; the module read it once, at import.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     server = live(api_key="sk-hub")
     client = InferenceClient(base_url=server.url, api_key="sk-hub")
