@@ -8,6 +8,7 @@ routes declare ``text/event-stream`` and ``/metrics`` ``text/plain`` where they 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI
@@ -80,7 +81,58 @@ def install_openapi(app: FastAPI) -> None:
             schemas = schema.get("components", {}).get("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(unused, None)
+            add_security(app, schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = build  # type: ignore[method-assign]
+
+
+SECURITY_SCHEMES = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The API key (`--api-key` / `MPO_API_KEY`): the inference routes and "
+        "/info, when the server has one",
+    },
+    "adminToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The admin token (`--admin-token` / `MPO_ADMIN_TOKEN`): /admin/*",
+    },
+}
+
+
+def add_security(app: FastAPI, schema: dict[str, Any]) -> None:
+    """``securitySchemes`` and each operation's ``security``: /admin/* takes the admin
+    token; every other operation that can answer 401 takes the API key, when the server
+    has one. The rest (/health, /metrics, the documents) are open."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    api_key_set = app.state.settings.api_key is not None
+    for path, path_item in schema.get("paths", {}).items():
+        for operation in path_item.values():
+            if path.startswith("/admin"):
+                operation["security"] = [{"adminToken": []}]
+            elif api_key_set and "401" in operation.get("responses", {}):
+                operation["security"] = [{"apiKey": []}]
+
+
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """``/admin/profiles/{name}`` -> a regex matching the paths it routes."""
+    parts = re.split(r"(\{[^}/]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+
+
+def operations_at(app: FastAPI, path: str) -> dict[str, dict[str, Any]]:
+    """The document's operations for a request path, by upper-case method: what the 405's
+    ``Allow`` lists and what the body limit checks tokens against."""
+    table = getattr(app.state, "operation_table", None)
+    if table is None:
+        paths = app.openapi().get("paths", {})
+        table = [(_path_pattern(t), item) for t, item in paths.items()]
+        app.state.operation_table = table
+    found: dict[str, dict[str, Any]] = {}
+    for pattern, item in table:
+        if pattern.fullmatch(path):
+            found.update({method.upper(): op for method, op in item.items()})
+    return found

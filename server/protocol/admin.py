@@ -58,3 +58,4 @@ class ProfileList(BaseModel):
 class ProfileHistory(BaseModel):
     name: str
     versions: list[ProfileOut]
+    next: int | None = None  # the ``after`` of the next page; null on the last
