@@ -245,7 +245,8 @@ def test_schema_fuzz_run_finds_no_failures(live: Callable[..., LiveServer], tmp_
     server = live(api_key=token, admin_token=token, max_n=4, default_max_tokens=8)
     command = [
         *(_schemathesis() or []), "run", f"{server.url}/openapi.json",
-        "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance",
+        "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance,"
+                    "positive_data_acceptance",
         "--header", f"Authorization: Bearer {token}",
         "--max-examples", os.environ.get("MPO_FUZZ_EXAMPLES", "25"),
         "--exclude-path-regex", "^/admin/fit",
