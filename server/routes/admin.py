@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
-from mpo_core.mixing import check_profile_name
+from mpo_core.names import Name
 
 from ..deps import EngineDep, StoreDep, require_admin
 from ..openapi import BODY_ERRORS, error_responses
@@ -70,9 +70,8 @@ def profile_history(
     response_model=ProfileOut,
     responses={**BODY, 201: {"model": ProfileOut, "description": "The profile's first version"}},
 )
-def put_profile(name: str, body: ProfilePut, store: StoreDep, engine: EngineDep) -> JSONResponse:
+def put_profile(name: Name, body: ProfilePut, store: StoreDep, engine: EngineDep) -> JSONResponse:
     """Store new weights as a new version, or (``{"version": n}``) roll back to version n."""
-    check_profile_name(name)
     weights: dict[str, float] | list[float] | None = body.weights
     strength, meta = body.strength, body.meta
     if body.version is not None:
