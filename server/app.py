@@ -23,7 +23,7 @@ from mpo_core.config import PolicySetConfig, load_config
 from mpo_core.engine import Engine, EngineLimits
 from mpo_core.policies import load_policy_set
 
-from .deps import authorize_route
+from .deps import authorize_route, refusal_before_body
 from .errors import install_error_handlers
 from .jobs import FitJobs
 from .metrics import Metrics
@@ -135,7 +135,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     # Outermost last: metrics see every status, including the body limit's 413 and a 500.
     app.add_middleware(UnexpectedErrorMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, refusal=refusal_before_body
+    )
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(DrainMiddleware, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

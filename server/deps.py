@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.types import Scope
 
 from mpo_core.engine import Engine
 from mpo_core.errors import EngineNotRunning
 
 from .auth import check_admin_token, check_api_key
+from .errors import APIError
 from .metrics import Metrics
+from .openapi import operations_at
 from .serving import Serving
 from .settings import Settings
 from .store import ProfileStore, StoreUnavailable
@@ -71,3 +74,22 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 StoreDep = Annotated[ProfileStore, Depends(get_store)]
+
+
+def refusal_before_body(scope: Scope) -> APIError | None:
+    """The 401 (or 403) a request would get from its route's token checks, found before
+    the body is read: the body limit answers it instead of a 413, so a caller without the
+    key learns that first, whatever it sends. The route's checks are read from the
+    OpenAPI document's ``security`` (``openapi.add_security``)."""
+    request = Request(scope)
+    operation = operations_at(request.app, scope["path"]).get(scope["method"], {})
+    schemes = {name for requirement in operation.get("security", []) for name in requirement}
+    settings = get_settings(request)
+    try:
+        if "adminToken" in schemes:
+            check_admin_token(request, settings.admin_token)
+        if "apiKey" in schemes:
+            check_api_key(request, settings.api_key)
+    except APIError as refusal:
+        return refusal
+    return None

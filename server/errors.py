@@ -26,6 +26,7 @@ from mpo_core.errors import (
     UnknownProfile,
 )
 
+from .openapi import operations_at
 from .protocol.errors import error_body
 from .store.base import StoreUnavailable
 
@@ -195,8 +196,27 @@ def _validation_handler(
     return on_validation
 
 
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not parse a JSON body, when ``json.loads`` failed outside its
+    JSONDecodeError: bytes that are not UTF-8, nesting past the recursion limit, an integer
+    past Python's digit limit. None for other HTTP errors."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body is nested too deeply"
+    if isinstance(cause, ValueError):
+        return str(cause).split(";")[0][:200]  # e.g. an integer with too many digits
+    return None
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    reason = _unparsable_body(exc)
+    if reason is not None:
+        return error_response(400, f"invalid JSON body: {reason}", code="json_invalid")
     status = exc.status_code
     if isinstance(exc.detail, str) and exc.detail:
         message = exc.detail
@@ -204,14 +224,19 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         message = HTTPStatus(status).phrase
     if status == 404:
         message = f"no route {request.method} {request.url.path}"
-    elif status == 405:
+    headers = dict(exc.headers or {})
+    if status == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     return error_response(
-        status,
-        message,
-        code=HTTPStatus(status).phrase.lower().replace(" ", "_"),
-        headers=dict(exc.headers or {}),
+        status, message, code=HTTPStatus(status).phrase.lower().replace(" ", "_"), headers=headers
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API serves on this path (Starlette names only the first route's,
+    and each method of ``/admin/profiles/{name}`` is a route of its own)."""
+    return sorted(operations_at(request.app, request.url.path))
 
 
 async def _on_generation_failed(request: Request, exc: Exception) -> JSONResponse:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import error_type
 from .metrics import Metrics
 from .protocol.errors import error_body
 
@@ -84,9 +86,12 @@ class UnexpectedErrorMiddleware:
 class BodyLimitMiddleware:
     """Answer 413 when a request body passes ``max_bytes`` (declared or actually sent)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, refusal: Callable[[Scope], Any] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.refusal = refusal  # scope -> the route's auth error (an APIError) or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +99,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._reject(send, declared)
+            await self._reject(scope, send, declared)
             return
         received = 0
         too_large = False
@@ -117,9 +122,14 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, guarded_send)
         if too_large:
-            await self._reject(send, received)
+            await self._reject(scope, send, received)
 
-    async def _reject(self, send: Send, size: int) -> None:
+    async def _reject(self, scope: Scope, send: Send, size: int) -> None:
+        refusal = self.refusal(scope) if self.refusal is not None else None
+        if refusal is not None:  # no token: that comes first, whatever the body's size
+            body = error_body(refusal.message, error_type(refusal.status), code=refusal.code)
+            await send_json(send, refusal.status, body, refusal.headers)
+            return
         message = (
             f"request body of {size} bytes or more exceeds the limit of {self.max_bytes} bytes"
         )

@@ -8,11 +8,15 @@ routes declare ``text/event-stream`` and ``/metrics`` ``text/plain`` where they 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from mpo_core.mixing import MAX_WEIGHT
+
+from .protocol.common import MAX_STOP_SEQUENCES
 from .protocol.errors import ErrorResponse
 
 _DESCRIPTIONS = {
@@ -80,7 +84,193 @@ def install_openapi(app: FastAPI) -> None:
             schemas = schema.get("components", {}).get("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(unused, None)
+            add_security(app, schema)
+            serving = getattr(app.state, "serving", None)
+            policies = list(serving.engine.policy_names) if serving is not None else None
+            tighten(schemas, policies)
+            if serving is not None:
+                limit_counts(schemas, serving)
+            if policies is None:  # before start-up: the weights' names are not known yet
+                return schema
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = build  # type: ignore[method-assign]
+
+
+SECURITY_SCHEMES = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The API key (`--api-key` / `MPO_API_KEY`): the inference routes and "
+        "/info, when the server has one",
+    },
+    "adminToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The admin token (`--admin-token` / `MPO_ADMIN_TOKEN`): /admin/*",
+    },
+}
+
+
+def add_security(app: FastAPI, schema: dict[str, Any]) -> None:
+    """``securitySchemes`` and each operation's ``security``: /admin/* takes the admin
+    token; every other operation that can answer 401 takes the API key, when the server
+    has one. The rest (/health, /metrics, the documents) are open."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    api_key_set = app.state.settings.api_key is not None
+    for path, path_item in schema.get("paths", {}).items():
+        for operation in path_item.values():
+            if path.startswith("/admin"):
+                operation["security"] = [{"adminToken": []}]
+            elif api_key_set and "401" in operation.get("responses", {}):
+                operation["security"] = [{"apiKey": []}]
+
+
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """``/admin/profiles/{name}`` -> a regex matching the paths it routes."""
+    parts = re.split(r"(\{[^}/]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+
+
+def operations_at(app: FastAPI, path: str) -> dict[str, dict[str, Any]]:
+    """The document's operations for a request path, by upper-case method: what the 405's
+    ``Allow`` lists and what the body limit checks tokens against."""
+    table = getattr(app.state, "operation_table", None)
+    if table is None:
+        paths = app.openapi().get("paths", {})
+        table = [(_path_pattern(t), item) for t, item in paths.items()]
+        app.state.operation_table = table
+    found: dict[str, dict[str, Any]] = {}
+    for pattern, item in table:
+        if pattern.fullmatch(path):
+            found.update({method.upper(): op for method, op in item.items()})
+    return found
+
+
+# ---- what the server accepts, written where pydantic's schema cannot say it ----------
+
+
+def weights_schema(policies: list[str]) -> dict[str, Any]:
+    """Weights as the engine takes them: the loaded policies' names (or one number each, in
+    their order), finite, >= 0, at least one above 0."""
+    number = {"type": "number", "minimum": 0, "maximum": MAX_WEIGHT}
+    some_positive = [
+        {"required": [name], "properties": {name: {"exclusiveMinimum": 0}}} for name in policies
+    ]
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {name: number for name in policies},
+                "additionalProperties": False,
+                "minProperties": 1,
+                "anyOf": some_positive,
+            },
+            {
+                "type": "array",
+                "items": number,
+                "minItems": len(policies),
+                "maxItems": len(policies),
+                "contains": {"exclusiveMinimum": 0},
+            },
+        ],
+        "description": f"{{policy: weight}} or one weight per policy, in the order {policies}; "
+        "normalised to sum 1",
+    }
+
+
+def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A property's schema without its ``null`` member: the server takes null as absent,
+    and the either-or rules below are about the fields that are present."""
+    members = [m for m in prop.get("anyOf", []) if m.get("type") != "null"]
+    if not members:
+        return prop
+    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    return {**members[0], **rest} if len(members) == 1 else {**rest, "anyOf": members}
+
+
+def _exactly_one(schema: dict[str, Any], first: str, second: str) -> None:
+    props = schema["properties"]
+    props[first], props[second] = _without_null(props[first]), _without_null(props[second])
+    schema["oneOf"] = [{"required": [first]}, {"required": [second]}]
+
+
+NON_EMPTY_STOP = {"type": "string", "minLength": 1}
+REQUESTS = {"TGIParameters", "CompletionRequest", "ChatCompletionRequest", "ProfilePut"}
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1},
+        _IDS,
+        {"type": "array", "items": _IDS, "minItems": 1},
+    ],
+    "description": "text, several texts, token ids, or several lists of token ids",
+}
+
+
+def tighten(schemas: dict[str, Any], policies: list[str] | None) -> None:
+    """The request schemas, narrowed to what the server accepts (schemathesis checks it):
+    policy names in weights, either-or rules, non-empty stop strings, the neutral values
+    of the unsupported penalties, the chat roles every template takes."""
+    for name in REQUESTS & set(schemas):
+        schema = schemas[name]
+        props = schema.get("properties", {})
+        if policies is not None and "weights" in props:
+            nullable = name != "ProfilePut"
+            props["weights"] = weights_schema(policies)
+            if nullable:
+                props["weights"]["anyOf"].append({"type": "null"})
+        if "weights" in props and "profile" in props:  # weights or a profile, not both
+            props["weights"], props["profile"] = (
+                _without_null(props["weights"]),
+                _without_null(props["profile"]),
+            )
+            schema["not"] = {"required": ["weights", "profile"]}
+        if name in ("CompletionRequest", "ChatCompletionRequest"):
+            stop = {"type": "array", "items": NON_EMPTY_STOP, "maxItems": MAX_STOP_SEQUENCES}
+            props["stop"] = {"anyOf": [NON_EMPTY_STOP, stop, {"type": "null"}]}
+            for penalty in ("presence_penalty", "frequency_penalty"):
+                props[penalty] = {**props[penalty], "enum": [0], "description": "only 0"}
+        if name == "CompletionRequest":
+            props["prompt"] = PROMPT
+            props["best_of"] = {"type": "null", "description": "only null (or n itself)"}
+        if name == "TGIParameters":
+            props["stop"] = {**props["stop"], "items": NON_EMPTY_STOP}
+            props["typical_p"] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "off"}
+    if "ProfilePut" in schemas:
+        _exactly_one(schemas["ProfilePut"], "weights", "version")
+    if "FitRequest" in schemas:
+        _exactly_one(schemas["FitRequest"], "prompts", "prompt_file")
+    if "ChatMessage" in schemas:
+        role = schemas["ChatMessage"]["properties"]["role"]
+        role["enum"] = ["system", "user", "assistant"]
+        role["description"] = (
+            "developer and tool messages are passed to the model's chat template too, "
+            "which may refuse them (400)"
+        )
+
+
+def limit_counts(schemas: dict[str, Any], serving: Any) -> None:
+    """The server's own bounds on counts: alternatives per token, choices per request."""
+    top = min(serving.settings.max_top_logprobs, serving.engine.limits.max_top_logprobs)
+    bounds = {
+        ("TGIParameters", "top_n_tokens"): top,
+        ("CompletionRequest", "logprobs"): top,
+        ("ChatCompletionRequest", "top_logprobs"): top,
+        ("CompletionRequest", "n"): serving.settings.max_n,
+        ("ChatCompletionRequest", "n"): serving.settings.max_n,
+    }
+    for (model, field), maximum in bounds.items():
+        prop = schemas.get(model, {}).get("properties", {}).get(field)
+        if prop is None:
+            continue
+        for member in prop.get("anyOf", [prop]):
+            if member.get("type") == "integer":
+                member["maximum"] = maximum
+    chat = schemas.get("ChatCompletionRequest", {}).get("properties", {})
+    if "tools" in chat:
+        chat["tools"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
+                         "description": "tools are not supported"}  # fmt: skip

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     data_dir: Path | None = None  # profile database and fit artefacts; default home/data
     store_url: str | None = None  # sqlite:///path.db (default: under data_dir) or postgresql://
     max_running: int = Field(default=16, ge=1)  # sequences decoded together
-    max_queued: int = Field(default=64, ge=1)  # sequences waiting; past it requests get 429
+    max_queued: int = Field(default=64, ge=1)  # waiting beyond max_running; then 429
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
     max_n: int = Field(default=8, ge=1)  # choices per OpenAI request
     max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap

@@ -102,27 +102,32 @@ async def drain_app(app: FastAPI, timeout_s: float) -> None:
         timeout_s,
     )
     fit_jobs: FitJobs | None = getattr(app.state, "fit_jobs", None)
-    active = fit_jobs.cancel_all() if fit_jobs is not None else []
+    cancelled_fits = fit_jobs.cancel_all() if fit_jobs is not None else []
     if await drain.wait_idle(timeout_s):
         logger.info("drained: every request finished")
     else:
-        serving = getattr(app.state, "serving", None)
-        cancelled = serving.engine.cancel_all() if serving is not None else 0
-        logger.warning(
-            "drain timeout (%.1f s): %d request(s) still in flight; %d sequence(s) cancelled, "
-            "their streams end with an error event",
-            timeout_s,
-            drain.in_flight,
-            cancelled,
-        )
-        if not await drain.wait_idle(END_STREAMS_GRACE_S):
-            logger.warning("%d request(s) did not end; uvicorn closes them", drain.in_flight)
-    if active:
+        await _end_what_is_left(app, drain, timeout_s)
+    if fit_jobs is not None:
         left = max(timeout_s - (time.monotonic() - started), 0.0) + END_STREAMS_GRACE_S
-        for job in active:
-            assert fit_jobs is not None
+        for job in cancelled_fits:  # a fit outlives any drain; cancelled, it stores nothing
             final = await asyncio.to_thread(fit_jobs.wait, job, left)
             logger.info("fit job %s is %s", job.id, final.state.value)
+
+
+async def _end_what_is_left(app: FastAPI, drain: Drain, timeout_s: float) -> None:
+    """Past the drain timeout: cancel every sequence, so each open stream sends its error
+    event and each waiting request its 503; give them a moment to be written."""
+    serving = getattr(app.state, "serving", None)
+    cancelled = serving.engine.cancel_all() if serving is not None else 0
+    logger.warning(
+        "drain timeout (%.1f s): %d request(s) still in flight; %d sequence(s) cancelled, "
+        "their streams end with an error event",
+        timeout_s,
+        drain.in_flight,
+        cancelled,
+    )
+    if not await drain.wait_idle(END_STREAMS_GRACE_S):
+        logger.warning("%d request(s) did not end; uvicorn closes them", drain.in_flight)
 
 
 class DrainingServer(uvicorn.Server):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mpo_core.mixing import MAX_STRENGTH
 from mpo_core.names import Name
 
-from .common import MAX_INT, Weights
+from .common import MAX_INT, OptInt, Weights
 
 
 class ProfilePut(BaseModel):
@@ -20,9 +20,7 @@ class ProfilePut(BaseModel):
     weights: Weights = None
     strength: float = Field(default=1.0, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
     meta: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(
-        default=None, ge=1, le=MAX_INT
-    )  # copy this old version as the newest
+    version: OptInt = Field(default=None, ge=1, le=MAX_INT)  # copy this old version as the newest
     default: bool | None = None  # true: mark this profile default
 
     @model_validator(mode="after")
@@ -58,3 +56,4 @@ class ProfileList(BaseModel):
 class ProfileHistory(BaseModel):
     name: str
     versions: list[ProfileOut]
+    next: int | None = None  # the ``after`` of the next page; null on the last

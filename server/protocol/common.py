@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from mpo_core.errors import InvalidParameter
 from mpo_core.mixing import MAX_STRENGTH, check_weight_list, check_weight_map
@@ -73,6 +73,20 @@ def _valid_unicode(text: str) -> str:
 
 # Text that reaches the tokenizer (prompts, chat content).
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _integral(value: object) -> object:
+    """JSON does not tell 3 from 3.0 (nor does JSON Schema's ``integer``): a float with no
+    fraction is that integer. Strings and booleans stay refused (the models are strict)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer field of a request body, and an optional one (the validator wraps the whole
+# union, so that Field bounds still reach the schema as minimum / maximum).
+Int = Annotated[int, BeforeValidator(_integral)]
+OptInt = Annotated[int | None, BeforeValidator(_integral)]
 
 
 class WireModel(BaseModel):

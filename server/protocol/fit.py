@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mpo_core.names import Name
 
-from .common import Text
+from .common import Int, OptInt, Text
 
 MAX_FIT_PROMPTS = 10_000
 
@@ -40,12 +40,12 @@ class FitRequest(BaseModel):
 
     prompts: list[Text] | None = Field(default=None, min_length=1, max_length=MAX_FIT_PROMPTS)
     prompt_file: str | None = None  # a file under <data_dir>/prompts: one prompt a line
-    samples_per_prompt: int = Field(default=8, ge=2, le=256)  # m
-    max_new_tokens: int = Field(default=32, ge=1)
-    iterations: int = Field(default=500, ge=1, le=1_000_000)  # T
+    samples_per_prompt: Int = Field(default=8, ge=2, le=256)  # m
+    max_new_tokens: Int = Field(default=32, ge=1)
+    iterations: Int = Field(default=500, ge=1, le=1_000_000)  # T
     step_size: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # eta
-    batch_size: int | None = Field(default=None, ge=1, le=MAX_FIT_PROMPTS)  # prompts a step (b)
-    seed: int = Field(default=0, ge=0, lt=2**63)
+    batch_size: OptInt = Field(default=None, ge=1, le=MAX_FIT_PROMPTS)  # prompts a step (b)
+    seed: Int = Field(default=0, ge=0, lt=2**63)
     profile: Name = "fitted"
     activate: bool = False  # make the stored profile the default
     # Fit to a reward set configured on the server (docs/fitting.md), by name; None: the

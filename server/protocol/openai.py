@@ -14,7 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mpo_core.sampling import SamplingParams
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
+from .common import (
+    MAX_INT,
+    MAX_STOP_SEQUENCES,
+    Int,
+    MixingFields,
+    MixingInfo,
+    OptInt,
+    Text,
+    WireModel,
+)
 
 
 class StreamOptions(BaseModel):
@@ -31,16 +40,16 @@ class SamplingFields(MixingFields):
     model: str | None = Field(default=None, min_length=1)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=MAX_INT)  # upper limit is a server setting (max_n)
+    n: Int = Field(default=1, ge=1, le=MAX_INT)  # upper limit is a server setting (max_n)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: OptInt = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float = 0.0  # not supported: only 0 (use repetition_penalty)
     frequency_penalty: float = 0.0  # not supported: only 0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    top_k: int | None = Field(default=None, ge=0, le=MAX_INT)
+    top_k: OptInt = Field(default=None, ge=0, le=MAX_INT)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
@@ -105,11 +114,11 @@ class SamplingFields(MixingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1, le=MAX_INT)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_INT)  # top alternatives per token
+    prompt: Text | list[Text] | list[Int] | list[list[Int]]
+    max_tokens: OptInt = Field(default=16, ge=1, le=MAX_INT)
+    logprobs: OptInt = Field(default=None, ge=0, le=MAX_INT)  # top alternatives per token
     echo: bool = False
-    best_of: int | None = Field(default=None, ge=1, le=MAX_INT)
+    best_of: OptInt = Field(default=None, ge=1, le=MAX_INT)
     suffix: None = None
     # vLLM takes it on completions too; checked and compiled in server/structured.py
     response_format: dict[str, Any] | None = None
@@ -164,10 +173,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    max_tokens: OptInt = Field(default=None, ge=1, le=MAX_INT)
+    max_completion_tokens: OptInt = Field(default=None, ge=1, le=MAX_INT)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_INT)
+    top_logprobs: OptInt = Field(default=None, ge=0, le=MAX_INT)
     response_format: dict[str, Any] | None = None  # text, json_object, json_schema
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | None = None

@@ -12,30 +12,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo_core.sampling import SamplingParams
 
-from .common import MAX_INT, MAX_STOP_SEQUENCES, MixingFields, MixingInfo, Text, WireModel
+from .common import (
+    MAX_INT,
+    MAX_STOP_SEQUENCES,
+    MixingFields,
+    MixingInfo,
+    OptInt,
+    Text,
+    WireModel,
+)
 
 
 class TGIParameters(MixingFields):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    best_of: int | None = Field(default=None, ge=1, le=1)  # only 1: no best-of search
+    best_of: OptInt = Field(default=None, ge=1, le=1)  # only 1: no best-of search
     # each prompt token's log-prob under the request's mixture (details.prefill)
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
-    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_INT)
+    max_new_tokens: OptInt = Field(default=None, ge=1, le=MAX_INT)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     return_full_text: bool = False
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: OptInt = Field(default=None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0, le=MAX_INT)
+    top_k: OptInt = Field(default=None, ge=0, le=MAX_INT)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_INT)
-    truncate: int | None = Field(
-        default=None, ge=1, le=MAX_INT
-    )  # keep only the last N prompt tokens
+    top_n_tokens: OptInt = Field(default=None, ge=0, le=MAX_INT)
+    truncate: OptInt = Field(default=None, ge=1, le=MAX_INT)  # keep only the last N prompt tokens
     typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
     watermark: Literal[False] = False
     ignore_eos: bool = False

@@ -11,16 +11,18 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from mpo_core.names import Name
+
 from ..deps import EngineDep, StoreDep, require_admin
 from ..openapi import BODY_ERRORS, error_responses
 from ..protocol.admin import DefaultPut, ProfileHistory, ProfileList, ProfileOut, ProfilePut
 from ..protocol.common import MAX_INT
 from ..store import ProfileVersion
-from ..store.base import check_profile_name
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 ERRORS = error_responses(400, 401, 403, 404, 503)  # 400: a bad path or query parameter
 BODY = error_responses(*BODY_ERRORS, 401, 403, 404, 503)
+MAX_HISTORY_PAGE = 100
 
 
 def profile_out(version: ProfileVersion, default: str | None) -> dict[str, Any]:
@@ -48,9 +50,19 @@ def get_profile(
 
 
 @router.get("/profiles/{name}/versions", response_model=ProfileHistory, responses=ERRORS)
-def profile_history(name: str, store: StoreDep) -> dict[str, Any]:
+def profile_history(
+    name: str,
+    store: StoreDep,
+    after: int = Query(default=0, ge=0, le=MAX_INT, description="versions after this one"),
+    limit: int = Query(default=20, ge=1, le=MAX_HISTORY_PAGE, description="versions a page"),
+) -> dict[str, Any]:
+    """A page of a profile's versions, oldest first; ``next`` is the ``after`` of the next
+    page (null on the last). Versions carry their ``meta`` (up to 64 KiB each)."""
     default = store.get_default()
-    return {"name": name, "versions": [profile_out(v, default) for v in store.history(name)]}
+    later = [v for v in store.history(name) if v.version > after]
+    page = later[:limit]
+    following = page[-1].version if len(later) > limit else None
+    return {"name": name, "versions": [profile_out(v, default) for v in page], "next": following}
 
 
 @router.put(
@@ -58,9 +70,8 @@ def profile_history(name: str, store: StoreDep) -> dict[str, Any]:
     response_model=ProfileOut,
     responses={**BODY, 201: {"model": ProfileOut, "description": "The profile's first version"}},
 )
-def put_profile(name: str, body: ProfilePut, store: StoreDep, engine: EngineDep) -> JSONResponse:
+def put_profile(name: Name, body: ProfilePut, store: StoreDep, engine: EngineDep) -> JSONResponse:
     """Store new weights as a new version, or (``{"version": n}``) roll back to version n."""
-    check_profile_name(name)
     weights: dict[str, float] | list[float] | None = body.weights
     strength, meta = body.strength, body.meta
     if body.version is not None:

@@ -253,6 +253,60 @@ def test_overload_raises_at_once(llama_set):
         assert len(list(queued)) == 5
 
 
+def hold_prefill(engine):
+    """Hold the engine inside its next runner step, where the sequences it just admitted
+    are neither waiting nor running: (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    step = engine.runner.step
+
+    def held(running, newcomers):
+        entered.set()
+        assert release.wait(timeout=60), "the test never released the engine"
+        return step(running, newcomers)
+
+    engine.runner.step = held
+    return entered, release
+
+
+def test_the_queue_holds_exactly_max_running_plus_max_queued(llama_set):
+    """The admission race: sequences being admitted (prefilled) once freed their slots
+    twice, so the queue took one more per admitted sequence than its limit."""
+    tok = llama_set.tokenizer
+    engine = Engine(llama_set, EngineLimits(max_running=2, max_queued=4))
+    entered, release = hold_prefill(engine)
+    with engine:
+        streams = [engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(3)))]
+        assert entered.wait(timeout=60)  # the engine admitted it and holds its prefill
+        refused = 0
+        for _ in range(31):
+            try:
+                streams.append(engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(3))))
+            except Overloaded:
+                refused += 1
+        assert (len(streams), refused) == (6, 26)
+        assert engine.stats().running + engine.stats().waiting == 6
+        release.set()
+        assert all(len(list(stream)) == 3 for stream in streams)
+
+
+def test_cancel_all_ends_admitted_waiting_and_running_sequences(llama_set):
+    tok = llama_set.tokenizer
+    engine = Engine(llama_set, EngineLimits(max_running=1, max_queued=2))
+    entered, release = hold_prefill(engine)
+    with engine:
+        streams = [engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(50)))]
+        assert entered.wait(timeout=60)
+        streams.append(engine.submit(GenerationRequest(tok.encode(PROMPT), greedy(50))))
+        assert engine.cancel_all() == 2  # the one being admitted and the one waiting
+        release.set()
+        for stream in streams:
+            events = list(stream)
+            assert events[-1].finish_reason == "cancelled" and len(events) < 50
+        assert engine.is_alive  # it goes on serving
+        after = engine.generate(GenerationRequest(tok.encode(PROMPT), greedy(2)))
+        assert len(after.token_ids) == 2
+
+
 def test_input_errors_name_the_parameter(llama_set, no_reference_family):
     tok = llama_set.tokenizer
     with Engine(llama_set) as engine:

@@ -134,7 +134,7 @@ def test_missing_auth_is_401_before_a_malformed_body(make_client: ClientFactory)
 
 def test_strict_types(admin_client: TestClient) -> None:
     base = {"inputs": "Hi", "parameters": {"max_new_tokens": 1}}
-    for field, value in [("max_new_tokens", True), ("max_new_tokens", "10"), ("seed", 1.0),
+    for field, value in [("max_new_tokens", True), ("max_new_tokens", "10"), ("seed", 1.5),
                          ("details", 1), ("temperature", "0.5"), ("weights", {"helpful": "1"}),
                          ("weights", [True, 1, 1]), ("strength", "1")]:  # fmt: skip
         body = {**base, "parameters": {**base["parameters"], field: value}}
@@ -144,9 +144,15 @@ def test_strict_types(admin_client: TestClient) -> None:
     assert_error(admin_client.post("/v1/chat/completions", json=chat), 400, param="stream")
     fit = {"prompts": ["Hi"], "activate": 0}
     assert_error(admin_client.post("/admin/fit", json=fit, headers=ADMIN), 400, param="activate")
-    # Integers stay valid where a float is expected.
+    # Integers stay valid where a float is expected, and (as JSON Schema's `integer` says)
+    # a whole number written 3.0 is that integer.
     body = {**base, "parameters": {"max_new_tokens": 1, "temperature": 1, "weights": [1, 0, 0]}}
     assert admin_client.post("/generate", json=body).status_code == 200
+    whole_numbers = {"max_new_tokens": 2.0, "seed": 7.0, "top_k": 3.0, "details": True}
+    whole = admin_client.post("/generate", json={**base, "parameters": whole_numbers})
+    assert whole.status_code == 200 and whole.json()["details"]["generated_tokens"] <= 2
+    chat = {**CHAT, "max_tokens": 1.0, "n": 2.0}
+    assert len(admin_client.post("/v1/chat/completions", json=chat).json()["choices"]) == 2
 
 
 def test_empty_admin_token_disables_admin(make_client: ClientFactory) -> None:

@@ -176,8 +176,15 @@ def test_idle_stream_gets_keepalive_comments(
     assert events[-1]["generated_text"] is not None
 
 
-def test_huggingface_hub_text_generation(live: Callable[..., LiveServer]) -> None:
-    from huggingface_hub import InferenceClient
+def test_huggingface_hub_text_generation(
+    live: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import InferenceClient, constants
+
+    # HF_HUB_OFFLINE=1 (how an offline deployment runs) makes huggingface_hub refuse every
+    # URL, this loopback server's too; the module read it once, at import.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     server = live(api_key="sk-hub")
     client = InferenceClient(base_url=server.url, api_key="sk-hub")
@@ -308,6 +315,24 @@ def _schemathesis() -> list[str] | None:
     return None
 
 
+def _fuzz(url: str, token: str, checks: str, *selection: str, folder: Path) -> None:
+    command = [
+        *(_schemathesis() or []), "run", f"{url}/openapi.json",
+        "--checks", checks,
+        "--header", f"Authorization: Bearer {token}",
+        "--max-examples", os.environ.get("MPO_FUZZ_EXAMPLES", "25"),
+        *selection,
+        "--phases", "examples,coverage,fuzzing",
+        "--generation-deterministic",
+        "--request-timeout", "60",
+        "--workers", "1",
+        "--report", "junit", "--report-dir", str(folder),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=folder)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+
+
 @pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
 def test_schema_fuzz_run_finds_no_failures(live: Callable[..., LiveServer], tmp_path: Path) -> None:
     """A bounded schemathesis run: no 500, only documented statuses, bodies as documented.
@@ -317,18 +342,19 @@ def test_schema_fuzz_run_finds_no_failures(live: Callable[..., LiveServer], tmp_
     """
     token = "fuzz-token"
     server = live(api_key=token, admin_token=token, max_n=4, default_max_tokens=8)
-    command = [
-        *(_schemathesis() or []), "run", f"{server.url}/openapi.json",
-        "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance",
-        "--header", f"Authorization: Bearer {token}",
-        "--max-examples", os.environ.get("MPO_FUZZ_EXAMPLES", "25"),
-        "--exclude-path-regex", "^/admin/fit",
-        "--phases", "examples,coverage,fuzzing",
-        "--generation-deterministic",
-        "--request-timeout", "60",
-        "--workers", "1",
-        "--report", "junit", "--report-dir", str(tmp_path),
-    ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-6000:]
+    checks = "not_a_server_error,status_code_conformance,response_schema_conformance"
+    _fuzz(server.url, token, checks, "--exclude-path-regex", "^/admin/fit", folder=tmp_path)
+
+
+@pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
+def test_schema_accepts_only_what_the_profile_routes_accept(
+    live: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    """Positive-data conformance where the document can say everything the server checks:
+    every body the schema of /admin/profiles allows must not get a 400. (The generation
+    routes also check prompt + max_new_tokens against the context in tokens, which no
+    JSON Schema can state; tests/server/test_protocol_edges.py checks their rules.)"""
+    token = "fuzz-token"
+    server = live(api_key=token, admin_token=token)
+    checks = "not_a_server_error,positive_data_acceptance"
+    _fuzz(server.url, token, checks, "--include-path-regex", "^/admin/profiles", folder=tmp_path)

@@ -164,6 +164,63 @@ def test_overload_gives_429_at_once(make_client: ClientFactory, policy_set: Poli
         own.stop(timeout=2)
 
 
+def test_concurrent_requests_admit_exactly_max_running_plus_max_queued(
+    make_client: ClientFactory, policy_set: PolicySet
+) -> None:
+    """The issue's reproducer: max_running 2, max_queued 4 and 32 concurrent /generate.
+    The engine is held inside the prefill of what it admitted (the window where the race
+    freed their slots twice), so no request can finish and free a slot meanwhile."""
+    own = Engine(policy_set, EngineLimits(max_running=2, max_queued=4))
+    entered, release = threading.Event(), threading.Event()
+    step = own.runner.step
+
+    def held(running: Any, newcomers: Any) -> Any:
+        entered.set()
+        assert release.wait(timeout=60)
+        return step(running, newcomers)
+
+    own.runner.step = held  # type: ignore[method-assign]
+    statuses: list[int] = []
+    answered = threading.Condition()  # notified by every answer and every submission
+    submit = own.submit
+
+    def submit_and_tell(request: Any) -> Any:
+        try:
+            return submit(request)
+        finally:
+            with answered:
+                answered.notify_all()
+
+    own.submit = submit_and_tell  # type: ignore[method-assign]
+    client = make_client(engine_override=own.start())
+
+    def call() -> None:
+        status = client.post("/generate", json=GEN).status_code
+        with answered:
+            statuses.append(status)
+            answered.notify_all()
+
+    threads = [threading.Thread(target=call) for _ in range(32)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert entered.wait(timeout=60)
+
+        def settled() -> bool:  # every request is refused or held by the engine
+            held_now = own.stats().running + own.stats().waiting
+            return statuses.count(429) + held_now == 32
+
+        with answered:
+            assert answered.wait_for(settled, timeout=60), statuses
+        assert statuses.count(429) == 26 and own.stats().running + own.stats().waiting == 6
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        own.stop(timeout=5)
+    assert sorted(statuses) == [200] * 6 + [429] * 26
+
+
 # What breaks servers: missing values, negatives, overflowing ints, huge floats, wrong types.
 ODD_VALUES: list[object] = [None, -1, 2**70, 1e308, "x", [1e308, 1e308, 1e308]]
 

@@ -48,7 +48,7 @@ def test_no_control_character_reaches_the_store_through_http(admin_client: TestC
         for name in (f"nl{control}", f"{control}nl"):
             path = f"/admin/profiles/{quote(name, safe='')}"
             response = admin_client.put(path, json={"weights": WEIGHTS}, headers=ADMIN)
-            assert_error(response, 400, param="name", text="invalid profile name")
+            assert_error(response, 400, param="name", text="invalid name")
         for field, body in (
             ("default", {"default": f"nl{control}"}),
             ("profile", {"prompts": ["Hi"], "profile": f"nl{control}"}),
