@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -318,7 +318,7 @@ class RoundSampler:
         return torch.stack(columns, dim=1).reshape(len(self.prompt_ids), m, -1)  # [N, m, J]
 
 
-def _cancel_check(cancelled: CancelCheck):  # type: ignore[no-untyped-def]
+def _cancel_check(cancelled: CancelCheck) -> Callable[[int, int], None]:
     def on_step(step: int, total: int) -> None:
         if cancelled():
             raise FitCancelled("fit cancelled while optimising")
