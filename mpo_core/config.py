@@ -7,6 +7,7 @@ A policy set is a YAML file::
     policies:
       - {name: helpful,  model: <hub id or local path>}
       - {name: harmless, model: <hub id or local path>, revision: main}
+      - {name: small,    model: ./smollm2.Q4_K_M.gguf}   # or model: <folder>, gguf_file: <name>
     device: auto      # cuda when available, else cpu
     dtype: auto       # bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
@@ -51,9 +52,21 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=_NAME_PATTERN)  # used in requests: {"weights": {name: w}}
-    model: str = Field(min_length=1)  # hub id ("org/repo") or a local folder
+    # hub id ("org/repo"), a local folder, or a local ``.gguf`` file (docs/models.md)
+    model: str = Field(min_length=1)
+    # A GGUF file inside ``model`` (a folder or a hub repository), e.g. "model.Q4_K_M.gguf"
+    gguf_file: str | None = Field(default=None, min_length=1)
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_gguf(self) -> ModelSpec:
+        if self.gguf_file is not None and self.model.lower().endswith(".gguf"):
+            raise ValueError(
+                f"{self.name!r}: `model:` is already a GGUF file; drop `gguf_file:` or make "
+                "`model:` the folder (or hub repository) that holds it"
+            )
+        return self
 
 
 class AdapterSpec(BaseModel):

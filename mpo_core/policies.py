@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
+from .models import gguf_checkpoint, is_gguf
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
     from .adapters import AdapterFamily
@@ -103,12 +104,45 @@ def _looks_local(model: str) -> bool:
 
 
 def _source(spec: ModelSpec, role: str) -> str:
+    """What ``from_pretrained`` reads: a hub id, a local folder, or a GGUF file's copy."""
+    who = f"{role} {spec.name!r}"
+    if spec.gguf_file is not None:
+        return str(gguf_checkpoint(_gguf_location(spec, who), who))
+    if not _looks_local(spec.model):
+        return spec.model
+    path = Path(spec.model).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{who}: model path {spec.model!r} does not exist")
+    if is_gguf(path):
+        return str(gguf_checkpoint(path, who))
+    if (
+        path.is_dir()
+        and (path / "adapter_config.json").is_file()
+        and not (path / "config.json").exists()
+    ):
+        raise ConfigError(
+            f"{who}: {spec.model!r} is a LoRA adapter, not a model: use `base:` + `adapter:` "
+            "(base: {name: base, model: <the model it was trained on>}, and the policy as "
+            f"{{name: {spec.name}, adapter: {spec.model}}}; docs/adapters.md)"
+        )
+    return str(path)
+
+
+def _gguf_location(spec: ModelSpec, who: str) -> Path:
+    """The local path of ``gguf_file`` in ``model`` (a folder, or a hub repository)."""
+    assert spec.gguf_file is not None
     if _looks_local(spec.model):
-        path = Path(spec.model).expanduser()
-        if not path.exists():
-            raise ConfigError(f"{role} {spec.name!r}: model path {spec.model!r} does not exist")
-        return str(path)
-    return spec.model
+        return Path(spec.model).expanduser() / spec.gguf_file
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec.model, spec.gguf_file, revision=spec.revision))
+    except Exception as exc:  # offline, no such repository or file: one line, no traceback
+        raise ConfigError(
+            f"{who}: cannot fetch {spec.gguf_file!r} from the hub repository {spec.model!r}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(download the file and give its local path as `model:`)"
+        ) from None
 
 
 def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
