@@ -85,12 +85,13 @@ def _check_gguf(path: Path, who: str) -> None:
         raise ConfigError(f"{who}: {str(path)!r} is not a readable GGUF file: {exc}") from None
     field = reader.fields.get("general.architecture")
     architecture = field.contents() if field is not None else None
+    supported = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}  # not models
     names = {str(architecture), str(architecture).replace("-", "_").replace("moe", "_moe")}
-    if not names & set(GGUF_SUPPORTED_ARCHITECTURES):
+    if not names & supported:
         raise ConfigError(
             f"{who}: GGUF file {str(path)!r} has architecture {architecture!r}, which "
             "transformers cannot load from GGUF (supported: "
-            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); use the model's "
+            f"{', '.join(sorted(supported))}); use the model's "
             "safetensors checkpoint instead"
         )
     unsupported = set()

@@ -112,7 +112,10 @@ def _source(spec: ModelSpec, role: str) -> str:
         return spec.model
     path = Path(spec.model).expanduser()
     if not path.exists():
-        raise ConfigError(f"{who}: model path {spec.model!r} does not exist")
+        raise ConfigError(
+            f"{who}: model path {spec.model!r} does not exist (a relative path is taken from "
+            "the policy-set YAML's folder)"
+        )
     if is_gguf(path):
         return str(gguf_checkpoint(path, who))
     if (
@@ -152,9 +155,28 @@ def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
     except Exception as exc:  # tokenizers raises bare Exception on a corrupt file
+        if source == spec.model and not _looks_local(source) and _unreachable_hub(exc):
+            raise ConfigError(
+                f"{role} {spec.name!r}: hub model {source!r} is not in the local hub cache and "
+                f"the hub cannot be reached{' (HF_HUB_OFFLINE is set)' if _hub_offline() else ''}"
+                f": download it once where the hub is reachable (`hf download {source}`), or "
+                "point `model:` at a local folder or a .gguf file"
+            ) from None
         raise ConfigError(
             f"{role} {spec.name!r}: cannot load tokenizer from {source!r}: {exc}"
         ) from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _unreachable_hub(exc: Exception) -> bool:
+    """transformers' error for a hub id it could neither download nor find in the cache."""
+    text = str(exc)
+    return _hub_offline() or "couldn't connect" in text or "offline mode" in text
 
 
 def _load_model(
