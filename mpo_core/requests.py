@@ -12,6 +12,7 @@ import torch
 from .detokenize import ReplyReader, TokenTexts
 from .errors import InvalidParameter
 from .grammar import Grammar, RowGrammar
+from .kv_budget import GiB, KVBudget
 from .mixing import Mixture
 from .policies import PolicySet
 from .rules import check_context, check_token_ids
@@ -27,6 +28,10 @@ class EngineLimits:
     max_top_logprobs: int = 20
     score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
     retry_after_s: float = 1.0  # what Overloaded tells callers to wait
+    # KV-cache memory budget (kv_budget): bytes, else this fraction of the memory available
+    # when the engine starts; a request is admitted only when its worst-case cache fits.
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float = 0.5
 
 
 @dataclass
@@ -59,6 +64,10 @@ class SequenceState:
     def sampling(self) -> SamplingParams:
         return self.request.sampling
 
+    @property
+    def worst_case_tokens(self) -> int:  # the most columns its cache rows can reach
+        return len(self.request.prompt_ids) + self.sampling.max_new_tokens
+
 
 def prepare(
     request: GenerationRequest,
@@ -68,6 +77,7 @@ def prepare(
     sid: int,
     on_cancel: Callable[[], None],
     token_texts: TokenTexts | None = None,
+    budget: KVBudget | None = None,
 ) -> SequenceState:
     """Check a request against the policy set and the limits; raise InvalidParameter if bad."""
     params = request.sampling
@@ -87,6 +97,16 @@ def prepare(
         mixture = Mixture.build(policy_set.names, None, 1.0, has_reference=has_reference)
     else:  # built once by its caller: a mixture made for another policy set fails here
         mixture.check_fits(policy_set.names, has_reference)
+    total = len(prompt) + params.max_new_tokens
+    if budget is not None and not budget.fits([(mixture.coefficients, total)]):
+        need = budget.worst_case([(mixture.coefficients, total)])
+        raise InvalidParameter(
+            "max_new_tokens",
+            f"prompt + max_new_tokens = {total} tokens need up to {need / GiB:.2f} GiB of KV "
+            f"cache, more than the server's whole KV cache budget of "
+            f"{budget.budget_bytes / GiB:.2f} GiB ({budget.tokens} tokens over all models); "
+            "ask for fewer tokens",
+        )
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=policy_set.device)
     generator.manual_seed(seed)

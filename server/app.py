@@ -64,13 +64,18 @@ def policy_config(settings: Settings) -> PolicySetConfig:
 def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
     """Load the models and start the decoding thread (blocking: run it off the event loop).
 
-    The lifespan gives no ``metrics``: it makes them watch whichever engine it serves."""
+    ``mpo serve`` calls it before uvicorn starts (a configuration error is then one line,
+    not a lifespan traceback); the lifespan calls it when the app is served another way,
+    and gives no ``metrics``: it makes them watch whichever engine it serves.
+    """
     policy_set = load_policy_set(policy_config(settings))
     limits = EngineLimits(
         max_running=settings.max_running,
         max_queued=settings.max_queued,
         max_top_logprobs=settings.max_top_logprobs,
         retry_after_s=settings.retry_after_s,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        kv_cache_fraction=settings.kv_cache_fraction,
     )
     return Engine(policy_set, limits=limits, observer=metrics).start()
 
