@@ -77,11 +77,24 @@ def test_reference_alone_wins_half(engine: Engine) -> None:
     assert report.stopped == "rounds" and len(report.rounds) == 1
 
 
+def _close(a: object, b: object, tol: float = 1e-6) -> bool:
+    """Equal structures whose numbers agree to ``tol`` (a row's log-probs can differ in the
+    last bits with the rows it happened to be batched with; the sampled tokens do not)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= tol  # type: ignore[arg-type]
+    return a == b
+
+
 def test_same_seed_same_fit(engine: Engine) -> None:
     first = run_reward_fit(engine, PROMPTS[:2], OBJECTIVES, SMALL)
     again = run_reward_fit(engine, PROMPTS[:2], OBJECTIVES, SMALL)
-    assert first.weights == again.weights
-    assert first.rows == again.rows
+    assert _close(first.weights, again.weights)
+    assert _close(first.rows, again.rows)
+    assert not _close(first.weights, {k: 1.0 / len(first.weights) for k in first.weights})
 
 
 def _mixture_logprob(
