@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from . import speculative
+from .config import SpeculativeConfig
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
 from .mixing import Mixture, WeightsInput, mix_logprobs
@@ -33,6 +35,8 @@ from .runners import PolicyRunner, context_limit, make_runner
 from .sampling import sample_tokens
 from .score_jobs import ScoreJob
 from .scoring import ScoreResult
+from .speculate import Speculator, make_speculator
+from .speculative import Draft
 from .streams import GenerationResult, RequestStream
 
 __all__ = ["Engine", "EngineLimits", "EngineStats", "GenerationRequest"]
@@ -61,6 +65,7 @@ class Engine:
         limits: EngineLimits | None = None,
         observer: EngineObserver | None = None,
         runner: PolicyRunner | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
@@ -74,6 +79,11 @@ class Engine:
         else:
             self.runner, self.max_context = runner, context_limit(runner, max_context)
         self.events = EventBuilder(policy_set, self.max_context)
+        # Speculative decoding (None: off): the policy set's settings unless overridden;
+        # a runner without ``verify`` does not speculate.
+        self.speculator: Speculator | None = None
+        if hasattr(self.runner, "verify"):
+            self.speculator = make_speculator(policy_set, speculative)
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
@@ -250,6 +260,8 @@ class Engine:
             failed = {s.sid: s for s in [*self._running.values(), *newcomers]}
             self._running.clear()
         self.runner.keep(set())
+        if self.speculator is not None:
+            self.speculator.keep(set())
         for seq in failed.values():
             seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
 
@@ -286,6 +298,17 @@ class Engine:
         for job in jobs:
             job.fail(EngineNotRunning("the engine stopped before the scoring finished"))
 
+    def _mix(self, logprobs: torch.Tensor, active: Sequence[SequenceState]) -> torch.Tensor:
+        """Each row's mixture of its models' log-probs: [M, B, V] -> [B, V]."""
+        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
+        k = len(self.policy_names)
+        return mix_logprobs(
+            logprobs[:k],
+            coefs[:, :k],
+            logprobs[k] if self.has_reference else None,
+            coefs[:, k] if self.has_reference else None,
+        )  # [B, V]
+
     def _step(self, newcomers: list[SequenceState]) -> None:
         cancelled = [s for s in self._running.values() if s.stream.cancelled]
         self._retire(cancelled)
@@ -294,19 +317,17 @@ class Engine:
         running = list(self._running.values())
         if not running and not newcomers:
             return
+        if self.speculator is not None:
+            drafts = self.speculator.drafts(running, self.max_context)
+            if drafts:
+                self._speculative_step(running, newcomers, drafts)
+                return
         output = self.runner.step(running, newcomers)
         with self._lock:
             self._running.update((seq.sid, seq) for seq in newcomers)
         active = running + newcomers
         logprobs = output.logprobs  # [M, B, V]
-        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
-        k = len(self.policy_names)
-        mixed = mix_logprobs(
-            logprobs[:k],
-            coefs[:, :k],
-            logprobs[k] if self.has_reference else None,
-            coefs[:, k] if self.has_reference else None,
-        )  # [B, V]
+        mixed = self._mix(logprobs, active)  # [B, V]
         broken = ~torch.isfinite(mixed.logsumexp(dim=-1))  # [B] NaN, or no token possible
         if bool(broken.any()):
             active, mixed, logprobs = self._drop_broken(active, mixed, logprobs, broken)
@@ -318,6 +339,20 @@ class Engine:
             [s.generator for s in active],
             [s.token_ids for s in active],
         )  # [B]
+        finished = self._emit(active, mixed, logprobs, tokens)
+        self._retire(finished)
+        self._steps += 1
+        if self.observer is not None:
+            self.observer.on_step(len(active), output.forward_seconds)
+
+    def _emit(
+        self,
+        active: list[SequenceState],
+        mixed: torch.Tensor,  # [B, V]
+        logprobs: torch.Tensor,  # [M, B, V]
+        tokens: torch.Tensor,  # [B]
+    ) -> list[SequenceState]:
+        """Push one token's event per row; return the rows it finished."""
         events = self.events.step_events(active, mixed, logprobs, tokens)
         self._generated_tokens += len(events)
         finished = []
@@ -325,6 +360,58 @@ class Engine:
             seq.stream.push(event)
             if event.finish_reason is not None:
                 finished.append(seq)
+        return finished
+
+    def _speculative_step(
+        self,
+        running: list[SequenceState],
+        newcomers: list[SequenceState],
+        drafts: dict[int, Draft],
+    ) -> None:
+        """Verify the running rows' drafts in one forward per model, keep what the
+        mixture accepts (``speculative``), roll the rest back, emit a token event per
+        kept token. Newcomers are prefilled in the same step and sample one token."""
+        assert self.speculator is not None
+        output = self.runner.verify(
+            running, {sid: d.tokens for sid, d in drafts.items()}, newcomers
+        )
+        with self._lock:
+            self._running.update((seq.sid, seq) for seq in newcomers)
+        active = running + newcomers
+        logprobs = output.logprobs  # [M, B, G, V]
+        models, rows, width, vocab = logprobs.shape
+        mixed = self._mix(
+            logprobs.reshape(models, rows * width, vocab),
+            [seq for seq in active for _ in range(width)],
+        ).view(rows, width, vocab)  # [B, G, V]
+        finite = torch.isfinite(mixed.logsumexp(dim=-1)).tolist()  # [B][G]
+        emitted = speculative.verify_rows(
+            mixed, active, [drafts.get(s.sid, Draft([])) for s in active], finite
+        )  # per row: the kept drafts, then one sampled token
+        self.runner.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})
+        for b, seq in enumerate(active):
+            if seq.sid in drafts and finite[b][0]:
+                self.speculator.record(seq, len(drafts[seq.sid].tokens), len(emitted[b]) - 1)
+        broken = [not row[0] for row in finite]
+        if any(broken):
+            self._drop_broken(active, mixed[:, 0], logprobs[:, :, 0], torch.tensor(broken))
+        finished: list[SequenceState] = []
+        done: set[int] = set()  # sids finished at an earlier position of their run
+        for j in range(width):
+            live = [
+                b
+                for b, seq in enumerate(active)
+                if len(emitted[b]) > j and not broken[b] and seq.sid not in done
+            ]
+            if not live:
+                break
+            index = torch.tensor(live, device=mixed.device)
+            tokens = torch.tensor([emitted[b][j] for b in live], device=mixed.device)
+            ended = self._emit(
+                [active[b] for b in live], mixed[index, j], logprobs[:, index, j], tokens
+            )
+            finished += ended
+            done.update(seq.sid for seq in ended)
         self._retire(finished)
         self._steps += 1
         if self.observer is not None:
@@ -361,3 +448,5 @@ class Engine:
                 self._running.pop(seq.sid, None)
             keep = set(self._running)
         self.runner.keep(keep)
+        if self.speculator is not None:
+            self.speculator.keep(keep)

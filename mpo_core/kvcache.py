@@ -337,7 +337,7 @@ class GrowingBatch:
         )
         if growing_layers(self.cache)[0].capacity != capacity:
             self._release()
-        self._verified = width
+        self._verified += width  # unsettled columns, maybe of several verifies
         return to_logprobs(logits, self.vocab_size)  # [B, G, V]
 
     @torch.inference_mode()

@@ -227,7 +227,7 @@ class StaticBatch:
         later = torch.ones(width, width, dtype=torch.bool, device=self.device).triu(1)
         mask[:, 0, :, c : c + width] &= ~later
         self.column = c + width
-        self._verified = width
+        self._verified += width  # unsettled columns, maybe of several verifies
         layers = [SlotLayer(k[:n], v[:n], columns) for k, v in zip(self.keys, self.values)]
         logits = self.loaded.model(
             input_ids=tokens,  # [n, G]

@@ -1,0 +1,130 @@
+"""The engine's speculation policy: who drafts how many tokens this step, and the tallies.
+
+A request drafts when speculation is on (the policy set's ``speculative.method``, or
+the engine's override), the request did not opt out, the runner can verify, and at most
+``max_batch_size`` rows are running (past that a step is compute-bound and verifying
+drafts costs more than it saves). Its gamma adapts to its own acceptance rate
+(``speculative.AdaptiveGamma``) and never drafts past ``max_new_tokens`` or the context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ModelSpec, SpeculativeConfig
+from .drafts import Drafter, ModelDrafter, NgramDrafter
+from .errors import ConfigError
+from .kvcache import KVStorage
+from .policies import (
+    LoadedModel,
+    PolicySet,
+    _load_model,
+    _load_tokenizer,
+    check_tokenizers_agree,
+)
+from .requests import SequenceState
+from .speculative import AdaptiveGamma, Draft
+
+logger = logging.getLogger(__name__)
+
+
+class Speculator:
+    """Drafts for the rows of a step, and each request's adaptive gamma."""
+
+    def __init__(self, settings: SpeculativeConfig, drafter: Drafter) -> None:
+        self.settings = settings
+        self.drafter = drafter
+        self._gamma: dict[int, AdaptiveGamma] = {}
+        self.drafted = 0  # tokens drafted, all requests
+        self.accepted = 0  # of those, kept
+
+    def gamma_of(self, seq: SequenceState) -> AdaptiveGamma:
+        state = self._gamma.get(seq.sid)
+        if state is None:
+            state = self._gamma[seq.sid] = AdaptiveGamma(self.settings.max_draft_tokens)
+        return state
+
+    def gammas(self, running: Sequence[SequenceState], max_context: int) -> list[int]:
+        """How many tokens each row may draft this step (0: none)."""
+        if not running or len(running) > self.settings.max_batch_size:
+            return [0] * len(running)
+        # The batch's longest row bounds everyone's drafts: a static cache verifies every
+        # row in the same G columns (DecodeBatch.verify).
+        room = max_context - max(len(s.token_ids) for s in running)
+        out = []
+        for seq in running:
+            if not seq.request.speculative:
+                out.append(0)
+                continue
+            left = seq.sampling.max_new_tokens - len(seq.generated) - 1  # the last is sampled
+            out.append(max(0, min(self.gamma_of(seq).gamma, left, room)))
+        return out
+
+    def drafts(self, running: Sequence[SequenceState], max_context: int) -> dict[int, Draft]:
+        """The non-empty drafts of this step's running rows, by sid."""
+        gammas = self.gammas(running, max_context)
+        if max(gammas, default=0) == 0:
+            for seq in running:
+                if seq.request.speculative:
+                    self.gamma_of(seq).update(0, 0)  # idle steps count towards a probe
+            return {}
+        proposals = self.drafter.propose(running, gammas)
+        drafts = {}
+        for seq, draft in zip(running, proposals):
+            if draft.tokens:
+                drafts[seq.sid] = draft
+            elif seq.request.speculative:
+                self.gamma_of(seq).update(0, 0)
+        return drafts
+
+    def record(self, seq: SequenceState, drafted: int, accepted: int) -> None:
+        """One row's step: ``accepted`` of its ``drafted`` tokens were kept."""
+        self.gamma_of(seq).update(drafted, accepted)
+        self.drafted += drafted
+        self.accepted += accepted
+        seq.stream.drafted_tokens += drafted
+        seq.stream.accepted_tokens += accepted
+
+    def keep(self, sids: set[int]) -> None:
+        self.drafter.keep(sids)
+        self._gamma = {sid: g for sid, g in self._gamma.items() if sid in sids}
+
+
+def make_speculator(
+    policy_set: PolicySet, settings: SpeculativeConfig | None = None
+) -> Speculator | None:
+    """The speculator ``settings`` (default: the policy set's) ask for; None when off."""
+    settings = settings or policy_set.config.speculative
+    if settings.method == "off" or settings.max_draft_tokens == 0:
+        return None
+    drafter: Drafter
+    if settings.method == "ngram":
+        drafter = NgramDrafter()
+    else:
+        model = draft_model(policy_set, settings.draft_model)
+        logger.info("speculative decoding drafts with %r", model.name)
+        drafter = ModelDrafter(
+            model, policy_set.vocab_size, policy_set.device, KVStorage(policy_set.kv_dtype)
+        )
+    return Speculator(settings, drafter)
+
+
+def draft_model(policy_set: PolicySet, name: str | None) -> LoadedModel:
+    """The draft: a policy or the reference by name (None: the reference; an adapter
+    family's is its bare base), else a model path or hub id sharing the tokenizer."""
+    members = {m.name: m for m in [*policy_set.policies, policy_set.reference] if m is not None}
+    if name is None:
+        if policy_set.reference is None:
+            raise ConfigError(
+                "speculative.method draft needs speculative.draft_model (a policy's name or "
+                "a model path) when the policy set has no reference"
+            )
+        return policy_set.reference
+    if name in members:
+        return members[name]
+    spec = ModelSpec(name="draft", model=str(Path(name).expanduser()) if "/" in name else name)
+    tokenizer = _load_tokenizer(spec, "draft model")
+    check_tokenizers_agree(("the policies", policy_set.tokenizer), ("draft", tokenizer))
+    return _load_model(spec, "draft model", policy_set.device, policy_set.dtype)
