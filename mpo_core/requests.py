@@ -33,7 +33,6 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mixture: Mixture | None = None  # None = uniform weights, strength 1 (Engine.mixture builds one)
     request_id: str | None = None
-    speculative: bool = True  # False: never draft for this request (speculation off)
 
 
 @dataclass

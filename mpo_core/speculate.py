@@ -55,7 +55,7 @@ class Speculator:
         room = max_context - max(len(s.token_ids) for s in running)
         out = []
         for seq in running:
-            if not seq.request.speculative:
+            if not seq.sampling.speculative:
                 out.append(0)
                 continue
             left = seq.sampling.max_new_tokens - len(seq.generated) - 1  # the last is sampled
@@ -67,7 +67,7 @@ class Speculator:
         gammas = self.gammas(running, max_context)
         if max(gammas, default=0) == 0:
             for seq in running:
-                if seq.request.speculative:
+                if seq.sampling.speculative:
                     self.gamma_of(seq).update(0, 0)  # idle steps count towards a probe
             return {}
         proposals = self.drafter.propose(running, gammas)
@@ -75,7 +75,7 @@ class Speculator:
         for seq, draft in zip(running, proposals):
             if draft.tokens:
                 drafts[seq.sid] = draft
-            elif seq.request.speculative:
+            elif seq.sampling.speculative:
                 self.gamma_of(seq).update(0, 0)
         return drafts
 

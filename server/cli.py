@@ -31,6 +31,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-n", "max_n", int, "choices per OpenAI request (MPO_MAX_N)"),
     ("--log-level", "log_level", str, "debug, info, warning, error (MPO_LOG_LEVEL)"),
     ("--cuda-graphs", "cuda_graphs", str, "true/false: override the config's cuda_graphs"),
+    ("--speculative", "speculative", str, "off/ngram/draft: override speculative.method"),
 ]
 
 

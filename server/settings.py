@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     # Overrides the policy-set's `cuda_graphs` when set: false decodes eagerly on CUDA
     # (debugging, or a model whose forward cannot be captured).
     cuda_graphs: bool | None = None
+    # Overrides the policy-set's `speculative.method` when set (docs/speculative.md).
+    speculative: Literal["off", "ngram", "draft"] | None = None
     sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment on a stream idle this long
     shutdown_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: wait for running requests
     log_level: str = "info"

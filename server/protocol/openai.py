@@ -42,6 +42,7 @@ class SamplingFields(MixingFields):
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
+    speculative: bool = True  # false: no speculative decoding for this request
 
     @field_validator("stop")
     @classmethod
@@ -168,10 +169,21 @@ class ChatCompletionRequest(SamplingFields):
 # ---- responses ------------------------------------------------------------------------
 
 
+class CompletionTokensDetails(WireModel):
+    """OpenAI's prediction counts, here those of speculative decoding: drafted tokens the
+    mixture kept, and those it rejected."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(WireModel):
+    omit_unless_given = frozenset({"completion_tokens_details"})  # when speculation is on
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class CompletionLogprobs(WireModel):

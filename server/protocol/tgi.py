@@ -36,6 +36,7 @@ class TGIParameters(MixingFields):
     typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
     watermark: Literal[False] = False
     ignore_eos: bool = False
+    speculative: bool = True  # false: no speculative decoding for this request
     # Sent (as null) by TGI's own client; accepted only at their neutral value.
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
     grammar: None = None  # guided decoding is not supported
@@ -73,7 +74,8 @@ class TGIToken(WireModel):
 
 
 class TGIDetails(WireModel):
-    omit_unless_given = frozenset({"top_tokens"})  # only with top_n_tokens
+    # top_tokens only with top_n_tokens; the speculative counts when speculation is on
+    omit_unless_given = frozenset({"top_tokens", "drafted_tokens", "accepted_tokens"})
 
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
@@ -82,6 +84,8 @@ class TGIDetails(WireModel):
     tokens: list[TGIToken] = Field(default_factory=list)
     top_tokens: list[list[TGIToken]] | None = None
     best_of_sequences: None = None
+    drafted_tokens: int | None = None  # speculative decoding: tokens drafted for the reply
+    accepted_tokens: int | None = None  # of those, kept
 
 
 class TGIResponse(WireModel):
@@ -93,9 +97,13 @@ class TGIResponse(WireModel):
 
 
 class TGIStreamDetails(WireModel):
+    omit_unless_given = frozenset({"drafted_tokens", "accepted_tokens"})
+
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     seed: int | None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
 
 
 class TGIStreamEvent(WireModel):

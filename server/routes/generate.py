@@ -56,6 +56,7 @@ def to_sampling(p: TGIParameters, max_new_tokens: int) -> SamplingParams:
         stop=list(p.stop),
         ignore_eos=p.ignore_eos,
         top_logprobs=p.top_n_tokens or 0,
+        speculative=p.speculative,
     )
 
 
@@ -105,6 +106,9 @@ def response_body(
     )
     if p.top_n_tokens:  # set only when asked for: the field is left out otherwise
         details.top_tokens = [top_tokens(serving, ev) for ev in choice.events]
+    if serving.speculating:
+        details.drafted_tokens = choice.drafted_tokens
+        details.accepted_tokens = choice.accepted_tokens
     return TGIResponse(generated_text=text, details=details, mixing=info)
 
 
@@ -139,11 +143,15 @@ async def stream_events(
         if event.finish_reason is not None:
             last = {"generated_text": text, "mixing": MixingInfo(**mixing.as_dict())}
             if p.details:
-                last["details"] = TGIStreamDetails(
+                details = TGIStreamDetails(
                     finish_reason=event.finish_reason,  # type: ignore[arg-type]
                     generated_tokens=event.index + 1,
                     seed=stream.seed if sampled else None,
                 )
+                if serving.speculating:
+                    details.drafted_tokens = stream.drafted_tokens
+                    details.accepted_tokens = stream.accepted_tokens
+                last["details"] = details
         chunk = TGIStreamEvent(
             index=event.index,
             token=token(event),
