@@ -10,7 +10,7 @@ A policy set is a YAML file::
     device: auto      # cuda when available, else cpu
     dtype: auto       # bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
-    speculative: {method: ngram, max_draft_tokens: 4, draft_model: null}  # docs/speculative.md
+    speculative: {method: draft, max_draft_tokens: 4, draft_model: null}  # docs/speculative.md
 
 or an *adapter family*: one base model and K PEFT LoRA adapters of it, where the base
 with the adapters switched off is the reference (docs/adapters.md)::
@@ -89,13 +89,15 @@ class SpeculativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # off; ngram: prompt lookup over the prompt and reply; draft: a cheap model drafts
-    method: Literal["off", "ngram", "draft"] = "off"
+    # (the default: fastest on the demo family, bench/results/speculative_demo.json)
+    method: Literal["off", "ngram", "draft"] = "draft"
     max_draft_tokens: int = Field(default=4, ge=0, le=16)  # gamma's upper bound
     # For method draft: a policy's or the reference's name, or a model path / hub id that
-    # shares the tokenizer. None: the reference (an adapter family's bare base).
+    # shares the tokenizer. None: the reference (an adapter family's bare base); a family
+    # with no reference then falls back to ngram.
     draft_model: str | None = None
     # Above this many running rows a step does not speculate (it is compute-bound there).
-    max_batch_size: int = Field(default=8, ge=0)
+    max_batch_size: int = Field(default=4, ge=0)
 
 
 class PolicySetConfig(BaseModel):

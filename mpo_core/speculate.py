@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 class Speculator:
     """Drafts for the rows of a step, and each request's adaptive gamma."""
 
-    def __init__(self, settings: SpeculativeConfig, drafter: Drafter) -> None:
+    def __init__(self, settings: SpeculativeConfig, drafter: Drafter, min_models: int = 1) -> None:
         self.settings = settings
         self.drafter = drafter
+        self.min_models = min_models  # a row drafts only if it runs at least this many models
         self._gamma: dict[int, AdaptiveGamma] = {}
         self.drafted = 0  # tokens drafted, all requests
         self.accepted = 0  # of those, kept
@@ -55,12 +56,16 @@ class Speculator:
         room = max_context - max(len(s.token_ids) for s in running)
         out = []
         for seq in running:
-            if not seq.sampling.speculative:
+            if not seq.sampling.speculative or self._models(seq) < self.min_models:
                 out.append(0)
                 continue
             left = seq.sampling.max_new_tokens - len(seq.generated) - 1  # the last is sampled
             out.append(max(0, min(self.gamma_of(seq).gamma, left, room)))
         return out
+
+    @staticmethod
+    def _models(seq: SequenceState) -> int:
+        return sum(1 for c in seq.coefs if c != 0)
 
     def drafts(self, running: Sequence[SequenceState], max_context: int) -> dict[int, Draft]:
         """The non-empty drafts of this step's running rows, by sid."""
@@ -100,15 +105,25 @@ def make_speculator(
     if settings.method == "off" or settings.max_draft_tokens == 0:
         return None
     drafter: Drafter
-    if settings.method == "ngram":
-        drafter = NgramDrafter()
-    else:
-        model = draft_model(policy_set, settings.draft_model)
-        logger.info("speculative decoding drafts with %r", model.name)
-        drafter = ModelDrafter(
-            model, policy_set.vocab_size, policy_set.device, KVStorage(policy_set.kv_dtype)
-        )
-    return Speculator(settings, drafter)
+    method = settings.method
+    if method == "draft" and settings.draft_model is None and policy_set.reference is None:
+        logger.info("speculative: no reference to draft with and no draft_model: using ngram")
+        method = "ngram"
+    if method == "ngram":
+        return Speculator(settings, NgramDrafter())
+    model = draft_model(policy_set, settings.draft_model)
+    logger.info("speculative decoding drafts with %r", model.name)
+    drafter = ModelDrafter(
+        model, policy_set.vocab_size, policy_set.device, KVStorage(policy_set.kv_dtype)
+    )
+    # A draft as big as a policy costs a forward per drafted token: it pays only for rows
+    # that run two models or more (one-hot rows at strength 1 decode as cheaply alone).
+    small = _parameters(model) * 2 <= min(_parameters(m) for m in policy_set.policies)
+    return Speculator(settings, drafter, min_models=1 if small else 2)
+
+
+def _parameters(loaded: LoadedModel) -> int:
+    return sum(p.numel() for p in loaded.model.parameters())
 
 
 def draft_model(policy_set: PolicySet, name: str | None) -> LoadedModel:

@@ -91,6 +91,7 @@ class _Seq:
     sampling: SamplingParams
     request: GenerationRequest
     stream: _Stream = dataclasses.field(default_factory=_Stream)
+    coefs: tuple[float, ...] = (0.5, 0.5, 0.0)
 
 
 class _Everything:
@@ -117,6 +118,9 @@ def test_batch_size_cut_off_and_the_limits_of_a_draft():
     assert spec.gammas([seq(0, generated=9)], 100) == [0]  # the last token is sampled
     assert spec.gammas([seq(0, generated=8)], 100) == [1]
     assert spec.gammas([seq(0, n_tokens=99), seq(1)], 100) == [1, 1]  # the longest row's room
+    big_draft = Speculator(SpeculativeConfig(method="draft"), _Everything(), min_models=2)
+    one_hot = dataclasses.replace(seq(0), coefs=(1.0, 0.0, 0.0))
+    assert big_draft.gammas([one_hot, seq(1)], 100) == [0, 1]  # one model: drafting costs more
 
 
 # -- greedy identity in the engine ---------------------------------------------------------
@@ -133,10 +137,12 @@ def _run(ps: PolicySet, settings: SpeculativeConfig, stops: dict[str, Any]) -> d
     out: dict[str, Any] = {}
     with Engine(ps, EngineLimits(max_running=3), speculative=settings) as engine:
         names = engine.policy_names
+        # Two models at least (a draft as big as a policy is not used for a one-hot row);
+        # mostly the draft model (a policy, or the base), so that long runs are kept.
         mixes = [
-            engine.mixture({names[0]: 1.0}),  # one-hot: a policy as draft keeps every token
+            engine.mixture({names[0]: 0.97, names[1]: 0.03}),
             engine.mixture(strength=0.6) if engine.has_reference else engine.mixture(),
-            engine.mixture(strength=0.0) if engine.has_reference else engine.mixture(),
+            engine.mixture(strength=0.03) if engine.has_reference else engine.mixture(),
         ]
         streams = []
         for i in range(7):
