@@ -7,8 +7,9 @@ method runs in the same process on the same loaded models, one engine each, and 
 repetitions interleave the methods, so a load change on the machine hits all of them.
 Reported per (method, c, temperature): median tokens/s over the repetitions, the ratio
 to speculation off, the acceptance rate (accepted / drafted) and tokens per step (each
-step is one forward per model). Speculation runs at every batch size here (the cut-off
-is lifted) so that the table shows where it stops paying::
+step is one forward per model). ``ngram`` and ``draft`` speculate at every batch size
+(the cut-off is lifted) so that the table shows where speculation stops paying;
+``default`` is the policy-set defaults as served (draft, off above the cut-off)::
 
     python -m bench.speculative --out bench/results/speculative_demo.json
 """
@@ -34,7 +35,9 @@ from mpo_core.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("off", "ngram", "draft")
+# "draft-1l": the draft model's first decoder layer only (``draft_layers: 1``).
+# "default": the policy-set defaults (draft, with the batch-size cut-off), as served.
+METHODS = ("off", "ngram", "draft", "draft-1l", "default")
 
 
 def chat_prompts(engine: Engine, count: int) -> list[list[int]]:
@@ -119,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     engines = {}
     for method in args.methods:
         settings = SpeculativeConfig(
-            method=method,
+            method="ngram" if method == "ngram" else "off" if method == "off" else "draft",
             max_draft_tokens=args.max_draft_tokens,
             draft_model=args.draft_model,
+            draft_layers=1 if method == "draft-1l" else None,
             max_batch_size=top,  # no cut-off: measure every batch size
         )
+        if method == "default":
+            settings = SpeculativeConfig()
         limits = EngineLimits(max_running=top, max_queued=4 * top)
         engines[method] = Engine(policy_set, limits, speculative=settings).start()
     prompts = chat_prompts(engines[args.methods[0]], top)

@@ -96,6 +96,9 @@ class SpeculativeConfig(BaseModel):
     # shares the tokenizer. None: the reference (an adapter family's bare base); a family
     # with no reference then falls back to ngram.
     draft_model: str | None = None
+    # Draft with only the first N decoder layers of the draft model, then its final norm
+    # and head (self-speculative drafting: no extra weights; None: every layer).
+    draft_layers: int | None = Field(default=None, ge=1)
     # Above this many running rows a step does not speculate (it is compute-bound there).
     max_batch_size: int = Field(default=4, ge=0)
 

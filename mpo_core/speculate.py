@@ -9,9 +9,13 @@ drafts costs more than it saves). Its gamma adapts to its own acceptance rate
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from .config import ModelSpec, SpeculativeConfig
 from .drafts import Drafter, ModelDrafter, NgramDrafter
@@ -112,6 +116,8 @@ def make_speculator(
     if method == "ngram":
         return Speculator(settings, NgramDrafter())
     model = draft_model(policy_set, settings.draft_model)
+    if settings.draft_layers is not None:
+        model = first_layers(model, settings.draft_layers)
     logger.info("speculative decoding drafts with %r", model.name)
     drafter = ModelDrafter(
         model, policy_set.vocab_size, policy_set.device, KVStorage(policy_set.kv_dtype)
@@ -124,6 +130,47 @@ def make_speculator(
 
 def _parameters(loaded: LoadedModel) -> int:
     return sum(p.numel() for p in loaded.model.parameters())
+
+
+def _sharing(module: nn.Module, **children: nn.Module) -> Any:
+    """A shallow copy of ``module`` (same parameters) with some children replaced."""
+    clone = copy.copy(module)
+    clone._modules = {**module._modules, **children}
+    return clone
+
+
+def first_layers(loaded: LoadedModel, layers: int) -> LoadedModel:
+    """``loaded`` running only its first ``layers`` decoder layers, then its final norm
+    and head, on the same weights (nothing is copied): a cheap self-speculative draft."""
+    # An adapter family's member is an ``adapters.AdapterView`` over the shared model.
+    is_view = hasattr(loaded.model, "adapter") and hasattr(loaded.model, "index")
+    view = loaded.model if is_view else None
+    model = view.model if view is not None else loaded.model
+    for outer, attr in (("model", "layers"), ("transformer", "h")):  # Llama-like, GPT-2
+        inner = getattr(model, outer, None)
+        blocks = getattr(inner, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            break
+    else:
+        raise ConfigError(
+            f"speculative.draft_layers: cannot find the decoder layers of {loaded.name!r} "
+            "(supported: Llama-style model.layers and GPT-2-style transformer.h)"
+        )
+    assert inner is not None
+    if layers >= len(blocks):
+        return loaded
+    config = copy.copy(model.config)
+    config.num_hidden_layers = layers
+    trimmed = _sharing(inner, **{attr: nn.ModuleList(list(blocks)[:layers])})
+    trimmed.config = config
+    shallow = _sharing(model, **{outer: trimmed})
+    shallow.config = config
+    runnable: Any = shallow
+    if view is not None:
+        runnable = copy.copy(view)
+        runnable.model = shallow
+    name = f"{loaded.name}[:{layers} layers]"
+    return LoadedModel(name, runnable, loaded.cache_kwarg, loaded.accepts_logits_to_keep)
 
 
 def draft_model(policy_set: PolicySet, name: str | None) -> LoadedModel:

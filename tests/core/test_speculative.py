@@ -21,7 +21,7 @@ from mpo_core.mixing import Mixture, mix_logprobs, to_logprobs
 from mpo_core.policies import PolicySet, load_policy_set
 from mpo_core.runners import AdapterRunner, SeparateModelsRunner
 from mpo_core.sampling import SamplingParams
-from mpo_core.speculate import Speculator
+from mpo_core.speculate import Speculator, first_layers
 from mpo_core.speculative import AdaptiveGamma, Draft, accept_drafts
 from mpo_core.static_cache import StaticBatch
 from mpo_core.testing_lora import LoraShape, make_adapter_family
@@ -231,6 +231,34 @@ def test_greedy_identity_adapter_family(adapter_set, method, static):
     spec = _assert_identical(ps, settings)
     assert isinstance(spec["runner"], AdapterRunner)
     assert isinstance(spec["runner"].batch, StaticBatch) == static
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_first_layers_share_the_weights_and_leave_the_model_whole(arch, policy_sets):
+    import copy
+
+    ps = policy_sets[arch]
+    loaded = ps.policies[0]
+    ids = torch.tensor([ps.tokenizer.encode(LOOP)])
+    whole = loaded.model(input_ids=ids).logits
+    short = first_layers(loaded, 1)
+    expected = copy.deepcopy(loaded.model)
+    blocks = expected.model.layers if arch == "llama" else expected.transformer.h
+    del blocks[1:]
+    expected.config.num_hidden_layers = 1
+    with torch.inference_mode():
+        got = short.model(input_ids=ids).logits
+        want = expected(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got, whole, atol=1e-2)  # one layer is not two
+        assert torch.allclose(loaded.model(input_ids=ids).logits, whole)  # untouched
+    assert loaded.model.config.num_hidden_layers == 2
+    assert short.model.lm_head.weight is loaded.model.lm_head.weight  # nothing copied
+
+
+def test_greedy_identity_with_a_one_layer_draft(llama_set):
+    settings = SpeculativeConfig(method="draft", draft_model="helpful", draft_layers=1)
+    _assert_identical(llama_set, settings)
 
 
 def test_per_token_logprobs_are_the_mixtures(llama_set):
