@@ -89,12 +89,14 @@ class ModelDrafter:
 
     @torch.inference_mode()
     def propose(self, rows: Sequence[SequenceState], gammas: Sequence[int]) -> list[Draft]:
-        """Rows with gamma 0 draft nothing but are caught up too (they stay cached)."""
-        if not rows or max(gammas) <= 0:
+        """Only rows with gamma > 0 run (a row that pauses is dropped from the draft
+        cache, and prefilled again when it drafts again)."""
+        drafting = {row.sid: row for row, g in zip(rows, gammas) if g > 0}
+        if not drafting:
             return [Draft([]) for _ in rows]
         gamma_of = {row.sid: g for row, g in zip(rows, gammas)}
-        drafts = self._draft({row.sid: row for row in rows}, gamma_of)
-        return [drafts[row.sid] for row in rows]
+        drafts = self._draft(drafting, gamma_of)
+        return [drafts.get(row.sid, Draft([])) for row in rows]
 
     def _catch_up(self, rows: Mapping[int, SequenceState]) -> torch.Tensor:
         """Bring every batch row's cache up to its tokens; next-token log-probs [B, V]."""
