@@ -93,8 +93,8 @@ class SpeculativeConfig(BaseModel):
     method: Literal["off", "ngram", "draft"] = "draft"
     max_draft_tokens: int = Field(default=4, ge=0, le=16)  # gamma's upper bound
     # For method draft: a policy's or the reference's name, or a model path / hub id that
-    # shares the tokenizer. None: the reference (an adapter family's bare base); a family
-    # with no reference then falls back to ngram.
+    # shares the tokenizer. None: the reference; a family with no reference, or an adapter
+    # family (its grouped forward costs about one draft forward), then uses ngram.
     draft_model: str | None = None
     # Draft with only the first N decoder layers of the draft model, then its final norm
     # and head (self-speculative drafting: no extra weights; None: every layer).

@@ -113,6 +113,11 @@ def make_speculator(
     if method == "draft" and settings.draft_model is None and policy_set.reference is None:
         logger.info("speculative: no reference to draft with and no draft_model: using ngram")
         method = "ngram"
+    if method == "draft" and settings.draft_model is None and policy_set.adapters is not None:
+        # The grouped forward runs every model of a row at once: a draft forward of the
+        # base costs about a whole step, so the default draft could only slow it down.
+        logger.info("speculative: an adapter family drafts only with an explicit draft_model")
+        method = "ngram"
     if method == "ngram":
         return Speculator(settings, NgramDrafter())
     model = draft_model(policy_set, settings.draft_model)

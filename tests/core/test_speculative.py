@@ -226,8 +226,8 @@ def test_greedy_identity_adapter_family(adapter_set, method, static):
     if static:
         config = ps.config.model_copy(update={"static_cache": "on", "max_cache_len": 100})
         ps = dataclasses.replace(ps, config=config)
-    # The bare base drafts (draft_model unset); the strength-0 requests decode the base.
-    settings = SpeculativeConfig(method=method)
+    # The bare base drafts; the strength-0.03 requests decode mostly the base.
+    settings = SpeculativeConfig(method=method, draft_model="base" if method == "draft" else None)
     spec = _assert_identical(ps, settings)
     assert isinstance(spec["runner"], AdapterRunner)
     assert isinstance(spec["runner"].batch, StaticBatch) == static
@@ -276,6 +276,18 @@ def test_per_token_logprobs_are_the_mixtures(llama_set):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         for name, value in b.policy_logprobs.items():
             assert a.policy_logprobs[name] == pytest.approx(value, abs=1e-4)
+
+
+def test_default_draft_falls_back_to_ngram_where_it_cannot_pay(adapter_set, no_reference_family):
+    from mpo_core.drafts import ModelDrafter, NgramDrafter
+    from mpo_core.speculate import make_speculator
+
+    for ps in (adapter_set, load_policy_set(load_config(no_reference_family))):
+        speculator = make_speculator(ps, SpeculativeConfig(method="draft"))
+        assert speculator is not None and isinstance(speculator.drafter, NgramDrafter)
+    explicit = make_speculator(adapter_set, SpeculativeConfig(method="draft", draft_model="base"))
+    assert explicit is not None and isinstance(explicit.drafter, ModelDrafter)
+    assert make_speculator(adapter_set, SpeculativeConfig(method="off")) is None
 
 
 def test_a_request_can_opt_out(llama_set):
