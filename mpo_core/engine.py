@@ -395,13 +395,26 @@ class Engine:
         broken = [not row[0] for row in finite]
         if any(broken):
             self._drop_broken(active, mixed[:, 0], logprobs[:, :, 0], torch.tensor(broken))
+            emitted = [[] if bad else tokens for tokens, bad in zip(emitted, broken)]
+        self._retire(self._emit_runs(active, emitted, mixed, logprobs))
+        self._steps += 1
+        if self.observer is not None:
+            self.observer.on_step(len(active), output.forward_seconds)
+
+    def _emit_runs(
+        self,
+        active: list[SequenceState],
+        emitted: list[list[int]],  # per row: its tokens of this step, in order
+        mixed: torch.Tensor,  # [B, G, V]
+        logprobs: torch.Tensor,  # [M, B, G, V]
+    ) -> list[SequenceState]:
+        """Position by position, one event per emitted token; a row that a token finishes
+        (stop, EOS, limit) emits nothing after it. Returns the finished rows."""
         finished: list[SequenceState] = []
-        done: set[int] = set()  # sids finished at an earlier position of their run
-        for j in range(width):
+        done: set[int] = set()
+        for j in range(mixed.shape[1]):
             live = [
-                b
-                for b, seq in enumerate(active)
-                if len(emitted[b]) > j and not broken[b] and seq.sid not in done
+                b for b, seq in enumerate(active) if len(emitted[b]) > j and seq.sid not in done
             ]
             if not live:
                 break
@@ -412,10 +425,7 @@ class Engine:
             )
             finished += ended
             done.update(seq.sid for seq in ended)
-        self._retire(finished)
-        self._steps += 1
-        if self.observer is not None:
-            self.observer.on_step(len(active), output.forward_seconds)
+        return finished
 
     def _drop_broken(
         self,
