@@ -11,6 +11,7 @@ A policy set is a YAML file::
     device: auto      # cuda when available, else cpu
     dtype: auto       # bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
+    speculative: {method: draft, max_draft_tokens: 4, draft_model: null}  # docs/speculative.md
 
 or an *adapter family*: one base model and K PEFT LoRA adapters of it, where the base
 with the adapters switched off is the reference (docs/adapters.md)::
@@ -105,6 +106,26 @@ PolicySpec = Annotated[
 ]
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding of the mixture (docs/speculative.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # off; ngram: prompt lookup over the prompt and reply; draft: a cheap model drafts
+    # (the default: fastest on the demo family, bench/results/speculative_demo.json)
+    method: Literal["off", "ngram", "draft"] = "draft"
+    max_draft_tokens: int = Field(default=4, ge=0, le=16)  # gamma's upper bound
+    # For method draft: a policy's or the reference's name, or a model path / hub id that
+    # shares the tokenizer. None: the reference; a family with no reference, or an adapter
+    # family (its grouped forward costs about one draft forward), then uses ngram.
+    draft_model: str | None = None
+    # Draft with only the first N decoder layers of the draft model, then its final norm
+    # and head (self-speculative drafting: no extra weights; None: every layer).
+    draft_layers: int | None = Field(default=None, ge=1)
+    # Above this many running rows a step does not speculate (it is compute-bound there).
+    max_batch_size: int = Field(default=4, ge=0)
+
+
 class PolicySetConfig(BaseModel):
     """The family of aligned policies served together (docs/architecture.md)."""
 
@@ -143,6 +164,8 @@ class PolicySetConfig(BaseModel):
             if not path.strip():
                 raise ValueError(f"reward set {name!r} needs the path of a rewards YAML")
         return rewards
+
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
     @field_validator("policies")
     @classmethod

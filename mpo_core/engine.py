@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
+from . import speculative
+from .config import SpeculativeConfig
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
 from .grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
@@ -39,6 +41,8 @@ from .runners import PolicyRunner, context_limit, make_runner
 from .sampling import sample_tokens
 from .score_jobs import CallJob, ScoreJob
 from .scoring import ScoreResult
+from .speculate import Speculator, make_speculator
+from .speculative import Draft
 from .streams import GenerationResult, RequestStream
 
 __all__ = ["Engine", "EngineLimits", "EngineStats", "GenerationRequest"]
@@ -67,6 +71,7 @@ class Engine:
         limits: EngineLimits | None = None,
         observer: EngineObserver | None = None,
         runner: PolicyRunner | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.policy_set = policy_set
         self.limits = limits or EngineLimits()
@@ -92,6 +97,11 @@ class Engine:
         self.grammars = GrammarCompiler(
             policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
         )
+        # Speculative decoding (None: off): the policy set's settings unless overridden;
+        # a runner without ``verify`` does not speculate.
+        self.speculator: Speculator | None = None
+        if hasattr(self.runner, "verify"):
+            self.speculator = make_speculator(policy_set, speculative)
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
         self._running: dict[int, SequenceState] = {}
@@ -334,6 +344,8 @@ class Engine:
             self._running.clear()
             self._admitted = []
         self.runner.keep(set())
+        if self.speculator is not None:
+            self.speculator.keep(set())
         for seq in failed.values():
             seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
 
@@ -376,6 +388,17 @@ class Engine:
         for job in jobs:
             job.fail(EngineNotRunning("the engine stopped before the scoring finished"))
 
+    def _mix(self, logprobs: torch.Tensor, active: Sequence[SequenceState]) -> torch.Tensor:
+        """Each row's mixture of its models' log-probs: [M, B, V] -> [B, V]."""
+        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
+        k = len(self.policy_names)
+        return mix_logprobs(
+            logprobs[:k],
+            coefs[:, :k],
+            logprobs[k] if self.has_reference else None,
+            coefs[:, k] if self.has_reference else None,
+        )  # [B, V]
+
     def _step(self, newcomers: list[SequenceState]) -> None:
         cancelled = [s for s in self._running.values() if s.stream.cancelled]
         self._retire(cancelled)
@@ -384,20 +407,22 @@ class Engine:
         running = list(self._running.values())
         if not running and not newcomers:
             return
+        # A grammar's mask is formed for one position per step: a step with a grammar row
+        # in it decodes plainly (docs/speculative.md).
+        if self.speculator is not None and not any(
+            s.grammar is not None for s in (*running, *newcomers)
+        ):
+            drafts = self.speculator.drafts(running, self.max_context)
+            if drafts:
+                self._speculative_step(running, newcomers, drafts)
+                return
         output = self.runner.step(running, newcomers)
         with self._lock:
             self._running.update((seq.sid, seq) for seq in newcomers)
             self._admitted = []
         active = running + newcomers
         logprobs = output.logprobs  # [M, B, V]
-        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
-        k = len(self.policy_names)
-        mixed = mix_logprobs(
-            logprobs[:k],
-            coefs[:, :k],
-            logprobs[k] if self.has_reference else None,
-            coefs[:, k] if self.has_reference else None,
-        )  # [B, V]
+        mixed = self._mix(logprobs, active)  # [B, V]
         allowed = constrain(mixed, [s.grammar for s in active])  # [B, V] grammar rows masked
         broken = ~torch.isfinite(allowed.logsumexp(dim=-1))  # [B] NaN, or no token possible
         if bool(broken.any()):
@@ -413,6 +438,21 @@ class Engine:
             [s.token_ids for s in active],
         )  # [B]
         advance([s.grammar for s in active], tokens)
+        finished = self._emit(active, mixed, logprobs, tokens)
+        self._retire(finished)
+        self._steps += 1
+        for observer in (self.observer, *self._watchers):
+            if observer is not None:
+                observer.on_step(len(active), output.forward_seconds)
+
+    def _emit(
+        self,
+        active: list[SequenceState],
+        mixed: torch.Tensor,  # [B, V]
+        logprobs: torch.Tensor,  # [M, B, V]
+        tokens: torch.Tensor,  # [B]
+    ) -> list[SequenceState]:
+        """Push one token's event per row; return the rows it finished."""
         events = self.events.step_events(active, mixed, logprobs, tokens)
         self._generated_tokens += len(events)
         finished = []
@@ -420,11 +460,75 @@ class Engine:
             seq.stream.push(event)
             if event.finish_reason is not None:
                 finished.append(seq)
-        self._retire(finished)
+        return finished
+
+    def _speculative_step(
+        self,
+        running: list[SequenceState],
+        newcomers: list[SequenceState],
+        drafts: dict[int, Draft],
+    ) -> None:
+        """Verify the running rows' drafts in one forward per model, keep what the
+        mixture accepts (``speculative``), roll the rest back, emit a token event per
+        kept token. Newcomers are prefilled in the same step and sample one token."""
+        assert self.speculator is not None
+        output = self.runner.verify(
+            running, {sid: d.tokens for sid, d in drafts.items()}, newcomers
+        )
+        with self._lock:
+            self._running.update((seq.sid, seq) for seq in newcomers)
+            self._admitted = []
+        active = running + newcomers
+        logprobs = output.logprobs  # [M, B, G, V]
+        models, rows, width, vocab = logprobs.shape
+        mixed = self._mix(
+            logprobs.reshape(models, rows * width, vocab),
+            [seq for seq in active for _ in range(width)],
+        ).view(rows, width, vocab)  # [B, G, V]
+        finite = torch.isfinite(mixed.logsumexp(dim=-1)).tolist()  # [B][G]
+        emitted = speculative.verify_rows(
+            mixed, active, [drafts.get(s.sid, Draft([])) for s in active], finite
+        )  # per row: the kept drafts, then one sampled token
+        self.runner.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})
+        for b, seq in enumerate(active):
+            if seq.sid in drafts and finite[b][0]:
+                self.speculator.record(seq, len(drafts[seq.sid].tokens), len(emitted[b]) - 1)
+        broken = [not row[0] for row in finite]
+        if any(broken):
+            first = mixed[:, 0]  # [B, V]
+            self._drop_broken(active, (first, first), logprobs[:, :, 0], torch.tensor(broken))
+            emitted = [[] if bad else tokens for tokens, bad in zip(emitted, broken)]
+        self._retire(self._emit_runs(active, emitted, mixed, logprobs))
         self._steps += 1
         for observer in (self.observer, *self._watchers):
             if observer is not None:
                 observer.on_step(len(active), output.forward_seconds)
+
+    def _emit_runs(
+        self,
+        active: list[SequenceState],
+        emitted: list[list[int]],  # per row: its tokens of this step, in order
+        mixed: torch.Tensor,  # [B, G, V]
+        logprobs: torch.Tensor,  # [M, B, G, V]
+    ) -> list[SequenceState]:
+        """Position by position, one event per emitted token; a row that a token finishes
+        (stop, EOS, limit) emits nothing after it. Returns the finished rows."""
+        finished: list[SequenceState] = []
+        done: set[int] = set()
+        for j in range(mixed.shape[1]):
+            live = [
+                b for b, seq in enumerate(active) if len(emitted[b]) > j and seq.sid not in done
+            ]
+            if not live:
+                break
+            index = torch.tensor(live, device=mixed.device)
+            tokens = torch.tensor([emitted[b][j] for b in live], device=mixed.device)
+            ended = self._emit(
+                [active[b] for b in live], mixed[index, j], logprobs[:, index, j], tokens
+            )
+            finished += ended
+            done.update(seq.sid for seq in ended)
+        return finished
 
     def _drop_broken(
         self,
@@ -452,6 +556,8 @@ class Engine:
                 self._running.pop(seq.sid, None)
             keep = set(self._running)
         self.runner.keep(keep)
+        if self.speculator is not None:
+            self.speculator.keep(keep)
 
 
 def _broken_reason(seq: SequenceState) -> str:

@@ -207,6 +207,35 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return F.pad(tensor, pad)
 
 
+def squeeze_columns(
+    mask: torch.Tensor,  # [B, T] nonzero = a live column
+    layers: Layers,  # keys, values [B, H, T, D] per layer
+    width: int,  # the most live columns of a row
+) -> tuple[torch.Tensor, Layers]:
+    """Each row's live columns, in order, right-aligned in ``width`` columns (left
+    padding is zeroed and masked out). Attention does not care where a column sits:
+    keys carry their position, so gathering them is exact."""
+    live = mask != 0  # [B, T]
+    count = live.sum(dim=1, keepdim=True)  # [B, 1]
+    order = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, T]
+    # Live columns sort first (by position), dead ones after: take the first ``count``.
+    rank = torch.where(live, order, order + mask.shape[1])
+    source = rank.argsort(dim=1)[:, :width]  # [B, W] ascending live columns, then dead
+    slot = torch.arange(width, device=mask.device).unsqueeze(0)  # [1, W]
+    shift = width - count  # [B, 1] left padding of each row
+    target = (slot - shift).clamp(min=0)  # [B, W] which of the row's live columns lands here
+    index = source.gather(1, target)  # [B, W]
+    new_mask = (slot >= shift).to(mask.dtype)  # [B, W]
+    pad = (new_mask == 0)[:, None, :, None]  # [B, 1, W, 1]
+    out: Layers = []
+    for keys, values in layers:
+        gather = index[:, None, :, None]
+        k = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[3]))
+        v = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[3]))
+        out.append((k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)))
+    return new_mask, out
+
+
 @torch.inference_mode()
 def prefill_prompts(
     loaded: LoadedModel,
@@ -267,6 +296,7 @@ class GrowingBatch:
         # False while no row has left padding: the forward then gets no mask at all and
         # transformers skips building a [B, 1, 1, T] mask per layer call (pure causal).
         self.padded = False
+        self._verified = 0  # columns the last verify wrote (rollback's to settle)
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -291,6 +321,63 @@ class GrowingBatch:
         if growing_layers(self.cache)[0].capacity != capacity:  # the buffers grew
             self._release()
         return to_logprobs(logits[:, -1], self.vocab_size)  # [B, V]
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run ``G`` tokens per row ([B, G] each) in one forward; log-probs [B, G, V].
+
+        Every row writes ``G`` new columns; ``rollback`` then says how many each keeps.
+        """
+        width = tokens.shape[1]
+        ones = torch.ones(len(self), width, dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)  # [B, T + G]
+        assert self.cache is not None
+        capacity = growing_layers(self.cache)[0].capacity
+        logits = self._forward(
+            input_ids=tokens,  # [B, G]
+            attention_mask=self.mask if self.padded else None,
+            position_ids=positions,  # [B, G]
+            cache=self.cache,
+        )
+        if growing_layers(self.cache)[0].capacity != capacity:
+            self._release()
+        self._verified += width  # unsettled columns, maybe of several verifies
+        return to_logprobs(logits, self.vocab_size)  # [B, G, V]
+
+    @torch.inference_mode()
+    def rollback(self, kept: list[int]) -> None:
+        """Keep the first ``kept[r]`` of the last ``verify``'s columns of row r (row order).
+
+        Columns no row keeps are cropped; the others are masked out (a hole attention
+        skips: positions are explicit), and squeezed away once they add up."""
+        width, self._verified = self._verified, 0
+        if not width or self.cache is None:
+            return
+        kept = [min(k, width) for k in kept]  # a row that joined since keeps its columns
+        keep = torch.tensor(kept, device=self.device)  # [B]
+        live = torch.arange(width, device=self.device) < keep.unsqueeze(1)  # [B, G]
+        self.mask[:, -width:] *= live.long()
+        crop = width - max(kept)
+        if crop:
+            self.mask = self.mask[:, : self.mask.shape[1] - crop]
+            for layer in growing_layers(self.cache):
+                layer._set_length(layer.get_seq_length() - crop)
+        if min(kept) < max(kept):
+            self.padded = True
+            self._squeeze_if_sparse()
+
+    def _squeeze_if_sparse(self) -> None:
+        """Gather each row's live columns to the right when holes fill a quarter of them."""
+        used = self.mask.sum(dim=1)  # [B]
+        width, columns = int(used.max()), self.mask.shape[1]
+        if columns - width < max(MIN_SPARE, columns // 4):
+            return
+        assert self.cache is not None
+        self.mask, parts = squeeze_columns(self.mask, cache_layers(self.cache), width)
+        layers = growing_layers(self.cache)
+        for i, part in enumerate(parts):
+            layers[i] = GrowingLayer.stacking([part], width, self.storage)
+        self._release()
 
     def _release(self) -> None:
         if self.device.type == "cpu":  # on a GPU the cache is not on the C heap
@@ -327,6 +414,7 @@ class GrowingBatch:
         rows = [i for i, rid in enumerate(self.row_ids) if rid in keep_ids]
         if len(rows) == len(self.row_ids):
             return
+        self._verified = 0
         self.row_ids = [self.row_ids[i] for i in rows]
         if not rows or self.cache is None:
             self.cache, self.mask, self.padded = None, self.mask[:0, :0], False

@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
     top_logprobs: int = 0  # alternatives to report per token
+    speculative: bool = True  # False: this request never drafts (speculative decoding off)
 
     @property
     def greedy(self) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .kvcache import KVStorage, cache_layers, prefill_prompts, to_logprobs
+from .kvcache import KVStorage, cache_layers, prefill_prompts, squeeze_columns, to_logprobs
 from .policies import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class StaticBatch:
         self.keys, self.values = self._allocate(kv_dtype)
         self._caches: dict[int, Cache] = {}
         self._eager_mask = getattr(loaded.model.config, "_attn_implementation", "") == "eager"
+        self._verified = 0  # columns the last verify wrote (rollback's to settle)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture_all(pool)
@@ -155,10 +156,7 @@ class StaticBatch:
         """Log-probs [rows, V] of the first ``rows`` slots' tokens in the input buffers."""
         mask = self.mask[:rows, None, None, :]  # [b, 1, 1, T] True = attend
         if self._eager_mask:  # eager attention adds its mask to the scores
-            dtype = self.loaded.model.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(dtype).min
-            )
+            mask = self._additive(mask)
         logits = self.loaded.model(
             input_ids=self.ids[:rows],  # [b, 1]
             attention_mask=mask,
@@ -211,6 +209,57 @@ class StaticBatch:
             return out[:n]
         return self._forward(n)
 
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run ``G`` tokens per row ([n, G] each) in one eager forward; log-probs [n, G, V].
+
+        The rows write columns ``c .. c + G - 1``; ``rollback`` masks out what they reject.
+        """
+        n, width = tokens.shape
+        if self.column + width > self.max_len:
+            self._compact(width)
+        c = self.column
+        columns = torch.arange(c, c + width, device=self.device)  # [G]
+        self.mask[:, c : c + width] = True
+        mask = self.mask[:n, None, None, :].expand(n, 1, width, self.max_len).clone()
+        # [n, 1, G, T]: a drafted token sees the ones before it, not those after.
+        later = torch.ones(width, width, dtype=torch.bool, device=self.device).triu(1)
+        mask[:, 0, :, c : c + width] &= ~later
+        self.column = c + width
+        self._verified += width  # unsettled columns, maybe of several verifies
+        layers = [SlotLayer(k[:n], v[:n], columns) for k, v in zip(self.keys, self.values)]
+        logits = self.loaded.model(
+            input_ids=tokens,  # [n, G]
+            attention_mask=self._additive(mask) if self._eager_mask else mask,
+            position_ids=positions,  # [n, G]
+            use_cache=True,
+            **{self.loaded.cache_kwarg: Cache(layers=layers)},  # type: ignore[arg-type]
+        ).logits
+        return to_logprobs(logits, self.vocab_size)  # [n, G, V]
+
+    @torch.inference_mode()
+    def rollback(self, kept: list[int]) -> None:
+        """Keep the first ``kept[r]`` of the last ``verify``'s columns of row r (slot order):
+        the others are masked out (dead columns), and compaction reclaims them."""
+        width, self._verified = self._verified, 0
+        if not width:
+            return
+        c = self.column - width
+        kept = [min(k, width) for k in kept]  # a row that joined since keeps its columns
+        keep = torch.tensor(kept, device=self.device)  # [n]
+        live = torch.arange(width, device=self.device) < keep.unsqueeze(1)  # [n, G]
+        self.mask[: len(kept), c : c + width] &= live
+        crop = width - max(kept)  # columns no row keeps: the next step writes over them
+        self.mask[:, self.column - crop : self.column] = False
+        self.column -= crop
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as eager attention wants it: 0 to attend, the dtype's min not to."""
+        dtype = self.loaded.model.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+
     # -- shape changes (eager) -----------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, row_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
@@ -240,6 +289,7 @@ class StaticBatch:
         kept = [i for i, rid in enumerate(self.row_ids) if rid in keep_ids]
         if len(kept) == len(self.row_ids):
             return
+        self._verified = 0
         remaining = len(kept)
         if remaining == 0:
             self.row_ids, self.column = [], 0
@@ -263,15 +313,35 @@ class StaticBatch:
         used = self.mask[: len(self.row_ids), : self.column].any(dim=0)  # [c]
         return int(used.nonzero()[0]) if bool(used.any()) else self.column
 
-    def _compact(self) -> None:
-        """The column reached the end: move the used window back to column 0."""
-        start = self._first_used_column()
-        if start == 0:
+    def _compact(self, room: int = 1) -> None:
+        """The column reached the end: move the used window back to column 0, squeezing
+        out the dead columns that rejected drafts left (``room``: columns needed next)."""
+        n = len(self.row_ids)
+        width = int(self.mask[:n].sum(dim=1).max()) if n else 0
+        if width + room > self.max_len:
             raise RuntimeError(
                 f"a row needs more than the static cache's {self.max_len} columns"
-            )  # the engine caps prompt + reply at max_len, so this is a bug
-        self._move(start, 0, self.column - start)
+            )  # the engine caps prompt + reply (and drafts) at max_len, so this is a bug
+        start = self._first_used_column()
+        if width == self.column - start:  # no dead columns: one move of the window
+            self._move(start, 0, width)
+        else:
+            self._squeeze(width)
         self.compactions += 1
+
+    def _squeeze(self, width: int) -> None:
+        """Each used slot's live columns, right-aligned in columns [0, width)."""
+        n = len(self.row_ids)
+        layers = list(zip(self.keys, self.values))
+        mask, parts = squeeze_columns(
+            self.mask[:n], [(k[:n], v[:n]) for k, v in layers], width
+        )  # [n, W]; [n, H, W, D] per layer
+        for (keys, values), (k, v) in zip(layers, parts):
+            keys[:n, :, :width] = k
+            values[:n, :, :width] = v
+        self.mask[:n] = False
+        self.mask[:n, :width] = mask.bool()
+        self.column = width
 
     def _move(self, src: int, dst: int, width: int) -> None:
         """Move columns [src, src + width) of the used slots to [dst, dst + width)."""

@@ -65,6 +65,10 @@ class RequestStream:
         self.strength = strength
         self.prompt_tokens = prompt_tokens
         self.seed = seed
+        # Speculative decoding: tokens drafted for this reply, and of those kept (the
+        # engine updates both before it pushes the events of a step).
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self._on_cancel = on_cancel
         self._reader = reader  # runs on the caller's thread, outside the lock
         self._items: collections.deque[TokenEvent | BaseException] = collections.deque()

@@ -135,6 +135,8 @@ def make_tiny_family(
         "policies": [{"name": n, "model": n} for n in names],
         "device": "cpu",
         "dtype": "float32",
+        # Random models gain nothing from drafts; tests that want speculation ask for it.
+        "speculative": {"method": "off"},
     }
     if with_reference:
         config["reference"] = {"name": "base", "model": "base"}

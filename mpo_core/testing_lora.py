@@ -99,7 +99,7 @@ def make_adapter_family(
             full = peft_model.merge_and_unload()
             full.save_pretrained(folder / f"merged_{name}")
             tokenizer.save_pretrained(folder / f"merged_{name}")
-    common = {"device": "cpu", "dtype": "float32"}
+    common = {"device": "cpu", "dtype": "float32", "speculative": {"method": "off"}}
     adapter_config = {
         "served_name": "tiny",
         "base": {"name": "base", "model": "base"},

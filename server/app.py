@@ -58,6 +58,9 @@ def policy_config(settings: Settings) -> PolicySetConfig:
     config = load_config(config_path(settings))
     if settings.cuda_graphs is not None:
         config = config.model_copy(update={"cuda_graphs": settings.cuda_graphs})
+    if settings.speculative is not None:
+        speculative = config.speculative.model_copy(update={"method": settings.speculative})
+        config = config.model_copy(update={"speculative": speculative})
     return config
 
 

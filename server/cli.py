@@ -45,6 +45,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--log-level", "log_level", str, "debug, info, warning, error (MPO_LOG_LEVEL)"),
     ("--cuda-graphs", "cuda_graphs", str, "true/false: override the config's cuda_graphs"),
+    ("--speculative", "speculative", str, "off/ngram/draft: override speculative.method"),
 ]
 
 

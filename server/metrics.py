@@ -56,6 +56,13 @@ class Metrics:
         )  # fmt: skip
         self.prompt_tokens = Counter("mpo_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("mpo_generation_tokens", "Tokens generated.", registry=r)
+        self.drafted_tokens = Counter(
+            "mpo_speculative_drafted_tokens", "Tokens drafted by speculative decoding.", registry=r
+        )
+        self.accepted_tokens = Counter(
+            "mpo_speculative_accepted_tokens",
+            "Drafted tokens the mixture accepted (speculative decoding).", registry=r,
+        )  # fmt: skip
         self.batch_size = Histogram(
             "mpo_batch_size", "Sequences per decoding step.", buckets=_BATCH_BUCKETS, registry=r
         )

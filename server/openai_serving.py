@@ -24,6 +24,7 @@ from .protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
     CompletionChoice,
+    CompletionTokensDetails,
     SamplingFields,
     TokenLogprob,
     TopLogprob,
@@ -66,12 +67,19 @@ class Plan:
         per_sequence = [p for p in prompts for _ in range(n)]
         return cls(per_sequence, samplings, sum(len(p) for p in prompts), mixing)
 
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(
+    def usage(self, completion_tokens: int, speculative: tuple[int, int] | None = None) -> Usage:
+        """``speculative``: (drafted, accepted) tokens when speculation is on."""
+        usage = Usage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=self.prompt_tokens + completion_tokens,
         )
+        if speculative is not None:
+            drafted, accepted = speculative
+            usage.completion_tokens_details = CompletionTokensDetails(
+                accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafted - accepted
+            )
+        return usage
 
 
 ChoiceT = TypeVar("ChoiceT", CompletionChoice, ChatChoice)
@@ -148,7 +156,14 @@ async def respond(
     except ClientGone:
         return Response(status_code=499)
     choices = [shape.choice(index, choice) for index, choice in enumerate(finished)]
-    return shape.response(choices, plan.usage(sum(len(c.events) for c in finished)))
+    counts = (sum(c.drafted_tokens for c in finished), sum(c.accepted_tokens for c in finished))
+    usage = plan.usage(sum(len(c.events) for c in finished), speculative_counts(serving, counts))
+    return shape.response(choices, usage)
+
+
+def speculative_counts(serving: Serving, counts: tuple[int, int]) -> tuple[int, int] | None:
+    """A reply's (drafted, accepted) tokens for ``usage``, when the engine speculates."""
+    return counts if serving.speculating else None
 
 
 async def stream_chunks(
@@ -167,5 +182,7 @@ async def stream_chunks(
         last = {"mixing": mixing} if event.finish_reason else {}
         yield shape.chunk([shape.delta(index, event)], **extra, **last)
     if include_usage:
-        yield shape.chunk([], usage=shape.plan.usage(completion_tokens))
+        counts = (sum(s.drafted_tokens for s in streams), sum(s.accepted_tokens for s in streams))
+        usage = shape.plan.usage(completion_tokens, speculative_counts(serving, counts))
+        yield shape.chunk([], usage=usage)
     yield sse("[DONE]")

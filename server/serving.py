@@ -80,6 +80,8 @@ class Choice:
 
     events: list[TokenEvent]
     seed: int
+    drafted_tokens: int = 0  # speculative decoding: drafted for this reply
+    accepted_tokens: int = 0  # of those, kept
 
     @property
     def text(self) -> str:
@@ -102,6 +104,11 @@ class Serving:
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
+
+    @property
+    def speculating(self) -> bool:
+        """Whether the engine decodes speculatively (replies then report their counts)."""
+        return getattr(self.engine, "speculator", None) is not None
 
     # -- names ---------------------------------------------------------------------
     @property
@@ -348,6 +355,8 @@ class Serving:
             self.metrics.e2e.observe(time.perf_counter() - start)
         finally:
             self.metrics.generation_tokens.inc(count)
+            self.metrics.drafted_tokens.inc(stream.drafted_tokens)
+            self.metrics.accepted_tokens.inc(stream.accepted_tokens)
             if not stream.finished:
                 stream.cancel()
 
@@ -355,7 +364,8 @@ class Serving:
         """Run sequences to the end (non-streaming); a client disconnect cancels them all."""
 
         async def run(stream: RequestStream) -> Choice:
-            return Choice([ev async for ev in self.events(stream)], stream.seed)
+            events = [ev async for ev in self.events(stream)]
+            return Choice(events, stream.seed, stream.drafted_tokens, stream.accepted_tokens)
 
         work: asyncio.Future[list[Choice]] = asyncio.gather(*(run(s) for s in streams))
         watcher: asyncio.Future[None] = asyncio.ensure_future(wait_for_disconnect(receive))

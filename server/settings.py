@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
     # Overrides the policy-set's `cuda_graphs` when set: false decodes eagerly on CUDA
     # (debugging, or a model whose forward cannot be captured).
     cuda_graphs: bool | None = None
+    # Overrides the policy-set's `speculative.method` when set (docs/speculative.md).
+    speculative: Literal["off", "ngram", "draft"] | None = None
     sse_keepalive_s: float = Field(default=15.0, gt=0)  # comment on a stream idle this long
     # SIGTERM: new requests get 503 while running ones may finish for this long; then the
     # streams still open end with an error event. MPO_SHUTDOWN_TIMEOUT_S is its old name.

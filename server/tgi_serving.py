@@ -114,6 +114,9 @@ def response_body(
     )
     if p.top_n_tokens:  # set only when asked for: the field is left out otherwise
         details.top_tokens = [top_tokens(serving, ev) for ev in choice.events]
+    if serving.speculating:
+        details.drafted_tokens = choice.drafted_tokens
+        details.accepted_tokens = choice.accepted_tokens
     return TGIResponse(generated_text=text, details=details, mixing=info)
 
 
@@ -158,12 +161,16 @@ async def stream_events(
         if event.finish_reason is not None:
             last = {"generated_text": text, "mixing": mixing.info()}
             if p.details:
-                last["details"] = TGIStreamDetails(
+                details = TGIStreamDetails(
                     finish_reason=event.finish_reason,  # type: ignore[arg-type]
                     generated_tokens=event.index + 1,
                     prompt_tokens=stream.prompt_tokens,
                     seed=stream.seed if sampled else None,
                 )
+                if serving.speculating:
+                    details.drafted_tokens = stream.drafted_tokens
+                    details.accepted_tokens = stream.accepted_tokens
+                last["details"] = details
         chunk = TGIStreamEvent(
             index=event.index,
             token=token(event),

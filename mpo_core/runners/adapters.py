@@ -12,15 +12,16 @@ LoRA deltas.
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from ..kvcache import GrowingBatch, KVStorage
 from ..lora import BASE
 from ..policies import LoadedModel, PolicySet
-from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput
+from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, verify_inputs
 
 # (shared model, vocab size, device, storage, slots) -> the batch the adapters share.
 BatchFactory = Callable[[LoadedModel, int, torch.device, KVStorage, int], DecodeBatch]
@@ -90,6 +91,42 @@ class AdapterRunner(ScoresWithPolicySet):
             logprobs[models, index] = self.batch.prefill(slots, prompts)  # [S', V]
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
+
+    def verify(
+        self,
+        running: Sequence[Row],
+        drafts: Mapping[int, Sequence[int]],
+        newcomers: Sequence[Row],
+    ) -> StepOutput:
+        ps = self.policy_set
+        rows = [*running, *newcomers]
+        row_of = {row.sid: i for i, row in enumerate(rows)}
+        by_sid = {row.sid: row for row in running}
+        width = 1 + max((len(drafts.get(row.sid, ())) for row in running), default=0)
+        shape = (self.models, len(rows), width, ps.vocab_size)
+        logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
+        started = time.perf_counter()
+        if len(self.batch):
+            slots = self.batch.row_ids
+            seqs = [by_sid[slot // self.models] for slot in slots]
+            tokens, positions = verify_inputs(seqs, drafts, width)
+            inputs = torch.tensor([tokens, positions], device=ps.device)  # [2, S, G]
+            models = self._set_index(slots)  # [S]
+            index = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)  # [S]
+            logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
+        joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
+        if joining:
+            slots = [self._slot(s.sid, m) for s, m in joining]
+            models = self._set_index(slots)  # [S']
+            index = torch.tensor([row_of[s.sid] for s, _ in joining], device=ps.device)
+            prompts = [s.token_ids for s, _ in joining]
+            logprobs[models, index, 0] = self.batch.prefill(slots, prompts)  # [S', V]
+        seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
+        return StepOutput(logprobs, seconds)
+
+    def rollback(self, kept: Mapping[int, int]) -> None:
+        slots = self.batch.row_ids
+        self.batch.rollback([kept.get(slot // self.models, sys.maxsize) for slot in slots])
 
     def keep(self, sids: set[int]) -> None:
         self.batch.keep({self._slot(sid, m) for sid in sids for m in range(self.models)})

@@ -12,7 +12,7 @@ what a backend must provide.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,7 +37,9 @@ class Row(Protocol):
 
 @dataclass
 class StepOutput:
-    logprobs: torch.Tensor  # [M, B, V] float32; M = K (+1 with a reference), rows in call order
+    # [M, B, V] float32 (``verify``: [M, B, G, V]); M = K (+1 with a reference), rows in
+    # call order
+    logprobs: torch.Tensor
     forward_seconds: dict[str, float]  # per model that ran: wall time of its forwards
 
 
@@ -65,6 +67,16 @@ class DecodeBatch(Protocol):
         """Drop every row whose id is not in ``keep_ids``."""
         ...
 
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run ``G`` tokens per row ([B, G] each, in row order) in one forward; log-probs
+        [B, G, V]. Each row's columns stay until ``rollback`` settles them."""
+        ...
+
+    def rollback(self, kept: list[int]) -> None:
+        """After ``verify``: row r (row order) keeps the first ``kept[r]`` of its ``G``
+        columns (values past ``G``: all of them, e.g. a row that joined since)."""
+        ...
+
 
 class PolicyRunner(Protocol):
     """The contract every backend meets (the engine calls it from its own thread only)."""
@@ -83,6 +95,24 @@ class PolicyRunner(Protocol):
 
     def keep(self, sids: set[int]) -> None:
         """Forget every row whose sid is not in ``sids`` (finished, cancelled, failed)."""
+        ...
+
+    def verify(
+        self,
+        running: Sequence[Row],
+        drafts: Mapping[int, Sequence[int]],
+        newcomers: Sequence[Row],
+    ) -> StepOutput:
+        """``step`` with drafted tokens: each running row runs its newest token and the
+        drafts after it (``drafts[sid]``, maybe none) in one forward per model, and the
+        log-probs are [M, B, G, V] with G = 1 + the longest draft: position j is the
+        distribution after the newest token and j drafts. A newcomer has position 0 only.
+        ``rollback`` must follow before the next step."""
+        ...
+
+    def rollback(self, kept: Mapping[int, int]) -> None:
+        """After ``verify``: row sid keeps ``kept[sid]`` of its ``1 + len(draft)``
+        columns (1 + the drafts accepted); the rest are dropped."""
         ...
 
     def score(
@@ -109,6 +139,22 @@ class ScoresWithPolicySet:
         chunk_tokens: int,
     ) -> ScoreResult:
         return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
+
+
+def verify_inputs(
+    seqs: Sequence[Row], drafts: Mapping[int, Sequence[int]], width: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row: its newest token and its drafts, padded to ``width`` with the last of
+    them (columns that ``rollback`` drops), and their positions (padding repeats the
+    last position, which keeps it inside the model's position table)."""
+    tokens, positions = [], []
+    for seq in seqs:
+        row = [seq.token_ids[-1], *drafts.get(seq.sid, ())]
+        first = len(seq.token_ids) - 1
+        pad = width - len(row)
+        tokens.append(row + [row[-1]] * pad)
+        positions.append([first + j for j in range(len(row))] + [first + len(row) - 1] * pad)
+    return tokens, positions
 
 
 def context_limit(runner: PolicyRunner, max_context: int) -> int:

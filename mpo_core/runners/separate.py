@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..kvcache import GrowingBatch, KVStorage
 from ..policies import PolicySet
-from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, all_models
+from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, all_models, verify_inputs
 
 
 class SeparateModelsRunner(ScoresWithPolicySet):
@@ -65,6 +66,46 @@ class SeparateModelsRunner(ScoresWithPolicySet):
             if len(batch):
                 forward_seconds[batch.loaded.name] = time.perf_counter() - started
         return StepOutput(logprobs, forward_seconds)
+
+    def verify(
+        self,
+        running: Sequence[Row],
+        drafts: Mapping[int, Sequence[int]],
+        newcomers: Sequence[Row],
+    ) -> StepOutput:
+        ps = self.policy_set
+        rows = [*running, *newcomers]
+        by_sid = {row.sid: row for row in running}
+        row_of = {row.sid: i for i, row in enumerate(rows)}
+        width = 1 + max((len(drafts.get(row.sid, ())) for row in running), default=0)
+        shape = (len(self.batches), len(rows), width, ps.vocab_size)
+        logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
+        # One copy to the device for every model's inputs, as in ``step``.
+        seqs = [by_sid[sid] for batch in self.batches for sid in batch.row_ids]
+        tokens, positions = verify_inputs(seqs, drafts, width)
+        inputs = torch.tensor([tokens, positions], dtype=torch.long).to(ps.device)  # [2, ΣB_m, G]
+        where = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)  # [ΣB_m]
+        forward_seconds: dict[str, float] = {}
+        start = 0
+        for m, batch in enumerate(self.batches):
+            started = time.perf_counter()
+            if len(batch):
+                part = slice(start, start + len(batch))
+                start += len(batch)
+                logprobs[m, where[part]] = batch.verify(inputs[0, part], inputs[1, part])
+            joining = [s for s in newcomers if s.coefs[m] != 0]
+            if joining:
+                index = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
+                logprobs[m, index, 0] = batch.prefill(
+                    [s.sid for s in joining], [s.token_ids for s in joining]
+                )
+            if len(batch):
+                forward_seconds[batch.loaded.name] = time.perf_counter() - started
+        return StepOutput(logprobs, forward_seconds)
+
+    def rollback(self, kept: Mapping[int, int]) -> None:
+        for batch in self.batches:
+            batch.rollback([kept.get(sid, sys.maxsize) for sid in batch.row_ids])
 
     def keep(self, sids: set[int]) -> None:
         for batch in self.batches:

@@ -56,6 +56,7 @@ class SamplingFields(MixingFields):
     # vLLM's name: token ids that end the reply like EOS (special tokens such as an
     # end-of-turn marker, which stop strings never see: they match the decoded text)
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    speculative: bool = True  # false: no speculative decoding for this request
 
     @field_validator("stop")
     @classmethod
@@ -110,6 +111,7 @@ class SamplingFields(MixingFields):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             top_logprobs=top_logprobs,
+            speculative=self.speculative,
         )
 
 
@@ -202,10 +204,21 @@ class ChatCompletionRequest(SamplingFields):
 # ---- responses ------------------------------------------------------------------------
 
 
+class CompletionTokensDetails(WireModel):
+    """OpenAI's prediction counts, here those of speculative decoding: drafted tokens the
+    mixture kept, and those it rejected."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(WireModel):
+    omit_unless_given = frozenset({"completion_tokens_details"})  # when speculation is on
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class CompletionLogprobs(WireModel):

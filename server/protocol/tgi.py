@@ -46,6 +46,7 @@ class TGIParameters(MixingFields):
     watermark: Literal[False] = False
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    speculative: bool = True  # false: no speculative decoding for this request
     # Sent (as null) by TGI's own client; accepted only at their neutral value.
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
     # {"type": "json" | "regex", "value": ...}: constrained decoding (server/structured.py)
@@ -91,6 +92,7 @@ class TGIParameters(MixingFields):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos or self.ignore_eos_token,
             top_logprobs=self.top_n_tokens or 0,
+            speculative=self.speculative,
         )
 
     @field_validator("stop")
@@ -131,7 +133,8 @@ class TGIPrefillToken(WireModel):
 
 
 class TGIDetails(WireModel):
-    omit_unless_given = frozenset({"top_tokens"})  # only with top_n_tokens
+    # top_tokens only with top_n_tokens; the speculative counts when speculation is on
+    omit_unless_given = frozenset({"top_tokens", "drafted_tokens", "accepted_tokens"})
 
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
@@ -141,6 +144,8 @@ class TGIDetails(WireModel):
     tokens: list[TGIToken] = Field(default_factory=list)
     top_tokens: list[list[TGIToken]] | None = None
     best_of_sequences: None = None
+    drafted_tokens: int | None = None  # speculative decoding: tokens drafted for the reply
+    accepted_tokens: int | None = None  # of those, kept
 
 
 class TGIResponse(WireModel):
@@ -152,10 +157,14 @@ class TGIResponse(WireModel):
 
 
 class TGIStreamDetails(WireModel):
+    omit_unless_given = frozenset({"drafted_tokens", "accepted_tokens"})
+
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     prompt_tokens: int
     seed: int | None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
 
 
 class TGIStreamEvent(WireModel):
