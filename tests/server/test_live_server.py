@@ -288,7 +288,7 @@ def test_schema_fuzz_of_the_fit_routes_with_a_stubbed_driver(
     and reports uniform weights at once (a real fuzzed fit is minutes of CPU)."""
     from mpo_core import fit_driver
 
-    def stub(engine: Any, prompts: list[str], options: Any, **_: Any) -> Any:
+    def stub(engine: Any, prompts: list[str], options: Any, *_: Any, **__: Any) -> Any:
         options.validate()
         names = list(engine.policy_names)
         return fit_driver.FitReport(
