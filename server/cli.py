@@ -34,8 +34,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
         "--drain-timeout",
         "drain_timeout_s",
         float,
-        "SIGTERM: seconds running requests may "
-        "finish, new ones get 503 (MPO_DRAIN_TIMEOUT_S, default 30)",
+        "SIGTERM: seconds running requests may finish, new ones get 503 (MPO_DRAIN_TIMEOUT_S)",
     ),
     (
         "--body-timeout",

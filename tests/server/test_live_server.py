@@ -338,7 +338,8 @@ def test_schema_fuzz_run_finds_no_failures(live: Callable[..., LiveServer], tmp_
     """A bounded schemathesis run: no 500, only documented statuses, bodies as documented.
 
     One token serves as API key and admin token, so every operation can be reached. The
-    fit route is left out: a fuzzed fit is minutes of CPU (its bounds are tested above).
+    fit routes have a run of their own, with a stubbed driver (a fuzzed fit is minutes of
+    CPU).
     """
     token = "fuzz-token"
     server = live(api_key=token, admin_token=token, max_n=4, default_max_tokens=8)
@@ -358,3 +359,31 @@ def test_schema_accepts_only_what_the_profile_routes_accept(
     server = live(api_key=token, admin_token=token)
     checks = "not_a_server_error,positive_data_acceptance"
     _fuzz(server.url, token, checks, "--include-path-regex", "^/admin/profiles", folder=tmp_path)
+
+
+@pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
+def test_schema_fuzz_of_the_fit_routes_with_a_stubbed_driver(
+    live: Callable[..., LiveServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit routes under the same checks; the driver is a stub that validates its options
+    and reports uniform weights at once (a real fuzzed fit is minutes of CPU)."""
+    from mpo_core import fit_driver
+
+    def stub(engine: Any, prompts: list[str], options: Any, *_: Any, **__: Any) -> Any:
+        options.validate()
+        names = list(engine.policy_names)
+        return fit_driver.FitReport(
+            weights={n: 1 / len(names) for n in names}, objective=0.0, policy_names=names,
+            rows={}, num_prompts=len(prompts), samples_per_prompt=options.samples_per_prompt,
+            iterations=options.iterations, step_size=options.step_size or 1.0,
+            batch_size=options.batch_size, seed=options.seed, mean_reply_tokens=0.0,
+            objective_trace=[], seconds={},
+        )  # fmt: skip
+
+    monkeypatch.setattr(fit_driver, "run_fit", stub)
+    token = "fuzz-token"
+    server = live(api_key=token, admin_token=token)
+    checks = "not_a_server_error,status_code_conformance,response_schema_conformance"
+    _fuzz(server.url, token, checks, "--include-path-regex", "^/admin/fit", folder=tmp_path)
+    jobs = httpx.get(f"{server.url}/admin/fit", headers={"Authorization": f"Bearer {token}"})
+    assert "done" in {job["state"] for job in jobs.json()["jobs"]}  # fits ran, through the stub

@@ -38,6 +38,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """Linux: the server is killed when the test process dies, so a run that is killed
+    (a CI timeout) leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     def __init__(self, config: Path, home: Path, **env_overrides: str) -> None:
         self.port = free_port()
@@ -48,7 +57,7 @@ class ServerProcess:
             "MPO_HOME": str(home),
             "MPO_API_KEY": API_KEY,
             "MPO_ADMIN_TOKEN": ADMIN_TOKEN,
-            "MPO_DRAIN_TIMEOUT_S": "10",
+            "MPO_DRAIN_TIMEOUT_S": "60",  # the last test's stream finishes well within it
             "OMP_NUM_THREADS": "1",
             **env_overrides,
         }
@@ -57,6 +66,7 @@ class ServerProcess:
             [sys.executable, "-m", "server", "serve", "--config", str(config),
              "--port", str(self.port), "--log-level", "info"],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         self.wait_healthy()
 
@@ -268,68 +278,41 @@ def _slow_body_request(port: int, body: bytes) -> socket.socket:
 
 
 def test_sigterm_refuses_new_requests_and_lets_running_ones_finish(
-    tiny_yaml: Path, tmp_path: Path
+    server: ServerProcess,
 ) -> None:
-    server = ServerProcess(tiny_yaml, tmp_path, MPO_DRAIN_TIMEOUT_S="120", MPO_BODY_TIMEOUT_S="600")
-    try:
-        fit = httpx.post(f"{server.url}/admin/fit", headers=ADMIN, timeout=30, json={
-            "prompts": ["Hi"] * 200, "samples_per_prompt": 8, "max_new_tokens": 8,
-        }).json()  # fmt: skip
-        # Held in flight by its own body: the drain cannot end before the test sends it.
-        body = json.dumps({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).encode()
-        slow = _slow_body_request(server.port, body)
-        wait_for_metric(server.url, "mpo_http_requests_in_flight", 2)  # itself and /metrics
-        reader = StreamReader(server.url, max_new_tokens=60)
-        assert reader.first.wait(timeout=60)
-        server.proc.send_signal(signal.SIGTERM)
+    """The module's server, last: a SIGTERM while a stream runs, a request is held in flight
+    by its own unsent body and a fit job samples. New requests get 503, the stream and the
+    held request finish, the fit is cancelled, then the server exits 0."""
+    fit = httpx.post(f"{server.url}/admin/fit", headers=ADMIN, timeout=30, json={
+        "prompts": ["Hi"] * 200, "samples_per_prompt": 8, "max_new_tokens": 8,
+    }).json()  # fmt: skip
+    body = json.dumps({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).encode()
+    slow = _slow_body_request(server.port, body)  # the drain cannot end before it is sent
+    wait_for_metric(server.url, "mpo_http_requests_in_flight", 2)  # itself and /metrics
+    reader = StreamReader(server.url, max_new_tokens=60)
+    assert reader.first.wait(timeout=60)
+    server.proc.send_signal(signal.SIGTERM)
 
-        while (health := httpx.get(f"{server.url}/health", timeout=10)).status_code == 200:
-            pass  # every answer is the server's: 200 until the drain starts
-        assert health.status_code == 503
-        assert health.json()["error"]["code"] == "shutting_down"
-        assert health.headers["retry-after"] == "1" and health.headers["connection"] == "close"
-        refused = httpx.post(f"{server.url}/generate", json={"inputs": "Hi"}, headers=AUTH)
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    while (health := httpx.get(f"{server.url}/health", timeout=10)).status_code == 200:
+        pass  # every answer is the server's: 200 until the drain starts
+    assert health.status_code == 503
+    assert health.json()["error"]["code"] == "shutting_down"
+    assert health.headers["retry-after"] == "1" and health.headers["connection"] == "close"
+    refused = httpx.post(f"{server.url}/generate", json={"inputs": "Hi"}, headers=AUTH)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
 
-        reader.join(timeout=60)
-        assert reader.failure is None and len(reader.events) == 60  # finished, not cut
-        assert reader.events[-1]["generated_text"] is not None
-        slow.sendall(body[5:])  # the held request ends, and with it the drain
-        answer = slow.recv(65536).decode()
-        slow.close()
-        assert answer.startswith("HTTP/1.1 200"), answer
-        assert server.proc.wait(timeout=60) == 0
-    finally:
-        server.proc.kill()
-    log = server.output()
-    assert "drained: every request finished" in log
-    assert f"fit job {fit['id']} cancelled" in log
-    assert "Traceback" not in log
-
-
-def test_sigterm_finishes_running_requests_then_exits(server: ServerProcess) -> None:
-    events: list[dict] = []
-
-    def stream_during_shutdown() -> None:
-        body = {"inputs": "Hi", "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
-        with httpx.stream("POST", f"{server.url}/generate_stream", json=body, headers=AUTH,
-                          timeout=30) as response:  # fmt: skip
-            for line in response.iter_lines():
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:]))
-
-    reader = threading.Thread(target=stream_during_shutdown)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not events and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert events, server.output()
-    assert server.terminate() == 0, server.output()
-    reader.join(timeout=10)
-    assert len(events) == 60  # the running request was finished, not cut
-    assert events[-1]["generated_text"] is not None
+    reader.join(timeout=60)
+    assert reader.failure is None and len(reader.events) == 60  # finished, not cut
+    assert reader.events[-1]["generated_text"] is not None
+    slow.sendall(body[5:])  # the held request ends, and with it the drain
+    answer = slow.recv(65536).decode()
+    slow.close()
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert server.proc.wait(timeout=60) == 0, server.output()
     with pytest.raises(httpx.TransportError):  # no longer accepting
         httpx.get(f"{server.url}/health", timeout=1)
     log = server.output()
-    assert "Application shutdown complete" in log
+    assert "drained: every request finished" in log
+    assert f"fit job {fit['id']} cancelled" in log
+    assert "Application shutdown complete" in log and "Traceback" not in log
     assert API_KEY not in log and ADMIN_TOKEN not in log
