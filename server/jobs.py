@@ -279,10 +279,12 @@ class FitJobs:
         for job in finished[MAX_KEPT_JOBS:]:
             del self._jobs[job.id]
 
-    def _set_state(self, job: FitJob, state: FitState) -> None:
+    def _set_state(self, job: FitJob, state: FitState, phase_progress: float = 0.0) -> None:
         with self._lock:
+            job.phase_progress = (
+                phase_progress  # first: a reader of the new state sees its progress
+            )
             job.state = state
-            job.phase_progress = 0.0
             counts = dict.fromkeys(FitState, 0)
             for other in self._jobs.values():
                 counts[other.state] += 1
@@ -302,9 +304,11 @@ class FitJobs:
         if job.cancel_requested.is_set():
             return
         state = FitState(phase)  # the driver's phases: sampling, scoring, optimising
+        fraction = min(max(fraction, 0.0), 1.0)
         if state is not job.state:
-            self._set_state(job, state)
-        job.phase_progress = min(max(fraction, 0.0), 1.0)
+            self._set_state(job, state, fraction)
+            return
+        job.phase_progress = fraction
         if time.monotonic() - job.progress_written >= _PROGRESS_WRITE_S:
             self._write(job)
 
