@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
+from .personas import PersonaPrompts, build_persona_prompts
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
     from .adapters import AdapterFamily
@@ -56,6 +57,9 @@ class PolicySet:
     # An adapter family's shared model and adapter index (policies and reference are then
     # views of it, each running one adapter); None for a family of full models.
     adapters: AdapterFamily | None = None
+    # A persona family's prompt rule (policies and reference are then the same model,
+    # each conditioned on its own prompt); None for other families.
+    personas: PersonaPrompts | None = None
 
     @property
     def names(self) -> list[str]:
@@ -195,6 +199,8 @@ def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
 
 def load_policy_set(config: PolicySetConfig) -> PolicySet:
     """Load every model of ``config`` on one device/dtype and check they can be mixed."""
+    if config.persona_host is not None:
+        return _load_persona_family(config, config.persona_host)
     if config.base is not None:
         return _load_adapter_family(config, config.base)
     device = resolve_device(config.device)
@@ -289,4 +295,41 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
         max_context=_context_limit(family.model),
         eos_token_ids=_eos_ids(tokenizer, family.model),
         adapters=family,
+    )
+
+
+def _load_persona_family(config: PolicySetConfig, host: ModelSpec) -> PolicySet:
+    """One model and K personas of it: every member is the same weights (no copy), the
+    plain model is the reference, and ``personas`` says how each member sees a prompt."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = _load_tokenizer(host, "reference")
+    vocab_size = len(tokenizer)
+    # The prompt rule first: it is cheap, and a template without system messages fails here.
+    prompts = build_persona_prompts(tokenizer, config.persona_policies, host.name)
+    logger.info("loading persona model %r from %s on %s (%s)", host.name, host.model, device, dtype)
+    shared = _load_model(host, "reference", device, dtype)
+    _check_output_rows(shared, "reference", vocab_size)
+
+    def member(name: str) -> LoadedModel:
+        return LoadedModel(name, shared.model, shared.cache_kwarg, shared.accepts_logits_to_keep)
+
+    max_context = _context_limit(shared.model) - prompts.longest_extra
+    if max_context < 2:
+        raise ConfigError(
+            f"the personas' prompts ({prompts.longest_extra} tokens) leave no room in the "
+            f"context of {host.name!r} ({_context_limit(shared.model)} tokens)"
+        )
+    return PolicySet(
+        config=config,
+        policies=[member(spec.name) for spec in config.persona_policies],
+        reference=member(host.name),
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        device=device,
+        dtype=dtype,
+        kv_dtype=_kv_dtype(config, device, dtype),
+        max_context=max_context,
+        eos_token_ids=_eos_ids(tokenizer, shared.model),
+        personas=prompts,
     )
