@@ -7,6 +7,7 @@ A policy set is a YAML file::
     policies:
       - {name: helpful,  model: <hub id or local path>}
       - {name: harmless, model: <hub id or local path>, revision: main}
+      - {name: small,    model: ./smollm2.Q4_K_M.gguf}   # or model: <folder>, gguf_file: <name>
     device: auto      # cuda when available, else cpu
     dtype: auto       # bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
@@ -60,9 +61,21 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=_NAME_PATTERN)  # used in requests: {"weights": {name: w}}
-    model: str = Field(min_length=1)  # hub id ("org/repo") or a local folder
+    # hub id ("org/repo"), a local folder, or a local ``.gguf`` file (docs/models.md)
+    model: str = Field(min_length=1)
+    # A GGUF file inside ``model`` (a folder or a hub repository), e.g. "model.Q4_K_M.gguf"
+    gguf_file: str | None = Field(default=None, min_length=1)
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_gguf(self) -> ModelSpec:
+        if self.gguf_file is not None and self.model.lower().endswith(".gguf"):
+            raise ValueError(
+                "`model:` is already a GGUF file; drop `gguf_file:` or make "
+                "`model:` the folder (or hub repository) that holds it"
+            )
+        return self
 
 
 class AdapterSpec(BaseModel):
@@ -264,12 +277,48 @@ def validation_problems(exc: ValidationError) -> str:
     )
 
 
+def _entry_name(data: object, loc: tuple[Any, ...]) -> tuple[str, int]:
+    """``("policy 'helpful'", 3)``: who a validation error is about, and how many parts of
+    ``loc`` that consumed (``policies, 0, <kind tag>`` or ``reference``/``base``)."""
+    raw: Any = data if isinstance(data, dict) else {}
+    if loc[:1] == ("policies",) and len(loc) >= 2 and isinstance(loc[1], int):
+        entries = raw.get("policies")
+        entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else {}
+        name = entry.get("name") if isinstance(entry, dict) else None
+        used = 3 if len(loc) >= 3 and loc[2] in ("model", "adapter") else 2
+        return (f"policy {name!r}" if name else f"policies[{loc[1]}]"), used
+    if loc[:1] in (("reference",), ("base",)):
+        entry = raw.get(loc[0])
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return (f"{loc[0]} {name!r}" if name else str(loc[0])), 1
+    return "", 0
+
+
+def config_problems(exc: ValidationError, data: object) -> str:
+    """The policy-set's validation errors as one line, each naming the policy it is about
+    ("policy 'helpful': unknown field `modle`; policy 'helpful': `model` is missing")."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        who, used = _entry_name(data, loc)
+        field = ".".join(str(p) for p in loc[used:])
+        if err["type"] == "extra_forbidden":
+            message = f"unknown field `{field}` (a typo? docs/models.md lists the fields)"
+        elif err["type"] == "missing":
+            message = f"`{field}` is missing"
+        else:
+            text = str(err["msg"]).removeprefix("Value error, ")
+            message = f"`{field}`: {text}" if field else text
+        problems.append(f"{who}: {message}" if who else message)
+    return "; ".join(problems)
+
+
 def parse_config(data: object, base_dir: Path | None = None) -> PolicySetConfig:
     """Validate a mapping (already parsed YAML) into a config, with a readable error."""
     try:
         config = PolicySetConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid policy-set config: {validation_problems(exc)}") from None
+        raise ConfigError(f"invalid policy-set config: {config_problems(exc, data)}") from None
     if base_dir is not None:
         for spec in _all_specs(config):
             candidate = base_dir / spec.model

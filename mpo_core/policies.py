@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import ModelSpec, PolicySetConfig
 from .errors import ConfigError
+from .models import gguf_checkpoint, is_gguf
 from .personas import PersonaPrompts, build_persona_prompts
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
@@ -107,12 +108,48 @@ def _looks_local(model: str) -> bool:
 
 
 def _source(spec: ModelSpec, role: str) -> str:
+    """What ``from_pretrained`` reads: a hub id, a local folder, or a GGUF file's copy."""
+    who = f"{role} {spec.name!r}"
+    if spec.gguf_file is not None:
+        return str(gguf_checkpoint(_gguf_location(spec, who), who))
+    if not _looks_local(spec.model):
+        return spec.model
+    path = Path(spec.model).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"{who}: model path {spec.model!r} does not exist (a relative path is taken from "
+            "the policy-set YAML's folder)"
+        )
+    if is_gguf(path):
+        return str(gguf_checkpoint(path, who))
+    if (
+        path.is_dir()
+        and (path / "adapter_config.json").is_file()
+        and not (path / "config.json").exists()
+    ):
+        raise ConfigError(
+            f"{who}: {spec.model!r} is a LoRA adapter, not a model: use `base:` + `adapter:` "
+            "(base: {name: base, model: <the model it was trained on>}, and the policy as "
+            f"{{name: {spec.name}, adapter: {spec.model}}}; docs/adapters.md)"
+        )
+    return str(path)
+
+
+def _gguf_location(spec: ModelSpec, who: str) -> Path:
+    """The local path of ``gguf_file`` in ``model`` (a folder, or a hub repository)."""
+    assert spec.gguf_file is not None
     if _looks_local(spec.model):
-        path = Path(spec.model).expanduser()
-        if not path.exists():
-            raise ConfigError(f"{role} {spec.name!r}: model path {spec.model!r} does not exist")
-        return str(path)
-    return spec.model
+        return Path(spec.model).expanduser() / spec.gguf_file
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec.model, spec.gguf_file, revision=spec.revision))
+    except Exception as exc:  # offline, no such repository or file: one line, no traceback
+        raise ConfigError(
+            f"{who}: cannot fetch {spec.gguf_file!r} from the hub repository {spec.model!r}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(download the file and give its local path as `model:`)"
+        ) from None
 
 
 def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
@@ -122,9 +159,28 @@ def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
     except Exception as exc:  # tokenizers raises bare Exception on a corrupt file
+        if source == spec.model and not _looks_local(source) and _unreachable_hub(exc):
+            raise ConfigError(
+                f"{role} {spec.name!r}: hub model {source!r} is not in the local hub cache and "
+                f"the hub cannot be reached{' (HF_HUB_OFFLINE is set)' if _hub_offline() else ''}"
+                f": download it once where the hub is reachable (`hf download {source}`), or "
+                "point `model:` at a local folder or a .gguf file"
+            ) from None
         raise ConfigError(
             f"{role} {spec.name!r}: cannot load tokenizer from {source!r}: {exc}"
         ) from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _unreachable_hub(exc: Exception) -> bool:
+    """transformers' error for a hub id it could neither download nor find in the cache."""
+    text = str(exc)
+    return _hub_offline() or "couldn't connect" in text or "offline mode" in text
 
 
 def _load_model(

@@ -54,8 +54,12 @@ def policy_config(settings: Settings) -> PolicySetConfig:
     return config
 
 
-def load_engine(settings: Settings, metrics: Metrics) -> Engine:
-    """Load the models and start the decoding thread (blocking: run it off the event loop)."""
+def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
+    """Load the models and start the decoding thread (blocking: run it off the event loop).
+
+    ``mpo serve`` calls it before uvicorn starts (a configuration error is then one line,
+    not a lifespan traceback); the lifespan calls it when the app is served another way.
+    """
     policy_set = load_policy_set(policy_config(settings))
     limits = EngineLimits(
         max_running=settings.max_running,

@@ -130,14 +130,17 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, load_engine
 
     settings = settings_from_args(args)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    # The models load before uvicorn starts: a bad policy set then ends here with main()'s
+    # one-line error and exit 2, not as a lifespan traceback after "Started server process".
+    engine = load_engine(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, engine=engine),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
@@ -147,7 +150,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn re-raises the signal it shut down on, with the handler found at start; a
     # no-op handler turns a SIGTERM that was handled gracefully into a plain exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()  # SIGTERM/SIGINT: stop accepting, drain, then the lifespan stops the engine
+    try:
+        server.run()  # SIGTERM/SIGINT: stop accepting and drain; the lifespan cancels fits
+    finally:
+        logger.info("stopping the engine (up to %.0f s)", settings.shutdown_timeout_s)
+        engine.stop(settings.shutdown_timeout_s)
     return 0 if server.started else 1
 
 
@@ -247,12 +254,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a readable one-liner for config and input errors
+        from pydantic import ValidationError
+
+        from mpo_core.config import validation_problems
         from mpo_core.errors import MPOError
 
         if isinstance(exc, MPOError):
-            print(f"mpo: error: {exc}", file=sys.stderr)
+            print(f"mpo: error: {one_line(str(exc))}", file=sys.stderr)
+            return 2
+        if isinstance(exc, ValidationError):  # a bad MPO_* variable or flag value
+            print(f"mpo: error: invalid setting: {validation_problems(exc)}", file=sys.stderr)
             return 2
         raise
+
+
+def one_line(message: str) -> str:
+    """A multi-line library message (a hub error, say) as one line."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":
