@@ -155,7 +155,7 @@ class PolicySetConfig(BaseModel):
     static_cache: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: bool = True  # capture the static decode step; false = run it eagerly
     # Columns per slot of a static cache: the longest prompt + reply it can hold. None:
-    # the models' context, at most DEFAULT_MAX_CACHE_LEN (each column costs memory).
+    # the models' context, as far as the KV cache budget allows (docs/models.md).
     max_cache_len: int | None = Field(default=None, ge=2)
 
     @field_validator("policies")

@@ -26,6 +26,7 @@ import torch
 
 from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
 from .events import EventBuilder, final_event
+from .kv_budget import kv_budget_for
 from .mixing import Mixture, WeightsInput, mix_logprobs
 from .policies import PolicySet
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
@@ -67,12 +68,20 @@ class Engine:
         self.observer = observer
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
         self.runner: PolicyRunner
+        self.kv_budget = kv_budget_for(
+            policy_set, self.limits.kv_cache_bytes, self.limits.kv_cache_fraction, growing=True
+        )
         if runner is None:
             self.runner, self.max_context = make_runner(
-                policy_set, self.limits.max_running, max_context
+                policy_set, self.limits.max_running, max_context, self.kv_budget
             )
         else:
             self.runner, self.max_context = runner, context_limit(runner, max_context)
+        # Static caches are preallocated within the budget: nothing to admit by memory.
+        self.kv_budget.growing = getattr(self.runner, "max_context", None) is None
+        logger.info(
+            "%s; a request holds at most %d tokens", self.kv_budget.describe(), self.max_context
+        )
         self.events = EventBuilder(policy_set, self.max_context)
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
@@ -153,8 +162,9 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream."""
         seq = prepare(
-            request, self.policy_set, self.limits, self.max_context, next(self._ids), self._wake
-        )
+            request, self.policy_set, self.limits, self.max_context, next(self._ids), self._wake,
+            self.kv_budget,
+        )  # fmt: skip
         with self._lock:
             if not self._accepting or self._failure is not None:
                 raise EngineNotRunning(
@@ -260,6 +270,10 @@ class Engine:
             seq.stream.push(final_event(seq, "cancelled"))
         newcomers: list[SequenceState] = []
         while self._waiting and len(self._running) + len(newcomers) < self.limits.max_running:
+            # In arrival order: the head waits until its worst-case KV cache fits (kv_budget).
+            rows = [*self._running.values(), *newcomers, self._waiting[0]]
+            if not self.kv_budget.fits([(s.coefs, s.worst_case_tokens) for s in rows]):
+                break
             newcomers.append(self._waiting.popleft())
         return newcomers
 

@@ -14,6 +14,11 @@ layer, has an all-zero mask. So adapters of different ranks, alphas and target m
 share one pair of matrices per layer. The scaling (``alpha / r``, ``alpha / sqrt(r)``
 with rslora, or a rank/alpha pattern's value) is folded into B when it is built.
 
+When every row of a step runs the same adapter (a one-hot mixture at strength 1, or the
+base alone), a CPU forward uses only that adapter's R columns (or none): one policy costs
+what the base plus one LoRA costs, whatever S is. On a GPU the masked product always
+runs, so that the forward has no branch on the data and a graph can replay it.
+
 Why all S adapters for every row, rather than gathering each row's own factors: on a CPU
 the gather copies ``rows x R x (in + out)`` values per layer and step, which outgrows the
 layer's own weight past a dozen rows, while two plain matrix products read every
@@ -63,6 +68,7 @@ class AdapterIndex:
         self._tables: list[torch.Tensor] = []  # per layout: [N + 1] adapter -> slot
         self._masks: list[torch.Tensor] = []  # per layout: [capacity, S] 1 = row's slot
         self._index = torch.zeros(capacity, dtype=torch.long, device=device)  # [capacity]
+        self._uniform: list[int | None] = []  # per layout: the one slot every row runs
         self.rows = 0
 
     @property
@@ -97,11 +103,27 @@ class AdapterIndex:
         rows = adapters.shape[0]
         self.reserve(rows)
         self._index[:rows].copy_(adapters)
+        self._uniform = []
         for table, mask in zip(self._tables, self._masks):
             slots = table[self._index[:rows]]  # [B] 0 = none, else 1..S
             wanted = torch.arange(1, mask.shape[1] + 1, device=self.device)  # [S]
             mask[:rows] = slots[:, None] == wanted  # [B, S]
+            self._uniform.append(self._one_slot(slots))
         self.rows = rows
+
+    def _one_slot(self, slots: torch.Tensor) -> int | None:
+        """The slot all rows share (0: none of them runs an adapter here), else None.
+
+        Only on the CPU: a GPU would wait for the answer (a host sync), and a captured
+        graph must not branch on it."""
+        if self.device.type != "cpu" or slots.numel() == 0:
+            return None
+        first = int(slots[0])
+        return first if bool((slots == first).all()) else None
+
+    def uniform_slot(self, layout: int) -> int | None:
+        """``_one_slot`` of the rows last ``set``, for layers of ``layout``."""
+        return self._uniform[layout] if layout < len(self._uniform) else None
 
     def fill(self, rows: int, adapter: int) -> None:
         """Every one of ``rows`` rows runs ``adapter``."""
@@ -146,6 +168,16 @@ class GroupedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # [B, T, out]
         rows, out = x.shape[0], result.shape[-1]
+        uniform = self.index.uniform_slot(self.layout)
+        if uniform is not None:  # every row runs one adapter (or none): only its factors
+            if uniform == BASE:
+                return result
+            columns = slice((uniform - 1) * self.rank, uniform * self.rank)
+            hidden = x @ self.lora_a[:, columns]  # [B, T, R]
+            delta = torch.addmm(
+                result.reshape(-1, out), hidden.reshape(-1, self.rank), self.lora_b[columns]
+            )  # [B * T, out]
+            return delta.view_as(result)
         mask = self.index.mask(self.layout, rows)  # [B, S]
         hidden = x @ self.lora_a  # [B, T, S * R]
         hidden = hidden.view(rows, -1, mask.shape[1], self.rank) * mask[:, None, :, None]

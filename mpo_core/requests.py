@@ -11,6 +11,7 @@ import torch
 
 from .detokenize import ReplyText
 from .errors import InvalidParameter
+from .kv_budget import GiB, KVBudget
 from .mixing import Mixture
 from .policies import PolicySet
 from .sampling import SamplingParams
@@ -25,6 +26,10 @@ class EngineLimits:
     max_top_logprobs: int = 20
     score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
     retry_after_s: float = 1.0  # what Overloaded tells callers to wait
+    # KV-cache memory budget (kv_budget): bytes, else this fraction of the memory available
+    # when the engine starts; a request is admitted only when its worst-case cache fits.
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float = 0.5
 
 
 @dataclass
@@ -56,6 +61,10 @@ class SequenceState:
     def sampling(self) -> SamplingParams:
         return self.request.sampling
 
+    @property
+    def worst_case_tokens(self) -> int:  # the most columns its cache rows can reach
+        return len(self.request.prompt_ids) + self.sampling.max_new_tokens
+
 
 def prepare(
     request: GenerationRequest,
@@ -64,6 +73,7 @@ def prepare(
     max_context: int,
     sid: int,
     on_cancel: Callable[[], None],
+    budget: KVBudget | None = None,
 ) -> SequenceState:
     """Check a request against the policy set and the limits; raise InvalidParameter if bad."""
     params = request.sampling
@@ -90,6 +100,15 @@ def prepare(
         given.strength if given is not None else 1.0,
         has_reference=policy_set.reference is not None,
     )
+    if budget is not None and not budget.fits([(mixture.coefficients, total)]):
+        need = budget.worst_case([(mixture.coefficients, total)])
+        raise InvalidParameter(
+            "max_new_tokens",
+            f"prompt + max_new_tokens = {total} tokens need up to {need / GiB:.2f} GiB of KV "
+            f"cache, more than the server's whole KV cache budget of "
+            f"{budget.budget_bytes / GiB:.2f} GiB ({budget.tokens} tokens over all models); "
+            "ask for fewer tokens",
+        )
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     generator = torch.Generator(device=policy_set.device)
     generator.manual_seed(seed)

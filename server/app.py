@@ -66,6 +66,8 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         max_queued=settings.max_queued,
         max_top_logprobs=settings.max_top_logprobs,
         retry_after_s=settings.retry_after_s,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        kv_cache_fraction=settings.kv_cache_fraction,
     )
     return Engine(policy_set, limits=limits, observer=metrics).start()
 

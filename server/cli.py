@@ -27,6 +27,7 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--store-url", "store_url", str, "profile store URL (MPO_STORE_URL)"),
     ("--max-running", "max_running", int, "sequences decoded together (MPO_MAX_RUNNING)"),
     ("--max-queued", "max_queued", int, "sequences waiting before 429 (MPO_MAX_QUEUED)"),
+    ("--kv-cache-bytes", "kv_cache_bytes", int, "KV cache budget in bytes (MPO_KV_CACHE_BYTES)"),
     ("--max-body-bytes", "max_body_bytes", int, "request body limit (MPO_MAX_BODY_BYTES)"),
     ("--max-n", "max_n", int, "choices per OpenAI request (MPO_MAX_N)"),
     ("--log-level", "log_level", str, "debug, info, warning, error (MPO_LOG_LEVEL)"),

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap
     default_max_tokens: int = Field(default=256, ge=1)  # when a request gives none
     retry_after_s: float = Field(default=1.0, gt=0)  # Retry-After on 429
+    # KV-cache memory budget: bytes, else this fraction of the memory available when the
+    # engine starts (host memory on CPU, free GPU memory on CUDA); docs/models.md.
+    kv_cache_bytes: int | None = Field(default=None, ge=1)
+    kv_cache_fraction: float = Field(default=0.5, gt=0, le=1)
     # Overrides the policy-set's `cuda_graphs` when set: false decodes eagerly on CUDA
     # (debugging, or a model whose forward cannot be captured).
     cuda_graphs: bool | None = None

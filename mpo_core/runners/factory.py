@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from ..errors import ConfigError
+from ..kv_budget import KVBudget
 from ..kvcache import GrowingBatch, KVStorage
 from ..policies import LoadedModel, PolicySet
 from ..static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
@@ -23,19 +25,35 @@ from .separate import SeparateModelsRunner
 logger = logging.getLogger(__name__)
 
 
-def make_runner(policy_set: PolicySet, max_rows: int, max_context: int) -> tuple[PolicyRunner, int]:
+def make_runner(
+    policy_set: PolicySet, max_rows: int, max_context: int, budget: KVBudget | None = None
+) -> tuple[PolicyRunner, int]:
     """The backend a policy set runs on: grouped LoRA for an adapter family, one batch
     of persona slots for a persona family, K separate models otherwise; on static caches
     (CUDA-graphed on a GPU) when the config asks.
 
-    Returns the runner and the context limit settled with it: ``max_context``, capped by
-    the columns of a static cache."""
+    A static cache has the config's ``max_cache_len`` columns per slot, else as many as
+    ``budget`` gives ``max_rows`` requests over every model, up to ``max_context``
+    (without a budget: at most DEFAULT_MAX_CACHE_LEN). Returns the runner and the context
+    limit settled with it: ``max_context``, capped by the columns of a static cache."""
     config = policy_set.config
     on_cuda = policy_set.device.type == "cuda"
     static = config.static_cache == "on" or (
         config.static_cache == "auto" and on_cuda and config.cuda_graphs
     )
-    max_len = min(max_context, config.max_cache_len or DEFAULT_MAX_CACHE_LEN)
+    if config.max_cache_len is not None:
+        max_len = min(max_context, config.max_cache_len)
+    elif budget is not None:
+        max_len = budget.static_len(max_rows, max_context)
+    else:
+        max_len = min(max_context, DEFAULT_MAX_CACHE_LEN)
+    if static and max_len < 2:
+        assert budget is not None
+        raise ConfigError(
+            f"static KV caches for {max_rows} running requests do not fit the KV cache budget "
+            f"({budget.describe()}): raise MPO_KV_CACHE_BYTES / MPO_KV_CACHE_FRACTION, lower "
+            "MPO_MAX_RUNNING, or set static_cache: off"
+        )
     graphs = on_cuda and config.cuda_graphs
     pool = torch.cuda.graph_pool_handle() if static and graphs else None
 

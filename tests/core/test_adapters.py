@@ -74,6 +74,33 @@ def test_grouped_forward_equals_peft_mixed_batch(family: Any) -> None:
     assert (expected[2] - expected[3]).abs().max() > 0.1
 
 
+def test_a_batch_of_one_adapter_runs_only_its_factors(family: Any) -> None:
+    """Rows that all run one adapter (or none) equal PEFT's, and read no other adapter's
+    factors: poisoned with NaN, those would show in the logits if they were used."""
+    arch, paths, adapters, _ = family
+    model, index = adapters.adapters.model, adapters.adapters.index
+    ids = _rows_of(adapters, PROMPTS[1], 3)  # [3, L]
+    grouped = [m for m in model.modules() if isinstance(m, GroupedLoraLinear)]
+    saved = [(m.lora_a.clone(), m.lora_b.clone()) for m in grouped]
+    for adapter, name in ((2, "harmless"), (0, None)):
+        peft_model = AutoModelForCausalLM.from_pretrained(str(paths.base))
+        if name is not None:
+            peft_model = PeftModel.from_pretrained(peft_model, str(paths.adapters[name]))
+        with torch.no_grad():
+            expected = peft_model.eval()(input_ids=ids).logits  # [3, L, V']
+            for m in grouped:  # every slot but this adapter's holds NaN
+                slot = index.table(m.layout)[adapter]
+                keep = slice((slot - 1) * m.rank, slot * m.rank) if slot else slice(0, 0)
+                m.lora_a[:, : keep.start] = float("nan")
+                m.lora_a[:, keep.stop :] = float("nan")
+            index.fill(3, adapter)
+            got = model(input_ids=ids).logits
+            for m, (a, b) in zip(grouped, saved):
+                m.lora_a.copy_(a)
+                m.lora_b.copy_(b)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
 def test_layers_are_grouped_and_pad_ranks(family: Any) -> None:
     arch, _, adapters, _ = family
     grouped = [m for m in adapters.adapters.model.modules() if isinstance(m, GroupedLoraLinear)]
