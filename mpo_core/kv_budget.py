@@ -10,9 +10,8 @@ The growing caches (``kvcache``) keep a model's rows left-padded to the longest 
 a buffer with half as many columns again to spare, so the worst case of a set of
 requests is, per batch, ``rows * capacity(longest) * bytes_per_token``; K separate models
 are K + 1 batches, an adapter or persona family one batch of slots over the shared
-model (a persona's slot is longer than its request by the persona's prompt: at most
-``PersonaPrompts.longest_extra`` tokens, which the policy set's context already
-leaves free). The engine
+model (a persona's slot is longer than its request by its persona's prompt, at most
+``PersonaPrompts.longest_extra`` tokens, which this worst case leaves out). The engine
 admits the next waiting request only when that worst case, with it, stays within the
 budget, and refuses at once (400) a request that could not fit even alone.
 

@@ -295,3 +295,10 @@ def test_a_persona_family_can_be_given_with_base(tmp_path: Path) -> None:
     data["base"] = data.pop("reference")
     ps = load_policy_set(load_config(_yaml(tmp_path, data)))
     assert ps.personas is not None and ps.reference_name == "base"
+
+
+def test_the_kv_budget_counts_one_batch_of_slots(personas: PolicySet) -> None:
+    from mpo_core.kv_budget import kv_budget_for
+
+    budget = kv_budget_for(personas, 1 << 30, 0.5, growing=True)
+    assert budget.groups == [[0, 1, 2, 3]]  # one padded batch over the shared model
