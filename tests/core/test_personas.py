@@ -302,3 +302,34 @@ def test_the_kv_budget_counts_one_batch_of_slots(personas: PolicySet) -> None:
 
     budget = kv_budget_for(personas, 1 << 30, 0.5, growing=True)
     assert budget.groups == [[0, 1, 2, 3]]  # one padded batch over the shared model
+
+
+def test_mpo_eval_on_a_persona_family(tmp_path: Path) -> None:
+    """`mpo eval` decodes every persona, and the soup row is the plain model: it decodes
+    what the reference row decodes (the same seeds) and has no KL to it."""
+    import json
+
+    from server.cli import main
+
+    family = make_persona_family(tmp_path / "family", default_system=True)
+    (tmp_path / "prompts.txt").write_text("Hello there\nWhy?\n")
+    rewards = (
+        "objectives:\n  cheerful: {builtin: vader.compound}\n  brief: {builtin: text.brevity}\n"
+    )
+    (tmp_path / "rewards.yaml").write_text(rewards)
+    argv = ["eval", "--config", str(family), "--prompts", str(tmp_path / "prompts.txt")]
+    argv += ["--rewards", str(tmp_path / "rewards.yaml"), "--rows", "single,soup,reference"]
+    argv += ["--samples", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "out")]
+    argv += ["--threads", "1", "--bootstrap", "20", "--pareto", "none"]
+    assert main(argv) == 0
+    rows = {r["label"]: r for r in json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]}
+    assert set(rows) == {
+        "policy:cheerful",
+        "policy:brief",
+        "policy:thanks",
+        "soup@uniform",
+        "reference",
+    }
+    assert rows["soup@uniform"]["examples"] == rows["reference"]["examples"]
+    assert abs(rows["soup@uniform"]["kl"]["mean"]) < 1e-4
+    assert rows["policy:cheerful"]["kl"]["mean"] > 0.01  # the prompt moved the model
