@@ -32,6 +32,12 @@ from ..scoring import ScoreResult, score_model
 from .adapters import BatchFactory, growing
 from .base import Row, StepOutput
 
+# On this project's 2-core CPU a decode step of 3 rows costs 1.33x one of 4 rows (oneDNN
+# picks its kernels by shape; ``python -m bench.personas --padding``), so on the CPU a
+# 3-slot decode runs with one filler slot whose output nobody reads.
+PAD_ROWS = {3: 4}
+FILLER = -1  # the filler slot's id (a request's slots are >= 0)
+
 
 class PersonaRunner:
     """One batch over the shared model; a slot per (request, persona it needs)."""
@@ -58,6 +64,21 @@ class PersonaRunner:
         limit = self.batch.max_len
         self.max_context = None if limit is None else limit - prompts.longest_extra
         self._shift: dict[int, int] = {}  # slot -> its prompt's length - the request's
+        growing = isinstance(self.batch, GrowingBatch)
+        self.pad_rows = PAD_ROWS if growing and policy_set.device.type == "cpu" else {}
+        self._filler_length = 0  # tokens the filler slot holds
+
+    def _pad(self) -> None:
+        """Add the filler slot when the real slots are a row count worth padding; drop
+        it otherwise."""
+        real = [slot for slot in self.batch.row_ids if slot != FILLER]
+        wanted = self.pad_rows.get(len(real), len(real)) > len(real)
+        present = len(real) < len(self.batch)
+        if present and not wanted:
+            self.batch.keep(set(real))
+        elif wanted and not present:
+            self.batch.prefill([FILLER], [[0]])
+            self._filler_length = 1
 
     def _slot(self, sid: int, model: int) -> int:
         return sid * self.models + model
@@ -69,17 +90,28 @@ class PersonaRunner:
         by_sid = {row.sid: row for row in running}
         logprobs = torch.zeros(self.models, len(rows), ps.vocab_size, device=ps.device)
         started = time.perf_counter()
+        if self.pad_rows:
+            self._pad()
         if len(self.batch):
-            slots = self.batch.row_ids
-            seqs = [by_sid[slot // self.models] for slot in slots]
-            columns = [
-                [s.token_ids[-1] for s in seqs],
-                [len(s.token_ids) - 1 + self._shift[slot] for s, slot in zip(seqs, slots)],
-                [slot % self.models for slot in slots],
-                [row_of[s.sid] for s in seqs],
-            ]
+            columns: list[list[int]] = [[], [], [], []]  # tokens, positions, models, rows
+            real = []  # which cache rows are requests' slots
+            for i, slot in enumerate(self.batch.row_ids):
+                if slot == FILLER:  # any token, at the filler's next position
+                    values = [0, self._filler_length, 0, 0]
+                    self._filler_length += 1
+                else:
+                    seq = by_sid[slot // self.models]
+                    position = len(seq.token_ids) - 1 + self._shift[slot]
+                    values = [seq.token_ids[-1], position, slot % self.models, row_of[seq.sid]]
+                    real.append(i)
+                for column, value in zip(columns, values):
+                    column.append(value)
             tokens, positions, models, index = torch.tensor(columns).to(ps.device)  # [S] each
-            logprobs[models, index] = self.batch.decode(tokens, positions)  # [S, V]
+            decoded = self.batch.decode(tokens, positions)  # [S, V]
+            if len(real) < len(columns[0]):
+                keep = torch.tensor(real, device=ps.device)  # [S - 1]
+                decoded, models, index = decoded[keep], models[keep], index[keep]
+            logprobs[models, index] = decoded
         joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
         if joining:
             slots = [self._slot(s.sid, m) for s, m in joining]
@@ -115,7 +147,7 @@ class PersonaRunner:
 
     def keep(self, sids: set[int]) -> None:
         kept = {self._slot(sid, m) for sid in sids for m in range(self.models)}
-        self.batch.keep(kept)
+        self.batch.keep(kept | {FILLER} if kept else kept)  # the next step re-pads
         self._shift = {slot: n for slot, n in self._shift.items() if slot in kept}
 
     def score(

@@ -333,3 +333,36 @@ def test_mpo_eval_on_a_persona_family(tmp_path: Path) -> None:
     assert rows["soup@uniform"]["examples"] == rows["reference"]["examples"]
     assert abs(rows["soup@uniform"]["kl"]["mean"]) < 1e-4
     assert rows["policy:cheerful"]["kl"]["mean"] > 0.01  # the prompt moved the model
+
+
+def test_a_three_slot_decode_runs_with_one_filler_row(personas: PolicySet) -> None:
+    """On the CPU three slots decode as four rows (bench/personas.py --padding); the
+    filler leaves when the slots change, and the rows' results do not move."""
+    from mpo_core.runners.personas import FILLER
+
+    runner, _ = make_runner(personas, max_rows=4, max_context=personas.max_context)
+    assert isinstance(runner, PersonaRunner) and runner.pad_rows == {3: 4}
+
+    class Row:
+        def __init__(self, sid: int, coefs: tuple[float, ...]) -> None:
+            self.sid, self.coefs = sid, coefs
+            self.token_ids = chat_ids(personas, user(REQUESTS[sid]))
+
+    three = Row(0, (0.3, 0.3, 0.0, 0.4))  # two personas and the plain model
+    runner.step([], [three])
+    three.token_ids.append(9)
+    padded = runner.step([three], []).logprobs[:, 0]  # [M, V]
+    assert runner.batch.row_ids.count(FILLER) == 1 and len(runner.batch) == 4
+    alone, _ = make_runner(personas, max_rows=4, max_context=personas.max_context)
+    assert isinstance(alone, PersonaRunner)
+    alone.pad_rows = {}
+    alone.step([], [Row(0, three.coefs)])
+    want = alone.step([three], []).logprobs[:, 0]
+    for m in (0, 1, 3):
+        assert torch.allclose(padded[m], want[m], atol=1e-5)
+    one = Row(1, (1.0, 0.0, 0.0, 0.0))
+    runner.step([three], [one])
+    runner.step([three, one], [])  # four slots: no filler
+    assert FILLER not in runner.batch.row_ids and len(runner.batch) == 4
+    runner.keep(set())
+    assert len(runner.batch) == 0
