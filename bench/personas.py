@@ -13,7 +13,9 @@ The systems:
   one forward of 3 x c slots per step over one copy of the weights);
 - ``full``: three full models loaded from the same checkpoint (K-separate-models
   backend: three forwards of c rows per step, three copies of the weights);
-- ``single``: one model, one policy: c rows per step.
+- ``single``: one model, one policy: c rows per step;
+- ``personas-unpadded``: ``personas`` with the runner's 3-to-4-row padding switched off
+  (``PersonaRunner.pad_rows``), for the padding's effect measured in the same rounds.
 
 Speed: one process holds the three families and runs them in turn, ``--rounds`` times
 (the order rotating), so a round's figures are taken seconds apart; a ratio is the median
@@ -52,7 +54,8 @@ from .common import (
 from .systems import REPO
 
 logger = logging.getLogger("bench.personas")
-SYSTEMS = ("personas", "full", "single")
+SYSTEMS = ("personas", "personas-unpadded", "full", "single")
+MEMORY_SYSTEMS = ("personas", "full", "single")
 
 
 def write_configs(folder: Path) -> dict[str, Path]:
@@ -100,8 +103,10 @@ def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     most = max(concurrencies)
     engines = {
-        name: Engine(_load(paths[name]), EngineLimits(max_running=most)).start() for name in SYSTEMS
+        name: Engine(_load(paths[name.split("-")[0]]), EngineLimits(max_running=most)).start()
+        for name in SYSTEMS
     }
+    engines["personas-unpadded"].runner.pad_rows = {}  # type: ignore[attr-defined]
     prompts = prompt_ids(engines["single"].tokenizer, prompt_texts(most))
     rows = []
     try:
@@ -202,6 +207,9 @@ def ratios(timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[s
             "personas_over_full_tokens_per_s": statistics.median(
                 speed[(r, "personas")] / speed[(r, "full")] for r in rounds
             ),
+            "padded_over_unpadded_tokens_per_s": statistics.median(
+                speed[(r, "personas")] / speed[(r, "personas-unpadded")] for r in rounds
+            ),
             "personas_over_single_tokens_per_s": statistics.median(
                 speed[(r, "personas")] / speed[(r, "single")] for r in rounds
             ),
@@ -224,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-personas"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/personas_smollm2.json"))
-    parser.add_argument("--worker", choices=["timing", "padding", *SYSTEMS], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["timing", "padding", *MEMORY_SYSTEMS], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     if args.worker:
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(workers.get(args.worker, memory_worker)(args)))
         return 0
     timing = _run_worker(args, "timing")
-    memory = [row for system in SYSTEMS for row in _run_worker(args, system)]
+    memory = [row for system in MEMORY_SYSTEMS for row in _run_worker(args, system)]
     result: dict[str, Any] = {"timing": timing, "memory": memory}
     result["ratios"] = ratios(timing, memory)
     if args.padding:
