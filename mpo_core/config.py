@@ -22,6 +22,15 @@ with the adapters switched off is the reference (docs/adapters.md)::
       - {name: helpful,  adapter: <hub id or local folder>}
       - {name: harmless, adapter: ./adapters/harmless, revision: main}
 
+or a *persona family*: one model and K system prompts, each persona the model
+conditioned on its own (docs/models.md); the plain model is the reference::
+
+    served_name: mpo
+    reference: {name: smol, model: <hub id or local path>}
+    policies:
+      - {name: polite,  persona: smol, system: "Always answer politely."}
+      - {name: concise, persona: smol, prefix: "Answer in one sentence.\n"}   # raw text
+
 Relative local paths are resolved against the YAML file's folder.
 """
 
@@ -93,15 +102,44 @@ class AdapterSpec(BaseModel):
     check_base: bool = True
 
 
+class PersonaSpec(BaseModel):
+    """One policy given as the family's model conditioned on its own prompt (a persona).
+
+    ``system`` is rendered by the chat template as the conversation's system message;
+    ``prefix`` is raw text whose tokens go in front of every prompt (mpo_core/personas.py
+    gives the rule). Exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    persona: str = Field(min_length=1)  # the name of the model it conditions: the reference
+    system: str | None = Field(default=None, min_length=1)
+    prefix: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> PersonaSpec:
+        if (self.system is None) == (self.prefix is None):
+            raise ValueError(
+                f"persona {self.name!r} needs exactly one of `system:` (a system message "
+                "the chat template renders) or `prefix:` (raw text put before the prompt)"
+            )
+        return self
+
+
 def _policy_kind(value: Any) -> str:
-    """Which spec a policy entry is: ``adapter:`` entries are adapters, the rest models."""
+    """Which spec a policy entry is: ``adapter:`` entries are adapters, ``persona:``
+    entries personas, the rest models."""
     if isinstance(value, AdapterSpec) or (isinstance(value, dict) and "adapter" in value):
         return "adapter"
+    if isinstance(value, PersonaSpec) or (isinstance(value, dict) and "persona" in value):
+        return "persona"
     return "model"
 
 
 PolicySpec = Annotated[
-    Annotated[ModelSpec, Tag("model")] | Annotated[AdapterSpec, Tag("adapter")],
+    Annotated[ModelSpec, Tag("model")]
+    | Annotated[AdapterSpec, Tag("adapter")]
+    | Annotated[PersonaSpec, Tag("persona")],
     Discriminator(_policy_kind),
 ]
 
@@ -194,11 +232,39 @@ class PolicySetConfig(BaseModel):
                 f"policy {models[0]!r} is a full model, but `base:` makes this an adapter "
                 "family: give every policy an `adapter:` instead of a `model:`"
             )
-        if self.base is not None and self.reference is not None:
+        if self.base is not None and self.reference is not None and not self.persona_policies:
             raise ValueError(
                 "an adapter family's reference is its `base:` with the adapters off; "
                 "remove `reference:`"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_host_for_personas(self) -> PolicySetConfig:
+        personas = self.persona_policies
+        if not personas:
+            return self
+        others = [p.name for p in self.policies if not isinstance(p, PersonaSpec)]
+        if others:
+            raise ValueError(
+                f"policies {others} are not personas: a persona family is one model and its "
+                "personas only (give every policy `persona:` and a prompt)"
+            )
+        host = self.reference or self.base
+        if host is None:
+            raise ValueError(
+                f"persona {personas[0].name!r} needs the model it conditions: "
+                "reference: {name: ..., model: <hub id or path>} (the plain model is the "
+                "family's reference)"
+            )
+        if self.reference is not None and self.base is not None:
+            raise ValueError("a persona family has one model: give `reference:` or `base:`")
+        for persona in personas:
+            if persona.persona != host.name:
+                raise ValueError(
+                    f"persona {persona.name!r} conditions {persona.persona!r}, but the "
+                    f"family's model is {host.name!r}: every persona names it"
+                )
         return self
 
     @model_validator(mode="after")
@@ -222,7 +288,23 @@ class PolicySetConfig(BaseModel):
 
     @property
     def is_adapter_family(self) -> bool:
-        return self.base is not None
+        return self.base is not None and not self.persona_policies
+
+    @property
+    def is_persona_family(self) -> bool:
+        return bool(self.persona_policies)
+
+    @property
+    def persona_policies(self) -> list[PersonaSpec]:
+        """The policies of a persona family (empty otherwise)."""
+        return [p for p in self.policies if isinstance(p, PersonaSpec)]
+
+    @property
+    def persona_host(self) -> ModelSpec | None:
+        """A persona family's one model (its reference); None for other families."""
+        if not self.persona_policies:
+            return None
+        return self.reference or self.base
 
     @property
     def model_policies(self) -> list[ModelSpec]:

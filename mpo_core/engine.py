@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -37,7 +37,7 @@ from .policies import PolicySet
 from .prompt_logprobs import PromptLogprobs, prompt_logprobs
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
 from .rules import check_token_ids
-from .runners import PolicyRunner, context_limit, make_runner
+from .runners import PolicyRunner, SpeculativeRunner, context_limit, make_runner
 from .sampling import sample_tokens
 from .score_jobs import CallJob, ScoreJob
 from .scoring import ScoreResult
@@ -100,7 +100,9 @@ class Engine:
         # Speculative decoding (None: off): the policy set's settings unless overridden;
         # a runner without ``verify`` does not speculate.
         self.speculator: Speculator | None = None
+        self._verifier: SpeculativeRunner | None = None
         if hasattr(self.runner, "verify"):
+            self._verifier = cast(SpeculativeRunner, self.runner)
             self.speculator = make_speculator(policy_set, speculative)
         self._lock = threading.Condition()
         self._waiting: deque[SequenceState] = deque()
@@ -471,8 +473,8 @@ class Engine:
         """Verify the running rows' drafts in one forward per model, keep what the
         mixture accepts (``speculative``), roll the rest back, emit a token event per
         kept token. Newcomers are prefilled in the same step and sample one token."""
-        assert self.speculator is not None
-        output = self.runner.verify(
+        assert self.speculator is not None and self._verifier is not None
+        output = self._verifier.verify(
             running, {sid: d.tokens for sid, d in drafts.items()}, newcomers
         )
         with self._lock:
@@ -489,7 +491,7 @@ class Engine:
         emitted = speculative.verify_rows(
             mixed, active, [drafts.get(s.sid, Draft([])) for s in active], finite
         )  # per row: the kept drafts, then one sampled token
-        self.runner.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})
+        self._verifier.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})
         for b, seq in enumerate(active):
             if seq.sid in drafts and finite[b][0]:
                 self.speculator.record(seq, len(drafts[seq.sid].tokens), len(emitted[b]) - 1)

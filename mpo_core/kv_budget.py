@@ -9,7 +9,9 @@ max_new_tokens`` columns.
 The growing caches (``kvcache``) keep a model's rows left-padded to the longest row, in
 a buffer with half as many columns again to spare, so the worst case of a set of
 requests is, per batch, ``rows * capacity(longest) * bytes_per_token``; K separate models
-are K + 1 batches, an adapter family one batch of slots over the shared base. The engine
+are K + 1 batches, an adapter or persona family one batch of slots over the shared
+model (a persona's slot is longer than its request by its persona's prompt, at most
+``PersonaPrompts.longest_extra`` tokens, which this worst case leaves out). The engine
 admits the next waiting request only when that worst case, with it, stays within the
 budget, and refuses at once (400) a request that could not fit even alone.
 
@@ -124,8 +126,8 @@ def kv_budget_for(
     if policy_set.reference is not None:
         models.append(policy_set.reference)
     per_model = [token_bytes(m, policy_set.kv_dtype) for m in models]
-    if policy_set.adapters is not None:
-        groups = [list(range(len(models)))]  # one batch of slots over the shared base
+    if policy_set.adapters is not None or policy_set.personas is not None:
+        groups = [list(range(len(models)))]  # one batch of slots over the shared model
     else:
         groups = [[m] for m in range(len(models))]
     if budget_bytes is None:

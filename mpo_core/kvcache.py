@@ -389,12 +389,17 @@ class GrowingBatch:
         result, cache, mask = prefill_prompts(
             self.loaded, prompts, self.vocab_size, self.device, self.storage
         )
-        self._append(row_ids, cache, mask)
+        self._stack(row_ids, cache, mask)
         del cache
         self._release()
         return result
 
-    def _append(self, row_ids: list[int], cache: Cache, mask: torch.Tensor) -> None:
+    def append(self, row_ids: list[int], cache: Cache, mask: torch.Tensor) -> None:
+        """Add rows prefilled elsewhere (``prefix_cache``): their ``cache`` of growing
+        layers and ``mask`` [n, L]; the caller drops its reference to ``cache``."""
+        self._stack(row_ids, cache, mask)
+
+    def _stack(self, row_ids: list[int], cache: Cache, mask: torch.Tensor) -> None:
         if self.cache is None or not self.row_ids:
             self.cache, self.mask, self.row_ids = cache, mask, list(row_ids)
             self.padded = not bool(mask.all())

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from .config import ModelSpec, PolicySetConfig, looks_local
 from .errors import ConfigError
 from .models import gguf_checkpoint, is_gguf
+from .personas import PersonaPrompts, build_persona_prompts
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
     from .adapters import AdapterFamily
@@ -56,6 +57,9 @@ class PolicySet:
     # An adapter family's shared model and adapter index (policies and reference are then
     # views of it, each running one adapter); None for a family of full models.
     adapters: AdapterFamily | None = None
+    # A persona family's prompt rule (policies and reference are then the same model,
+    # each conditioned on its own prompt); None for other families.
+    personas: PersonaPrompts | None = None
 
     @classmethod
     def build(
@@ -71,6 +75,7 @@ class PolicySet:
         max_context: int | None = None,
         eos_token_ids: list[int] | None = None,
         adapters: AdapterFamily | None = None,
+        personas: PersonaPrompts | None = None,
     ) -> PolicySet:
         """The one way to assemble a policy set; what is not given is read off the models.
 
@@ -100,6 +105,7 @@ class PolicySet:
                 _eos_ids(tokenizer, policies[0].model) if eos_token_ids is None else eos_token_ids
             ),
             adapters=adapters,
+            personas=personas,
         )
 
     @property
@@ -285,6 +291,8 @@ def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
 
 def load_policy_set(config: PolicySetConfig) -> PolicySet:
     """Load every model of ``config`` on one device/dtype and check they can be mixed."""
+    if config.persona_host is not None:
+        return _load_persona_family(config, config.persona_host)
     if config.base is not None:
         return _load_adapter_family(config, config.base)
     device = resolve_device(config.device)
@@ -351,3 +359,30 @@ def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> Polic
     policies = [member(spec.name, 1 + k) for k, spec in enumerate(config.adapter_policies)]
     reference = member(base_spec.name, 0)
     return PolicySet.build(config, policies, reference, tokenizer, device, dtype, adapters=family)
+
+
+def _load_persona_family(config: PolicySetConfig, host: ModelSpec) -> PolicySet:
+    """One model and K personas of it: every member is the same weights (no copy), the
+    plain model is the reference, and ``personas`` says how each member sees a prompt."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = _load_tokenizer(host, "reference")
+    # The prompt rule first: it is cheap, and a template without system messages fails here.
+    prompts = build_persona_prompts(tokenizer, config.persona_policies, host.name)
+    logger.info("loading persona model %r from %s on %s (%s)", host.name, host.model, device, dtype)
+    shared = _load_model(host, "reference", device, dtype)
+
+    def member(name: str) -> LoadedModel:
+        return LoadedModel(name, shared.model, shared.cache_kwarg, shared.accepts_logits_to_keep)
+
+    max_context = _context_limit(shared.model) - prompts.longest_extra
+    if max_context < 2:
+        raise ConfigError(
+            f"the personas' prompts ({prompts.longest_extra} tokens) leave no room in the "
+            f"context of {host.name!r} ({_context_limit(shared.model)} tokens)"
+        )
+    policies = [member(spec.name) for spec in config.persona_policies]
+    return PolicySet.build(
+        config, policies, member(host.name), tokenizer, device, dtype,
+        max_context=max_context, personas=prompts,
+    )  # fmt: skip

@@ -4,6 +4,7 @@
 
     objectives:
       polite:  {builtin: demo.polite}                 # the demo family's scorers
+      upbeat:  {builtin: vader.compound}              # VADER sentiment (text_rewards.py)
       helpful:                                        # a sequence-classification reward model
         model: OpenAssistant/reward-model-deberta-v3-large-v2   # hub id or local folder
         batch_size: 16
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import validation_problems
 from .errors import ConfigError, MPOError
+from .text_rewards import TEXT_REWARDS
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def _demo_builtin(name: str) -> RewardFunction:
 
 # builtin name -> a factory of its reward function
 BUILTINS: dict[str, Callable[[], RewardFunction]] = {
-    f"demo.{name}": partial(_demo_builtin, name) for name in ("polite", "concise", "upbeat")
+    **{f"demo.{name}": partial(_demo_builtin, name) for name in ("polite", "concise", "upbeat")},
+    **TEXT_REWARDS,  # vader.compound, text.brevity, text.politeness (text_rewards.py)
 }
 
 

@@ -43,17 +43,17 @@ def _completion_logprobs(
     return (picked * targets[:, 1:]).sum(dim=-1)  # [N]
 
 
-def score_sequences(
-    policy_set: PolicySet,
+def score_model(
+    loaded: LoadedModel,
+    vocab_size: int,
+    device: torch.device,
     prompts: Sequence[Sequence[int]],
     completions: Sequence[Sequence[int]],
     chunk_tokens: int = 4096,
-) -> ScoreResult:
-    """Score ``completions[i]`` after ``prompts[i]`` under every policy and the reference."""
-    device = policy_set.device
+) -> torch.Tensor:
+    """Total log-prob of ``completions[i]`` after ``prompts[i]`` under one model: [N]."""
     n = len(prompts)
-    policy_scores = torch.zeros(n, len(policy_set.policies))  # [N, K]
-    ref_scores = torch.zeros(n) if policy_set.reference is not None else None  # [N]
+    scores = torch.zeros(n)  # [N]
     start = 0
     while start < n:
         longest = 0
@@ -71,16 +71,31 @@ def score_sequences(
             ids[row, : len(seq)] = torch.tensor(seq, device=device)
             mask[row, : len(seq)] = 1
             targets[row, len(prompts[i]) : len(seq)] = 1
-        for k, loaded in enumerate(policy_set.policies):
-            policy_scores[start:end, k] = _completion_logprobs(
-                loaded, policy_set.vocab_size, ids, mask, targets
-            ).cpu()
-        if policy_set.reference is not None and ref_scores is not None:
-            ref_scores[start:end] = _completion_logprobs(
-                policy_set.reference, policy_set.vocab_size, ids, mask, targets
-            ).cpu()
+        scores[start:end] = _completion_logprobs(loaded, vocab_size, ids, mask, targets).cpu()
         start = end
-    return ScoreResult(policy_scores, ref_scores)
+    return scores
+
+
+def score_sequences(
+    policy_set: PolicySet,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    chunk_tokens: int = 4096,
+) -> ScoreResult:
+    """Score ``completions[i]`` after ``prompts[i]`` under every policy and the reference."""
+    assert policy_set.personas is None, "a persona family scores through its runner"
+    device, vocab = policy_set.device, policy_set.vocab_size
+    columns = [
+        score_model(loaded, vocab, device, prompts, completions, chunk_tokens)
+        for loaded in policy_set.policies
+    ]
+    policy_scores = torch.stack(columns, dim=1) if columns else torch.zeros(len(prompts), 0)
+    ref_scores = None  # [N]
+    if policy_set.reference is not None:
+        ref_scores = score_model(
+            policy_set.reference, vocab, device, prompts, completions, chunk_tokens
+        )
+    return ScoreResult(policy_scores, ref_scores)  # [N, K], [N]
 
 
 def chunk_indices(lengths: list[int], budget: int) -> list[list[int]]:

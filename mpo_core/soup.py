@@ -8,6 +8,10 @@ base (the case here), and it is one model, so it decodes at the cost of one poli
 For an adapter family (one base, K LoRA adapters) the soup is the base plus the
 weighted sum of the adapters' deltas, ``W + sum_k w_k B_k A_k``: with weights on the
 simplex that is the same model as the soup of the adapters merged into full copies.
+
+A persona family's members share one set of weights and differ only in their prompt, so
+every soup of it is that model itself, without any persona's prompt: the plain model
+(the family's reference). No copy is made.
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ def build_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedMod
     if len(weights) != len(policy_set.policies) or total <= 0:
         raise InvalidParameter("weights", "soup weights: one per policy, not all zero")
     normalised = [w / total for w in weights]
+    if policy_set.personas is not None and policy_set.reference is not None:
+        return policy_set.reference.model  # the average of K copies of one model
     if _is_adapter_family(policy_set):
         return adapter_soup(policy_set, normalised)
     template = next(p for p, w in zip(policy_set.policies, normalised) if w != 0)

@@ -177,3 +177,55 @@ class ScriptedRunner:
 
     def score(self, prompts: Any, completions: Any, chunk_tokens: int) -> Any:
         raise NotImplementedError("a scripted runner does not score")
+
+
+# The tiny template again, with a default system message when the conversation has none
+# (as SmolLM2's ChatML template does): a persona then replaces that opening.
+CHAT_TEMPLATE_WITH_DEFAULT_SYSTEM = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<|system|>You are a helpful assistant.<|eos|>{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PERSONAS: dict[str, dict[str, str]] = {
+    "cheerful": {"system": "Be warm and cheerful!"},
+    "brief": {"system": "Answer in one short sentence."},
+    "thanks": {"prefix": "Thank you so much."},  # raw text before the prompt
+}
+
+
+def make_persona_family(
+    folder: str | Path,
+    default_system: bool = False,
+    personas: dict[str, dict[str, str]] | None = None,
+    seed: int = 0,
+    **size: Any,
+) -> Path:
+    """One random tiny Llama (``base``) and a YAML of personas of it; return the YAML.
+
+    ``default_system`` gives the tokenizer a chat template that opens every conversation
+    without a system message of its own with a default one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    if default_system:
+        tokenizer.chat_template = CHAT_TEMPLATE_WITH_DEFAULT_SYSTEM
+    dims = dict(hidden=32, layers=2, heads=4, max_positions=256, init_range=0.2) | size
+    torch.manual_seed(seed)
+    model = _make_model("llama", len(tokenizer) + 8, tokenizer, **dims)
+    model.save_pretrained(folder / "base")
+    tokenizer.save_pretrained(folder / "base")
+    entries = [
+        {"name": name, "persona": "base", **prompt}
+        for name, prompt in (personas or PERSONAS).items()
+    ]
+    config = {
+        "served_name": "tiny-personas",
+        "reference": {"name": "base", "model": "base"},
+        "policies": entries,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    path = folder / "policies.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

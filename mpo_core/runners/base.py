@@ -97,6 +97,20 @@ class PolicyRunner(Protocol):
         """Forget every row whose sid is not in ``sids`` (finished, cancelled, failed)."""
         ...
 
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> ScoreResult:
+        """Teacher-forced log-prob of each completion under every policy and the reference."""
+        ...
+
+
+class SpeculativeRunner(PolicyRunner, Protocol):
+    """A backend that can also verify drafted tokens (speculative decoding,
+    docs/speculative.md); the engine speculates only on such a runner."""
+
     def verify(
         self,
         running: Sequence[Row],
@@ -113,15 +127,6 @@ class PolicyRunner(Protocol):
     def rollback(self, kept: Mapping[int, int]) -> None:
         """After ``verify``: row sid keeps ``kept[sid]`` of its ``1 + len(draft)``
         columns (1 + the drafts accepted); the rest are dropped."""
-        ...
-
-    def score(
-        self,
-        prompts: Sequence[Sequence[int]],
-        completions: Sequence[Sequence[int]],
-        chunk_tokens: int,
-    ) -> ScoreResult:
-        """Teacher-forced log-prob of each completion under every policy and the reference."""
         ...
 
 

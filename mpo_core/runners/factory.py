@@ -1,6 +1,7 @@
 """Which runner a policy set gets (``make_runner``): the one place that knows every backend.
 
-An adapter family runs on the grouped-LoRA ``AdapterRunner``, any other family on
+An adapter family runs on the grouped-LoRA ``AdapterRunner``, a persona family on
+``PersonaRunner`` (one model, a slot per request and persona), any other family on
 ``SeparateModelsRunner``; either on growing caches or, when the config asks (the default
 on CUDA), on static caches with CUDA graphs, falling back per model with a warning.
 """
@@ -18,6 +19,7 @@ from ..policies import LoadedModel, PolicySet
 from ..static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
 from .adapters import AdapterRunner
 from .base import DecodeBatch, PolicyRunner, all_models, context_limit
+from .personas import PersonaRunner
 from .separate import SeparateModelsRunner
 
 logger = logging.getLogger(__name__)
@@ -26,8 +28,9 @@ logger = logging.getLogger(__name__)
 def make_runner(
     policy_set: PolicySet, max_rows: int, max_context: int, budget: KVBudget | None = None
 ) -> tuple[PolicyRunner, int]:
-    """The backend a policy set runs on: grouped LoRA for an adapter family, K separate
-    models otherwise; on static caches (CUDA-graphed on a GPU) when the config asks.
+    """The backend a policy set runs on: grouped LoRA for an adapter family, one batch
+    of persona slots for a persona family, K separate models otherwise; on static caches
+    (CUDA-graphed on a GPU) when the config asks.
 
     A static cache has the config's ``max_cache_len`` columns per slot, else as many as
     ``budget`` gives ``max_rows`` requests over every model, up to ``max_context``
@@ -60,7 +63,11 @@ def make_runner(
         return static_or_growing(policy_set, model, storage, slots, max_len, graphs, pool)
 
     runner: PolicyRunner
-    if policy_set.adapters is not None:
+    if policy_set.personas is not None:
+        runner = PersonaRunner(
+            policy_set, max_rows, lambda m, _v, _d, storage, slots: batch(m, storage, slots)
+        )
+    elif policy_set.adapters is not None:
         runner = AdapterRunner(
             policy_set, max_rows, lambda m, _v, _d, storage, slots: batch(m, storage, slots)
         )

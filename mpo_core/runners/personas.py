@@ -1,0 +1,172 @@
+"""The persona-family backend: one model, K personas, one batched forward per step.
+
+As in ``AdapterRunner``, a request whose coefficient for model m (``s * w_k`` for
+persona k, ``1 - s`` for the plain model) is not zero owns one *slot* of the one batch,
+keyed ``sid * (K + 1) + m``, with its own KV-cache row. Here what differs between slots
+is the prompt, not the weights: slot m is prefilled with model m's rendering of the
+request's prompt (``personas.PersonaPrompts.render``), and decodes the request's tokens
+at positions shifted by the length its persona added. Every slot of every request then
+runs in one forward of the shared weights.
+
+Each persona's opening (its system block; for the plain model the template's default
+one) is run once and its KV reused by every later prefill that starts with it
+(``prefix_cache``), on the growing cache. A static cache prefills whole prompts (the
+slots' buffers are filled by the static batch itself), so there the openings are
+recomputed per request; the results are the same.
+
+Scoring teacher-forces each completion after each model's rendering of its prompt,
+all models' rows in the same chunks of one model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from ..kvcache import GrowingBatch, KVStorage, release_free_memory
+from ..policies import PolicySet
+from ..prefix_cache import PrefixCache, prefill_after_prefixes
+from ..scoring import ScoreResult, score_model
+from .adapters import BatchFactory, growing
+from .base import Row, StepOutput
+
+# On this project's 2-core CPU a decode step of 3 rows costs 1.33x one of 4 rows (oneDNN
+# picks its kernels by shape; ``python -m bench.personas --padding``), so on the CPU a
+# 3-slot decode runs with one filler slot whose output nobody reads.
+PAD_ROWS = {3: 4}
+FILLER = -1  # the filler slot's id (a request's slots are >= 0)
+
+
+class PersonaRunner:
+    """One batch over the shared model; a slot per (request, persona it needs)."""
+
+    def __init__(
+        self, policy_set: PolicySet, max_rows: int = 16, batch_factory: BatchFactory = growing
+    ) -> None:
+        prompts, reference = policy_set.personas, policy_set.reference
+        assert prompts is not None and reference is not None, "not a persona family"
+        self.policy_set = policy_set
+        self.prompts = prompts
+        self.models = prompts.models  # K personas, then the plain model
+        self.shared = reference
+        storage = KVStorage(policy_set.kv_dtype)
+        self.batch = batch_factory(
+            reference, policy_set.vocab_size, policy_set.device, storage, max_rows * self.models
+        )
+        self.prefixes: PrefixCache | None = None
+        if isinstance(self.batch, GrowingBatch):
+            self.prefixes = PrefixCache(
+                reference, policy_set.vocab_size, policy_set.device, storage
+            )
+        # A slot's prompt is longer than its request's by up to ``longest_extra`` tokens.
+        limit = self.batch.max_len
+        self.max_context = None if limit is None else limit - prompts.longest_extra
+        self._shift: dict[int, int] = {}  # slot -> its prompt's length - the request's
+        growing = isinstance(self.batch, GrowingBatch)
+        self.pad_rows = PAD_ROWS if growing and policy_set.device.type == "cpu" else {}
+        self._filler_length = 0  # tokens the filler slot holds
+
+    def _pad(self) -> None:
+        """Add the filler slot when the real slots are a row count worth padding; drop
+        it otherwise."""
+        real = [slot for slot in self.batch.row_ids if slot != FILLER]
+        wanted = self.pad_rows.get(len(real), len(real)) > len(real)
+        present = len(real) < len(self.batch)
+        if present and not wanted:
+            self.batch.keep(set(real))
+        elif wanted and not present:
+            self.batch.prefill([FILLER], [[0]])
+            self._filler_length = 1
+
+    def _slot(self, sid: int, model: int) -> int:
+        return sid * self.models + model
+
+    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
+        ps = self.policy_set
+        rows = [*running, *newcomers]
+        row_of = {row.sid: i for i, row in enumerate(rows)}
+        by_sid = {row.sid: row for row in running}
+        logprobs = torch.zeros(self.models, len(rows), ps.vocab_size, device=ps.device)
+        started = time.perf_counter()
+        if self.pad_rows:
+            self._pad()
+        if len(self.batch):
+            columns: list[list[int]] = [[], [], [], []]  # tokens, positions, models, rows
+            real = []  # which cache rows are requests' slots
+            for i, slot in enumerate(self.batch.row_ids):
+                if slot == FILLER:  # any token, at the filler's next position
+                    values = [0, self._filler_length, 0, 0]
+                    self._filler_length += 1
+                else:
+                    seq = by_sid[slot // self.models]
+                    position = len(seq.token_ids) - 1 + self._shift[slot]
+                    values = [seq.token_ids[-1], position, slot % self.models, row_of[seq.sid]]
+                    real.append(i)
+                for column, value in zip(columns, values):
+                    column.append(value)
+            tokens, positions, models, index = torch.tensor(columns).to(ps.device)  # [S] each
+            decoded = self.batch.decode(tokens, positions)  # [S, V]
+            if len(real) < len(columns[0]):
+                keep = torch.tensor(real, device=ps.device)  # [S - 1]
+                decoded, models, index = decoded[keep], models[keep], index[keep]
+            logprobs[models, index] = decoded
+        joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
+        if joining:
+            slots = [self._slot(s.sid, m) for s, m in joining]
+            prompts = [self.prompts.render(m, s.token_ids) for s, m in joining]
+            for slot, prompt, (s, _) in zip(slots, prompts, joining):
+                self._shift[slot] = len(prompt) - len(s.token_ids)
+            models = torch.tensor([m for _, m in joining], device=ps.device)  # [S']
+            index = torch.tensor([row_of[s.sid] for s, _ in joining], device=ps.device)
+            logprobs[models, index] = self._prefill(slots, [m for _, m in joining], prompts)
+        seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
+        return StepOutput(logprobs, seconds)
+
+    def _prefill(
+        self, slots: list[int], models: list[int], prompts: list[list[int]]
+    ) -> torch.Tensor:
+        """Add the slots to the batch; their last position's log-probs [S', V]."""
+        if self.prefixes is None or not isinstance(self.batch, GrowingBatch):
+            return self.batch.prefill(slots, prompts)
+        openings = []
+        for model, prompt in zip(models, prompts):
+            opening = self.prompts.cached[model]
+            usable = 0 < len(opening) < len(prompt) and prompt[: len(opening)] == opening
+            openings.append(opening if usable else [])
+        if not any(openings):
+            return self.batch.prefill(slots, prompts)
+        rests = [p[len(o) :] for o, p in zip(openings, prompts)]
+        result, cache, mask = prefill_after_prefixes(self.prefixes, openings, rests)
+        self.batch.append(slots, cache, mask)
+        del cache
+        if self.policy_set.device.type == "cpu":  # the prefill's buffers, back to the OS
+            release_free_memory()
+        return result
+
+    def keep(self, sids: set[int]) -> None:
+        kept = {self._slot(sid, m) for sid in sids for m in range(self.models)}
+        self.batch.keep(kept | {FILLER} if kept else kept)  # the next step re-pads
+        self._shift = {slot: n for slot, n in self._shift.items() if slot in kept}
+
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> ScoreResult:
+        """``log pi(y | persona_m(x))`` for every model m: rows of every model together."""
+        ps = self.policy_set
+        n = len(prompts)
+        rendered = [self.prompts.render(m, p) for m in range(self.models) for p in prompts]
+        totals = score_model(
+            self.shared,
+            ps.vocab_size,
+            ps.device,
+            rendered,
+            list(completions) * self.models,
+            chunk_tokens,
+        )  # [M * N]
+        per_model = totals.view(self.models, n)  # [M, N]
+        return ScoreResult(per_model[:-1].t().contiguous(), per_model[-1].clone())
