@@ -10,6 +10,7 @@ else shares its batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,35 @@ def filter_scores(
     return torch.empty_like(scores).scatter_(-1, order, sorted_scores)
 
 
+def processed(
+    logprobs: torch.Tensor,  # [N, V] mixed log-probs
+    params: Sequence[SamplingParams],
+    seen: Sequence[list[int]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The request processors, row by row: the scores after the repetition penalty (whose
+    argmax a greedy row takes) and, unless every row is greedy, the probabilities after
+    temperature, top-k, top-p and min-p (what a sampled row draws from)."""
+    device = logprobs.device
+    scores = apply_repetition_penalty(logprobs, list(seen), [p.repetition_penalty for p in params])
+    if all(p.greedy for p in params):
+        return scores, None
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)  # [N]
+    filtered = filter_scores(
+        scores / temperature.unsqueeze(-1),
+        torch.tensor([min(p.top_k, scores.shape[-1]) for p in params], device=device),
+        torch.tensor([p.top_p for p in params], device=device, dtype=scores.dtype),
+        torch.tensor([p.min_p for p in params], device=device, dtype=scores.dtype),
+    )
+    return scores, filtered.softmax(dim=-1)  # [N, V] each
+
+
+def usable_rows(probs: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows that can be drawn from. One row's numerical trouble (NaN or inf from
+    its model, nothing left after its filters) must not fail the others: such a row keeps
+    its argmax instead of a draw."""
+    return torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+
+
 def sample_tokens(
     logprobs: torch.Tensor,  # [B, V] mixed log-probs
     params: list[SamplingParams],
@@ -135,27 +165,14 @@ def sample_tokens(
     seen: list[list[int]],
 ) -> torch.Tensor:
     """Pick one token per row: greedy rows take the argmax, others sample with their generator."""
-    device = logprobs.device
-    scores = apply_repetition_penalty(logprobs, seen, [p.repetition_penalty for p in params])
-    greedy = [p.greedy for p in params]
+    scores, probs = processed(logprobs, params, seen)  # [B, V] each
     tokens = scores.argmax(dim=-1)  # [B]
-    if all(greedy):
+    if probs is None:
         return tokens
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)  # [B]
-    scores = scores / temperature.unsqueeze(-1)
-    scores = filter_scores(
-        scores,
-        torch.tensor([min(p.top_k, scores.shape[-1]) for p in params], device=device),
-        torch.tensor([p.top_p for p in params], device=device, dtype=scores.dtype),
-        torch.tensor([p.min_p for p in params], device=device, dtype=scores.dtype),
-    )
-    probs = scores.softmax(dim=-1)  # [B, V]
-    # One row's numerical trouble (NaN or inf from its model, nothing left after its
-    # filters) must not fail the others: such a row keeps its argmax instead of a draw.
-    usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()  # [B]
-    rows = [row for row, is_greedy in enumerate(greedy) if not is_greedy and usable[row]]
+    usable = usable_rows(probs).tolist()  # [B]
+    rows = [row for row, p in enumerate(params) if not p.greedy and usable[row]]
     if not rows:
         return tokens
     drawn = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in rows]
-    tokens[torch.tensor(rows, device=device)] = torch.cat(drawn)  # [n] sampled rows
+    tokens[torch.tensor(rows, device=logprobs.device)] = torch.cat(drawn)  # [n] sampled rows
     return tokens

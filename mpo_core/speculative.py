@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import SamplingParams, apply_repetition_penalty, filter_scores
+from .sampling import SamplingParams, processed, usable_rows
 
 if TYPE_CHECKING:
     from .requests import SequenceState
@@ -49,24 +49,13 @@ def target_probs(
     ``sample_tokens`` picks it. A row whose distribution is not usable (NaN, or nothing
     left after its filters) is one-hot at its argmax too, as in ``sample_tokens``.
     """
-    device = mixed.device
-    scores = apply_repetition_penalty(mixed, list(seen), [p.repetition_penalty for p in params])
+    scores, probs = processed(mixed, params, seen)  # [N, V] each
     best = scores.argmax(dim=-1)  # [N]
     one_hot = torch.nn.functional.one_hot(best, scores.shape[-1]).to(scores.dtype)  # [N, V]
-    greedy = torch.tensor([p.greedy for p in params], device=device)  # [N]
-    if bool(greedy.all()):
+    if probs is None:  # every row greedy
         return one_hot
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)  # [N]
-    scores = scores / temperature.unsqueeze(-1)
-    scores = filter_scores(
-        scores,
-        torch.tensor([min(p.top_k, scores.shape[-1]) for p in params], device=device),
-        torch.tensor([p.top_p for p in params], device=device, dtype=scores.dtype),
-        torch.tensor([p.min_p for p in params], device=device, dtype=scores.dtype),
-    )
-    probs = scores.softmax(dim=-1)  # [N, V]
-    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)  # [N]
-    keep = (~greedy & usable).unsqueeze(-1)  # [N, 1]
+    greedy = torch.tensor([p.greedy for p in params], device=mixed.device)  # [N]
+    keep = (~greedy & usable_rows(probs)).unsqueeze(-1)  # [N, 1]
     return torch.where(keep, torch.nan_to_num(probs), one_hot)
 
 
