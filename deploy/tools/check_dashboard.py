@@ -38,6 +38,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mpo_requests_by_profile_total": ("counter", ("profile",)),
     "mpo_fit_jobs": ("gauge", ("state",)),
     "mpo_http_requests_in_flight": ("gauge", ()),
+    "mpo_speculative_drafted_tokens_total": ("counter", ()),
+    "mpo_speculative_accepted_tokens_total": ("counter", ()),
 }
 # Labels Prometheus attaches to every scraped series (static and Kubernetes discovery).
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
