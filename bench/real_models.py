@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-real"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/real_models.json"))
+    parser.add_argument("--memory", default=",".join(SYSTEMS), help="systems to measure RSS of")
     parser.add_argument("--worker", choices=["timing", *SYSTEMS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
@@ -248,18 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     args.models_dir.mkdir(parents=True, exist_ok=True)
     build(args.models_dir)
     timing = _worker_rows(args, "timing")
-    memory = [row for system in SYSTEMS for row in _worker_rows(args, system)]
-    result = {
-        "ratios": ratios(timing, memory),
-        "timing": timing,
-        "memory": memory,
-        "meta": {
-            "command": "python -m bench.real_models " + " ".join(argv or sys.argv[1:]),
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32), CPU",
-        },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    memory: list[dict[str, Any]] = []
+    # Written after the timing and after each memory worker: a run cut short keeps what
+    # it measured.
+    for system in [None, *args.memory.split(",")]:
+        if system:
+            memory += _worker_rows(args, system)
+        result = {
+            "ratios": ratios(timing, memory),
+            "timing": timing,
+            "memory": memory,
+            "meta": {
+                "command": "python -m bench.real_models " + " ".join(argv or sys.argv[1:]),
+                "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32), CPU",
+            },
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["ratios"], indent=2))
     return 0
 
