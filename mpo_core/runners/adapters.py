@@ -21,7 +21,7 @@ import torch
 from ..kvcache import GrowingBatch, KVStorage
 from ..lora import BASE
 from ..policies import LoadedModel, PolicySet
-from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, verify_inputs
+from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, StepRows, verify_inputs
 
 # (shared model, vocab size, device, storage, slots) -> the batch the adapters share.
 BatchFactory = Callable[[LoadedModel, int, torch.device, KVStorage, int], DecodeBatch]
@@ -68,29 +68,37 @@ class AdapterRunner(ScoresWithPolicySet):
         return models.to(self.policy_set.device)
 
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        ps = self.policy_set
-        rows = [*running, *newcomers]
-        row_of = {row.sid: i for i, row in enumerate(rows)}
-        by_sid = {row.sid: row for row in running}
-        logprobs = torch.zeros(self.models, len(rows), ps.vocab_size, device=ps.device)
+        ps, rows = self.policy_set, StepRows(running, newcomers)
+        logprobs = torch.zeros(self.models, rows.count, ps.vocab_size, device=ps.device)
         started = time.perf_counter()
         if len(self.batch):
             slots = self.batch.row_ids
-            seqs = [by_sid[slot // self.models] for slot in slots]
+            seqs = [rows.by_sid[slot // self.models] for slot in slots]
             tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=ps.device)  # [S]
             positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=ps.device)
             models = self._set_index(slots)  # [S]
-            index = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)  # [S]
+            index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
             logprobs[models, index] = self.batch.decode(tokens, positions)  # [S, V]
-        joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
-        if joining:
-            slots = [self._slot(s.sid, m) for s, m in joining]
-            models = self._set_index(slots)  # [S']
-            index = torch.tensor([row_of[s.sid] for s, _ in joining], device=ps.device)
-            prompts = [s.token_ids for s, _ in joining]
-            logprobs[models, index] = self.batch.prefill(slots, prompts)  # [S', V]
+        self._join(rows, logprobs)
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
+
+    def _join(self, rows: StepRows, logprobs: torch.Tensor) -> None:
+        """Prefill the newcomers' slots; their log-probs into ``logprobs`` ([M, B, V], or
+        column 0 of [M, B, G, V])."""
+        joining = rows.joining(self.models)
+        if not joining:
+            return
+        slots = [self._slot(s.sid, m) for s, m in joining]
+        models = self._set_index(slots)  # [S']
+        index = torch.tensor(
+            [rows.row_of[s.sid] for s, _ in joining], device=self.policy_set.device
+        )
+        prefilled = self.batch.prefill(slots, [s.token_ids for s, _ in joining])  # [S', V]
+        if logprobs.dim() == 4:
+            logprobs[models, index, 0] = prefilled
+        else:
+            logprobs[models, index] = prefilled
 
     def verify(
         self,
@@ -98,29 +106,20 @@ class AdapterRunner(ScoresWithPolicySet):
         drafts: Mapping[int, Sequence[int]],
         newcomers: Sequence[Row],
     ) -> StepOutput:
-        ps = self.policy_set
-        rows = [*running, *newcomers]
-        row_of = {row.sid: i for i, row in enumerate(rows)}
-        by_sid = {row.sid: row for row in running}
-        width = 1 + max((len(drafts.get(row.sid, ())) for row in running), default=0)
-        shape = (self.models, len(rows), width, ps.vocab_size)
+        ps, rows = self.policy_set, StepRows(running, newcomers)
+        width = rows.width(drafts)
+        shape = (self.models, rows.count, width, ps.vocab_size)
         logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
         started = time.perf_counter()
         if len(self.batch):
             slots = self.batch.row_ids
-            seqs = [by_sid[slot // self.models] for slot in slots]
+            seqs = [rows.by_sid[slot // self.models] for slot in slots]
             tokens, positions = verify_inputs(seqs, drafts, width)
             inputs = torch.tensor([tokens, positions], device=ps.device)  # [2, S, G]
             models = self._set_index(slots)  # [S]
-            index = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)  # [S]
+            index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
             logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
-        joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
-        if joining:
-            slots = [self._slot(s.sid, m) for s, m in joining]
-            models = self._set_index(slots)  # [S']
-            index = torch.tensor([row_of[s.sid] for s, _ in joining], device=ps.device)
-            prompts = [s.token_ids for s, _ in joining]
-            logprobs[models, index, 0] = self.batch.prefill(slots, prompts)  # [S', V]
+        self._join(rows, logprobs)
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
 

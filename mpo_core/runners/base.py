@@ -146,6 +146,26 @@ class ScoresWithPolicySet:
         return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
 
 
+class StepRows:
+    """One step's rows: the running ones, then the newcomers, in the order of the output's
+    row axis. Every backend's ``step`` and ``verify`` start from it."""
+
+    def __init__(self, running: Sequence[Row], newcomers: Sequence[Row]) -> None:
+        self.running = running
+        self.newcomers = newcomers
+        self.count = len(running) + len(newcomers)
+        self.row_of = {row.sid: i for i, row in enumerate((*running, *newcomers))}
+        self.by_sid = {row.sid: row for row in running}
+
+    def width(self, drafts: Mapping[int, Sequence[int]]) -> int:
+        """Columns a verify runs per row: the newest token and the longest draft."""
+        return 1 + max((len(drafts.get(row.sid, ())) for row in self.running), default=0)
+
+    def joining(self, models: int) -> list[tuple[Row, int]]:
+        """(newcomer, model) for every model of ``models`` a newcomer's mixture needs."""
+        return [(s, m) for s in self.newcomers for m in range(models) if s.coefs[m] != 0]
+
+
 def verify_inputs(
     seqs: Sequence[Row], drafts: Mapping[int, Sequence[int]], width: int
 ) -> tuple[list[list[int]], list[list[int]]]:

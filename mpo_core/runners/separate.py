@@ -10,7 +10,15 @@ import torch
 
 from ..kvcache import GrowingBatch, KVStorage
 from ..policies import PolicySet
-from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, all_models, verify_inputs
+from .base import (
+    DecodeBatch,
+    Row,
+    ScoresWithPolicySet,
+    StepOutput,
+    StepRows,
+    all_models,
+    verify_inputs,
+)
 
 
 class SeparateModelsRunner(ScoresWithPolicySet):
@@ -33,11 +41,9 @@ class SeparateModelsRunner(ScoresWithPolicySet):
         self.max_context: int | None = min(limits) if limits else None
 
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        ps = self.policy_set
-        rows = [*running, *newcomers]
-        by_sid = {row.sid: row for row in running}
-        row_of = {row.sid: i for i, row in enumerate(rows)}
-        logprobs = torch.zeros(len(self.batches), len(rows), ps.vocab_size, device=ps.device)
+        ps, rows = self.policy_set, StepRows(running, newcomers)
+        by_sid, row_of = rows.by_sid, rows.row_of
+        logprobs = torch.zeros(len(self.batches), rows.count, ps.vocab_size, device=ps.device)
         # Every model's decode inputs go to the device in one copy, before any forward is
         # queued: a copy from host memory waits for the stream, which would otherwise
         # stall each model's launch behind the previous model's (graph) replay.
@@ -73,12 +79,10 @@ class SeparateModelsRunner(ScoresWithPolicySet):
         drafts: Mapping[int, Sequence[int]],
         newcomers: Sequence[Row],
     ) -> StepOutput:
-        ps = self.policy_set
-        rows = [*running, *newcomers]
-        by_sid = {row.sid: row for row in running}
-        row_of = {row.sid: i for i, row in enumerate(rows)}
-        width = 1 + max((len(drafts.get(row.sid, ())) for row in running), default=0)
-        shape = (len(self.batches), len(rows), width, ps.vocab_size)
+        ps, rows = self.policy_set, StepRows(running, newcomers)
+        by_sid, row_of = rows.by_sid, rows.row_of
+        width = rows.width(drafts)
+        shape = (len(self.batches), rows.count, width, ps.vocab_size)
         logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
         # One copy to the device for every model's inputs, as in ``step``.
         seqs = [by_sid[sid] for batch in self.batches for sid in batch.row_ids]
