@@ -113,10 +113,15 @@ def make_speculator(
     if method == "draft" and settings.draft_model is None and policy_set.reference is None:
         logger.info("speculative: no reference to draft with and no draft_model: using ngram")
         method = "ngram"
-    if method == "draft" and settings.draft_model is None and policy_set.adapters is not None:
+    one_forward = policy_set.adapters is not None or policy_set.personas is not None
+    explicit = settings.draft_model is not None or settings.draft_layers is not None
+    if method == "draft" and not explicit and one_forward:
         # The grouped forward runs every model of a row at once: a draft forward of the
-        # base costs about a whole step, so the default draft could only slow it down.
-        logger.info("speculative: an adapter family drafts only with an explicit draft_model")
+        # shared model costs about a whole step, so the default draft could only slow it.
+        logger.info(
+            "speculative: an adapter or persona family drafts only with an explicit "
+            "draft_model (or draft_layers); using ngram"
+        )
         method = "ngram"
     if method == "ngram":
         return Speculator(settings, NgramDrafter())

@@ -20,8 +20,9 @@ all models' rows in the same chunks of one model.
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ from ..policies import PolicySet
 from ..prefix_cache import PrefixCache, prefill_after_prefixes
 from ..scoring import ScoreResult, score_model
 from .adapters import BatchFactory, growing
-from .base import Row, StepOutput
+from .base import Row, StepOutput, StepRows, verify_inputs
 
 # On this project's 2-core CPU a decode step of 3 rows costs 1.33x one of 4 rows (oneDNN
 # picks its kernels by shape; ``python -m bench.personas --padding``), so on the CPU a
@@ -83,12 +84,13 @@ class PersonaRunner:
     def _slot(self, sid: int, model: int) -> int:
         return sid * self.models + model
 
+    def _drop_filler(self) -> None:
+        if FILLER in self.batch.row_ids:
+            self.batch.keep({slot for slot in self.batch.row_ids if slot != FILLER})
+
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        ps = self.policy_set
-        rows = [*running, *newcomers]
-        row_of = {row.sid: i for i, row in enumerate(rows)}
-        by_sid = {row.sid: row for row in running}
-        logprobs = torch.zeros(self.models, len(rows), ps.vocab_size, device=ps.device)
+        ps, rows = self.policy_set, StepRows(running, newcomers)
+        logprobs = torch.zeros(self.models, rows.count, ps.vocab_size, device=ps.device)
         started = time.perf_counter()
         if self.pad_rows:
             self._pad()
@@ -100,9 +102,9 @@ class PersonaRunner:
                     values = [0, self._filler_length, 0, 0]
                     self._filler_length += 1
                 else:
-                    seq = by_sid[slot // self.models]
+                    seq = rows.by_sid[slot // self.models]
                     position = len(seq.token_ids) - 1 + self._shift[slot]
-                    values = [seq.token_ids[-1], position, slot % self.models, row_of[seq.sid]]
+                    values = [seq.token_ids[-1], position, slot % self.models, rows.row_of[seq.sid]]
                     real.append(i)
                 for column, value in zip(columns, values):
                     column.append(value)
@@ -112,17 +114,60 @@ class PersonaRunner:
                 keep = torch.tensor(real, device=ps.device)  # [S - 1]
                 decoded, models, index = decoded[keep], models[keep], index[keep]
             logprobs[models, index] = decoded
-        joining = [(s, m) for s in newcomers for m in range(self.models) if s.coefs[m] != 0]
-        if joining:
-            slots = [self._slot(s.sid, m) for s, m in joining]
-            prompts = [self.prompts.render(m, s.token_ids) for s, m in joining]
-            for slot, prompt, (s, _) in zip(slots, prompts, joining):
-                self._shift[slot] = len(prompt) - len(s.token_ids)
-            models = torch.tensor([m for _, m in joining], device=ps.device)  # [S']
-            index = torch.tensor([row_of[s.sid] for s, _ in joining], device=ps.device)
-            logprobs[models, index] = self._prefill(slots, [m for _, m in joining], prompts)
+        self._join(rows, logprobs)
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
+
+    def verify(
+        self,
+        running: Sequence[Row],
+        drafts: Mapping[int, Sequence[int]],
+        newcomers: Sequence[Row],
+    ) -> StepOutput:
+        """Each slot runs its request's newest token and drafts at its persona's shifted
+        positions, all slots in one forward (the filler slot is dropped: it pads only
+        one-token steps)."""
+        ps, rows = self.policy_set, StepRows(running, newcomers)
+        width = rows.width(drafts)
+        shape = (self.models, rows.count, width, ps.vocab_size)
+        logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
+        started = time.perf_counter()
+        self._drop_filler()
+        if len(self.batch):
+            slots = self.batch.row_ids
+            seqs = [rows.by_sid[slot // self.models] for slot in slots]
+            tokens, positions = verify_inputs(seqs, drafts, width)
+            shifted = [[p + self._shift[slot] for p in row] for slot, row in zip(slots, positions)]
+            inputs = torch.tensor([tokens, shifted], device=ps.device)  # [2, S, G]
+            models = torch.tensor([slot % self.models for slot in slots], device=ps.device)
+            index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
+            logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
+        self._join(rows, logprobs)
+        seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
+        return StepOutput(logprobs, seconds)
+
+    def rollback(self, kept: Mapping[int, int]) -> None:
+        slots = self.batch.row_ids
+        self.batch.rollback([kept.get(slot // self.models, sys.maxsize) for slot in slots])
+
+    def _join(self, rows: StepRows, logprobs: torch.Tensor) -> None:
+        """Prefill the newcomers' slots, each with its persona's rendering of the prompt;
+        their log-probs into ``logprobs`` ([M, B, V], or column 0 of [M, B, G, V])."""
+        joining = rows.joining(self.models)
+        if not joining:
+            return
+        device = self.policy_set.device
+        slots = [self._slot(s.sid, m) for s, m in joining]
+        prompts = [self.prompts.render(m, s.token_ids) for s, m in joining]
+        for slot, prompt, (s, _) in zip(slots, prompts, joining):
+            self._shift[slot] = len(prompt) - len(s.token_ids)
+        models = torch.tensor([m for _, m in joining], device=device)  # [S']
+        index = torch.tensor([rows.row_of[s.sid] for s, _ in joining], device=device)
+        prefilled = self._prefill(slots, [m for _, m in joining], prompts)  # [S', V]
+        if logprobs.dim() == 4:
+            logprobs[models, index, 0] = prefilled
+        else:
+            logprobs[models, index] = prefilled
 
     def _prefill(
         self, slots: list[int], models: list[int], prompts: list[list[int]]

@@ -20,11 +20,12 @@ from mpo_core.engine import Engine, EngineLimits, GenerationRequest
 from mpo_core.kvcache import to_logprobs
 from mpo_core.mixing import Mixture, mix_logprobs
 from mpo_core.policies import PolicySet, load_policy_set
-from mpo_core.runners import AdapterRunner, SeparateModelsRunner
+from mpo_core.runners import AdapterRunner, PersonaRunner, SeparateModelsRunner
 from mpo_core.sampling import SamplingParams
 from mpo_core.speculate import Speculator, first_layers
 from mpo_core.speculative import AdaptiveGamma, Draft, accept_drafts
 from mpo_core.static_cache import StaticBatch
+from mpo_core.testing import make_persona_family
 from mpo_core.testing_lora import LoraShape, make_adapter_family
 
 LOOP = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the"
@@ -234,6 +235,28 @@ def test_greedy_identity_adapter_family(adapter_set, method, static):
     assert isinstance(spec["runner"].batch, StaticBatch) == static
 
 
+@pytest.fixture(scope="module")
+def persona_set(tmp_path_factory: pytest.TempPathFactory) -> PolicySet:
+    return load_policy_set(load_config(make_persona_family(tmp_path_factory.mktemp("spec_p"))))
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_identity_persona_family(persona_set, method, static):
+    """Every slot verifies its drafts at its persona's shifted positions."""
+    ps = persona_set
+    if static:
+        cap = 100 + ps.personas.longest_extra  # the long request's 100 tokens, each persona
+        config = ps.config.model_copy(update={"static_cache": "on", "max_cache_len": cap})
+        ps = dataclasses.replace(ps, config=config)
+    # The family's one model, cut to its first layer, drafts (the default draft, the whole
+    # model, would cost a step per token: the persona family falls back to ngram).
+    settings = SpeculativeConfig(method=method, draft_layers=1 if method == "draft" else None)
+    spec = _assert_identical(ps, settings)
+    assert isinstance(spec["runner"], PersonaRunner)
+    assert isinstance(spec["runner"].batch, StaticBatch) == static
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_first_layers_share_the_weights_and_leave_the_model_whole(arch, policy_sets):
     import copy
@@ -279,15 +302,20 @@ def test_per_token_logprobs_are_the_mixtures(llama_set):
             assert a.policy_logprobs[name] == pytest.approx(value, abs=1e-4)
 
 
-def test_default_draft_falls_back_to_ngram_where_it_cannot_pay(adapter_set, no_reference_family):
+def test_default_draft_falls_back_to_ngram_where_it_cannot_pay(
+    adapter_set, persona_set, no_reference_family
+):
     from mpo_core.drafts import ModelDrafter, NgramDrafter
     from mpo_core.speculate import make_speculator
 
-    for ps in (adapter_set, load_policy_set(load_config(no_reference_family))):
+    families = (adapter_set, persona_set, load_policy_set(load_config(no_reference_family)))
+    for ps in families:
         speculator = make_speculator(ps, SpeculativeConfig(method="draft"))
         assert speculator is not None and isinstance(speculator.drafter, NgramDrafter)
     explicit = make_speculator(adapter_set, SpeculativeConfig(method="draft", draft_model="base"))
     assert explicit is not None and isinstance(explicit.drafter, ModelDrafter)
+    layers = make_speculator(persona_set, SpeculativeConfig(method="draft", draft_layers=1))
+    assert layers is not None and isinstance(layers.drafter, ModelDrafter)
     assert make_speculator(adapter_set, SpeculativeConfig(method="off")) is None
 
 
