@@ -58,14 +58,15 @@ SYSTEMS = ("personas", "personas-unpadded", "full", "single")
 MEMORY_SYSTEMS = ("personas", "full", "single")
 
 
-def write_configs(folder: Path) -> dict[str, Path]:
-    """The three policy sets' YAMLs under ``folder`` (the real demo's model)."""
+def write_configs(folder: Path, speculative: str = "off") -> dict[str, Path]:
+    """The three policy sets' YAMLs under ``folder`` (the real demo's model), every one
+    with speculative decoding ``speculative`` (off: the backends alone are compared)."""
     from mpo_core.demo.real import REAL_PERSONAS, REFERENCE, build_real_demo
 
     demo = yaml.safe_load(build_real_demo().read_text())
     source = demo["reference"]["model"]
     folder.mkdir(parents=True, exist_ok=True)
-    common = {"device": "cpu", "dtype": "float32"}
+    common = {"device": "cpu", "dtype": "float32", "speculative": {"method": speculative}}
     configs = {
         "personas": demo | common,
         "full": {
@@ -99,7 +100,7 @@ def _engine_rows(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict
 def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     from mpo_core.engine import Engine, EngineLimits
 
-    paths = write_configs(args.models_dir)
+    paths = write_configs(args.models_dir, args.speculative)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     most = max(concurrencies)
     engines = {
@@ -136,7 +137,7 @@ def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     from mpo_core.engine import Engine, EngineLimits
 
     baseline = rss_mb()
-    policy_set = _load(write_configs(args.models_dir)[args.worker])
+    policy_set = _load(write_configs(args.models_dir, args.speculative)[args.worker])
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     prompts = prompt_ids(policy_set.tokenizer, prompt_texts(max(concurrencies)))
     rows = []
@@ -157,7 +158,7 @@ def padding_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import DynamicCache
 
-    model = _load(write_configs(args.models_dir)["single"]).policies[0].model
+    model = _load(write_configs(args.models_dir, args.speculative)["single"]).policies[0].model
     timings: dict[int, list[float]] = {3: [], 4: []}
     with torch.inference_mode():
         for _ in range(args.padding):
@@ -183,6 +184,7 @@ def _run_worker(args: argparse.Namespace, worker: str) -> Any:
     command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
     command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
     command += ["--rounds", str(args.rounds), "--padding", str(args.padding)]
+    command += ["--speculative", args.speculative]
     started = time.monotonic()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -230,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the systems")
     parser.add_argument("--padding", type=int, default=20, help="3- vs 4-row steps; 0 = skip")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument(
+        "--speculative",
+        default="off",
+        choices=["off", "ngram", "draft"],
+        help="speculative decoding for every system (off: the backends alone)",
+    )
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-personas"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/personas_smollm2.json"))
     parser.add_argument(

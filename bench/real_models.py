@@ -86,7 +86,9 @@ def build(root: Path) -> Path:
             AutoTokenizer.from_pretrained(str(reference)).save_pretrained(root / f"full_{name}")
         if not (root / f"lora_{name}" / "adapter_config.json").exists():
             make_adapter(reference, root / f"lora_{name}", "llama", LoraShape(r=8), k + 1, 0.02)
-    common = {"device": "cpu", "dtype": "float32"}
+    # Speculation off: against `generate`, which does not speculate, the serving path
+    # and the backends are what is measured (speculation: bench.speculative).
+    common = {"device": "cpu", "dtype": "float32", "speculative": {"method": "off"}}
     configs: dict[str, dict[str, Any]] = {
         "single": {"policies": [{"name": "smol", "model": str(reference)}]},
         "full": {"policies": [{"name": n, "model": str(root / f"full_{n}")} for n in names]},
