@@ -84,8 +84,8 @@ class AdapterRunner(ScoresWithPolicySet):
         return StepOutput(logprobs, seconds)
 
     def _join(self, rows: StepRows, logprobs: torch.Tensor) -> None:
-        """Prefill the newcomers' slots; their log-probs into ``logprobs`` ([M, B, V], or
-        column 0 of [M, B, G, V])."""
+        """Prefill the newcomers' slots; their log-probs into ``logprobs`` [M, B, V] (a
+        verify passes its column 0, a view)."""
         joining = rows.joining(self.models)
         if not joining:
             return
@@ -95,10 +95,7 @@ class AdapterRunner(ScoresWithPolicySet):
             [rows.row_of[s.sid] for s, _ in joining], device=self.policy_set.device
         )
         prefilled = self.batch.prefill(slots, [s.token_ids for s, _ in joining])  # [S', V]
-        if logprobs.dim() == 4:
-            logprobs[models, index, 0] = prefilled
-        else:
-            logprobs[models, index] = prefilled
+        logprobs[models, index] = prefilled
 
     def verify(
         self,
@@ -119,7 +116,7 @@ class AdapterRunner(ScoresWithPolicySet):
             models = self._set_index(slots)  # [S]
             index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
             logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
-        self._join(rows, logprobs)
+        self._join(rows, logprobs[:, :, 0])
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
 

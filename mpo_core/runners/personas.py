@@ -84,9 +84,29 @@ class PersonaRunner:
     def _slot(self, sid: int, model: int) -> int:
         return sid * self.models + model
 
-    def _drop_filler(self) -> None:
-        if FILLER in self.batch.row_ids:
-            self.batch.keep({slot for slot in self.batch.row_ids if slot != FILLER})
+    def _inputs(
+        self, rows: StepRows, drafts: Mapping[int, Sequence[int]], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's tokens and positions [2, S, G] in cache-row order: a request's slot
+        runs its newest token and drafts at its persona's shifted positions, the filler
+        token 0 at its next positions. Then which cache rows are requests' slots [S'],
+        their models [S'] and their rows of the output [S']."""
+        slots = self.batch.row_ids
+        real = [i for i, slot in enumerate(slots) if slot != FILLER]
+        seqs = [rows.by_sid[slots[i] // self.models] for i in real]
+        tokens, positions = verify_inputs(seqs, drafts, width)
+        positions = [[p + self._shift[slots[i]] for p in row] for i, row in zip(real, positions)]
+        if len(real) < len(slots):
+            at = slots.index(FILLER)
+            tokens.insert(at, [0] * width)
+            positions.insert(at, list(range(self._filler_length, self._filler_length + width)))
+        device = self.policy_set.device
+        return (
+            torch.tensor([tokens, positions], device=device),
+            torch.tensor(real, device=device),
+            torch.tensor([slots[i] % self.models for i in real], device=device),
+            torch.tensor([rows.row_of[s.sid] for s in seqs], device=device),
+        )
 
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
         ps, rows = self.policy_set, StepRows(running, newcomers)
@@ -95,25 +115,11 @@ class PersonaRunner:
         if self.pad_rows:
             self._pad()
         if len(self.batch):
-            columns: list[list[int]] = [[], [], [], []]  # tokens, positions, models, rows
-            real = []  # which cache rows are requests' slots
-            for i, slot in enumerate(self.batch.row_ids):
-                if slot == FILLER:  # any token, at the filler's next position
-                    values = [0, self._filler_length, 0, 0]
-                    self._filler_length += 1
-                else:
-                    seq = rows.by_sid[slot // self.models]
-                    position = len(seq.token_ids) - 1 + self._shift[slot]
-                    values = [seq.token_ids[-1], position, slot % self.models, rows.row_of[seq.sid]]
-                    real.append(i)
-                for column, value in zip(columns, values):
-                    column.append(value)
-            tokens, positions, models, index = torch.tensor(columns).to(ps.device)  # [S] each
-            decoded = self.batch.decode(tokens, positions)  # [S, V]
-            if len(real) < len(columns[0]):
-                keep = torch.tensor(real, device=ps.device)  # [S - 1]
-                decoded, models, index = decoded[keep], models[keep], index[keep]
-            logprobs[models, index] = decoded
+            inputs, real, models, index = self._inputs(rows, {}, 1)
+            decoded = self.batch.decode(inputs[0, :, 0], inputs[1, :, 0])  # [S, V]
+            if FILLER in self.batch.row_ids:
+                self._filler_length += 1
+            logprobs[models, index] = decoded[real]
         self._join(rows, logprobs)
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
@@ -125,34 +131,32 @@ class PersonaRunner:
         newcomers: Sequence[Row],
     ) -> StepOutput:
         """Each slot runs its request's newest token and drafts at its persona's shifted
-        positions, all slots in one forward (the filler slot is dropped: it pads only
-        one-token steps)."""
+        positions, all slots (and the filler, if present) in one forward."""
         ps, rows = self.policy_set, StepRows(running, newcomers)
         width = rows.width(drafts)
         shape = (self.models, rows.count, width, ps.vocab_size)
         logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
         started = time.perf_counter()
-        self._drop_filler()
         if len(self.batch):
-            slots = self.batch.row_ids
-            seqs = [rows.by_sid[slot // self.models] for slot in slots]
-            tokens, positions = verify_inputs(seqs, drafts, width)
-            shifted = [[p + self._shift[slot] for p in row] for slot, row in zip(slots, positions)]
-            inputs = torch.tensor([tokens, shifted], device=ps.device)  # [2, S, G]
-            models = torch.tensor([slot % self.models for slot in slots], device=ps.device)
-            index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
-            logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
-        self._join(rows, logprobs)
+            inputs, real, models, index = self._inputs(rows, drafts, width)
+            verified = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
+            logprobs[models, index] = verified[real]
+        self._join(rows, logprobs[:, :, 0])
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
 
     def rollback(self, kept: Mapping[int, int]) -> None:
         slots = self.batch.row_ids
-        self.batch.rollback([kept.get(slot // self.models, sys.maxsize) for slot in slots])
+        per_slot = [kept.get(slot // self.models, sys.maxsize) for slot in slots]
+        if FILLER in slots:  # as many columns as the longest run kept: the rest crop
+            longest = max(kept.values(), default=1)
+            per_slot[slots.index(FILLER)] = longest
+            self._filler_length += longest
+        self.batch.rollback(per_slot)
 
     def _join(self, rows: StepRows, logprobs: torch.Tensor) -> None:
         """Prefill the newcomers' slots, each with its persona's rendering of the prompt;
-        their log-probs into ``logprobs`` ([M, B, V], or column 0 of [M, B, G, V])."""
+        their log-probs into ``logprobs`` [M, B, V] (a verify passes its column 0, a view)."""
         joining = rows.joining(self.models)
         if not joining:
             return
@@ -164,10 +168,7 @@ class PersonaRunner:
         models = torch.tensor([m for _, m in joining], device=device)  # [S']
         index = torch.tensor([rows.row_of[s.sid] for s, _ in joining], device=device)
         prefilled = self._prefill(slots, [m for _, m in joining], prompts)  # [S', V]
-        if logprobs.dim() == 4:
-            logprobs[models, index, 0] = prefilled
-        else:
-            logprobs[models, index] = prefilled
+        logprobs[models, index] = prefilled
 
     def _prefill(
         self, slots: list[int], models: list[int], prompts: list[list[int]]

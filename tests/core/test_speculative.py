@@ -21,6 +21,7 @@ from mpo_core.kvcache import to_logprobs
 from mpo_core.mixing import Mixture, mix_logprobs
 from mpo_core.policies import PolicySet, load_policy_set
 from mpo_core.runners import AdapterRunner, PersonaRunner, SeparateModelsRunner
+from mpo_core.runners.personas import FILLER
 from mpo_core.sampling import SamplingParams
 from mpo_core.speculate import Speculator, first_layers
 from mpo_core.speculative import AdaptiveGamma, Draft, accept_drafts
@@ -255,6 +256,46 @@ def test_greedy_identity_persona_family(persona_set, method, static):
     spec = _assert_identical(ps, settings)
     assert isinstance(spec["runner"], PersonaRunner)
     assert isinstance(spec["runner"].batch, StaticBatch) == static
+
+
+def test_the_persona_filler_slot_stays_through_verify(persona_set):
+    """Three persona slots (strength 1) decode padded to four rows: once added, the
+    filler row goes through every verify and is prefilled once, and the reply equals
+    the plain one."""
+
+    def run(settings: SpeculativeConfig) -> tuple[list[int], int, list[bool], int]:
+        with Engine(persona_set, EngineLimits(max_running=2), speculative=settings) as engine:
+            runner = engine.runner
+            assert isinstance(runner, PersonaRunner) and runner.pad_rows
+            fillers, at_verify = [], []
+            prefill, verify = runner.batch.prefill, runner.verify
+
+            def counting(row_ids, prompts):
+                fillers.extend(r for r in row_ids if r == FILLER)
+                return prefill(row_ids, prompts)
+
+            def watching(running, drafts, newcomers):
+                at_verify.append(FILLER in runner.batch.row_ids)
+                return verify(running, drafts, newcomers)
+
+            runner.batch.prefill, runner.verify = counting, watching
+            mixture = engine.mixture(strength=1.0)
+            assert sum(c != 0 for c in mixture.coefficients) == 3
+            ids = persona_set.tokenizer.encode(LOOP)
+            stream = engine.submit(GenerationRequest(ids, _greedy(30), mixture))
+            tokens = [e.token_id for e in stream]
+        return tokens, len(fillers), at_verify, stream.accepted_tokens
+
+    plain, _, _, _ = run(SpeculativeConfig(method="off"))
+    # The plain model drafts: close to a mixture of its personas, so runs get accepted.
+    drafting = SpeculativeConfig(method="draft", draft_model=persona_set.reference_name)
+    spec, fillers, at_verify, accepted = run(drafting)
+    assert spec == plain and len(plain) == 30
+    assert accepted > 0
+    # Verifies before the first plain step run unpadded; once a plain step has added
+    # the filler, every verify after it keeps it.
+    first = at_verify.index(True)
+    assert all(at_verify[first:]) and fillers == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
