@@ -302,10 +302,13 @@ class PostgresFitRecords:
         self._pool = store._pool  # the profile store's connection pool and settings
         self._conninfo = store._pool.conninfo
         self._kwargs = dict(store._pool.kwargs)
-        from .postgres import _LOCK_CLASS
+        from .postgres import _LOCK_CLASS, _SCHEMA_LOCK
 
         self._lock_key = (_LOCK_CLASS, f"{store._schema}:fit-slot")
-        with self._pool.connection() as conn:
+        # Replicas start together: two concurrent CREATE TABLE IF NOT EXISTS race on the
+        # catalog (a unique violation in pg_type), so create under the store's schema lock.
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _SCHEMA_LOCK))
             conn.execute(_PG_SCHEMA)
 
     def _run(self, work: Callable[[Any], Any]) -> Any:

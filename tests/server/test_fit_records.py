@@ -88,3 +88,34 @@ def test_postgres_job_of_a_dead_owner_reads_failed(two_replicas) -> None:
     failed = b.get("job-a")
     assert failed is not None and failed["state"] == "failed" and failed["error"] == OWNER_DIED
     assert b.claim(_record("job-b")) is not None
+
+
+def test_postgres_replicas_starting_together_create_the_table_once() -> None:
+    """Replicas start at once: concurrent CREATE TABLE IF NOT EXISTS on an empty schema raced
+    on PostgreSQL's catalog (a unique violation in pg_type) and one replica failed to start."""
+    import threading
+
+    from server.store.postgres import PostgresProfileStore
+
+    with fresh_schema(postgres_url()) as url:
+        stores = [PostgresProfileStore(url) for _ in range(6)]
+        go = threading.Barrier(len(stores))
+        errors: list[BaseException] = []
+
+        def open_records(store: PostgresProfileStore) -> None:
+            go.wait()
+            try:
+                open_fit_records(store)
+            except BaseException as exc:  # collected: the assertion below names it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_records, args=(s,)) for s in stores]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            for store in stores:
+                store.close()
+        assert errors == []
