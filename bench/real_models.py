@@ -10,7 +10,11 @@ projection) and three random rank-8 LoRA adapters on every linear layer.
 A workload is ``c`` requests arriving together, 32-token prompts, ``--new-tokens``
 greedy tokens each (EOS ignored). The systems:
 
-- ``generate``: transformers' own ``generate()`` of the reference, all c prompts batched;
+- ``generate``: transformers' own ``generate()`` of the reference, all c prompts batched,
+  on the model as the engine loads it (its linear layers on oneDNN: mpo_core/cpu_linear.py),
+  so the ratios to it measure the serving path, not the kernels;
+- ``generate-torch``: the same on torch's default kernels (``cpu_linear: torch``), the
+  plain transformers a user would otherwise run;
 - ``one-policy``: the engine serving the reference as its only policy;
 - ``full-k3``: three full models, uniform weights;
 - ``adapters-k3``: the base with three adapters, uniform weights (3 rows a request);
@@ -50,7 +54,8 @@ from .common import (
 from .systems import REPO, _consume, greedy_params
 
 logger = logging.getLogger("bench.real_models")
-SYSTEMS = ("generate", "one-policy", "full-k3", "adapters-k3", "adapters-one-hot")
+SYSTEMS = ("generate", "generate-torch", "one-policy", "full-k3", "adapters-k3", "adapters-one-hot")
+GENERATE = {"generate": "single", "generate-torch": "single-torch"}  # system -> YAML
 FAMILY = {  # system -> (policy-set YAML, weights: None = uniform, else on the first)
     "one-policy": ("single", None),
     "full-k3": ("full", None),
@@ -91,6 +96,10 @@ def build(root: Path) -> Path:
     common = {"device": "cpu", "dtype": "float32", "speculative": {"method": "off"}}
     configs: dict[str, dict[str, Any]] = {
         "single": {"policies": [{"name": "smol", "model": str(reference)}]},
+        "single-torch": {
+            "policies": [{"name": "smol", "model": str(reference)}],
+            "cpu_linear": "torch",
+        },
         "full": {"policies": [{"name": n, "model": str(root / f"full_{n}")} for n in names]},
         "adapters": {
             "base": {"name": "base", "model": str(reference)},
@@ -130,8 +139,7 @@ class Systems:
         from mpo_core.engine import Engine, EngineLimits
 
         sets = {FAMILY[s][0] for s in systems if s in FAMILY}
-        if "generate" in systems:
-            sets.add("single")
+        sets |= {GENERATE[s] for s in systems if s in GENERATE}
         self.sets = {name: _load(root, name) for name in sorted(sets)}
         limits = EngineLimits(max_running=most, max_queued=most)
         self.engines = {name: Engine(ps, limits).start() for name, ps in self.sets.items()}
@@ -142,8 +150,8 @@ class Systems:
         from .baselines import run_single
 
         prompts = self.prompts[:c]
-        if system == "generate":
-            return summarize(*run_single(self.sets["single"], prompts, new_tokens))
+        if system in GENERATE:
+            return summarize(*run_single(self.sets[GENERATE[system]], prompts, new_tokens))
         name, weights = FAMILY[system]
         engine = self.engines[name]
         mixture = engine.mixture({engine.policy_names[0]: 1.0} if weights else None)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import ModelSpec, PolicySetConfig, looks_local
+from .cpu_linear import apply_cpu_linear
 from .errors import ConfigError
 from .models import gguf_checkpoint, is_gguf
 from .personas import PersonaPrompts, build_persona_prompts
@@ -84,6 +85,8 @@ class PolicySet:
         generation config; every model must have an output row per token.
         """
         members = [*policies, *([reference] if reference is not None else [])]
+        models = [adapters.model] if adapters is not None else [m.model for m in members]
+        apply_cpu_linear(config.cpu_linear, models, device, dtype)
         vocab = len(tokenizer) if vocab_size is None else vocab_size
         for member in members:
             _check_output_rows(member, "reference" if member is reference else "policy", vocab)

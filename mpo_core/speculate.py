@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import ModelSpec, SpeculativeConfig
+from .cpu_linear import apply_cpu_linear
 from .drafts import Drafter, ModelDrafter, NgramDrafter
 from .errors import ConfigError
 from .kvcache import KVStorage
@@ -199,4 +200,7 @@ def draft_model(policy_set: PolicySet, name: str | None) -> LoadedModel:
     spec = ModelSpec(name="draft", model=str(Path(name).expanduser()) if "/" in name else name)
     tokenizer = _load_tokenizer(spec, "draft model")
     check_tokenizers_agree(("the policies", policy_set.tokenizer), ("draft", tokenizer))
-    return _load_model(spec, "draft model", policy_set.device, policy_set.dtype)
+    draft = _load_model(spec, "draft model", policy_set.device, policy_set.dtype)
+    config = policy_set.config
+    apply_cpu_linear(config.cpu_linear, [draft.model], policy_set.device, policy_set.dtype)
+    return draft

@@ -11,6 +11,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from mpo_core.cpu_linear import onednn_linear_available, uses_onednn
 from mpo_core.policies import PolicySet
 
 pytestmark = pytest.mark.real
@@ -119,6 +120,10 @@ def test_the_served_mixture_matches_an_independent_computation(
     )
     ids = family_set.tokenizer.encode(prompt)
     names = family_set.names
+    # The served decode steps (one row) run the linear layers on oneDNN; the computation
+    # below runs the whole sequence (more than cpu_linear.MAX_ROWS rows) on torch's MKL
+    # kernels, so this compares the two on the real model.
+    assert uses_onednn(family_set.policies[0].model) == onednn_linear_available()
     # Extrapolation past the policies, and a pull to the reference with one policy off.
     for weights, strength in (([1.0, 3.0], 1.5), ([0.0, 1.0], 0.5)):
         body = {

@@ -1,0 +1,115 @@
+"""Linear layers through oneDNN on CPU: the few-row matmuls a blend's decode step runs.
+
+On CPU, ``torch.nn.functional.linear`` in float32 goes to MKL's GEMM, which is slow for the
+few rows of a decode step: on the 2-core AVX2 machine the benchmarks run on, a 3-row
+product costs 3.7x a 1-row one for SmolLM2's 576 -> 1536 layer, and a 3-row decode step
+of the whole model about 2x a 1-row step. That is the shape a persona or adapter family
+runs (one row per (request, policy) slot). oneDNN's inner-product kernel, which PyTorch
+ships for its graph compiler, runs the same product on the plain weight at a fraction of
+that cost (``python -m bench.cpu_linear`` measures both on the real model).
+
+``use_onednn_linears`` swaps the forward of every large plain ``nn.Linear`` of a model for
+one that calls oneDNN on the live weight when the product has few rows (nothing is copied
+or prepacked, so memory is unchanged and a weight edited in place is seen). It falls back
+to ``F.linear`` for prefills, for anything but float32 on CPU, and when autograd needs the
+product (oneDNN's op has no backward). Results differ from MKL's in float32 rounding only.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_mpo_onednn"
+_available: bool | None = None
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build runs oneDNN's linear and it agrees with ``F.linear``."""
+    global _available
+    if _available is None:
+        _available = _probe()
+    return _available
+
+
+def _probe() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 16, generator=generator)
+        weight = torch.randn(8, 16, generator=generator)
+        bias = torch.randn(8, generator=generator)
+        got = op(x, weight, bias, "none", [], "")
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        logger.info("oneDNN linear unavailable (%s): linear layers use torch's default", exc)
+        return False
+    return bool(torch.allclose(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5))
+
+
+# oneDNN costs ~50 us a call more than MKL and ~1 ms the first time it meets a shape: it
+# pays on weights of at least this many elements (1 MB in float32) and on few rows, the
+# decode and verify steps where MKL is slow (a prefill's many rows stay on MKL, which
+# keeps the shapes oneDNN caches to at most MAX_ROWS per layer shape).
+MIN_WEIGHT_ELEMENTS = 1 << 18
+MAX_ROWS = 16
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = self.weight, self.bias
+    if (
+        x.numel() <= MAX_ROWS * x.shape[-1]
+        and x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Route ``model``'s plain ``nn.Linear`` layers of at least ``MIN_WEIGHT_ELEMENTS``
+    weights through oneDNN for products of at most ``MAX_ROWS`` rows (see the module
+    docstring); how many layers it switched. Subclasses (quantised or LoRA layers) keep
+    their own forward: a LoRA layer's base layer is a plain ``nn.Linear`` and is switched."""
+    switched = 0
+    for module in model.modules():
+        if (
+            type(module) is nn.Linear
+            and module.weight.numel() >= MIN_WEIGHT_ELEMENTS
+            and not getattr(module, _MARK, False)
+        ):
+            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+            setattr(module, _MARK, True)
+            switched += 1
+    return switched
+
+
+def uses_onednn(model: nn.Module) -> bool:
+    """Whether any linear layer of ``model`` runs through oneDNN."""
+    return any(getattr(m, _MARK, False) for m in model.modules())
+
+
+def apply_cpu_linear(setting: str, models: list[Any], device: torch.device, dtype: Any) -> bool:
+    """The policy set's ``cpu_linear`` setting applied to ``models`` (``nn.Module``s):
+    whether oneDNN is on. "auto" switches float32 models on CPU when the op works; "torch"
+    leaves every model on torch's default kernels."""
+    if setting == "torch" or device.type != "cpu" or dtype is not torch.float32:
+        return False
+    if not onednn_linear_available():
+        return False
+    for model in models:
+        use_onednn_linears(model)
+    return True

@@ -1,0 +1,96 @@
+"""Linear layers through oneDNN on CPU (mpo_core/cpu_linear.py): same numbers as torch's
+kernels, only where they pay, never under autograd, and the policy-set setting."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mpo_core import cpu_linear
+from mpo_core.config import load_config
+from mpo_core.policies import load_policy_set
+from mpo_core.testing import make_tiny_family
+
+pytestmark = pytest.mark.skipif(
+    not cpu_linear.onednn_linear_available(), reason="this torch build has no oneDNN linear"
+)
+
+
+def _model() -> LlamaForCausalLM:
+    """Layers big enough to be switched (512 x 512 = MIN_WEIGHT_ELEMENTS) and one that is not."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The input shapes of every oneDNN linear call."""
+    seen: list[tuple[int, ...]] = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def counting(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return real(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
+    return seen
+
+
+def test_decode_rows_run_on_onednn_and_equal_torchs_kernels(calls: list) -> None:
+    plain = _model()
+    fast = copy.deepcopy(plain)
+    switched = cpu_linear.use_onednn_linears(fast)
+    # q and o (512 x 512), gate/up/down (512 x 1024) per layer, and the head; k and v
+    # (128 x 512) are below the size at which oneDNN pays.
+    assert switched == 2 * 5 + 1
+    assert cpu_linear.use_onednn_linears(fast) == 0  # idempotent
+    assert cpu_linear.uses_onednn(fast) and not cpu_linear.uses_onednn(plain)
+    ids = torch.randint(0, 1024, (3, 40))
+    with torch.inference_mode():
+        expected = plain(ids).logits
+        got_prefill = fast(ids).logits  # 120 rows: a prefill stays on torch's kernels
+        assert calls == []
+        torch.testing.assert_close(got_prefill, expected, rtol=0, atol=0)
+        step = ids[:, -1:]  # 3 rows, as a decode step of 3 slots
+        expected_step = plain(step).logits
+        got_step = fast(step).logits
+    assert len(calls) == switched and all(shape[:-1] == (3, 1) for shape in calls)
+    torch.testing.assert_close(got_step, expected_step, rtol=1e-4, atol=1e-4)
+
+
+def test_autograd_falls_back_to_torchs_kernels(calls: list) -> None:
+    fast = _model()
+    cpu_linear.use_onednn_linears(fast)
+    fast.requires_grad_(True)
+    loss = fast(torch.randint(0, 1024, (2, 3))).logits.logsumexp(-1).sum()
+    loss.backward()
+    assert calls == []
+    assert fast.lm_head.weight.grad is not None
+
+
+def _policy_set(tmp_path: Path, **extra: Any) -> Any:
+    path = make_tiny_family(tmp_path, num_policies=1, with_reference=False)
+    body = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**body, "device": "cpu", **extra}))
+    return load_policy_set(load_config(path))
+
+
+def test_the_setting_switches_a_policy_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiny test model's layers are below the size at which oneDNN pays; lower it.
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    auto = _policy_set(tmp_path / "auto")
+    assert cpu_linear.uses_onednn(auto.policies[0].model)
+    off = _policy_set(tmp_path / "off", cpu_linear="torch")
+    assert not cpu_linear.uses_onednn(off.policies[0].model)
+    in_bf16 = _policy_set(tmp_path / "bf16", dtype="bfloat16")
+    assert not cpu_linear.uses_onednn(in_bf16.policies[0].model)
