@@ -58,10 +58,10 @@ def _probe() -> bool:
 
 
 # oneDNN costs ~50 us a call more than MKL and ~1 ms the first time it meets a shape: it
-# pays on weights of at least this many elements (1 MB in float32) and on few rows, the
+# pays on weights of at least this many elements (256 KB in float32) and on few rows, the
 # decode and verify steps where MKL is slow (a prefill's many rows stay on MKL, which
 # keeps the shapes oneDNN caches to at most MAX_ROWS per layer shape).
-MIN_WEIGHT_ELEMENTS = 1 << 18
+MIN_WEIGHT_ELEMENTS = 1 << 16
 MAX_ROWS = 16
 
 
