@@ -3,8 +3,10 @@
     python -m bench.cpu_linear --threads 2 --out bench/results/cpu_linear.json
 
 The real demo's model (SmolLM2-135M-Instruct, ``mpo_core.demo.real``), float32 on CPU, in
-plain transformers: one copy on torch's default kernels (MKL's GEMM) and one whose linear
-layers run through oneDNN (``mpo_core.cpu_linear``, what the engine does on CPU). For each
+plain transformers: one copy on torch's default kernels (MKL's GEMM), one whose linear
+layers run through oneDNN (``mpo_core.cpu_linear``, what the engine does on CPU), and one
+with oneDNN on weights prepacked into its own layout (``onednn-packed``, which the engine
+does not do: see ``_prepack``). For each
 row count, a 64-token prefill and then one decode step, the two copies interleaved,
 ``--repeats`` times; medians in milliseconds. The step of ``r`` rows over the 1-row step
 is what a persona or adapter family pays for running its ``r`` slots in one forward.
@@ -21,6 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from .common import set_threads
+
+
+def _prepack(model: Any) -> None:
+    """Every linear layer on oneDNN with its weight reordered once into oneDNN's blocked
+    layout, for every row count: what the engine does not do (the packed copy doubles
+    the weights' memory unless the dense weight is dropped, which soups and LoRA need,
+    and each new prefill length pays oneDNN's ~1 ms per-shape set-up in every layer)."""
+    import types
+
+    import torch
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+
+            def forward(self: Any, x: Any, packed: Any = packed) -> Any:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+            module.forward = types.MethodType(forward, module)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         source = str(gguf_checkpoint(source, "bench model"))
     models = {
         kind: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        for kind in ("torch", "onednn")
+        for kind in ("torch", "onednn", "onednn-packed")
     }
     use_onednn_linears(models["onednn"])
+    _prepack(models["onednn-packed"])
     rows = [int(r) for r in args.rows.split(",")]
     times: dict[tuple[str, str, int], list[float]] = {}
     generator = torch.Generator().manual_seed(0)
@@ -79,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             for kind in models
         },
-        "onednn_over_torch_time": {
-            f"{phase}_{r}_rows": ms[("onednn", phase, r)] / ms[("torch", phase, r)]
-            for phase in ("prefill", "step")
-            for r in rows
+        "over_torch_time": {
+            kind: {
+                f"{phase}_{r}_rows": ms[(kind, phase, r)] / ms[("torch", phase, r)]
+                for phase in ("prefill", "step")
+                for r in rows
+            }
+            for kind in ("onednn", "onednn-packed")
         },
         "step_over_1_row": {
             kind: {f"{r}_rows": ms[(kind, "step", r)] / ms[(kind, "step", rows[0])] for r in rows}
