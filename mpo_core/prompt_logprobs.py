@@ -5,6 +5,13 @@ teacher forcing, as scoring does (``scoring``); the per-position log-probs are m
 the request's coefficients and normalised exactly as a decoding step mixes the next
 token (``mixing.mix_logprobs``), so the log-prob of prompt token t + 1 is the mixture's
 ``log p(x_{t+1} | x_{..t})``. The first token has no context and so no log-prob.
+
+In a persona family each model m reads the prompt as its persona renders it
+(``PersonaPrompts.render``: its own opening in place of the prompt's), as decoding and
+scoring do. The prompt's tokens after the longest opening any used model replaced are in
+every model's rendering, at the end; those get the mixed log-prob, each model's taken at
+its own shifted position. The tokens before them are the opening some persona swapped for
+its own, which that persona never reads: like the first token, they get no log-prob.
 """
 
 from __future__ import annotations
@@ -40,31 +47,63 @@ def prompt_logprobs(
     if len(tokens) < 2:
         return PromptLogprobs(tokens, [None] * len(tokens), [[] for _ in tokens])
     device = policy_set.device
-    ids = torch.tensor([tokens], device=device)  # [1, L]
     coefs = mixture.coefficients  # [K + 1]
     k = len(policy_set.policies)
-    used = [m for m in range(k) if coefs[m] != 0]
+    models = [*policy_set.policies, policy_set.reference]
+    used = [m for m in range(k + 1) if coefs[m] != 0 and models[m] is not None]
+    inputs = _inputs(policy_set, tokens, used)  # model -> its ids [1, L_m]
+    # The prompt tokens every used model sees, at the ends of their inputs, each with a
+    # token before it: the ones that get a log-prob.
+    scored = min(
+        [len(tokens) - 1]
+        + [
+            min(_common_suffix(ids[0].tolist(), tokens), ids.shape[1] - 1)
+            for ids in inputs.values()
+        ]
+    )
+    if scored == 0:  # the whole prompt is an opening some persona replaces
+        return PromptLogprobs(tokens, [None] * len(tokens), [[] for _ in tokens])
     vocab = policy_set.vocab_size
-    positions = len(tokens) - 1
-    per_policy = torch.zeros(0, positions, vocab, device=device)  # [0, L - 1, V]: s = 0
-    if used:
-        per_policy = torch.stack(
-            [_position_logprobs(policy_set.policies[m], ids, vocab) for m in used]
-        )  # [K', L - 1, V]
-    policy_coef = torch.tensor([[coefs[m] for m in used]], device=device)  # [1, K']
-    ref_logprobs = ref_coef = None
-    if policy_set.reference is not None and coefs[k] != 0:
-        ref_logprobs = _position_logprobs(policy_set.reference, ids, vocab)  # [L - 1, V]
-        ref_coef = torch.full((positions,), coefs[k], device=device)  # [L - 1]
+    rows = {
+        m: _position_logprobs(models[m], inputs[m], vocab)[-scored:]  # type: ignore[arg-type]
+        for m in used
+    }  # m -> [T, V]: predicts the last T prompt tokens
+    policies = [m for m in used if m < k]
+    per_policy = torch.zeros(0, scored, vocab, device=device)  # [0, T, V]: s = 0
+    if policies:
+        per_policy = torch.stack([rows[m] for m in policies])  # [K', T, V]
+    policy_coef = torch.tensor([[coefs[m] for m in policies]], device=device)  # [1, K']
+    ref_logprobs = rows.get(k)  # [T, V] or None
+    ref_coef = torch.full((scored,), coefs[k], device=device) if k in rows else None  # [T]
     mixed = mix_logprobs(
-        per_policy, policy_coef.expand(positions, -1), ref_logprobs, ref_coef
-    )  # [L - 1, V]
-    targets = ids[0, 1:]  # [L - 1]
-    picked = mixed.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()  # [L - 1]
-    tops: list[list[tuple[int, float]]] = [[]]
+        per_policy, policy_coef.expand(scored, -1), ref_logprobs, ref_coef
+    )  # [T, V]
+    targets = torch.tensor(tokens[-scored:], device=device)  # [T]
+    picked = mixed.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()  # [T]
+    unscored = len(tokens) - scored
+    tops: list[list[tuple[int, float]]] = [[] for _ in range(unscored)]
     if top_n > 0:
-        best = mixed.topk(min(top_n, vocab), dim=-1)  # [L - 1, n]
+        best = mixed.topk(min(top_n, vocab), dim=-1)  # [T, n]
         tops += [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
     else:
-        tops += [[] for _ in range(positions)]
-    return PromptLogprobs(tokens, [None, *picked], tops)
+        tops += [[] for _ in range(scored)]
+    return PromptLogprobs(tokens, [*([None] * unscored), *picked], tops)
+
+
+def _inputs(policy_set: PolicySet, tokens: list[int], used: list[int]) -> dict[int, torch.Tensor]:
+    """Each used model's input ids: the prompt itself, or its persona's rendering of it."""
+    personas = policy_set.personas
+    return {
+        m: torch.tensor(
+            [personas.render(m, tokens) if personas is not None else tokens],
+            device=policy_set.device,
+        )
+        for m in used
+    }
+
+
+def _common_suffix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n

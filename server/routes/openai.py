@@ -67,7 +67,8 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
         ]
 
     def prompt_logprobs(self, index: int) -> CompletionLogprobs | None:
-        """The echoed prompt's entries (first: no log-prob), offsets from 0."""
+        """The echoed prompt's entries (the first, and in a persona family the opening a
+        persona replaces, have no log-prob), offsets from 0."""
         if not self.prompt_scores:
             return None
         scored = self.prompt_scores[index // self.body.n]
@@ -78,8 +79,8 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
             tokens=[token_text(t) for t in scored.token_ids],
             token_logprobs=list(scored.logprobs),
             top_logprobs=[
-                {token_text(i): lp for i, lp in top} if row else None
-                for row, top in enumerate(scored.top_logprobs)
+                None if logprob is None else {token_text(i): lp for i, lp in top}
+                for logprob, top in zip(scored.logprobs, scored.top_logprobs)
             ],
             text_offset=offsets,
         )

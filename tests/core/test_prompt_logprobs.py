@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from mpo_core.config import load_config
 from mpo_core.engine import Engine, GenerationRequest
-from mpo_core.policies import PolicySet
+from mpo_core.policies import PolicySet, load_policy_set
 from mpo_core.sampling import SamplingParams
+from mpo_core.testing import make_persona_family
 
 
 @pytest.mark.parametrize(
@@ -39,3 +41,40 @@ def test_weights_change_prompt_logprobs(engine: Engine, llama_set: PolicySet) ->
     one = engine.prompt_logprobs(prompt, engine.mixture([1, 0, 0])).result().logprobs
     other = engine.prompt_logprobs(prompt, engine.mixture([0, 0, 1])).result().logprobs
     assert one[1:] != pytest.approx(other[1:], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def persona_set(tmp_path_factory: pytest.TempPathFactory) -> PolicySet:
+    path = make_persona_family(tmp_path_factory.mktemp("prompt_lp_personas"), True)
+    return load_policy_set(load_config(path))
+
+
+@pytest.mark.parametrize(("weights", "strength"), [([1, 1, 1], 1.0), ([0, 2, 1], 0.5)])
+def test_a_persona_familys_prompt_logprobs_read_each_personas_prompt(
+    persona_set: PolicySet, weights: list[float], strength: float
+) -> None:
+    """Each persona reads the prompt with its own opening, as it does when decoding: the
+    decoded reply's log-probs come back when the prompt and reply are scored. (Scoring the
+    plain prompt under every persona gave the reference's numbers.)"""
+    tokenizer = persona_set.tokenizer
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Could you please help me"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt = list(tokenizer.encode(str(text), add_special_tokens=False))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    with Engine(persona_set) as engine:
+        mixture = engine.mixture(weights, strength)
+        result = engine.generate(GenerationRequest(prompt, params, mixture))
+        scored = engine.prompt_logprobs(prompt + result.token_ids, mixture, top_n=2).result()
+    assert len(scored.logprobs) == len(prompt) + 6
+    # The longest opening a persona of the mixture swaps for its own (this template opens
+    # with a default system block) gets no log-prob; every token after it does.
+    strips = persona_set.personas.strip  # type: ignore[union-attr]
+    replaced = max(len(strips[m]) for m, w in enumerate(weights) if w)
+    assert replaced > 0
+    assert scored.logprobs[:replaced] == [None] * replaced
+    assert all(lp is not None for lp in scored.logprobs[replaced:])
+    for event, logprob in zip(result.events, scored.logprobs[len(prompt) :]):
+        assert logprob == pytest.approx(event.logprob, abs=1e-4)
