@@ -102,14 +102,12 @@ def uses_onednn(model: nn.Module) -> bool:
     return any(getattr(m, _MARK, False) for m in model.modules())
 
 
-def apply_cpu_linear(setting: str, models: list[Any], device: torch.device, dtype: Any) -> bool:
+def apply_cpu_linear(setting: str, models: list[Any], device: torch.device, dtype: Any) -> None:
     """The policy set's ``cpu_linear`` setting applied to ``models`` (``nn.Module``s):
-    whether oneDNN is on. "auto" switches float32 models on CPU when the op works; "torch"
-    leaves every model on torch's default kernels."""
+    "auto" switches float32 models on CPU when the op works; "torch" leaves every model on
+    torch's default kernels."""
     if setting == "torch" or device.type != "cpu" or dtype is not torch.float32:
-        return False
-    if not onednn_linear_available():
-        return False
-    for model in models:
-        use_onednn_linears(model)
-    return True
+        return
+    if onednn_linear_available():
+        for model in models:
+            use_onednn_linears(model)

@@ -80,7 +80,8 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer.encode(str(text), add_special_tokens=False))
 
 
-def _common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` share at their ends."""
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1
@@ -107,7 +108,7 @@ def _system_prompt(tokenizer: Any, spec: PersonaSpec) -> tuple[list[int], list[i
             f"({exc}); give the persona a raw `prefix:` text instead"
         ) from None
     with_system, plain = pairs[0]
-    common = _common_suffix(with_system, plain)
+    common = common_suffix(with_system, plain)
     prefix, strip = with_system[: len(with_system) - common], plain[: len(plain) - common]
     other_system, other_plain = pairs[1]
     mapped = [*prefix, *other_plain[len(strip) :]] if other_plain[: len(strip)] == strip else None

@@ -23,6 +23,7 @@ import torch
 
 from .kvcache import to_logprobs
 from .mixing import Mixture, mix_logprobs
+from .personas import common_suffix
 from .policies import LoadedModel, PolicySet
 
 
@@ -51,21 +52,22 @@ def prompt_logprobs(
     k = len(policy_set.policies)
     models = [*policy_set.policies, policy_set.reference]
     used = [m for m in range(k + 1) if coefs[m] != 0 and models[m] is not None]
-    inputs = _inputs(policy_set, tokens, used)  # model -> its ids [1, L_m]
+    inputs = _inputs(policy_set, tokens, used)  # model -> its ids, L_m of them
     # The prompt tokens every used model sees, at the ends of their inputs, each with a
     # token before it: the ones that get a log-prob.
     scored = min(
         [len(tokens) - 1]
-        + [
-            min(_common_suffix(ids[0].tolist(), tokens), ids.shape[1] - 1)
-            for ids in inputs.values()
-        ]
+        + [min(common_suffix(ids, tokens), len(ids) - 1) for ids in inputs.values()]
     )
     if scored == 0:  # the whole prompt is an opening some persona replaces
         return PromptLogprobs(tokens, [None] * len(tokens), [[] for _ in tokens])
     vocab = policy_set.vocab_size
     rows = {
-        m: _position_logprobs(models[m], inputs[m], vocab)[-scored:]  # type: ignore[arg-type]
+        m: _position_logprobs(
+            models[m],  # type: ignore[arg-type]  # used holds only models that exist
+            torch.tensor([inputs[m]], device=device),
+            vocab,
+        )[-scored:]
         for m in used
     }  # m -> [T, V]: predicts the last T prompt tokens
     policies = [m for m in used if m < k]
@@ -90,20 +92,7 @@ def prompt_logprobs(
     return PromptLogprobs(tokens, [*([None] * unscored), *picked], tops)
 
 
-def _inputs(policy_set: PolicySet, tokens: list[int], used: list[int]) -> dict[int, torch.Tensor]:
+def _inputs(policy_set: PolicySet, tokens: list[int], used: list[int]) -> dict[int, list[int]]:
     """Each used model's input ids: the prompt itself, or its persona's rendering of it."""
     personas = policy_set.personas
-    return {
-        m: torch.tensor(
-            [personas.render(m, tokens) if personas is not None else tokens],
-            device=policy_set.device,
-        )
-        for m in used
-    }
-
-
-def _common_suffix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
+    return {m: personas.render(m, tokens) if personas is not None else tokens for m in used}
