@@ -2,11 +2,10 @@
 
 On CPU, ``torch.nn.functional.linear`` in float32 goes to MKL's GEMM, which is slow for the
 few rows of a decode step: on the 2-core AVX2 machine the benchmarks run on, a 3-row
-product costs 3.7x a 1-row one for SmolLM2's 576 -> 1536 layer, and a 3-row decode step
-of the whole model about 2x a 1-row step. That is the shape a persona or adapter family
-runs (one row per (request, policy) slot). oneDNN's inner-product kernel, which PyTorch
-ships for its graph compiler, runs the same product on the plain weight at a fraction of
-that cost (``python -m bench.cpu_linear`` measures both on the real model).
+decode step of SmolLM2 costs about 2x a 1-row step. That is the shape a persona or
+adapter family runs (one row per (request, policy) slot). oneDNN's inner-product kernel,
+which PyTorch ships for its graph compiler, runs the same products on the plain weight
+for about 1.6x (``python -m bench.cpu_linear`` measures both on the real model).
 
 ``use_onednn_linears`` swaps the forward of every large plain ``nn.Linear`` of a model for
 one that calls oneDNN on the live weight when the product has few rows (nothing is copied
@@ -57,7 +56,8 @@ def _probe() -> bool:
     return bool(torch.allclose(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5))
 
 
-# oneDNN costs ~50 us a call more than MKL and ~1 ms the first time it meets a shape: it
+# oneDNN costs ~50 us a call more than MKL and ~1 ms the first time it meets a shape (ad-hoc
+# timings on the benchmark machine, layers of 256 x 64 and 1536 x 576): it
 # pays on weights of at least this many elements (256 KB in float32) and on few rows, the
 # decode and verify steps where MKL is slow (a prefill's many rows stay on MKL, which
 # keeps the shapes oneDNN caches to at most MAX_ROWS per layer shape).
