@@ -4,9 +4,10 @@
 
 The real demo's model (SmolLM2-135M-Instruct, ``mpo_core.demo.real``), float32 on CPU, in
 plain transformers: one copy on torch's default kernels (MKL's GEMM), one whose linear
-layers run through oneDNN (``mpo_core.cpu_linear``, what the engine does on CPU), and one
-with oneDNN on weights prepacked into its own layout (``onednn-packed``, which the engine
-does not do: see ``_prepack``). For each
+layers run through oneDNN on the dense weights (``mpo_core.cpu_linear``, what the engine
+does on CPU for full and adapter families), and one on weights packed into oneDNN's own
+layout (``onednn-packed``, ``pack_onednn_linears``: what the engine does for a persona
+family's one model). For each
 row count, a 64-token prefill and then one decode step, the two copies interleaved,
 ``--repeats`` times; medians in milliseconds. The step of ``r`` rows over the 1-row step
 is what a persona or adapter family pays for running its ``r`` slots in one forward.
@@ -25,25 +26,6 @@ from typing import Any
 from .common import set_threads
 
 
-def _prepack(model: Any) -> None:
-    """Every linear layer on oneDNN with its weight reordered once into oneDNN's blocked
-    layout, for every row count: what the engine does not do (the packed copy doubles
-    the weights' memory unless the dense weight is dropped, which soups and LoRA need,
-    and each new prefill length pays oneDNN's ~1 ms per-shape set-up in every layer)."""
-    import types
-
-    import torch
-
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-
-            def forward(self: Any, x: Any, packed: Any = packed) -> Any:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-
-            module.forward = types.MethodType(forward, module)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,3,4,8")
@@ -56,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from mpo_core.cpu_linear import onednn_linear_available, use_onednn_linears
+    from mpo_core.cpu_linear import (
+        onednn_linear_available,
+        pack_onednn_linears,
+        use_onednn_linears,
+    )
     from mpo_core.demo.real import build_real_demo
     from mpo_core.models import gguf_checkpoint, is_gguf
 
@@ -72,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("torch", "onednn", "onednn-packed")
     }
     use_onednn_linears(models["onednn"])
-    _prepack(models["onednn-packed"])
+    pack_onednn_linears(models["onednn-packed"])
     rows = [int(r) for r in args.rows.split(",")]
     times: dict[tuple[str, str, int], list[float]] = {}
     generator = torch.Generator().manual_seed(0)

@@ -86,10 +86,13 @@ class PolicySet:
         """
         members = [*policies, *([reference] if reference is not None else [])]
         models = [adapters.model] if adapters is not None else [m.model for m in members]
-        apply_cpu_linear(config.cpu_linear, models, device, dtype)
         vocab = len(tokenizer) if vocab_size is None else vocab_size
         for member in members:
             _check_output_rows(member, "reference" if member is reference else "policy", vocab)
+        # After the checks, which read the head's dense weight: packing may drop it.
+        apply_cpu_linear(
+            config.cpu_linear, models, device, dtype, pack=personas is not None
+        )  # fmt: skip
         return cls(
             config=config,
             policies=policies,

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .config import ModelSpec, SpeculativeConfig
-from .cpu_linear import apply_cpu_linear
+from .cpu_linear import apply_cpu_linear, weight_elements
 from .drafts import Drafter, ModelDrafter, NgramDrafter
 from .errors import ConfigError
 from .kvcache import KVStorage
@@ -140,7 +140,10 @@ def make_speculator(
 
 
 def _parameters(loaded: LoadedModel) -> int:
-    return sum(p.numel() for p in loaded.model.parameters())
+    model = loaded.model  # a module, or an adapter family's view (parameters() only)
+    if isinstance(model, nn.Module):
+        return weight_elements(model)  # packed weights count too
+    return sum(p.numel() for p in model.parameters())
 
 
 def _sharing(module: nn.Module, **children: nn.Module) -> Any:

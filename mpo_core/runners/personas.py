@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..cpu_linear import packed_layers
 from ..kvcache import GrowingBatch, KVStorage, release_free_memory
 from ..policies import PolicySet
 from ..prefix_cache import PrefixCache, prefill_after_prefixes
@@ -33,9 +34,11 @@ from ..scoring import ScoreResult, score_model
 from .adapters import BatchFactory, growing
 from .base import Row, StepOutput, StepRows, verify_inputs
 
-# On this project's 2-core CPU a decode step of 3 rows costs 1.33x one of 4 rows (oneDNN
-# picks its kernels by shape; ``python -m bench.personas --padding``), so on the CPU a
-# 3-slot decode runs with one filler slot whose output nobody reads.
+# On this project's 2-core CPU a decode step of 3 rows costs 1.33x one of 4 rows when the
+# weights are dense (oneDNN picks its kernels by shape; ``python -m bench.personas
+# --padding``), so on the CPU a 3-slot decode over dense weights runs with one filler slot
+# whose output nobody reads. On weights packed for oneDNN (``cpu_linear``, what a CPU
+# persona family runs on in float32) 3 rows cost less than 4 and nothing is padded.
 PAD_ROWS = {3: 4}
 FILLER = -1  # the filler slot's id (a request's slots are >= 0)
 
@@ -66,7 +69,9 @@ class PersonaRunner:
         self.max_context = None if limit is None else limit - prompts.longest_extra
         self._shift: dict[int, int] = {}  # slot -> its prompt's length - the request's
         growing = isinstance(self.batch, GrowingBatch)
-        self.pad_rows = PAD_ROWS if growing and policy_set.device.type == "cpu" else {}
+        dense = packed_layers(reference.model) == 0
+        on_cpu = policy_set.device.type == "cpu"
+        self.pad_rows = PAD_ROWS if growing and on_cpu and dense else {}
         self._filler_length = 0  # tokens the filler slot holds
 
     def _pad(self) -> None:

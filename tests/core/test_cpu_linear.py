@@ -94,3 +94,65 @@ def test_the_setting_switches_a_policy_set(tmp_path: Path, monkeypatch: pytest.M
     assert not cpu_linear.uses_onednn(off.policies[0].model)
     in_bf16 = _policy_set(tmp_path / "bf16", dtype="bfloat16")
     assert not cpu_linear.uses_onednn(in_bf16.policies[0].model)
+
+
+def test_packed_layers_drop_the_dense_weight_and_equal_torchs_kernels(calls: list) -> None:
+    plain = _model()
+    packed = copy.deepcopy(plain)
+    elements = cpu_linear.weight_elements(plain)
+    dense_bytes = sum(p.numel() for p in packed.parameters())
+    assert cpu_linear.pack_onednn_linears(packed) == 2 * 5 + 1
+    assert cpu_linear.pack_onednn_linears(packed) == 0  # idempotent
+    assert cpu_linear.use_onednn_linears(packed) == 0  # already on oneDNN, no second patch
+    assert cpu_linear.packed_layers(packed) == 11 and cpu_linear.uses_onednn(packed)
+    assert "weight" not in packed.lm_head._parameters  # untied: the dense copy is gone
+    assert cpu_linear.weight_elements(packed) == elements
+    assert sum(p.numel() for p in packed.parameters()) < dense_bytes
+    ids = torch.randint(0, 1024, (3, 40))
+    with torch.inference_mode():
+        expected, got = plain(ids).logits, packed(ids).logits
+        assert len(calls) == 11  # a prefill runs on the packed weights too
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        step = ids[:, -1:]
+        torch.testing.assert_close(packed(step).logits, plain(step).logits, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 22
+
+
+def test_a_tied_weight_keeps_its_dense_copy() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    plain = LlamaForCausalLM(config).eval()
+    packed = copy.deepcopy(plain)
+    cpu_linear.pack_onednn_linears(packed)
+    head = packed.lm_head
+    assert cpu_linear.packed_layers(head) == 1
+    assert head.weight is packed.model.embed_tokens.weight  # the embedding still reads it
+    ids = torch.randint(0, 1024, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_packed_layer_under_autograd_runs_torchs_kernels(calls: list) -> None:
+    model = _model()
+    cpu_linear.pack_onednn_linears(model)
+    model.requires_grad_(True)  # the embedding's gradient flows through every packed layer
+    loss = model(torch.randint(0, 1024, (2, 3))).logits.logsumexp(-1).sum()
+    loss.backward()
+    assert calls == []
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_a_persona_family_is_packed_and_other_families_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mpo_core.testing import make_persona_family
+
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    personas = load_policy_set(load_config(make_persona_family(tmp_path / "personas")))
+    assert cpu_linear.packed_layers(personas.reference.model) > 0
+    full = _policy_set(tmp_path / "full")
+    assert cpu_linear.uses_onednn(full.policies[0].model)
+    assert cpu_linear.packed_layers(full.policies[0].model) == 0  # soups average its weights

@@ -4,12 +4,14 @@ against separately prompted transformers runs of the same model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
 from mpo_core.config import load_config
+from mpo_core.cpu_linear import onednn_linear_available, packed_layers
 from mpo_core.demo.real import REAL_PERSONAS, REFERENCE
 from mpo_core.engine import Engine, GenerationRequest
 from mpo_core.kvcache import to_logprobs
@@ -38,6 +40,20 @@ def personas(smollm2: Path, real_home: Path, tmp_path_factory: pytest.TempPathFa
     return load_policy_set(load_config(path))
 
 
+@pytest.fixture(scope="module")
+def plain_model(reference_dir: Path) -> torch.nn.Module:
+    """The same weights, loaded apart and left dense on torch's default kernels: the
+    served family's one model runs on weights packed for oneDNN (``mpo_core.cpu_linear``)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32).eval()
+
+
+def test_the_persona_model_runs_on_packed_weights(personas: PolicySet) -> None:
+    model = personas.reference.model  # type: ignore[union-attr]
+    assert (packed_layers(model) > 0) == onednn_linear_available()
+
+
 def _ids(ps: PolicySet, system: str | None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": QUESTION})
@@ -49,8 +65,10 @@ def _greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
 
 
-def test_each_persona_decodes_what_its_prompted_model_decodes(personas: PolicySet) -> None:
-    model = personas.reference.model  # type: ignore[union-attr]
+def test_each_persona_decodes_what_its_prompted_model_decodes(
+    personas: PolicySet, plain_model: torch.nn.Module
+) -> None:
+    model: Any = plain_model
     plain = _ids(personas, None)
     with Engine(personas) as engine:
         assert isinstance(engine.runner, PersonaRunner)
@@ -65,8 +83,10 @@ def test_each_persona_decodes_what_its_prompted_model_decodes(personas: PolicySe
 
 
 @torch.inference_mode()
-def test_a_mixture_of_personas_equals_the_prompted_mixture(personas: PolicySet) -> None:
-    model = personas.reference.model  # type: ignore[union-attr]
+def test_a_mixture_of_personas_equals_the_prompted_mixture(
+    personas: PolicySet, plain_model: torch.nn.Module
+) -> None:
+    model: Any = plain_model
     names = [*REAL_PERSONAS, REFERENCE]
     prompts = [_ids(personas, REAL_PERSONAS.get(name)) for name in names]
     with Engine(personas) as engine:
