@@ -14,10 +14,9 @@ The systems:
 - ``full``: three full models loaded from the same checkpoint (K-separate-models
   backend: three forwards of c rows per step, three copies of the weights);
 - ``single``: one model, one policy: c rows per step;
-- ``personas-padded``: ``personas`` with the runner's 3-to-4-row padding forced on
-  (``PersonaRunner.pad_rows``; the runner pads only over dense weights, and on the CPU a
-  persona family's weights are packed for oneDNN), for the padding's effect measured in
-  the same rounds.
+- ``personas-padded``: ``personas`` with the runner's 3-to-4-row padding switched on
+  (``PersonaRunner.pad_rows``, off by default), for the padding's effect measured in the
+  same rounds.
 
 Speed: one process holds the three families and runs them in turn, ``--rounds`` times
 (the order rotating), so a round's figures are taken seconds apart; a ratio is the median

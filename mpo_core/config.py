@@ -11,7 +11,7 @@ A policy set is a YAML file::
     device: auto      # cuda when available, else cpu
     dtype: auto       # bfloat16 on cuda, float32 on cpu
     kv_cache_dtype: auto   # the models' dtype; bfloat16/float16 halve a float32 cache
-    cpu_linear: auto       # oneDNN for float32 linear layers on CPU; torch = MKL's default
+    cpu_linear: auto       # float32 on CPU: the faster of oneDNN and torch's MKL, timed at start
     speculative: {method: draft, max_draft_tokens: 4, draft_model: null}  # docs/speculative.md
 
 or an *adapter family*: one base model and K PEFT LoRA adapters of it, where the base
@@ -186,10 +186,11 @@ class PolicySetConfig(BaseModel):
     # cache on CPU; "on": static everywhere (graphs only on CUDA); "off": growing cache.
     static_cache: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: bool = True  # capture the static decode step; false = run it eagerly
-    # Linear layers of float32 models on CPU: "auto" runs them through oneDNN, much faster
-    # than torch's default (MKL) for the few rows of a decode step (mpo_core/cpu_linear.py);
-    # "torch" keeps torch's default kernels. Ignored on CUDA and in other dtypes.
-    cpu_linear: Literal["auto", "torch"] = "auto"
+    # Linear layers of float32 models on CPU (mpo_core/cpu_linear.py): "onednn" runs them
+    # through oneDNN (a persona family's on packed weights), "torch" keeps torch's default
+    # (MKL), "auto" times both at start-up on the models' own layers and keeps the faster:
+    # which wins depends on the CPU. Ignored on CUDA and in other dtypes.
+    cpu_linear: Literal["auto", "torch", "onednn"] = "auto"
     # Columns per slot of a static cache: the longest prompt + reply it can hold. None:
     # the models' context, as far as the KV cache budget allows (docs/models.md).
     max_cache_len: int | None = Field(default=None, ge=2)

@@ -27,6 +27,8 @@ families whose weights soups average or LoRA merges edit keep the dense weights.
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 import types
 from typing import Any
 
@@ -185,17 +187,99 @@ def uses_onednn(model: nn.Module) -> bool:
     return any(getattr(m, _MARK, False) for m in model.modules())
 
 
+# ``auto`` times the kernels on the first model's large linear layers, up to this many
+# weights (64 MB in float32: more than a CPU's caches hold, as a decode step streams them).
+SAMPLE_ELEMENTS = 1 << 24
+REPEATS = 5
+
+
+def _sample_layers(model: nn.Module) -> list[nn.Linear]:
+    layers: list[nn.Linear] = []
+    total = 0
+    for module in model.modules():
+        weight = module._parameters.get("weight") if type(module) is nn.Linear else None
+        if (
+            weight is None
+            or getattr(module, _MARK, False)
+            or weight.numel() < MIN_WEIGHT_ELEMENTS
+            or weight.dtype is not torch.float32
+            or weight.device.type != "cpu"
+        ):
+            continue
+        layers.append(module)  # type: ignore[arg-type]
+        total += weight.numel()
+        if total >= SAMPLE_ELEMENTS:
+            break
+    return layers
+
+
+@torch.inference_mode()
+def time_kernels(model: nn.Module, rows: int, pack: bool) -> dict[str, float]:
+    """Seconds for a ``rows``-row product through each of a sample of ``model``'s large
+    linear layers, in turn, on torch's kernels and on oneDNN's (on packed copies of the
+    weights when ``pack``); medians of ``REPEATS`` interleaved passes. Empty when the model
+    has no layer oneDNN would take."""
+    layers = _sample_layers(model)
+    if not layers:
+        return {}
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, layer.in_features, generator=generator) for layer in layers]
+    weights = {
+        "torch": [layer.weight for layer in layers],
+        "onednn": [
+            torch.ops.mkldnn._reorder_linear_weight(layer.weight, None) if pack else layer.weight
+            for layer in layers
+        ],
+    }
+    onednn = torch.ops.mkldnn._linear_pointwise
+    passes: dict[str, list[float]] = {kind: [] for kind in weights}
+    for _ in range(REPEATS + 1):  # the first pass warms up (oneDNN's set-up) and is dropped
+        for kind, kind_weights in weights.items():
+            started = time.perf_counter()
+            for x, layer, weight in zip(inputs, layers, kind_weights):
+                if kind == "torch":
+                    F.linear(x, weight, layer.bias)
+                else:
+                    onednn(x, weight, layer.bias, "none", [], "")
+            passes[kind].append(time.perf_counter() - started)
+    return {kind: statistics.median(times[1:]) for kind, times in passes.items()}
+
+
 def apply_cpu_linear(
-    setting: str, models: list[Any], device: torch.device, dtype: Any, *, pack: bool = False
-) -> None:
-    """The policy set's ``cpu_linear`` setting applied to ``models`` (``nn.Module``s):
-    "auto" switches float32 models on CPU when the op works, packing their weights when
-    ``pack`` (models that nothing copies or edits: a persona family's); "torch" leaves
-    every model on torch's default kernels."""
+    setting: str,
+    models: list[Any],
+    device: torch.device,
+    dtype: Any,
+    *,
+    rows: int = 1,
+    pack: bool = False,
+) -> str:
+    """The policy set's ``cpu_linear`` setting applied to ``models`` (``nn.Module``s); the
+    kernels they run on, "torch" or "onednn". "onednn" switches float32 models on CPU when
+    the op works, packing their weights when ``pack`` (models that nothing copies or edits:
+    a persona family's); "torch" leaves every model on torch's default kernels; "auto"
+    picks whichever of the two ``time_kernels`` finds faster for the ``rows`` rows a decode
+    step of one request runs (which wins depends on the CPU: on the AVX2 machine of
+    docs/benchmarks.md oneDNN, on an AVX-512 one MKL)."""
     if setting == "torch" or device.type != "cpu" or dtype is not torch.float32:
-        return
-    if onednn_linear_available():
-        for model in models:
-            if pack:
-                pack_onednn_linears(model)
-            use_onednn_linears(model)
+        return "torch"
+    if not models or not onednn_linear_available():
+        return "torch"
+    if setting == "auto":
+        times = time_kernels(models[0], rows, pack)
+        if not times:
+            return "torch"
+        choice = min(times, key=times.__getitem__)
+        logger.info(
+            "cpu_linear auto: %s (a %d-row pass over %d sampled layers: torch %.2f ms, "
+            "oneDNN%s %.2f ms)",
+            choice, rows, len(_sample_layers(models[0])), 1e3 * times["torch"],
+            " packed" if pack else "", 1e3 * times["onednn"],
+        )  # fmt: skip
+        if choice == "torch":
+            return "torch"
+    for model in models:
+        if pack:
+            pack_onednn_linears(model)
+        use_onednn_linears(model)
+    return "onednn"

@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..cpu_linear import packed_layers
 from ..kvcache import GrowingBatch, KVStorage, release_free_memory
 from ..policies import PolicySet
 from ..prefix_cache import PrefixCache, prefill_after_prefixes
@@ -34,11 +33,10 @@ from ..scoring import ScoreResult, score_model
 from .adapters import BatchFactory, growing
 from .base import Row, StepOutput, StepRows, verify_inputs
 
-# On this project's 2-core CPU a decode step of 3 rows costs 1.33x one of 4 rows when the
-# weights are dense (oneDNN picks its kernels by shape; ``python -m bench.personas
-# --padding``), so on the CPU a 3-slot decode over dense weights runs with one filler slot
-# whose output nobody reads. On weights packed for oneDNN (``cpu_linear``, what a CPU
-# persona family runs on in float32) 3 rows cost less than 4 and nothing is padded.
+# Padding a 3-slot decode to 4 rows with a filler slot whose output nobody reads paid on
+# one CPU only: 1.26x on the AVX2 benchmark machine's MKL kernels, nothing clear on oneDNN,
+# a loss on an AVX-512 machine's MKL (``python -m bench.personas`` times it as
+# ``personas-padded``). So it is off: set ``PersonaRunner.pad_rows = PAD_ROWS`` to pad.
 PAD_ROWS = {3: 4}
 FILLER = -1  # the filler slot's id (a request's slots are >= 0)
 
@@ -68,10 +66,7 @@ class PersonaRunner:
         limit = self.batch.max_len
         self.max_context = None if limit is None else limit - prompts.longest_extra
         self._shift: dict[int, int] = {}  # slot -> its prompt's length - the request's
-        growing = isinstance(self.batch, GrowingBatch)
-        dense = packed_layers(reference.model) == 0
-        on_cpu = policy_set.device.type == "cpu"
-        self.pad_rows = PAD_ROWS if growing and on_cpu and dense else {}
+        self.pad_rows: dict[int, int] = {}  # real rows -> rows run (growing caches only)
         self._filler_length = 0  # tokens the filler slot holds
 
     def _pad(self) -> None:
@@ -117,7 +112,7 @@ class PersonaRunner:
         ps, rows = self.policy_set, StepRows(running, newcomers)
         logprobs = torch.zeros(self.models, rows.count, ps.vocab_size, device=ps.device)
         started = time.perf_counter()
-        if self.pad_rows:
+        if self.pad_rows and isinstance(self.batch, GrowingBatch):
             self._pad()
         if len(self.batch):
             inputs, real, models, index = self._inputs(rows, {}, 1)

@@ -88,12 +88,40 @@ def _policy_set(tmp_path: Path, **extra: Any) -> Any:
 def test_the_setting_switches_a_policy_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The tiny test model's layers are below the size at which oneDNN pays; lower it.
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
-    auto = _policy_set(tmp_path / "auto")
-    assert cpu_linear.uses_onednn(auto.policies[0].model)
+    on = _policy_set(tmp_path / "on", cpu_linear="onednn")
+    assert cpu_linear.uses_onednn(on.policies[0].model)
     off = _policy_set(tmp_path / "off", cpu_linear="torch")
     assert not cpu_linear.uses_onednn(off.policies[0].model)
-    in_bf16 = _policy_set(tmp_path / "bf16", dtype="bfloat16")
+    in_bf16 = _policy_set(tmp_path / "bf16", dtype="bfloat16", cpu_linear="onednn")
     assert not cpu_linear.uses_onednn(in_bf16.policies[0].model)
+
+
+@pytest.mark.parametrize("faster", ["torch", "onednn"])
+def test_auto_keeps_the_kernels_it_timed_faster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faster: str
+) -> None:
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    asked: list[tuple[int, bool]] = []
+
+    def timed(model: Any, rows: int, pack: bool) -> dict[str, float]:
+        asked.append((rows, pack))
+        return {"torch": 1.0, "onednn": 2.0} if faster == "torch" else {"torch": 2.0, "onednn": 1.0}
+
+    monkeypatch.setattr(cpu_linear, "time_kernels", timed)
+    auto = _policy_set(tmp_path / "auto")
+    assert cpu_linear.uses_onednn(auto.policies[0].model) == (faster == "onednn")
+    assert asked == [(1, False)]  # a full family: one row a request, dense weights
+
+
+def test_time_kernels_times_both_on_the_models_layers() -> None:
+    model = _model()
+    for pack in (False, True):
+        times = cpu_linear.time_kernels(model, rows=3, pack=pack)
+        assert set(times) == {"torch", "onednn"} and all(t > 0 for t in times.values())
+    assert cpu_linear.packed_layers(model) == 0  # the timing packs copies, not the model
+    assert not cpu_linear.uses_onednn(model)
+    tiny = torch.nn.Sequential(torch.nn.Linear(8, 8))  # nothing oneDNN would take
+    assert cpu_linear.time_kernels(tiny, rows=3, pack=False) == {}
 
 
 def test_packed_layers_drop_the_dense_weight_and_equal_torchs_kernels(calls: list) -> None:
@@ -151,8 +179,10 @@ def test_a_persona_family_is_packed_and_other_families_are_not(
     from mpo_core.testing import make_persona_family
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
-    personas = load_policy_set(load_config(make_persona_family(tmp_path / "personas")))
+    path = make_persona_family(tmp_path / "personas")
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "cpu_linear": "onednn"}))
+    personas = load_policy_set(load_config(path))
     assert cpu_linear.packed_layers(personas.reference.model) > 0
-    full = _policy_set(tmp_path / "full")
+    full = _policy_set(tmp_path / "full", cpu_linear="onednn")
     assert cpu_linear.uses_onednn(full.policies[0].model)
     assert cpu_linear.packed_layers(full.policies[0].model) == 0  # soups average its weights

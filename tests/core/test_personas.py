@@ -336,13 +336,13 @@ def test_mpo_eval_on_a_persona_family(tmp_path: Path) -> None:
 
 
 def test_a_three_slot_decode_runs_with_one_filler_row(personas: PolicySet) -> None:
-    """On the CPU three slots over dense weights decode as four rows (bench/personas.py
-    --padding; the tiny model's layers are too small to be packed for oneDNN); the
+    """With padding set, three slots decode as four rows (bench/personas.py times it); the
     filler leaves when the slots change, and the rows' results do not move."""
-    from mpo_core.runners.personas import FILLER
+    from mpo_core.runners.personas import FILLER, PAD_ROWS
 
     runner, _ = make_runner(personas, max_rows=4, max_context=personas.max_context)
-    assert isinstance(runner, PersonaRunner) and runner.pad_rows == {3: 4}
+    assert isinstance(runner, PersonaRunner) and runner.pad_rows == {}  # off by default
+    runner.pad_rows = dict(PAD_ROWS)
 
     class Row:
         def __init__(self, sid: int, coefs: tuple[float, ...]) -> None:
@@ -372,8 +372,8 @@ def test_a_three_slot_decode_runs_with_one_filler_row(personas: PolicySet) -> No
 def test_a_packed_persona_family_mixes_as_the_plain_weights_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On CPU a persona family's one model runs on weights packed for oneDNN
-    (``mpo_core.cpu_linear``): its mixtures equal the independent runs of the same weights
+    """With ``cpu_linear: onednn`` a persona family's one model runs on weights packed for
+    oneDNN (``mpo_core.cpu_linear``): its mixtures equal the independent runs of the same weights
     left dense, tokens and log-probs."""
     from mpo_core import cpu_linear
 
@@ -381,13 +381,12 @@ def test_a_packed_persona_family_mixes_as_the_plain_weights_do(
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)  # the tiny model's layers too
     path = make_persona_family(tmp_path)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "cpu_linear": "onednn"}))
     packed = load_policy_set(load_config(path))
     assert cpu_linear.packed_layers(packed.reference.model) > 0
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "cpu_linear": "torch"}))
     plain = load_policy_set(load_config(path))
     assert not cpu_linear.uses_onednn(plain.reference.model)
-    runner, _ = make_runner(packed, max_rows=4, max_context=packed.max_context)
-    assert isinstance(runner, PersonaRunner) and runner.pad_rows == {}  # 3 rows pay here
     with Engine(packed, EngineLimits(max_running=8)) as engine:
         got = _submit_all(engine, packed, steps=8)
     _assert_matches_independent(plain, engine, got, steps=8)

@@ -21,7 +21,7 @@ from mpo_core.kvcache import to_logprobs
 from mpo_core.mixing import Mixture, mix_logprobs
 from mpo_core.policies import PolicySet, load_policy_set
 from mpo_core.runners import AdapterRunner, PersonaRunner, SeparateModelsRunner
-from mpo_core.runners.personas import FILLER
+from mpo_core.runners.personas import FILLER, PAD_ROWS
 from mpo_core.sampling import SamplingParams
 from mpo_core.speculate import Speculator, first_layers
 from mpo_core.speculative import AdaptiveGamma, Draft, accept_drafts
@@ -259,14 +259,15 @@ def test_greedy_identity_persona_family(persona_set, method, static):
 
 
 def test_the_persona_filler_slot_stays_through_verify(persona_set):
-    """Three persona slots (strength 1) decode padded to four rows: once added, the
+    """Three persona slots (strength 1), padding set, decode padded to four rows: once added, the
     filler row goes through every verify and is prefilled once, and the reply equals
     the plain one."""
 
     def run(settings: SpeculativeConfig) -> tuple[list[int], int, list[bool], int]:
         with Engine(persona_set, EngineLimits(max_running=2), speculative=settings) as engine:
             runner = engine.runner
-            assert isinstance(runner, PersonaRunner) and runner.pad_rows
+            assert isinstance(runner, PersonaRunner) and runner.pad_rows == {}
+            runner.pad_rows = dict(PAD_ROWS)  # padding is off by default
             fillers, at_verify = [], []
             prefill, verify = runner.batch.prefill, runner.verify
 

@@ -83,6 +83,7 @@ def family_yaml(smollm2: Path, reference_dir: Path, tmp_path_factory) -> Path:
         "reference": {"name": "base", "model": str(smollm2)},
         "policies": [{"name": name, "model": name} for name in POLICIES],
         "device": "cpu",
+        "cpu_linear": "onednn",  # the served steps on oneDNN, the checks on torch's MKL
         "dtype": "float32",
     }
     path = folder / "family.yaml"

@@ -34,6 +34,7 @@ def personas(smollm2: Path, real_home: Path, tmp_path_factory: pytest.TempPathFa
         ],
         "device": "cpu",
         "dtype": "float32",
+        "cpu_linear": "onednn",  # packed weights, checked against `plain_model`
     }
     path = tmp_path_factory.mktemp("real-personas") / "policy_set.yaml"
     path.write_text(yaml.safe_dump(config))
