@@ -90,8 +90,9 @@ class PolicySet:
         for member in members:
             _check_output_rows(member, "reference" if member is reference else "policy", vocab)
         # After the checks, which read the head's dense weight: packing may drop it.
-        # A decode step of one request runs a row per model of a one-forward family.
-        rows = len(members) if adapters is not None or personas is not None else 1
+        # A decode step of one request (strength 1: no reference row) runs a row per
+        # policy in a one-forward family, one row per model in the others.
+        rows = len(policies) if adapters is not None or personas is not None else 1
         apply_cpu_linear(
             config.cpu_linear, models, device, dtype, rows=rows, pack=personas is not None
         )  # fmt: skip

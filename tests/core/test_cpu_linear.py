@@ -111,6 +111,20 @@ def test_auto_keeps_the_kernels_it_timed_faster(
     auto = _policy_set(tmp_path / "auto")
     assert cpu_linear.uses_onednn(auto.policies[0].model) == (faster == "onednn")
     assert asked == [(1, False)]  # a full family: one row a request, dense weights
+    from mpo_core.testing import make_persona_family
+
+    personas = load_policy_set(load_config(make_persona_family(tmp_path / "personas")))
+    assert asked[1:] == [(3, True)]  # one row per persona, on packed copies
+    packed = cpu_linear.packed_layers(personas.reference.model) > 0
+    assert packed == (faster == "onednn")
+
+
+def test_auto_keeps_torch_near_a_tie(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
+    monkeypatch.setattr(
+        cpu_linear, "time_kernels", lambda *args: {"torch": 1.0, "onednn": 0.95}
+    )  # oneDNN 5% faster in the sample: within the margin
+    assert not cpu_linear.uses_onednn(_policy_set(tmp_path).policies[0].model)
 
 
 def test_time_kernels_times_both_on_the_models_layers() -> None:
