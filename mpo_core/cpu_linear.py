@@ -1,11 +1,13 @@
 """Linear layers through oneDNN on CPU: the few-row matmuls a blend's decode step runs.
 
-On CPU, ``torch.nn.functional.linear`` in float32 goes to MKL's GEMM, which is slow for the
-few rows of a decode step: on the 2-core AVX2 machine the benchmarks run on, a 3-row
-decode step of SmolLM2 costs about 2x a 1-row step. That is the shape a persona or
-adapter family runs (one row per (request, policy) slot). oneDNN's inner-product kernel,
-which PyTorch ships for its graph compiler, runs the same products on the plain weight
-for about 1.6x (``python -m bench.cpu_linear`` measures both on the real model).
+On CPU, ``torch.nn.functional.linear`` in float32 goes to MKL's GEMM. On some CPUs that
+is slow for the few rows of a decode step: on a 2-core AVX2 machine a 3-row decode step
+of SmolLM2 cost 1.99x a 1-row step, and oneDNN's inner-product kernel (which PyTorch
+ships for its graph compiler) ran the same products on the plain weight for 1.60x. On a
+2-core AVX-512 machine MKL was the faster of the two at 1 and 3 rows
+(``python -m bench.cpu_linear`` measures both on the real model; docs/benchmarks.md).
+That is why the setting's default, ``auto``, times both on the model's own layers at
+start-up (``time_kernels``) and keeps oneDNN only where it wins.
 
 ``use_onednn_linears`` swaps the forward of every large plain ``nn.Linear`` of a model for
 one that calls oneDNN on the live weight when the product has few rows (nothing is copied
