@@ -112,6 +112,21 @@ def use_onednn_linears(model: nn.Module) -> int:
     return switched
 
 
+def _dense_cpu_weight(module: nn.Module) -> nn.Parameter | None:
+    """The weight of a plain float32 CPU ``nn.Linear`` of at least ``MIN_WEIGHT_ELEMENTS``
+    weights not yet on oneDNN (what packing and ``auto``'s timing take), else None."""
+    weight = module._parameters.get("weight") if type(module) is nn.Linear else None
+    if (
+        weight is None
+        or getattr(module, _MARK, False)
+        or weight.numel() < MIN_WEIGHT_ELEMENTS
+        or weight.dtype is not torch.float32
+        or weight.device.type != "cpu"
+    ):
+        return None
+    return weight
+
+
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(self, _PACKED)
     if (
@@ -134,17 +149,10 @@ def pack_onednn_linears(model: nn.Module) -> int:
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
     packed_layers = 0
     for module in model.modules():
-        weight = module._parameters.get("weight") if type(module) is nn.Linear else None
-        if (
-            weight is None
-            or weight.numel() < MIN_WEIGHT_ELEMENTS
-            or weight.dtype is not torch.float32
-            or weight.device.type != "cpu"
-            or getattr(module, _PACKED, None) is not None
-        ):
+        weight = _dense_cpu_weight(module)
+        if weight is None:
             continue
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         setattr(module, _PACKED, packed)
         if uses[id(weight)] == 1:  # tied weights (a head and its embedding) stay dense too
             del module._parameters["weight"]
@@ -200,14 +208,8 @@ def _sample_layers(model: nn.Module) -> list[nn.Linear]:
     layers: list[nn.Linear] = []
     total = 0
     for module in model.modules():
-        weight = module._parameters.get("weight") if type(module) is nn.Linear else None
-        if (
-            weight is None
-            or getattr(module, _MARK, False)
-            or weight.numel() < MIN_WEIGHT_ELEMENTS
-            or weight.dtype is not torch.float32
-            or weight.device.type != "cpu"
-        ):
+        weight = _dense_cpu_weight(module)
+        if weight is None:
             continue
         layers.append(module)  # type: ignore[arg-type]
         total += weight.numel()
@@ -256,22 +258,22 @@ def apply_cpu_linear(
     *,
     rows: int = 1,
     pack: bool = False,
-) -> str:
-    """The policy set's ``cpu_linear`` setting applied to ``models`` (``nn.Module``s); the
-    kernels they run on, "torch" or "onednn". "onednn" switches float32 models on CPU when
-    the op works, packing their weights when ``pack`` (models that nothing copies or edits:
-    a persona family's); "torch" leaves every model on torch's default kernels; "auto"
-    picks oneDNN when ``time_kernels`` finds it at least 10% faster for the ``rows`` rows a
-    decode step of one request runs, else torch's (which wins depends on the CPU: on the
-    AVX2 machine of docs/benchmarks.md oneDNN, on an AVX-512 one mostly MKL)."""
+) -> None:
+    """The policy set's ``cpu_linear`` setting applied to ``models`` (``nn.Module``s).
+    "onednn" switches float32 models on CPU when the op works, packing their weights when
+    ``pack`` (models that nothing copies or edits: a persona family's); "torch" leaves
+    every model on torch's default kernels; "auto" picks oneDNN when ``time_kernels``
+    finds it at least 10% faster for the ``rows`` rows a decode step of one request runs,
+    else torch's (which wins depends on the CPU: on the AVX2 machine of
+    docs/benchmarks.md oneDNN, on an AVX-512 one mostly MKL)."""
     if setting == "torch" or device.type != "cpu" or dtype is not torch.float32:
-        return "torch"
+        return
     if not models or not onednn_linear_available():
-        return "torch"
+        return
     if setting == "auto":
         times = time_kernels(models[0], rows, pack)
         if not times:
-            return "torch"
+            return
         # Near a tie torch's default stays: the timing is a sample, not the model's step.
         choice = "onednn" if times["onednn"] < MARGIN * times["torch"] else "torch"
         logger.info(
@@ -281,9 +283,8 @@ def apply_cpu_linear(
             " packed" if pack else "", 1e3 * times["onednn"],
         )  # fmt: skip
         if choice == "torch":
-            return "torch"
+            return
     for model in models:
         if pack:
             pack_onednn_linears(model)
         use_onednn_linears(model)
-    return "onednn"

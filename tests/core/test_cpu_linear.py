@@ -142,14 +142,14 @@ def test_packed_layers_drop_the_dense_weight_and_equal_torchs_kernels(calls: lis
     plain = _model()
     packed = copy.deepcopy(plain)
     elements = cpu_linear.weight_elements(plain)
-    dense_bytes = sum(p.numel() for p in packed.parameters())
+    dense_elements = sum(p.numel() for p in packed.parameters())
     assert cpu_linear.pack_onednn_linears(packed) == 2 * 5 + 1
     assert cpu_linear.pack_onednn_linears(packed) == 0  # idempotent
     assert cpu_linear.use_onednn_linears(packed) == 0  # already on oneDNN, no second patch
     assert cpu_linear.packed_layers(packed) == 11 and cpu_linear.uses_onednn(packed)
     assert "weight" not in packed.lm_head._parameters  # untied: the dense copy is gone
     assert cpu_linear.weight_elements(packed) == elements
-    assert sum(p.numel() for p in packed.parameters()) < dense_bytes
+    assert sum(p.numel() for p in packed.parameters()) < dense_elements
     ids = torch.randint(0, 1024, (3, 40))
     with torch.inference_mode():
         expected, got = plain(ids).logits, packed(ids).logits
