@@ -62,7 +62,7 @@ def build(size: str, k: int, rank: int, root: Path) -> Path:
     bfloat16, as bench.common builds it)."""
     import torch
 
-    from mpo_core.testing_lora import LoraShape, make_adapter_family
+    from mpo_core.testing.lora import LoraShape, make_adapter_family
 
     folder = root / f"{size}_k{k}_r{rank}"
     if not (folder / "merged.yaml").exists():
@@ -93,7 +93,7 @@ def _engine_rows(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict
 
 
 def _load(args: argparse.Namespace, name: str) -> Any:
-    from mpo_core.policies import load_policy_set
+    from mpo_core.models.policies import load_policy_set
 
     folder = args.models_dir / f"{args.size}_k{args.k}_r{args.rank}"
     return load_policy_set(_config(folder / f"{name}.yaml", args.device, args.dtype))
@@ -115,7 +115,7 @@ def _held_mb(policy_set: Any) -> float:
 
 def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One system alone in this process: its peak RSS at each concurrency."""
-    from mpo_core.engine import Engine, EngineLimits
+    from mpo_core.engine.core import Engine, EngineLimits
 
     baseline = rss_mb()
     name = {"adapters": "adapters", "full": "merged", "base": "base"}[args.worker]
@@ -138,7 +138,7 @@ def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     """All systems in this process, in turn, ``--rounds`` times."""
-    from mpo_core.engine import Engine, EngineLimits
+    from mpo_core.engine.core import Engine, EngineLimits
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     most = max(concurrencies) * args.k

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from mpo_core.policies import LoadedModel, PolicySet
+from mpo_core.models.policies import LoadedModel, PolicySet
 
 from .common import RequestTimes, now
 

@@ -43,7 +43,7 @@ def family_yaml(size: str, k: int, root: Path) -> Path:
     MAX_K policies are built so every K reuses them; "1b" builds only the K asked for, in
     bfloat16 (it exists for the GPU check, and four float32 copies would be 17 GB).
     """
-    from mpo_core.testing import make_tiny_family
+    from mpo_core.testing.families import make_tiny_family
 
     folder = root / size
     config_path = folder / "policies.yaml"

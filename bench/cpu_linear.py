@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from mpo_core.cpu_linear import (
+    from mpo_core.demo.real import build_real_demo
+    from mpo_core.models.cpu_linear import (
         onednn_linear_available,
         pack_onednn_linears,
         use_onednn_linears,
     )
-    from mpo_core.demo.real import build_real_demo
-    from mpo_core.models import gguf_checkpoint, is_gguf
+    from mpo_core.models.sources import gguf_checkpoint, is_gguf
 
     if not onednn_linear_available():
         raise SystemExit("this torch build has no working oneDNN linear")

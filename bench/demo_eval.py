@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from mpo_core.config import load_config
+from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.demo import SCORERS, build_demo, heldout_prompts
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.policies import load_policy_set
-from mpo_core.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.models.policies import load_policy_set
 
 logger = logging.getLogger("demo_eval")
 

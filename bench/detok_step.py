@@ -48,9 +48,9 @@ def worker(config: str, batch: int, new_tokens: int, repeats: int) -> dict[str, 
 
     import mpo_core
     from mpo_core.config import load_config
-    from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-    from mpo_core.policies import load_policy_set
-    from mpo_core.sampling import SamplingParams
+    from mpo_core.decoding.sampling import SamplingParams
+    from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+    from mpo_core.models.policies import load_policy_set
 
     torch.set_num_threads(1)
 

@@ -26,11 +26,11 @@ from pathlib import Path
 from bench.demo_eval import run_meta, write_json
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, heldout_prompts, train_prompts
-from mpo_core.engine import Engine, EngineLimits
+from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.evaluation import EvalOptions, RowParser, markdown, run_evaluation
-from mpo_core.fit_driver import FitOptions, FitReport, run_fit
-from mpo_core.policies import load_policy_set
-from mpo_core.rewards import builtin_objectives
+from mpo_core.fitting.driver import FitOptions, FitReport, run_fit
+from mpo_core.fitting.rewards import builtin_objectives
+from mpo_core.models.policies import load_policy_set
 
 logger = logging.getLogger("fit_demo")
 

@@ -26,12 +26,12 @@ from pathlib import Path
 from unittest import mock
 
 from bench.demo_eval import run_meta, write_json
-from mpo_core import fit_driver
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, train_prompts
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.fit_driver import FitOptions, run_fit
-from mpo_core.policies import load_policy_set
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.fitting import driver as fit_driver
+from mpo_core.fitting.driver import FitOptions, run_fit
+from mpo_core.models.policies import load_policy_set
 
 logger = logging.getLogger("fit_speed")
 

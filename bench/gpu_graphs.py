@@ -32,11 +32,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mpo_core.config import ModelSpec, PolicySetConfig
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.kvcache import GrowingBatch, KVStorage
-from mpo_core.policies import PolicySet, wrap_model
-from mpo_core.sampling import SamplingParams
-from mpo_core.static_cache import StaticBatch
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.models.kvcache import GrowingBatch, KVStorage
+from mpo_core.models.policies import PolicySet, wrap_model
+from mpo_core.models.static_cache import StaticBatch
 
 SHAPES = {  # Llama blocks as in bench/common.py, with a 32k vocabulary
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=256),

@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-import mpo_core.engine as engine_module
-from mpo_core import grammar as grammar_module
+import mpo_core.engine.core as engine_module
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.grammar import GrammarSpec
-from mpo_core.policies import PolicySet, load_policy_set
-from mpo_core.sampling import SamplingParams
+from mpo_core.decoding import grammar as grammar_module
+from mpo_core.decoding.grammar import GrammarSpec
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.models.policies import PolicySet, load_policy_set
 
 logger = logging.getLogger("bench.grammar")
 

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401  (the baseline includes torch, transformers and mpo_core)
     import transformers  # noqa: F401
 
-    import mpo_core.kvcache as kvcache
-    from mpo_core.engine import Engine, EngineLimits
+    import mpo_core.models.kvcache as kvcache
+    from mpo_core.engine.core import Engine, EngineLimits
 
     from . import systems, worker
 

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
 
     from mpo_core.config import load_config
+    from mpo_core.decoding.sampling import SamplingParams
     from mpo_core.demo.real import build_real_demo
-    from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-    from mpo_core.policies import load_policy_set
-    from mpo_core.sampling import SamplingParams
+    from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+    from mpo_core.models.policies import load_policy_set
 
     raw = yaml.safe_load(build_real_demo().read_text())
     raw.update(device="cpu", dtype="float32", speculative={"method": "off"})

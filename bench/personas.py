@@ -87,7 +87,7 @@ def write_configs(folder: Path, speculative: str = "off") -> dict[str, Path]:
 
 def _load(path: Path) -> Any:
     from mpo_core.config import load_config
-    from mpo_core.policies import load_policy_set
+    from mpo_core.models.policies import load_policy_set
 
     return load_policy_set(load_config(path))
 
@@ -99,7 +99,7 @@ def _engine_rows(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict
 
 
 def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from mpo_core.engine import Engine, EngineLimits
+    from mpo_core.engine.core import Engine, EngineLimits
 
     paths = write_configs(args.models_dir, args.speculative)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -137,7 +137,7 @@ def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from mpo_core.engine import Engine, EngineLimits
+    from mpo_core.engine.core import Engine, EngineLimits
 
     baseline = rss_mb()
     policy_set = _load(write_configs(args.models_dir, args.speculative)[args.worker])

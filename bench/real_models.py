@@ -11,7 +11,7 @@ A workload is ``c`` requests arriving together, 32-token prompts, ``--new-tokens
 greedy tokens each (EOS ignored). The systems:
 
 - ``generate``: transformers' own ``generate()`` of the reference, all c prompts batched,
-  on the model as the engine loads it (its linear layers on oneDNN: mpo_core/cpu_linear.py),
+  on the model as the engine loads it (its linear layers on oneDNN: mpo_core/models/cpu_linear.py),
   so the ratios to it measure the serving path, not the kernels;
 - ``generate-torch``: the same on torch's default kernels (``cpu_linear: torch``), the
   plain transformers a user would otherwise run;
@@ -69,8 +69,8 @@ def build(root: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mpo_core.models import gguf_checkpoint, smollm2_gguf_path
-    from mpo_core.testing_lora import LoraShape, make_adapter
+    from mpo_core.models.sources import gguf_checkpoint, smollm2_gguf_path
+    from mpo_core.testing.lora import LoraShape, make_adapter
 
     gguf = smollm2_gguf_path()
     if gguf is None:
@@ -113,13 +113,13 @@ def build(root: Path) -> Path:
 
 def _load(root: Path, name: str) -> Any:
     from mpo_core.config import load_config
-    from mpo_core.policies import load_policy_set
+    from mpo_core.models.policies import load_policy_set
 
     return load_policy_set(load_config(root / f"{name}.yaml"))
 
 
 async def _submit_all(engine: Any, prompts: list[list[int]], new_tokens: int, mixture: Any):
-    from mpo_core.engine import GenerationRequest
+    from mpo_core.engine.core import GenerationRequest
 
     from .common import RequestTimes, now
 
@@ -136,7 +136,7 @@ class Systems:
     """Every system of the benchmark, loaded once: ``run(system, c)`` times one workload."""
 
     def __init__(self, root: Path, systems: tuple[str, ...], most: int) -> None:
-        from mpo_core.engine import Engine, EngineLimits
+        from mpo_core.engine.core import Engine, EngineLimits
 
         sets = {FAMILY[s][0] for s in systems if s in FAMILY}
         sets |= {GENERATE[s] for s in systems if s in GENERATE}

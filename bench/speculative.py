@@ -28,10 +28,10 @@ import torch
 
 from bench.demo_eval import run_meta, write_json
 from mpo_core.config import SpeculativeConfig, load_config
+from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.demo import build_demo, heldout_prompts
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.policies import load_policy_set
-from mpo_core.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.models.policies import load_policy_set
 
 logger = logging.getLogger(__name__)
 

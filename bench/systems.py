@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from mpo_core.engine import Engine, GenerationRequest
-from mpo_core.sampling import SamplingParams
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, GenerationRequest
 
 from .common import PROMPT_TOKENS, RequestTimes, now
 

@@ -65,7 +65,7 @@ def load(args: argparse.Namespace) -> Any:
     import yaml
 
     from mpo_core.config import load_config
-    from mpo_core.policies import load_policy_set
+    from mpo_core.models.policies import load_policy_set
 
     path = family_yaml(args.size, args.k, args.models_dir)
     raw = yaml.safe_load(path.read_text())
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             load_peak=load_peak,
         )
     elif args.mode == "engine":
-        from mpo_core.engine import Engine, EngineLimits
+        from mpo_core.engine.core import Engine, EngineLimits
 
         engine = Engine(policy_set, EngineLimits(max_running=max(concurrencies))).start()
         runner = _Runner(

@@ -99,7 +99,7 @@ class AdapterSpec(BaseModel):
     adapter: str = Field(min_length=1)  # hub id ("org/repo") or a local adapter folder
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     # Compare the adapter's recorded base_model_name_or_path with the family's base
-    # (mpo_core/adapters.py gives the rule); false skips it, the shapes are still checked.
+    # (mpo_core/models/adapters.py gives the rule); false skips it, the shapes are still checked.
     check_base: bool = True
 
 
@@ -107,7 +107,7 @@ class PersonaSpec(BaseModel):
     """One policy given as the family's model conditioned on its own prompt (a persona).
 
     ``system`` is rendered by the chat template as the conversation's system message;
-    ``prefix`` is raw text whose tokens go in front of every prompt (mpo_core/personas.py
+    ``prefix`` is raw text whose tokens go in front of every prompt (mpo_core/models/personas.py
     gives the rule). Exactly one of the two."""
 
     model_config = ConfigDict(extra="forbid")
@@ -186,7 +186,7 @@ class PolicySetConfig(BaseModel):
     # cache on CPU; "on": static everywhere (graphs only on CUDA); "off": growing cache.
     static_cache: Literal["auto", "on", "off"] = "auto"
     cuda_graphs: bool = True  # capture the static decode step; false = run it eagerly
-    # Linear layers of float32 models on CPU (mpo_core/cpu_linear.py): "onednn" runs them
+    # Linear layers of float32 models on CPU (mpo_core/models/cpu_linear.py): "onednn" runs them
     # through oneDNN (a persona family's on packed weights), "torch" keeps torch's default
     # (MKL), "auto" times both at start-up on the models' own layers and keeps the faster:
     # which wins depends on the CPU. Ignored on CUDA and in other dtypes.

@@ -251,9 +251,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import torch
 
     from mpo_core.config import load_config
-    from mpo_core.engine import Engine, EngineLimits
+    from mpo_core.engine.core import Engine, EngineLimits
     from mpo_core.evaluation.inputs import load_prompts
-    from mpo_core.policies import load_policy_set
+    from mpo_core.models.policies import load_policy_set
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,7 +261,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     policy_set = load_policy_set(load_config(args.config))
     objectives = None
     if args.rewards is not None:
-        from mpo_core.rewards import load_rewards
+        from mpo_core.fitting.rewards import load_rewards
 
         objectives = load_rewards(args.rewards, policy_set.device)
     limits = EngineLimits(max_running=args.max_running, max_queued=max(64, args.max_running))
@@ -288,7 +288,7 @@ def _given(args: argparse.Namespace, fields: dict[str, str]) -> dict[str, Any]:
 
 
 def _implicit_fit(engine: Any, prompts: list[str], args: argparse.Namespace, progress: Any) -> Any:
-    from mpo_core import fit_driver
+    from mpo_core.fitting import driver as fit_driver
 
     fields = {name: name for name in ("samples_per_prompt", "max_new_tokens", "iterations")}
     fields.update(step_size="step_size", batch_size="batch_size", seed="seed")
@@ -300,7 +300,7 @@ def _implicit_fit(engine: Any, prompts: list[str], args: argparse.Namespace, pro
 def _reward_fit(
     engine: Any, prompts: list[str], objectives: Any, args: argparse.Namespace, progress: Any
 ) -> Any:
-    from mpo_core import reward_fit_driver as driver
+    from mpo_core.fitting import reward_driver as driver
 
     fields = {
         "samples_per_round": "samples_per_prompt",

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.types import Scope
 
-from mpo_core.engine import Engine
+from mpo_core.engine.core import Engine
 from mpo_core.errors import EngineNotRunning
 
 from .auth import check_admin_token, check_api_key

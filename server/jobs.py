@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpo_core.engine import Engine
+from mpo_core.engine.core import Engine
 from mpo_core.errors import ConfigError, InvalidParameter
-from mpo_core.rewards import Objective
+from mpo_core.fitting.rewards import Objective
 from mpo_core.rules import check_context
 
 from .errors import APIError
@@ -221,7 +221,7 @@ class FitJobs:
         with self._lock:
             loaded = self._objectives.get(name)
         if loaded is None:
-            from mpo_core.rewards import load_rewards
+            from mpo_core.fitting.rewards import load_rewards
 
             try:
                 loaded = load_rewards(self.reward_sets[name], self.engine.policy_set.device)
@@ -267,7 +267,7 @@ class FitJobs:
 
     def _check_context(self, prompts: list[str], max_new_tokens: int) -> None:
         """A reply that cannot fit the context would fail the job later: a 400 now."""
-        from mpo_core.fit_driver import encode_prompt
+        from mpo_core.fitting.driver import encode_prompt
 
         longest = max(len(encode_prompt(self.engine.tokenizer, p)) for p in prompts)
         limit = int(self.engine.max_context)
@@ -316,7 +316,8 @@ class FitJobs:
         self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None
     ) -> tuple[dict[str, float], float, dict[str, Any]]:
         """Run the fit the request asks for: (weights, strength, report)."""
-        from mpo_core import fit_driver, reward_fit_driver
+        from mpo_core.fitting import driver as fit_driver
+        from mpo_core.fitting import reward_driver as reward_fit_driver
 
         request = job.request
 
@@ -356,7 +357,7 @@ class FitJobs:
     def _run(
         self, job: FitJob, prompts: list[str], objectives: dict[str, Objective] | None = None
     ) -> None:
-        from mpo_core.fitting import FitCancelled
+        from mpo_core.fitting.mirror_descent import FitCancelled
 
         request = job.request
         job.started_at = time.time()

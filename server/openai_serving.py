@@ -16,9 +16,9 @@ from typing import Any, Generic, Literal, TypeVar
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
-from mpo_core.grammar import Grammar
-from mpo_core.sampling import SamplingParams
-from mpo_core.streams import RequestStream, TokenEvent
+from mpo_core.decoding.grammar import Grammar
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.streams import RequestStream, TokenEvent
 
 from .protocol.openai import (
     ChatChoice,

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from mpo_core.mixing import MAX_WEIGHT
+from mpo_core.decoding.mixing import MAX_WEIGHT
 
 from .protocol.common import MAX_STOP_SEQUENCES
 from .protocol.errors import ErrorResponse

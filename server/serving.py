@@ -14,15 +14,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Any
 
-from mpo_core.engine import Engine, GenerationRequest
+from mpo_core.decoding.grammar import Grammar
+from mpo_core.decoding.mixing import Mixture
+from mpo_core.decoding.prompt_logprobs import PromptLogprobs
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, GenerationRequest
+from mpo_core.engine.streams import RequestStream, TokenEvent
 from mpo_core.errors import EngineNotRunning, InvalidParameter, UnknownProfile
-from mpo_core.grammar import Grammar
-from mpo_core.mixing import Mixture
-from mpo_core.prompt_logprobs import PromptLogprobs
+from mpo_core.models.token_bytes import TokenPieces
 from mpo_core.rules import check_context, check_token_ids
-from mpo_core.sampling import SamplingParams
-from mpo_core.streams import RequestStream, TokenEvent
-from mpo_core.token_bytes import TokenPieces
 
 from .errors import APIError
 from .metrics import Metrics

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from mpo_core.decoding.grammar import Grammar, GrammarSpec
 from mpo_core.errors import InvalidParameter
-from mpo_core.grammar import Grammar, GrammarSpec
 
 from .serving import Serving
 

@@ -14,11 +14,11 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.decoding.grammar import Grammar
+from mpo_core.decoding.prompt_logprobs import PromptLogprobs
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.streams import RequestStream, TokenEvent
 from mpo_core.errors import InvalidParameter
-from mpo_core.grammar import Grammar
-from mpo_core.prompt_logprobs import PromptLogprobs
-from mpo_core.sampling import SamplingParams
-from mpo_core.streams import RequestStream, TokenEvent
 
 from .protocol.tgi import (
     TGIDetails,

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import PolicySet, load_policy_set
-from mpo_core.testing import make_tiny_family
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.testing.families import make_tiny_family
 
 
 @pytest.fixture(scope="session")

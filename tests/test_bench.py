@@ -12,9 +12,9 @@ from bench.baselines import diy_mix_one, policy_step_seconds
 from bench.common import family_yaml, prompt_ids, prompt_texts
 from bench.report import load, ratios, table
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, GenerationRequest
-from mpo_core.policies import load_policy_set
-from mpo_core.sampling import SamplingParams
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, GenerationRequest
+from mpo_core.models.policies import load_policy_set
 
 pytestmark = pytest.mark.slow  # runs the benchmark scripts end to end
 

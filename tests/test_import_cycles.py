@@ -92,7 +92,7 @@ def test_the_graph_sees_relative_and_lazy_imports() -> None:
     graph = package_graph()
     assert "server.store.base" in graph["server.store.sqlite"]  # from .base import ...
     assert "server.store.postgres" in graph["server.store"]  # lazy, inside open_store
-    assert "mpo_core.mixing" in graph["server.protocol.common"]
+    assert "mpo_core.decoding.mixing" in graph["server.protocol.common"]
 
 
 def test_no_import_cycles() -> None:

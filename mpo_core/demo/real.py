@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
-from ..models import smollm2_gguf_path
+from ..models.sources import smollm2_gguf_path
 from .build import demo_home
 from .corpus import all_prompts
 
@@ -45,7 +45,7 @@ REAL_PERSONAS = {
         "and encouraging, and celebrate the user's goal!"
     ),
 }
-# objective -> the builtin reward that scores it (mpo_core/text_rewards.py)
+# objective -> the builtin reward that scores it (mpo_core/fitting/text_rewards.py)
 REAL_REWARDS = {"polite": "text.politeness", "concise": "text.brevity", "upbeat": "vader.compound"}
 
 

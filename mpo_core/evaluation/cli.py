@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from ..config import load_config
-from ..engine import Engine, EngineLimits
+from ..engine.core import Engine, EngineLimits
 from ..errors import InvalidParameter
-from ..fit_driver import FitOptions, run_fit
-from ..policies import load_policy_set
-from ..rewards import Objective, align_policies, builtin_objectives, load_rewards
+from ..fitting.driver import FitOptions, run_fit
+from ..fitting.rewards import Objective, align_policies, builtin_objectives, load_rewards
+from ..models.policies import load_policy_set
 from .inputs import load_prompts
 from .render import write_report
 from .rows import REWARD_FIT_ROW, ProfileLookup, RowParser, split_specs
@@ -93,7 +93,7 @@ def _fit(engine: Engine, prompts: list[str], args: argparse.Namespace) -> dict[s
 def _reward_fit(
     engine: Engine, prompts: list[str], objectives: dict[str, Objective], args: argparse.Namespace
 ) -> tuple[dict[str, float], float, dict[str, Any]]:
-    from ..reward_fit_driver import RewardFitDriverOptions, run_reward_fit
+    from ..fitting.reward_driver import RewardFitDriverOptions, run_reward_fit
 
     options = RewardFitDriverOptions(
         reference_samples=args.fit_reference_samples,

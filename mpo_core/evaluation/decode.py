@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine import Engine, GenerationRequest
+from ..decoding.mixing import Mixture
+from ..decoding.sampling import SamplingParams
+from ..engine.core import Engine, GenerationRequest
+from ..engine.streams import RequestStream
 from ..errors import GenerationFailed, Overloaded
-from ..mixing import Mixture
-from ..policies import PolicySet
+from ..models.policies import PolicySet
 from ..runners import PersonaRunner, SeparateModelsRunner
-from ..sampling import SamplingParams
-from ..scoring import score_sequences
-from ..streams import RequestStream
+from ..runners.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..decoding.mixing import Mixture, check_strength
 from ..errors import InvalidParameter
-from ..mixing import Mixture, check_strength
 
 # A stored profile's (weights, strength), looked up by name (the CLI passes the store's).
 ProfileLookup = Callable[[str], tuple[dict[str, float], float]]

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..kvcache import GrowingBatch, KVStorage
-from ..lora import BASE
-from ..policies import LoadedModel, PolicySet
+from ..models.kvcache import GrowingBatch, KVStorage
+from ..models.lora import BASE
+from ..models.policies import LoadedModel, PolicySet
 from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, StepRows, verify_inputs
 
 # (shared model, vocab size, device, storage, slots) -> the batch the adapters share.

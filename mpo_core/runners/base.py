@@ -18,8 +18,8 @@ from typing import Protocol
 
 import torch
 
-from ..policies import LoadedModel, PolicySet
-from ..scoring import ScoreResult, score_sequences
+from ..models.policies import LoadedModel, PolicySet
+from .scoring import ScoreResult, score_sequences
 
 
 class Row(Protocol):

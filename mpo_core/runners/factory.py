@@ -13,10 +13,10 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from ..kv_budget import KVBudget
-from ..kvcache import GrowingBatch, KVStorage
-from ..policies import LoadedModel, PolicySet
-from ..static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
+from ..models.kv_budget import KVBudget
+from ..models.kvcache import GrowingBatch, KVStorage
+from ..models.policies import LoadedModel, PolicySet
+from ..models.static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
 from .adapters import AdapterRunner
 from .base import DecodeBatch, PolicyRunner, all_models, context_limit
 from .personas import PersonaRunner

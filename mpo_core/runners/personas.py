@@ -26,12 +26,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..kvcache import GrowingBatch, KVStorage, release_free_memory
-from ..policies import PolicySet
-from ..prefix_cache import PrefixCache, prefill_after_prefixes
-from ..scoring import ScoreResult, score_model
+from ..models.kvcache import GrowingBatch, KVStorage, release_free_memory
+from ..models.policies import PolicySet
+from ..models.prefix_cache import PrefixCache, prefill_after_prefixes
 from .adapters import BatchFactory, growing
 from .base import Row, StepOutput, StepRows, verify_inputs
+from .scoring import ScoreResult, score_model
 
 # Padding a 3-slot decode to 4 rows with a filler slot whose output nobody reads paid on
 # one CPU only: 1.26x on the AVX2 benchmark machine's MKL kernels, nothing clear on oneDNN,

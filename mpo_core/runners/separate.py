@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..kvcache import GrowingBatch, KVStorage
-from ..policies import PolicySet
+from ..models.kvcache import GrowingBatch, KVStorage
+from ..models.policies import PolicySet
 from .base import (
     DecodeBatch,
     Row,

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mpo_core.mixing import MAX_STRENGTH
+from mpo_core.decoding.mixing import MAX_STRENGTH
 from mpo_core.names import Name
 
 from .common import MAX_INT, OptInt, Weights

@@ -7,8 +7,8 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from mpo_core.decoding.mixing import MAX_STRENGTH, check_weight_list, check_weight_map
 from mpo_core.errors import InvalidParameter
-from mpo_core.mixing import MAX_STRENGTH, check_weight_list, check_weight_map
 
 # A stop list: a few non-empty strings (the engine matches them on detokenised text).
 MAX_STOP_SEQUENCES = 16

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mpo_core.sampling import SamplingParams
+from mpo_core.decoding.sampling import SamplingParams
 
 from .common import (
     MAX_INT,

@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from mpo_core.decoding.prompt_logprobs import PromptLogprobs
+from mpo_core.engine.streams import TokenEvent
 from mpo_core.errors import InvalidParameter
-from mpo_core.prompt_logprobs import PromptLogprobs
-from mpo_core.streams import TokenEvent
 
 from ..deps import ServingDep, StoreDep, require_api_key
 from ..openai_serving import FINISH, Plan, Shape, listed, resolve, respond

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from mpo_core.decoding.mixing import check_strength, check_weight_map
 from mpo_core.errors import InvalidParameter, MPOError, UnknownProfile
-from mpo_core.mixing import check_strength, check_weight_map
 from mpo_core.names import check_name
 
 logger = logging.getLogger(__name__)

@@ -12,17 +12,17 @@ import yaml
 from peft import IA3Config, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from mpo_core.adapters import same_base
 from mpo_core.config import load_config, parse_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import ConfigError
-from mpo_core.fit_driver import FitOptions, run_fit
-from mpo_core.lora import AdapterIndex, GroupedLoraLinear
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.fitting.driver import FitOptions, run_fit
+from mpo_core.models.adapters import same_base
+from mpo_core.models.lora import AdapterIndex, GroupedLoraLinear
+from mpo_core.models.policies import PolicySet, load_policy_set
 from mpo_core.runners import AdapterRunner, SeparateModelsRunner
-from mpo_core.sampling import SamplingParams
-from mpo_core.testing import make_tiny_family
-from mpo_core.testing_lora import AdapterFamilyPaths, LoraShape, make_adapter, make_adapter_family
+from mpo_core.testing.families import make_tiny_family
+from mpo_core.testing.lora import AdapterFamilyPaths, LoraShape, make_adapter, make_adapter_family
 
 # Different ranks, alphas, targets and scalings, so that stacking must pad and skip.
 SHAPES = [
@@ -425,7 +425,7 @@ def test_hub_adapters_pass_their_revision_to_peft(monkeypatch: pytest.MonkeyPatc
         seen.append((source, revision))
         raise OSError("offline: not in the cache")  # what HF_HUB_OFFLINE=1 gives
 
-    monkeypatch.setattr("mpo_core.adapters.PeftConfig.from_pretrained", offline)
+    monkeypatch.setattr("mpo_core.models.adapters.PeftConfig.from_pretrained", offline)
     config = parse_config(
         {
             "base": {"name": "b", "model": "org/base"},

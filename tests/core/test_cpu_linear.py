@@ -1,4 +1,4 @@
-"""Linear layers through oneDNN on CPU (mpo_core/cpu_linear.py): same numbers as torch's
+"""Linear layers through oneDNN on CPU (mpo_core/models/cpu_linear.py): same numbers as torch's
 kernels, only where they pay, never under autograd, and the policy-set setting."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mpo_core import cpu_linear
 from mpo_core.config import load_config
-from mpo_core.policies import load_policy_set
-from mpo_core.testing import make_tiny_family
+from mpo_core.models import cpu_linear
+from mpo_core.models.policies import load_policy_set
+from mpo_core.testing.families import make_tiny_family
 
 pytestmark = pytest.mark.skipif(
     not cpu_linear.onednn_linear_available(), reason="this torch build has no oneDNN linear"
@@ -111,7 +111,7 @@ def test_auto_keeps_the_kernels_it_timed_faster(
     auto = _policy_set(tmp_path / "auto")
     assert cpu_linear.uses_onednn(auto.policies[0].model) == (faster == "onednn")
     assert asked == [(1, False)]  # a full family: one row a request, dense weights
-    from mpo_core.testing import make_persona_family
+    from mpo_core.testing.families import make_persona_family
 
     personas = load_policy_set(load_config(make_persona_family(tmp_path / "personas")))
     assert asked[1:] == [(3, True)]  # one row per persona, on packed copies
@@ -190,7 +190,7 @@ def test_a_packed_layer_under_autograd_runs_torchs_kernels(calls: list) -> None:
 def test_a_persona_family_is_packed_and_other_families_are_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mpo_core.testing import make_persona_family
+    from mpo_core.testing.families import make_persona_family
 
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT_ELEMENTS", 1)
     path = make_persona_family(tmp_path / "personas")

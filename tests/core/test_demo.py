@@ -20,7 +20,7 @@ from mpo_core.demo import build as demo_build
 from mpo_core.demo.recipe import ModelShape
 from mpo_core.demo.tokenizer import encode_prompt
 from mpo_core.errors import InvalidParameter
-from mpo_core.testing import make_tokenizer
+from mpo_core.testing.families import make_tokenizer
 
 NAMES = ("polite", "concise", "upbeat")
 
@@ -294,9 +294,9 @@ def test_scorers_match_whole_words() -> None:
 
 
 def test_engine_generates_from_the_small_family(small_family: Path) -> None:
-    from mpo_core.engine import Engine, GenerationRequest
-    from mpo_core.policies import load_policy_set
-    from mpo_core.sampling import SamplingParams
+    from mpo_core.decoding.sampling import SamplingParams
+    from mpo_core.engine.core import Engine, GenerationRequest
+    from mpo_core.models.policies import load_policy_set
 
     policy_set = load_policy_set(load_config(small_family))
     assert policy_set.names == list(NAMES)

@@ -1,6 +1,6 @@
 """Incremental reply text: hold-backs for partial characters and partial stop strings."""
 
-from mpo_core.detokenize import ReplyText, stop_prefix_len
+from mpo_core.engine.detokenize import ReplyText, stop_prefix_len
 
 
 class PieceTokenizer:
@@ -71,7 +71,7 @@ def _stream_all(tokenizer, ids: list[int]) -> str:
 
 
 def test_streamed_text_equals_the_whole_decode_and_each_decode_is_short():
-    from mpo_core.testing import make_tokenizer
+    from mpo_core.testing.families import make_tokenizer
 
     tok = make_tokenizer()
     text = "Thanks so much! Café au lait, naïve façade, 東京 and 🙂 emoji. " * 12

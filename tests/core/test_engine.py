@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.decoding.mixing import Mixture
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, Overloaded
-from mpo_core.mixing import Mixture
-from mpo_core.policies import load_policy_set
-from mpo_core.sampling import SamplingParams
+from mpo_core.models.policies import load_policy_set
 
 PROMPT = "Could you please help me write a short poem?"
 
@@ -449,7 +449,7 @@ def test_extreme_parameters_do_not_break_the_engine(llama_set):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama_set, monkeypatch):
     from mpo_core.errors import GenerationFailed
-    from mpo_core.kvcache import GrowingBatch
+    from mpo_core.models.kvcache import GrowingBatch
 
     tok = llama_set.tokenizer
     original = GrowingBatch.decode

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-from mpo_core.engine import Engine, EngineLimits
+from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.errors import ConfigError, InvalidParameter
 from mpo_core.evaluation import (
     EvalOptions,
@@ -25,10 +25,10 @@ from mpo_core.evaluation import (
     win_scores,
     worst_gap,
 )
-from mpo_core.policies import PolicySet
-from mpo_core.rewards import Objective, load_rewards, parse_rewards
-from mpo_core.soup import build_soup, soup_policy_set
-from mpo_core.testing import make_tokenizer
+from mpo_core.fitting.rewards import Objective, load_rewards, parse_rewards
+from mpo_core.models.policies import PolicySet
+from mpo_core.models.soup import build_soup, soup_policy_set
+from mpo_core.testing.families import make_tokenizer
 from server.cli import main
 
 
@@ -348,7 +348,7 @@ def test_bad_baseline_and_pareto_fail_before_decoding(eval_engine: Engine) -> No
 def test_family_without_reference_has_no_win_rates_or_kl(no_reference_family: Path) -> None:
     from mpo_core.config import load_config
     from mpo_core.evaluation import markdown
-    from mpo_core.policies import load_policy_set
+    from mpo_core.models.policies import load_policy_set
 
     with Engine(load_policy_set(load_config(no_reference_family))) as engine:
         rows = RowParser(engine.policy_names, False).parse(["uniform", "single"])

@@ -1,4 +1,4 @@
-"""From a step's sampled tokens to each request's event (``mpo_core/events.py``).
+"""From a step's sampled tokens to each request's event (``mpo_core/engine/events.py``).
 
 Hand-built log-prob tensors stand in for a step's output; the sequences are real ones,
 prepared by ``requests.prepare`` for the tiny Llama family.
@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from mpo_core.events import EventBuilder, final_event
-from mpo_core.mixing import Mixture
-from mpo_core.requests import EngineLimits, GenerationRequest, prepare
-from mpo_core.sampling import SamplingParams
+from mpo_core.decoding.mixing import Mixture
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.events import EventBuilder, final_event
+from mpo_core.engine.requests import EngineLimits, GenerationRequest, prepare
 
 
 def _seq(policy_set, sid, sampling, weights=None, strength=1.0, prompt=(5, 6, 7), on_cancel=None):

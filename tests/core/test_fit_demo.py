@@ -11,9 +11,9 @@ import torch
 from bench import fit_demo
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, train_prompts
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.fit_driver import FitOptions, run_fit
-from mpo_core.policies import load_policy_set
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.fitting.driver import FitOptions, run_fit
+from mpo_core.models.policies import load_policy_set
 
 NAMES = ("polite", "concise", "upbeat")
 

@@ -12,12 +12,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits
+from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.errors import InvalidParameter
-from mpo_core.fit_driver import FitOptions, encode_prompt, format_report_table, run_fit
-from mpo_core.fitting import FitCancelled
-from mpo_core.policies import PolicySet, load_policy_set
-from mpo_core.testing import make_tiny_family
+from mpo_core.fitting.driver import FitOptions, encode_prompt, format_report_table, run_fit
+from mpo_core.fitting.mirror_descent import FitCancelled
+from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.testing.families import make_tiny_family
 
 PROMPTS = ["Could you help me?", "Write a short poem.", "Say thanks."]
 SMALL = FitOptions(samples_per_prompt=3, max_new_tokens=4, iterations=60, seed=7)

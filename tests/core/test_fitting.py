@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
 from mpo_core.errors import InvalidParameter
-from mpo_core.fitting import FitCancelled, evaluate_weights, fit_weights, objective
+from mpo_core.fitting.mirror_descent import FitCancelled, evaluate_weights, fit_weights, objective
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,12 @@ import jsonschema
 import pytest
 import torch
 
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.decoding.grammar import GrammarCompiler, GrammarSpec, constrain
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
-from mpo_core.grammar import GrammarCompiler, GrammarSpec, constrain
-from mpo_core.policies import PolicySet
-from mpo_core.sampling import SamplingParams
-from mpo_core.testing import make_tokenizer
+from mpo_core.models.policies import PolicySet
+from mpo_core.testing.families import make_tokenizer
 
 SCHEMA = {
     "type": "object",

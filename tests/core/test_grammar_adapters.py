@@ -9,11 +9,11 @@ import jsonschema
 import pytest
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.grammar import GrammarSpec
-from mpo_core.policies import load_policy_set
-from mpo_core.sampling import SamplingParams
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.decoding.grammar import GrammarSpec
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.models.policies import load_policy_set
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 SCHEMA = {
     "type": "object",

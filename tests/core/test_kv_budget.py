@@ -11,12 +11,12 @@ import yaml
 from transformers import DynamicCache
 
 from mpo_core.config import parse_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
-from mpo_core.kv_budget import KVBudget, available_memory, token_bytes
-from mpo_core.kvcache import _capacity_for
-from mpo_core.policies import load_policy_set
-from mpo_core.sampling import SamplingParams
+from mpo_core.models.kv_budget import KVBudget, available_memory, token_bytes
+from mpo_core.models.kvcache import _capacity_for
+from mpo_core.models.policies import load_policy_set
 
 PROMPT = "Could you please help me write a short poem?"
 
@@ -131,7 +131,7 @@ def test_the_budget_is_logged_and_sizes_static_caches(llama_family, caplog):
     per_request = sum(
         token_bytes(m, policy_set.kv_dtype) for m in (*policy_set.policies, policy_set.reference)
     )
-    with caplog.at_level(logging.INFO, logger="mpo_core.engine"):
+    with caplog.at_level(logging.INFO, logger="mpo_core.engine.core"):
         engine = Engine(policy_set, EngineLimits(max_running=2, kv_cache_bytes=per_request * 200))
     assert engine.max_context == 100  # 200 tokens of budget over 2 slots
     assert any("KV cache budget" in r.message and "200 tokens" in r.message for r in caplog.records)

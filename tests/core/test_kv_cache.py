@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mpo_core.config import parse_config
-from mpo_core.engine import Engine, GenerationRequest
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, GenerationRequest
 from mpo_core.errors import ConfigError
-from mpo_core.kvcache import GrowingBatch, GrowingLayer, KVStorage, growing_layers
-from mpo_core.sampling import SamplingParams
+from mpo_core.models.kvcache import GrowingBatch, GrowingLayer, KVStorage, growing_layers
 
 
 def test_kv_cache_dtype_is_validated():

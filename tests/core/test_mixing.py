@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from mpo_core.errors import InvalidParameter
-from mpo_core.mixing import (
+from mpo_core.decoding.mixing import (
     Mixture,
     check_strength,
     check_weight_list,
     mix_logprobs,
     normalize_weights,
 )
+from mpo_core.errors import InvalidParameter
 
 NAMES = ["helpful", "harmless", "concise"]
 

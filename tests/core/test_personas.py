@@ -11,17 +11,17 @@ import torch
 import yaml
 
 from mpo_core.config import load_config, parse_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import ConfigError
-from mpo_core.fit_driver import FitOptions, run_fit
-from mpo_core.kvcache import to_logprobs
-from mpo_core.personas import build_persona_prompts
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.fitting.driver import FitOptions, run_fit
+from mpo_core.models.kvcache import to_logprobs
+from mpo_core.models.personas import build_persona_prompts
+from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.soup import build_soup
+from mpo_core.models.static_cache import StaticBatch
 from mpo_core.runners import PersonaRunner, make_runner
-from mpo_core.sampling import SamplingParams
-from mpo_core.soup import build_soup
-from mpo_core.static_cache import StaticBatch
-from mpo_core.testing import PERSONAS, make_persona_family, make_tokenizer
+from mpo_core.testing.families import PERSONAS, make_persona_family, make_tokenizer
 
 REQUESTS = ["Could you please help me write a short poem?", "Thank you", "Numbers like 0 1 2"]
 MIXTURES: list[tuple[dict[str, float], float]] = [
@@ -298,7 +298,7 @@ def test_a_persona_family_can_be_given_with_base(tmp_path: Path) -> None:
 
 
 def test_the_kv_budget_counts_one_batch_of_slots(personas: PolicySet) -> None:
-    from mpo_core.kv_budget import kv_budget_for
+    from mpo_core.models.kv_budget import kv_budget_for
 
     budget = kv_budget_for(personas, 1 << 30, 0.5, growing=True)
     assert budget.groups == [[0, 1, 2, 3]]  # one padded batch over the shared model
@@ -375,7 +375,7 @@ def test_a_packed_persona_family_mixes_as_the_plain_weights_do(
     """With ``cpu_linear: onednn`` a persona family's one model runs on weights packed for
     oneDNN (``mpo_core.cpu_linear``): its mixtures equal the independent runs of the same weights
     left dense, tokens and log-probs."""
-    from mpo_core import cpu_linear
+    from mpo_core.models import cpu_linear
 
     if not cpu_linear.onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear")

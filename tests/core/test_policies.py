@@ -5,8 +5,8 @@ import yaml
 
 from mpo_core.config import load_config, parse_config
 from mpo_core.errors import ConfigError
-from mpo_core.policies import load_policy_set
-from mpo_core.testing import make_tokenizer
+from mpo_core.models.policies import load_policy_set
+from mpo_core.testing.families import make_tokenizer
 
 
 def test_config_requires_a_policy():

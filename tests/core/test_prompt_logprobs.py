@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, GenerationRequest
-from mpo_core.policies import PolicySet, load_policy_set
-from mpo_core.sampling import SamplingParams
-from mpo_core.testing import make_persona_family
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, GenerationRequest
+from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.testing.families import make_persona_family
 
 
 @pytest.mark.parametrize(

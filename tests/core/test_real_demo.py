@@ -11,8 +11,8 @@ import yaml
 from mpo_core.config import load_config
 from mpo_core.demo import real
 from mpo_core.errors import ConfigError
-from mpo_core.rewards import load_rewards
-from mpo_core.text_rewards import brevity, politeness, vader_compound
+from mpo_core.fitting.rewards import load_rewards
+from mpo_core.fitting.text_rewards import brevity, politeness, vader_compound
 from server.cli import main
 
 

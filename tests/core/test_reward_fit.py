@@ -1,4 +1,4 @@
-"""Reward-based MaxMin fitting (mpo_core/reward_fit.py) on finite synthetic reply spaces.
+"""Reward-based MaxMin fitting (mpo_core/fitting/reward_fit.py) on finite synthetic reply spaces.
 
 Each prompt has a small set of possible replies, so every quantity has an exact value:
 ``pi_theta`` over the set, the win probability of each reply against the reference, the win
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mpo_core.errors import InvalidParameter
-from mpo_core.reward_fit import (
+from mpo_core.fitting.reward_fit import (
     RewardFitOptions,
     ScoredPool,
     _point,

@@ -10,19 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mpo_core.engine import Engine, EngineLimits
+from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.errors import InvalidParameter
-from mpo_core.fit_driver import encode_prompt, sampling_window
-from mpo_core.fitting import FitCancelled
-from mpo_core.kvcache import to_logprobs
-from mpo_core.policies import PolicySet
-from mpo_core.reward_fit_driver import (
+from mpo_core.fitting.driver import encode_prompt, sampling_window
+from mpo_core.fitting.mirror_descent import FitCancelled
+from mpo_core.fitting.reward_driver import (
     RewardFitDriverOptions,
     RoundSampler,
     format_reward_report,
     run_reward_fit,
 )
-from mpo_core.rewards import Objective
+from mpo_core.fitting.rewards import Objective
+from mpo_core.models.kvcache import to_logprobs
+from mpo_core.models.policies import PolicySet
 
 PROMPTS = ["Could you help me?", "Write a short poem.", "Say thanks."]
 SMALL = RewardFitDriverOptions(
@@ -178,7 +178,7 @@ def test_sampling_window_is_full_only_when_nobody_else_waits() -> None:
 @torch.inference_mode()
 def test_token_moments_give_the_decoded_density_to_first_order(engine: Engine) -> None:
     """log q_theta(y) - log q_r(y) ~= (theta - theta_r) . (R - M): the error shrinks as delta^2."""
-    from mpo_core.token_moments import score_with_moments
+    from mpo_core.runners.moments import score_with_moments
 
     prompt = encode_prompt(engine.tokenizer, PROMPTS[0])
     lam_r, s_r = [0.5, 0.2, 0.3], 1.0
@@ -186,7 +186,7 @@ def test_token_moments_give_the_decoded_density_to_first_order(engine: Engine) -
     seconds = {"sampling": 0.0, "scoring": 0.0}
     sampler = RoundSampler(engine, PROMPTS[:1], [prompt], OBJECTIVES, SMALL, random.Random(1),
                            seconds)  # fmt: skip
-    from mpo_core.fit_driver import sample_mixture
+    from mpo_core.fitting.driver import sample_mixture
 
     (reply,) = sample_mixture(engine, [prompt], mixture, 1, 6, random.Random(2),
                               lambda p, f: None, lambda: False)  # fmt: skip

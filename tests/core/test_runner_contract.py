@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.mixing import Mixture
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.decoding.mixing import Mixture
+from mpo_core.models.policies import PolicySet, load_policy_set
 from mpo_core.runners import (
     AdapterRunner,
     PersonaRunner,
@@ -31,8 +31,8 @@ from mpo_core.runners import (
     all_models,
     make_runner,
 )
-from mpo_core.testing import make_persona_family
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.testing.families import make_persona_family
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 BACKENDS = {
     "separate": SeparateModelsRunner,

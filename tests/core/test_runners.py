@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.kvcache import to_logprobs
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.models.kvcache import to_logprobs
+from mpo_core.models.policies import PolicySet, load_policy_set
 from mpo_core.runners import (
     AdapterRunner,
     PolicyRunner,
@@ -24,7 +24,7 @@ from mpo_core.runners import (
     context_limit,
     make_runner,
 )
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 
 @dataclass

@@ -3,8 +3,13 @@ import math
 import pytest
 import torch
 
+from mpo_core.decoding.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_scores,
+    sample_tokens,
+)
 from mpo_core.errors import InvalidParameter
-from mpo_core.sampling import SamplingParams, apply_repetition_penalty, filter_scores, sample_tokens
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
-"""Teacher-forced scoring (``mpo_core/scoring.py``): the log-probability of each completion
+"""Teacher-forced scoring (``mpo_core/runners/scoring.py``): the log-probability of each completion
 under every model, summed over the completion's tokens only, the same in any chunking."""
 
 import pytest
 import torch
 
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.sampling import SamplingParams
-from mpo_core.scoring import ScoreResult, score_sequences
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.runners.scoring import ScoreResult, score_sequences
 
 PROMPT = "Could you please help me write a short poem?"
 

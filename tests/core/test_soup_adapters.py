@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.policies import load_policy_set
-from mpo_core.soup import build_soup
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.models.policies import load_policy_set
+from mpo_core.models.soup import build_soup
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

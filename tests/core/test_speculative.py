@@ -13,21 +13,21 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from mpo_core import speculative
 from mpo_core.config import SpeculativeConfig, load_config
-from mpo_core.drafts import lookup
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
-from mpo_core.kvcache import to_logprobs
-from mpo_core.mixing import Mixture, mix_logprobs
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.decoding import acceptance as speculative
+from mpo_core.decoding.acceptance import AdaptiveGamma, Draft, accept_drafts
+from mpo_core.decoding.drafts import lookup
+from mpo_core.decoding.mixing import Mixture, mix_logprobs
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.decoding.speculator import Speculator, first_layers
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
+from mpo_core.models.kvcache import to_logprobs
+from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.static_cache import StaticBatch
 from mpo_core.runners import AdapterRunner, PersonaRunner, SeparateModelsRunner
 from mpo_core.runners.personas import FILLER, PAD_ROWS
-from mpo_core.sampling import SamplingParams
-from mpo_core.speculate import Speculator, first_layers
-from mpo_core.speculative import AdaptiveGamma, Draft, accept_drafts
-from mpo_core.static_cache import StaticBatch
-from mpo_core.testing import make_persona_family
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.testing.families import make_persona_family
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 LOOP = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the"
 PROMPTS = [LOOP, "Thank you so much, that was very kind of you.", "hi", "Numbers like 0 1 2 3"]
@@ -347,8 +347,8 @@ def test_per_token_logprobs_are_the_mixtures(llama_set):
 def test_default_draft_falls_back_to_ngram_where_it_cannot_pay(
     adapter_set, persona_set, no_reference_family
 ):
-    from mpo_core.drafts import ModelDrafter, NgramDrafter
-    from mpo_core.speculate import make_speculator
+    from mpo_core.decoding.drafts import ModelDrafter, NgramDrafter
+    from mpo_core.decoding.speculator import make_speculator
 
     families = (adapter_set, persona_set, load_policy_set(load_config(no_reference_family)))
     for ps in families:
@@ -538,7 +538,7 @@ def test_grammar_rows_take_plain_steps_while_the_others_speculate(llama_set):
 
     import jsonschema
 
-    from mpo_core.grammar import GrammarSpec
+    from mpo_core.decoding.grammar import GrammarSpec
 
     schema = {
         "type": "object",

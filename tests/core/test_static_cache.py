@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits, GenerationRequest
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
-from mpo_core.kvcache import GrowingBatch, KVStorage
-from mpo_core.policies import load_policy_set
+from mpo_core.models.kvcache import GrowingBatch, KVStorage
+from mpo_core.models.policies import load_policy_set
+from mpo_core.models.static_cache import StaticBatch, buckets_for, static_unsupported
 from mpo_core.runners import SeparateModelsRunner, make_runner
-from mpo_core.sampling import SamplingParams
-from mpo_core.static_cache import StaticBatch, buckets_for, static_unsupported
-from mpo_core.testing import make_tiny_family
+from mpo_core.testing.families import make_tiny_family
 
 
 def _prompt(length: int, offset: int) -> list[int]:
@@ -186,7 +186,7 @@ def test_adapter_family_on_a_static_cache_matches_the_growing_cache(tmp_path):
     """The grouped-LoRA backend on one static batch (a slot per request and model it
     needs): same greedy tokens and log-probs as on the growing cache, with joins."""
     from mpo_core.runners import AdapterRunner
-    from mpo_core.testing_lora import LoraShape, make_adapter_family
+    from mpo_core.testing.lora import LoraShape, make_adapter_family
 
     shapes = [LoraShape(r=4, targets="attention"), LoraShape(r=2, targets="all")]
     paths = make_adapter_family(tmp_path, shapes, merged=False)

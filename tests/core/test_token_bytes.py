@@ -5,8 +5,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mpo_core.testing import make_tokenizer
-from mpo_core.token_bytes import TokenBytes, TokenPieces, byte_level_decoder
+from mpo_core.models.token_bytes import TokenBytes, TokenPieces, byte_level_decoder
+from mpo_core.testing.families import make_tokenizer
 
 TEXTS = ["Hi 🌍🚀🎉, what is 世界?", "café ñandú\n\tdone", "日本語のテキスト 👍🏽"]
 

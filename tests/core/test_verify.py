@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.kvcache import GrowingBatch, KVStorage, to_logprobs
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.models.kvcache import GrowingBatch, KVStorage, to_logprobs
+from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.static_cache import StaticBatch
 from mpo_core.runners import AdapterRunner, SeparateModelsRunner, make_runner
-from mpo_core.static_cache import StaticBatch
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 
 def _prompt(length: int, offset: int) -> list[int]:

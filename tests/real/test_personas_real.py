@@ -11,13 +11,13 @@ import torch
 import yaml
 
 from mpo_core.config import load_config
-from mpo_core.cpu_linear import onednn_linear_available, packed_layers
+from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.demo.real import REAL_PERSONAS, REFERENCE
-from mpo_core.engine import Engine, GenerationRequest
-from mpo_core.kvcache import to_logprobs
-from mpo_core.policies import PolicySet, load_policy_set
+from mpo_core.engine.core import Engine, GenerationRequest
+from mpo_core.models.cpu_linear import onednn_linear_available, packed_layers
+from mpo_core.models.kvcache import to_logprobs
+from mpo_core.models.policies import PolicySet, load_policy_set
 from mpo_core.runners import PersonaRunner
-from mpo_core.sampling import SamplingParams
 
 pytestmark = pytest.mark.real
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mpo_core.cpu_linear import onednn_linear_available, uses_onednn
-from mpo_core.policies import PolicySet
+from mpo_core.models.cpu_linear import onednn_linear_available, uses_onednn
+from mpo_core.models.policies import PolicySet
 
 pytestmark = pytest.mark.real
 

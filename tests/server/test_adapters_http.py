@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from server_helpers import ClientFactory
 
 from mpo_core.config import load_config
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import load_policy_set
-from mpo_core.testing_lora import AdapterFamilyPaths, LoraShape, make_adapter_family
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import load_policy_set
+from mpo_core.testing.lora import AdapterFamilyPaths, LoraShape, make_adapter_family
 
 SHAPES = [
     LoraShape(r=4, alpha=8, targets="attention"),

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 from server_helpers import ADMIN, ADMIN_TOKEN, ClientFactory, assert_error
 
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import PolicySet
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import PolicySet
 
 JSON = {"content-type": "application/json"}
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from server_helpers import ClientFactory
 
-from mpo_core.engine import Engine
+from mpo_core.engine.core import Engine
 
 MAX_NEW = 200
 

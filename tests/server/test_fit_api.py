@@ -10,7 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from server_helpers import ADMIN, ADMIN_TOKEN, ClientFactory, assert_error, metric_value
 
-from mpo_core import fit_driver, reward_fit_driver
+from mpo_core.fitting import driver as fit_driver
+from mpo_core.fitting import reward_driver as reward_fit_driver
 
 PROMPTS = ["Could you help me?", "Write a short poem.", "Say thanks."]
 SMALL_FIT = {
@@ -88,7 +89,7 @@ def test_cancel_and_conflict(admin_client: TestClient, monkeypatch) -> None:
         progress("sampling", 0.5)
         while not release.wait(0.02):
             if should_cancel():
-                from mpo_core.fitting import FitCancelled
+                from mpo_core.fitting.mirror_descent import FitCancelled
 
                 raise FitCancelled("cancelled")
         raise AssertionError("released without cancel")
@@ -155,7 +156,7 @@ def test_a_started_job_reads_sampling_not_queued(admin_client: TestClient, monke
     def held(engine, prompts, options, progress=None, should_cancel=None):
         entered.set()  # the driver runs, and has reported no progress yet
         assert release.wait(timeout=60)
-        from mpo_core.fitting import FitCancelled
+        from mpo_core.fitting.mirror_descent import FitCancelled
 
         raise FitCancelled("cancelled")
 
@@ -189,9 +190,9 @@ def test_prompt_file_under_the_data_folder(make_client: ClientFactory, tmp_path:
 
 def test_fit_without_reference_is_400(make_client: ClientFactory, tmp_path: Path) -> None:
     from mpo_core.config import load_config
-    from mpo_core.engine import Engine
-    from mpo_core.policies import load_policy_set
-    from mpo_core.testing import make_tiny_family
+    from mpo_core.engine.core import Engine
+    from mpo_core.models.policies import load_policy_set
+    from mpo_core.testing.families import make_tiny_family
 
     policy_set = load_policy_set(
         load_config(make_tiny_family(tmp_path / "f", with_reference=False))

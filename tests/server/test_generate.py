@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from server_helpers import assert_error, sse_events
 
-from mpo_core.policies import PolicySet
+from mpo_core.models.policies import PolicySet
 
 POLICIES = ["helpful", "harmless", "concise"]
 

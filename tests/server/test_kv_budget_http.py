@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from server_helpers import assert_error
 
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.kv_budget import token_bytes
-from mpo_core.kvcache import _capacity_for
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.kv_budget import token_bytes
+from mpo_core.models.kvcache import _capacity_for
 from server.app import create_app
 
 

@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import PolicySet
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import PolicySet
 from server.app import create_app
 from server.settings import Settings
 
@@ -367,7 +367,7 @@ def test_schema_fuzz_of_the_fit_routes_with_a_stubbed_driver(
 ) -> None:
     """The fit routes under the same checks; the driver is a stub that validates its options
     and reports uniform weights at once (a real fuzzed fit is minutes of CPU)."""
-    from mpo_core import fit_driver
+    from mpo_core.fitting import driver as fit_driver
 
     def stub(engine: Any, prompts: list[str], options: Any, *_: Any, **__: Any) -> Any:
         options.validate()

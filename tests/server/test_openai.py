@@ -9,7 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from server_helpers import ADMIN, assert_error, sse_events
 
-from mpo_core.engine import Engine
+from mpo_core.engine.core import Engine
 
 CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": "Say hi"}]}
 

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 from server_helpers import ClientFactory, assert_error, metric_value
 
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import PolicySet
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import PolicySet
 
 GEN = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
 
@@ -128,8 +128,8 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 
 def test_overload_gives_429_at_once(make_client: ClientFactory, policy_set: PolicySet) -> None:
     """429 while the queue cannot move: the engine is held between two steps meanwhile."""
-    from mpo_core.engine import GenerationRequest
-    from mpo_core.sampling import SamplingParams
+    from mpo_core.decoding.sampling import SamplingParams
+    from mpo_core.engine.core import GenerationRequest
 
     class HoldAfterFirstStep:
         def __init__(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from server_helpers import assert_error, sse_events
 
-from mpo_core.engine import Engine
+from mpo_core.engine.core import Engine
 
 PROMPT = "Could you please help me write a poem?"
 WEIGHTS = {"helpful": 3, "harmless": 0, "concise": 1}

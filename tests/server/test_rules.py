@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from server_helpers import ADMIN, assert_error
 
-from mpo_core.engine import Engine, GenerationRequest
+from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.engine.core import Engine, GenerationRequest
 from mpo_core.errors import InvalidParameter
-from mpo_core.sampling import SamplingParams
 from server.protocol.openai import ChatCompletionRequest, CompletionRequest, TextPart
 
 LONE = '"a\\ud800b"'  # JSON for a string holding a lone surrogate

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from server_helpers import ClientFactory, assert_error, sse_events
 
 from mpo_core.config import SpeculativeConfig, load_config
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import PolicySet
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import PolicySet
 from server import cli
 
 LOOP = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the"

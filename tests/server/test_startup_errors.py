@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mpo_core.testing_gguf import write_tiny_gguf
-from mpo_core.testing_lora import LoraShape, make_adapter_family
+from mpo_core.testing.gguf import write_tiny_gguf
+from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from server_helpers import ClientFactory, assert_error, sse_events
 
-from mpo_core.engine import Engine, EngineLimits
-from mpo_core.policies import PolicySet
-from mpo_core.testing import ScriptedRunner
+from mpo_core.engine.core import Engine, EngineLimits
+from mpo_core.models.policies import PolicySet
+from mpo_core.testing.families import ScriptedRunner
 
 REPLY = "Hi 🌍🚀🎉 世界, ok!"
 

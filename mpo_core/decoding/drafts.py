@@ -19,10 +19,10 @@ from typing import Protocol
 
 import torch
 
-from .kvcache import GrowingBatch, KVStorage
-from .policies import LoadedModel
-from .requests import SequenceState
-from .speculative import Draft, target_probs
+from ..engine.requests import SequenceState
+from ..models.kvcache import GrowingBatch, KVStorage
+from ..models.policies import LoadedModel
+from .acceptance import Draft, target_probs
 
 
 class Drafter(Protocol):

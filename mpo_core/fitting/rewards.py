@@ -32,8 +32,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import validation_problems
-from .errors import ConfigError, MPOError
+from ..config import validation_problems
+from ..errors import ConfigError, MPOError
 from .text_rewards import TEXT_REWARDS
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class RewardError(MPOError):
 
 def _demo_builtin(name: str) -> RewardFunction:
     def reward(prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
-        from .demo.scorers import SCORERS  # lazy: the demo package is not needed otherwise
+        from ..demo.scorers import SCORERS  # lazy: the demo package is not needed otherwise
 
         return [float(SCORERS[name](reply)) for reply in replies]
 

@@ -1,4 +1,4 @@
-"""Speculative decoding of the mixture: the acceptance rule (DESIGN.md §2.3).
+"""Speculative decoding of the mixture: the acceptance rule (docs/speculative.md).
 
 A draft proposes ``x_1..x_g`` for a row, each drawn from a distribution ``q_i`` (one-hot
 for an n-gram lookup). Every model has run the row's newest token and the drafts in one
@@ -25,7 +25,7 @@ import torch
 from .sampling import SamplingParams, processed, usable_rows
 
 if TYPE_CHECKING:
-    from .requests import SequenceState
+    from ..engine.requests import SequenceState
 
 
 @dataclass

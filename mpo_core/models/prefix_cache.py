@@ -20,7 +20,14 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from .kvcache import GrowingLayer, KVStorage, Layers, cache_layers, prefill_prompts, to_logprobs
+from .kvcache import (
+    GrowingLayer,
+    KVStorage,
+    Layers,
+    cache_layers,
+    prefill_prompts,
+    to_logprobs,
+)
 from .policies import LoadedModel
 
 

@@ -17,20 +17,20 @@ from typing import Any
 
 from torch import nn
 
-from .config import ModelSpec, SpeculativeConfig
-from .cpu_linear import apply_cpu_linear, weight_elements
-from .drafts import Drafter, ModelDrafter, NgramDrafter
-from .errors import ConfigError
-from .kvcache import KVStorage
-from .policies import (
+from ..config import ModelSpec, SpeculativeConfig
+from ..engine.requests import SequenceState
+from ..errors import ConfigError
+from ..models.cpu_linear import apply_cpu_linear, weight_elements
+from ..models.kvcache import KVStorage
+from ..models.policies import (
     LoadedModel,
     PolicySet,
     _load_model,
     _load_tokenizer,
     check_tokenizers_agree,
 )
-from .requests import SequenceState
-from .speculative import AdaptiveGamma, Draft
+from .acceptance import AdaptiveGamma, Draft
+from .drafts import Drafter, ModelDrafter, NgramDrafter
 
 logger = logging.getLogger(__name__)
 

@@ -26,23 +26,23 @@ from typing import Any, Protocol, cast
 
 import torch
 
-from . import speculative
-from .config import SpeculativeConfig
-from .errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
+from ..config import SpeculativeConfig
+from ..decoding import acceptance
+from ..decoding.acceptance import Draft
+from ..decoding.grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
+from ..decoding.mixing import Mixture, WeightsInput, mix_logprobs
+from ..decoding.prompt_logprobs import PromptLogprobs, prompt_logprobs
+from ..decoding.sampling import sample_tokens
+from ..decoding.speculator import Speculator, make_speculator
+from ..errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
+from ..models.kv_budget import kv_budget_for
+from ..models.policies import PolicySet
+from ..rules import check_token_ids
+from ..runners import PolicyRunner, SpeculativeRunner, context_limit, make_runner
+from ..runners.scoring import ScoreResult
 from .events import EventBuilder, final_event
-from .grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
-from .kv_budget import kv_budget_for
-from .mixing import Mixture, WeightsInput, mix_logprobs
-from .policies import PolicySet
-from .prompt_logprobs import PromptLogprobs, prompt_logprobs
+from .jobs import CallJob, ScoreJob
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
-from .rules import check_token_ids
-from .runners import PolicyRunner, SpeculativeRunner, context_limit, make_runner
-from .sampling import sample_tokens
-from .score_jobs import CallJob, ScoreJob
-from .scoring import ScoreResult
-from .speculate import Speculator, make_speculator
-from .speculative import Draft
 from .streams import GenerationResult, RequestStream
 
 __all__ = ["Engine", "EngineLimits", "EngineStats", "GenerationRequest"]
@@ -488,7 +488,7 @@ class Engine:
             [seq for seq in active for _ in range(width)],
         ).view(rows, width, vocab)  # [B, G, V]
         finite = torch.isfinite(mixed.logsumexp(dim=-1)).tolist()  # [B][G]
-        emitted = speculative.verify_rows(
+        emitted = acceptance.verify_rows(
             mixed, active, [drafts.get(s.sid, Draft([])) for s in active], finite
         )  # per row: the kept drafts, then one sampled token
         self._verifier.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})

@@ -16,7 +16,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .testing import POLICY_NAMES, make_tiny_family
+from .families import POLICY_NAMES, make_tiny_family
 
 ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt2": ["c_attn"]}
 MLP = {"llama": ["gate_proj", "up_proj", "down_proj"], "gpt2": ["c_fc"]}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .testing import make_tokenizer
+from .families import make_tokenizer
 
 # transformers name -> GGUF name (``{i}`` is the layer) for a Llama checkpoint.
 _LAYER_TENSORS = {

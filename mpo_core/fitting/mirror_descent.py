@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidParameter, MPOError
+from ..errors import InvalidParameter, MPOError
 
 logger = logging.getLogger(__name__)
 

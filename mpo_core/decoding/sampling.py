@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InvalidParameter
-from .rules import check_token_ids
+from ..errors import InvalidParameter
+from ..rules import check_token_ids
 
 MAX_SEED = 2**63 - 1
 # Below this temperature a row decodes greedily. Dividing log-probs by a temperature near

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidParameter
+from ..errors import InvalidParameter
 
 # Strength extrapolates away from the reference past 1; far past it s * log p overflows
 # float32 to -inf/NaN, so it is bounded (decoding-time realignment uses s in about [0, 2]).

@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from .config import ModelSpec, PolicySetConfig
-from .errors import ConfigError, InvalidParameter
+from ..config import ModelSpec, PolicySetConfig
+from ..errors import ConfigError, InvalidParameter
 from .lora import GroupedLoraLinear
 from .policies import LoadedModel, PolicySet
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .config import ModelSpec, PolicySetConfig, looks_local
+from ..config import ModelSpec, PolicySetConfig, looks_local
+from ..errors import ConfigError
 from .cpu_linear import apply_cpu_linear
-from .errors import ConfigError
-from .models import gguf_checkpoint, is_gguf
 from .personas import PersonaPrompts, build_persona_prompts
+from .sources import gguf_checkpoint, is_gguf
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
     from .adapters import AdapterFamily

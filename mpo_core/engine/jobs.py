@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .scoring import ScoreResult, chunk_indices
+from ..runners.scoring import ScoreResult, chunk_indices
 
 Scorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], ScoreResult]
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import to_logprobs
+from ..models.kvcache import to_logprobs
+from ..models.personas import common_suffix
+from ..models.policies import LoadedModel, PolicySet
 from .mixing import Mixture, mix_logprobs
-from .personas import common_suffix
-from .policies import LoadedModel, PolicySet
 
 
 @dataclass

@@ -29,7 +29,7 @@ import llguidance
 import llguidance.hf
 import torch
 
-from .errors import InvalidParameter
+from ..errors import InvalidParameter
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 BASE = 0  # the adapter index of "no adapter": the base model, the family's reference
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kvcache import to_logprobs
-from .policies import LoadedModel, PolicySet
+from ..models.kvcache import to_logprobs
+from ..models.policies import LoadedModel, PolicySet
 
 
 @dataclass

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models.policies import PolicySet
 from .detokenize import TokenTexts
-from .policies import PolicySet
 from .requests import SequenceState
 from .streams import TokenEvent
 

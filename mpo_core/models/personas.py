@@ -1,4 +1,4 @@
-"""Persona families: one model, K system prompts (DESIGN.md §2.4, docs/models.md).
+"""Persona families: one model, K system prompts (docs/models.md).
 
 A persona is the family's model conditioned on its own system prompt,
 ``pi_k(y | x) = pi(y | system_k, x)``; the plain model (the conversation as the user
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import PersonaSpec
-from .errors import ConfigError
+from ..config import PersonaSpec
+from ..errors import ConfigError
 
 __all__ = ["PersonaPrompts", "build_persona_prompts"]
 

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding.grammar import Grammar, RowGrammar
+from ..decoding.mixing import Mixture
+from ..decoding.sampling import SamplingParams
+from ..errors import InvalidParameter
+from ..models.kv_budget import GiB, KVBudget
+from ..models.policies import PolicySet
+from ..rules import check_context, check_token_ids
 from .detokenize import ReplyReader, TokenTexts
-from .errors import InvalidParameter
-from .grammar import Grammar, RowGrammar
-from .kv_budget import GiB, KVBudget
-from .mixing import Mixture
-from .policies import PolicySet
-from .rules import check_context, check_token_ids
-from .sampling import SamplingParams
 from .streams import RequestStream
 
 

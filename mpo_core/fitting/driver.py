@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, GenerationRequest
-from .errors import InvalidParameter, Overloaded
-from .fitting import FitCancelled, WeightEvaluation, evaluate_weights, fit_weights
-from .mixing import Mixture
-from .sampling import SamplingParams
-from .streams import RequestStream
+from ..decoding.mixing import Mixture
+from ..decoding.sampling import SamplingParams
+from ..engine.core import Engine, GenerationRequest
+from ..engine.streams import RequestStream
+from ..errors import InvalidParameter, Overloaded
+from .mirror_descent import FitCancelled, WeightEvaluation, evaluate_weights, fit_weights
 
 logger = logging.getLogger(__name__)
 

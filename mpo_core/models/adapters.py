@@ -30,8 +30,8 @@ import torch
 from peft import PeftConfig, PeftModel, PeftType
 from torch import nn
 
-from .config import AdapterSpec, ModelSpec, looks_local
-from .errors import ConfigError
+from ..config import AdapterSpec, ModelSpec, looks_local
+from ..errors import ConfigError
 from .lora import BASE, AdapterIndex, group_lora_layers
 
 logger = logging.getLogger(__name__)

@@ -160,7 +160,7 @@ class ScriptedRunner:
         self._prompt_len: dict[int, int] = {}
 
     def step(self, running: Any, newcomers: Any) -> Any:
-        from .runners import StepOutput
+        from ..runners import StepOutput
 
         for row in newcomers:
             self._prompt_len[row.sid] = len(row.token_ids)

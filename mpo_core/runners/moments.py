@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .kvcache import to_logprobs
-from .policies import PolicySet
+from ..models.kvcache import to_logprobs
+from ..models.policies import PolicySet
 from .scoring import ScoreResult, chunk_indices
 
 _LOGPROB_BYTES = 1 << 28  # the chunk's [models, rows, positions, V] float32 log-probs: 256 MiB

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..models.token_bytes import TokenBytes, TokenPieces
 from .streams import TokenEvent
-from .token_bytes import TokenBytes, TokenPieces
 
 
 class ReplyText:
