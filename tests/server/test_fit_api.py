@@ -83,10 +83,11 @@ def test_failed_fit_leaves_profiles_untouched(admin_client: TestClient, monkeypa
 
 
 def test_cancel_and_conflict(admin_client: TestClient, monkeypatch) -> None:
-    release = threading.Event()
+    reported, release = threading.Event(), threading.Event()
 
     def slow(engine, prompts, options, progress=None, should_cancel=None):
         progress("sampling", 0.5)
+        reported.set()  # the job reads "sampling" from its start, before this report
         while not release.wait(0.02):
             if should_cancel():
                 from mpo_core.fitting.mirror_descent import FitCancelled
@@ -99,12 +100,7 @@ def test_cancel_and_conflict(admin_client: TestClient, monkeypatch) -> None:
     first = admin_client.post("/admin/fit", json=SMALL_FIT, headers=ADMIN).json()
     second = admin_client.post("/admin/fit", json=SMALL_FIT, headers=ADMIN)
     assert_error(second, 409, text=first["id"])
-    deadline = time.monotonic() + 5
-    while (
-        admin_client.get(f"/admin/fit/{first['id']}", headers=ADMIN).json()["state"] != "sampling"
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert reported.wait(timeout=30)
     running = admin_client.get(f"/admin/fit/{first['id']}", headers=ADMIN).json()
     assert running["progress"] == pytest.approx(0.35) and running["eta_seconds"] is not None
     cancelled = admin_client.delete(f"/admin/fit/{first['id']}", headers=ADMIN)
