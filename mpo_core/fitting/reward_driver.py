@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,9 +27,12 @@ from typing import Any
 
 import torch
 
-from .engine import Engine
-from .errors import InvalidParameter
-from .fit_driver import (
+from ..decoding.mixing import Mixture
+from ..engine.core import Engine
+from ..errors import InvalidParameter
+from ..runners import SeparateModelsRunner
+from ..runners.moments import score_with_moments
+from .driver import (
     CancelCheck,
     Progress,
     Reply,
@@ -37,8 +41,7 @@ from .fit_driver import (
     encode_prompt,
     sample_mixture,
 )
-from .fitting import FitCancelled
-from .mixing import Mixture
+from .mirror_descent import FitCancelled
 from .reward_fit import (
     RewardFitOptions,
     ScoredPool,
@@ -47,8 +50,6 @@ from .reward_fit import (
     win_utilities,
 )
 from .rewards import Objective
-from .runners import SeparateModelsRunner
-from .token_moments import score_with_moments
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class RewardFitDriverOptions:
     iterations: int = 200  # ascent steps per refit
     seed: int = 0
     # "decoded": the per-token mixture the engine decodes, to first order around each round's
-    # mixture (needs K separate models: mpo_core/token_moments.py); "sequence": pi_theta
+    # mixture (needs K separate models: mpo_core/runners/moments.py); "sequence": pi_theta
     target: str = "decoded"
 
     def validate(self) -> RewardFitDriverOptions:
@@ -116,6 +117,7 @@ class RewardFitReport:
     policy_names: list[str]
     objectives: dict[str, str]  # name -> reward source
     rows: dict[str, dict[str, Any]]  # fitted, uniform, policy:<name>, reference -> estimate
+    chosen: str  # the last fit's point: "iterate", or the candidate it estimated better
     rounds: list[dict[str, Any]]
     stopped: str  # "tolerance" or "rounds"
     target: str  # "decoded" (per-token mixture, first order) or "sequence" (pi_theta)
@@ -135,10 +137,12 @@ class _Pool:
         self.reference_rewards = reference_rewards  # [N, m_ref, J]
         self.pool: ScoredPool | None = None
 
-    def add(self, scored: Scored) -> None:
+    def add(self, scored: Scored, from_reference: bool = False) -> None:
+        """Append a round; ``from_reference``: its replies are the reference's own draws."""
         utilities = win_utilities(scored.rewards, self.reference_rewards)  # [N, n, J]
+        drawn = int(utilities.shape[1]) if from_reference else 0
         part = ScoredPool(scored.ratios, scored.reference, scored.proposal, utilities,
-                          scored.moments, scored.coefficients)  # fmt: skip
+                          scored.moments, scored.coefficients, from_reference=drawn)  # fmt: skip
         self.pool = part if self.pool is None else self.pool.extend(part)
 
 
@@ -185,9 +189,10 @@ def run_reward_fit(
     first = sampler.round(reference, options.reference_samples, "fit-ref", report_progress,
                           cancelled)  # fmt: skip
     pool = _Pool(first.rewards)
-    pool.add(first)
+    pool.add(first, from_reference=True)
     lam = torch.full((len(names),), 1.0 / len(names), dtype=torch.float64)
     strength, rounds, stopped = 1.0, [], "rounds"
+    chosen, note = "iterate", ""
     for number in range(options.rounds + 1):
         assert pool.pool is not None
         started = time.monotonic()
@@ -197,6 +202,7 @@ def run_reward_fit(
         report_progress("optimising", (number + 1) / (options.rounds + 1))
         move = float((result.weights - lam).abs().sum()) + abs(result.strength - strength)
         rounds.append(_round_record(number, result, move, pool.pool, names, objectives))
+        chosen, note = _chosen(result.chosen, result.note, names)
         lam, strength = result.weights, result.strength
         if number > 0 and move < options.tolerance:
             stopped = "tolerance"
@@ -215,13 +221,14 @@ def run_reward_fit(
         policy_names=names,
         objectives={name: o.source for name, o in objectives.items()},
         rows=rows,
+        chosen=chosen,
         rounds=rounds,
         stopped=stopped,
         target="decoded" if sampler.decoded else "sequence",
         num_prompts=len(prompts),
         options=asdict(options),
         seconds=seconds,
-        warnings=_warnings(rows["fitted"]),
+        warnings=_warnings(rows["fitted"], note),
     )
 
 
@@ -342,6 +349,7 @@ def _round_record(
         "end": result.end.to_dict(names, labels),
         "steps": result.steps,
         "stopped": result.stopped,
+        **dict(zip(("chosen", "note"), _chosen(result.chosen, result.note, names))),
         "move": move,
     }
 
@@ -368,8 +376,17 @@ def _rows(
     }
 
 
-def _warnings(fitted: dict[str, Any]) -> list[str]:
-    warnings = []
+def _chosen(chosen: str, note: str, names: list[str]) -> tuple[str, str]:
+    """The optimiser's ``vertex:<k>`` as the report's row name ``policy:<name>``."""
+
+    def named(text: str) -> str:
+        return re.sub(r"vertex:(\d+)", lambda m: f"policy:{names[int(m[1])]}", text)
+
+    return named(chosen), named(note)
+
+
+def _warnings(fitted: dict[str, Any], note: str = "") -> list[str]:
+    warnings = [f"final check of the last fit: {note}"] if note else []
     if float(fitted["ess_fraction"]) < 0.1:
         warnings.append(
             f"low effective sample size for the fitted mixture ({fitted['ess']:.2f} samples per "
@@ -397,7 +414,7 @@ def format_reward_report(report: RewardFitReport) -> str:
     weights = ", ".join(f"{n}={w:.4f}" for n, w in report.weights.items())
     intro = [
         f"fitted weights: {weights}, strength {report.strength:.3f} "
-        f"({len(report.rounds)} fits, stopped on {report.stopped})",
+        f"({len(report.rounds)} fits, stopped on {report.stopped}; point: {report.chosen})",
         "estimated on the pooled samples (self-normalised importance weights):",
         "",
     ]

@@ -26,7 +26,7 @@ estimate of the KL, ``KL = E_w[theta . R] - log Z`` with ``dKL/dtheta_m = Cov_w(
 The fit ascends a soft minimum of the ``V_j`` (exact minimum in the report) by mirror ascent on
 ``lam`` and projected ascent on ``s``, with backtracking, and refuses steps whose effective sample
 size falls under a floor: far from the proposals the estimates are not to be trusted, and the
-driver (``mpo_core/reward_fit_driver.py``) resamples there instead.
+driver (``mpo_core/fitting/reward_driver.py``) resamples there instead.
 
 Pure tensor math in float64; no model is called here.
 """
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InvalidParameter
+from ..errors import InvalidParameter
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,14 @@ class ScoredPool:
     reference_logprobs: torch.Tensor  # [N, n] log pi_ref(y|x)
     proposal_logprobs: torch.Tensor  # [N, n] log q(y|x) of the distribution that drew y
     utilities: torch.Tensor  # [N, n, J] u_j(x, y): win probability against reference replies
-    # The decoded (per-token) target, when given (mpo_core/token_moments.py): M(y), the sum
+    # The decoded (per-token) target, when given (mpo_core/runners/moments.py): M(y), the sum
     # over the reply's positions of E_{q_r}[log pi_k - log pi_ref], and theta_r = s lam of
     # the mixture q_r that drew y. None: the sequence-level target pi_theta.
     token_moments: torch.Tensor | None = None  # [N, n, K]
     proposal_coefficients: torch.Tensor | None = None  # [N, n, K]
+    # The first this many samples of each prompt were drawn from pi_ref itself (the replies
+    # the utilities count against): the reference is estimated on them alone (``estimate``).
+    from_reference: int = 0
 
     def __post_init__(self) -> None:
         self.log_ratios = torch.as_tensor(self.log_ratios, dtype=torch.float64)
@@ -87,6 +90,8 @@ class ScoredPool:
         for name in names:
             if not bool(torch.isfinite(getattr(self, name)).all()):
                 raise InvalidParameter("samples", f"the pool's {name} has non-finite values")
+        if not 0 <= self.from_reference <= m:
+            raise InvalidParameter("samples", f"from_reference must be in [0, {m}]")
 
     @property
     def per_token(self) -> bool:
@@ -117,6 +122,9 @@ class ScoredPool:
         def both(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.cat([a, b], dim=1)
 
+        leading = self.from_reference  # the reference's draws stay the leading ones
+        if leading == self.samples_per_prompt:
+            leading += other.from_reference
         return ScoredPool(
             both(self.log_ratios, other.log_ratios),
             both(self.reference_logprobs, other.reference_logprobs),
@@ -124,6 +132,7 @@ class ScoredPool:
             both(self.utilities, other.utilities),
             token_moments=cat(self.token_moments, other.token_moments),
             proposal_coefficients=cat(self.proposal_coefficients, other.proposal_coefficients),
+            from_reference=leading,
         )
 
 
@@ -278,10 +287,19 @@ def _gradient(
 def estimate(
     pool: ScoredPool, weights: torch.Tensor | list[float], strength: float, kl_coef: float
 ) -> MixtureEstimate:
-    """Win rates, KL, MaxMin value and ESS of the mixture ``(weights, strength)`` on ``pool``."""
+    """Win rates, KL, MaxMin value and ESS of the mixture ``(weights, strength)`` on ``pool``.
+
+    At strength 0 the mixture is ``pi_ref`` itself: its KL is 0 in closed form, and its win
+    rates are the plain mean over the pool's reference draws, the replies the utilities count
+    against, so each is exactly 1/2 (every pair is counted both ways, a tie as 1/2 + 1/2).
+    """
     lam = torch.as_tensor(weights, dtype=torch.float64)
     lam = lam / lam.sum()
+    if float(strength) == 0.0 and pool.from_reference > 0:
+        return _reference_estimate(pool, lam, kl_coef)
     point = _point(pool, lam, float(strength), kl_coef, SOFTMIN_TEMPERATURE)
+    if float(strength) == 0.0:
+        point.kl = 0.0  # the target is pi_ref: no importance estimate needed
     worst = float(point.values.min())
     return MixtureEstimate(
         weights=lam.tolist(),
@@ -292,6 +310,23 @@ def estimate(
         objective=worst - kl_coef * point.kl,
         ess_mean=point.ess_fraction * pool.samples_per_prompt,
         ess_fraction=point.ess_fraction,
+    )
+
+
+def _reference_estimate(pool: ScoredPool, lam: torch.Tensor, kl_coef: float) -> MixtureEstimate:
+    """``pi_ref`` on its own draws: plain Monte Carlo, weights 1/m, no importance weighting."""
+    drawn = pool.utilities[:, : pool.from_reference]  # [N, m, J]
+    values = drawn.mean(dim=(0, 1))  # [J]
+    worst = float(values.min())
+    return MixtureEstimate(
+        weights=lam.tolist(),
+        strength=0.0,
+        win_rates=values.tolist(),
+        worst=worst,
+        kl=0.0,
+        objective=worst,
+        ess_mean=float(pool.from_reference),
+        ess_fraction=pool.from_reference / pool.samples_per_prompt,
     )
 
 
@@ -332,6 +367,11 @@ class RewardFitResult:
     steps: int  # accepted steps
     stopped: str  # "converged", "trust_region", "iterations"
     trace: list[float] = field(default_factory=list)  # the objective after each accepted step
+    # Which point is returned: "iterate" (the ascent's), or a candidate that the final check
+    # estimated better ("uniform", "vertex:<k>", "reference"); ``note`` says why, or names a
+    # better candidate that was kept out for its low ESS. Empty when the iterate was best.
+    chosen: str = "iterate"
+    note: str = ""
 
 
 def fit_reward_weights(
@@ -383,8 +423,62 @@ def fit_reward_weights(
                 break
         if on_step is not None:
             on_step(t + 1, opts.iterations)
-    end = estimate(pool, point.lam, point.strength, opts.kl_coef)
-    return RewardFitResult(point.lam, point.strength, start, end, steps, stopped, trace)
+    iterate = estimate(pool, point.lam, point.strength, opts.kl_coef)
+    chosen, end, lam, note = _best_point(pool, iterate, point.lam, point.strength, ess_floor, opts)
+    return RewardFitResult(lam, end.strength, start, end, steps, stopped, trace, chosen, note)
+
+
+def _candidates(
+    k: int, strength: float, opts: RewardFitOptions
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """The points the iterate must beat: uniform, each pure policy and, when the strength is
+    fitted down to 0, the reference; at strength 1 (clamped) when fitted, else the fixed one."""
+    low, high = opts.strength_bounds
+    s = min(max(1.0, low), high) if opts.fit_strength else float(strength)
+    out = {"uniform": (torch.full((k,), 1.0 / k, dtype=torch.float64), s)}
+    for i in range(k):
+        vertex = torch.zeros(k, dtype=torch.float64)
+        vertex[i] = 1.0
+        out[f"vertex:{i}"] = (vertex, s)
+    if opts.fit_strength and low == 0.0:
+        out["reference"] = (out["uniform"][0], 0.0)
+    return out
+
+
+def _best_point(
+    pool: ScoredPool,
+    iterate: MixtureEstimate,
+    lam: torch.Tensor,
+    strength: float,
+    ess_floor: float,
+    opts: RewardFitOptions,
+) -> tuple[str, MixtureEstimate, torch.Tensor, str]:
+    """The best of the iterate and the candidates by the report's own objective estimate
+    (``min_j V_j - beta KL``): the ascent follows a soft minimum and stops at a local optimum
+    or at the trust region, so a simple point can score higher. A candidate whose ESS is under
+    the ascent's floor is not trusted (its estimate is noise), but the note names it."""
+    best_name, best, best_lam = "iterate", iterate, lam
+    skipped = []
+    for name, (weights, s) in _candidates(int(lam.numel()), strength, opts).items():
+        candidate = estimate(pool, weights, s, opts.kl_coef)
+        exact = name == "reference" and pool.from_reference > 0  # not importance weighted
+        if not exact and candidate.ess_fraction < ess_floor:
+            skipped.append((name, candidate))
+        elif candidate.objective > best.objective + 1e-12:
+            best_name, best, best_lam = name, candidate, weights
+    notes = []
+    if best_name != "iterate":
+        notes.append(
+            f"returned {best_name}: its estimated objective {best.objective:.4f} is above the "
+            f"ascent's point's {iterate.objective:.4f}"
+        )
+    notes += [
+        f"{name} estimates {c.objective:.4f} on an ESS fraction of {c.ess_fraction:.3f} "
+        f"(under {ess_floor:.3f}): not trusted, not taken"
+        for name, c in skipped
+        if c.objective > best.objective + 1e-12
+    ]
+    return best_name, best, best_lam, "; ".join(notes)
 
 
 def _step(

@@ -62,6 +62,16 @@ def test_report_rounds_and_rows(engine: Engine) -> None:
         assert row["worst"] == pytest.approx(min(row["win_rates"].values()))
         assert 0 < row["ess_fraction"] <= 1 + 1e-9
     assert {"sampling", "scoring", "optimising"} <= set(phases)
+    # the reference against its own draws: exactly one half, and no KL, after mixture rounds
+    assert report.rows["reference"]["win_rates"] == pytest.approx({"long": 0.5, "vowels": 0.5})
+    assert report.rows["reference"]["kl"] == 0.0
+    # the fit returns no point its own estimate ranks below uniform or a pure policy
+    fitted = report.rows["fitted"]["objective"]
+    rivals = ["uniform", *(f"policy:{n}" for n in names)]
+    assert all(fitted >= report.rows[row]["objective"] - 1e-9 for row in rivals) or any(
+        row in warning for warning in report.warnings for row in rivals
+    )
+    assert report.chosen in ("iterate", *rivals)
     json.loads(json.dumps(report.to_dict()))
     table = format_reward_report(report)
     for label in ["fitted", "uniform", "reference", "win:long", "worst", "ESS"]:
