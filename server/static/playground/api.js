@@ -2,6 +2,8 @@
 // stream (server-sent events over fetch, so a stop aborts it), and errors in words.
 // Every path is on this page's own origin: keys typed into the page go nowhere else.
 
+const STREAM_CUT = -1; // the status of an error event inside a stream
+
 export class ApiError extends Error {
   constructor(status, message, { param = null, code = null, retryAfter = null } = {}) {
     super(message);
@@ -94,8 +96,8 @@ export async function streamChat(body, { token = "", signal, onChunk }) {
         const data = line.slice(5).trim();
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
-        if (chunk.error) {
-          throw new ApiError(500, chunk.error.message, { code: chunk.error.code ?? null });
+        if (chunk.error) { // a failure after the 200: the reply is cut
+          throw new ApiError(STREAM_CUT, chunk.error.message, { code: chunk.error.code ?? null });
         }
         onChunk(chunk);
       }
@@ -110,6 +112,8 @@ export function describeError(err) {
   const retry = err.retryAfter !== null && Number.isFinite(err.retryAfter)
     ? ` Try again in ${err.retryAfter} s.` : "";
   switch (err.status) {
+    case STREAM_CUT:
+      return `The server cut the reply: ${err.message}.`;
     case 0:
       return `No answer: ${err.message}.`;
     case 400:

@@ -2,7 +2,7 @@
 // the member that favoured each token, a side-by-side view, and profiles (save, history,
 // rollback). It talks to this server's public API only (api.js); the API key and admin
 // token live in the two password fields, i.e. in this page's memory, and nowhere else.
-import { ApiError, describeError, request, streamChat } from "./api.js";
+import { describeError, request, streamChat } from "./api.js";
 import { Reply } from "./tokens.js";
 
 const $ = (id) => document.getElementById(id);
@@ -32,9 +32,10 @@ function element(tag, className, text) {
   return node;
 }
 
+// ``err``: an error from api.js, or a sentence of the page's own.
 function showError(err) {
   const box = $("error");
-  box.textContent = describeError(err);
+  box.textContent = typeof err === "string" ? err : describeError(err);
   box.hidden = false;
 }
 
@@ -63,12 +64,17 @@ async function connect() {
     const reference = state.reference ? `, reference ${state.reference}` : ", no reference";
     status.textContent = `Connected to ${state.served}: policies `
       + `${state.policies.join(", ")}${reference}.`;
-    if (adminToken()) await loadProfiles();
-    fillProfilePicker();
   } catch (err) {
     status.textContent = "Not connected.";
     showError(err);
+    return;
   }
+  try {
+    if (adminToken()) await loadProfiles(); // a wrong admin token still leaves the chat usable
+  } catch (err) {
+    showError(err);
+  }
+  fillProfilePicker();
 }
 
 async function loadProfiles() {
@@ -195,7 +201,7 @@ async function send() {
   const prompt = $("prompt").value.trim();
   if (!prompt || state.running.size > 0) return;
   if (!state.served) {
-    showError(new ApiError(0, "the page is not connected: press Connect first"));
+    showError("Not connected yet: type the API key if the server has one, and press Connect.");
     return;
   }
   clearError();
@@ -269,7 +275,7 @@ async function saveProfile() {
   clearError();
   const name = $("profile-name").value.trim();
   if (!name) {
-    showError(new ApiError(0, "type a profile name first"));
+    showError("Type a name for the profile first.");
     return;
   }
   const { weights, strength } = mixingFromSliders();

@@ -78,6 +78,7 @@ export class Reply {
     if (label) this.node.append(element("div", "reply-label", label));
     this.body = element("div", "reply-body");
     this.status = element("div", "reply-status", "streaming…");
+    this.status.setAttribute("role", "status"); // read out when the reply ends, not per token
     this.node.append(this.body, this.status);
     container.append(this.node);
     this.body.addEventListener("keydown", (event) => this.onKey(event));
