@@ -30,11 +30,12 @@ from .metrics import Metrics
 from .middleware import (
     BodyLimitMiddleware,
     BodyTimeoutMiddleware,
+    FramingMiddleware,
     RequestMetricsMiddleware,
     UnexpectedErrorMiddleware,
 )
 from .openapi import install_openapi
-from .routes import admin, fit, generate, openai, ops
+from .routes import admin, fit, generate, openai, ops, playground
 from .serving import Serving
 from .settings import Settings
 from .shutdown import Drain, DrainMiddleware
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(admin.router)
     app.include_router(fit.router)
     app.include_router(ops.router)
+    app.include_router(playground.router)
 
     # Outermost last: metrics see every status, including the body limit's 413 and a 500.
     app.add_middleware(UnexpectedErrorMiddleware)
@@ -149,4 +151,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(DrainMiddleware, drain=app.state.drain, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(FramingMiddleware)  # every answer, the 413s and 503s included
     return app
