@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit mixing weights offline (MPO mirror descent)")
     fit.add_argument("--config", type=Path, required=True, help="policy-set YAML")
     fit.add_argument("--prompts", type=Path, required=True, help="prompts file, one a line")
-    fit.add_argument("--samples-per-prompt", type=int, default=None, help="responses (m)")
+    fit.add_argument(
+        "--samples-per-prompt", "--samples", type=int, default=None, help="responses (m)"
+    )
     fit.add_argument("--max-new-tokens", type=int, default=None, help="response length")
     fit.add_argument("--iterations", type=int, default=None, help="mirror-descent steps (T)")
     fit.add_argument("--step-size", type=float, default=None, help="eta (default c/sqrt(T))")
