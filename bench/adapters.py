@@ -48,6 +48,7 @@ from .common import (
     prompt_texts,
     reset_peak_rss,
     rss_mb,
+    scratch,
     set_threads,
     summarize,
 )
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-adapters"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/adapters.json"))
+    parser.add_argument("--out", type=Path, default=scratch("adapters.json"))
     parser.add_argument(
         "--worker", choices=["timing", "adapters", "full", "base"], help=argparse.SUPPRESS
     )

@@ -26,6 +26,16 @@ SIZES: dict[str, dict[str, int]] = {
     "1b": dict(hidden=2048, layers=16, heads=16, intermediate=8192, max_positions=256),
 }
 MAX_K = 4
+# Where a benchmark writes unless --out names a path: a scratch folder git ignores, so that
+# trying a documented command never changes the committed evidence under bench/results/.
+SCRATCH = Path(__file__).resolve().parent / "out"
+
+
+def scratch(name: str) -> Path:
+    """The default ``--out`` of a benchmark: ``bench/out/<name>``."""
+    return SCRATCH / name
+
+
 PROMPT_TOKENS = 32
 _SENTENCES = [
     "Could you please help me write a short poem about the sea?",

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import set_threads
+from .common import scratch, set_threads
+
+logger = logging.getLogger("bench.cpu_linear")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,2,3,4,8")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_linear.json"))
+    parser.add_argument("--out", type=Path, default=scratch("cpu_linear.json"))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     set_threads(args.threads)
 
     import torch
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     source = yaml.safe_load(build_real_demo().read_text())["reference"]["model"]
     if is_gguf(source):  # the dequantised copy the engine loads too
         source = str(gguf_checkpoint(source, "bench model"))
+    logger.info("loading three copies of %s (torch, onednn, onednn-packed)", source)
     models = {
         kind: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         for kind in ("torch", "onednn", "onednn-packed")
@@ -63,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[tuple[str, str, int], list[float]] = {}
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for _ in range(args.repeats + 1):  # the first pass warms up and is dropped
+        for done in range(args.repeats + 1):  # the first pass warms up and is dropped
+            logger.info(
+                "pass %d of %d%s: rows %s, each a 64-token prefill and one step per copy",
+                done + 1,
+                args.repeats + 1,
+                " (warm-up, dropped)" if done == 0 else "",
+                args.rows,
+            )
             for r in rows:
                 prompt = torch.randint(0, 1000, (r, 64), generator=generator)
                 step = torch.randint(0, 1000, (r, 1), generator=generator)
@@ -102,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    logger.info("wrote %s", args.out)
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
     return 0
 

@@ -6,7 +6,7 @@ prompts through the engine (``Engine.submit``), scores them with every demo scor
 prints a markdown table of the means, then three example replies per row. The same
 figures, every reply and the run's settings go to ``--out`` as JSON.
 
-    python bench/demo_eval.py --n 200 --seed 0     # writes bench/results/demo_eval.json
+    python -m bench.demo_eval --n 200 --seed 0     # writes bench/out/demo_eval.json
 
 The output is what docs/demo.md shows.
 """
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import scratch
+from bench.render_tables import demo_eval
 from mpo_core.config import load_config
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.demo import SCORERS, build_demo, heldout_prompts
@@ -80,18 +82,7 @@ def scores(pairs: list[tuple[str, str]]) -> dict[str, float]:
 
 
 def markdown(results: list[tuple[Row, list[tuple[str, str]]]], examples: int) -> str:
-    names = list(SCORERS)
-    lines = [
-        "| row | " + " | ".join(names) + " | words |",
-        "|---|" + "---:|" * (len(names) + 1),
-    ]
-    for row, pairs in results:
-        means = scores(pairs)
-        lines.append(
-            f"| {row.label} | "
-            + " | ".join(f"{means[name]:+.3f}" for name in names)
-            + f" | {means['words']:.1f} |"
-        )
+    lines = [demo_eval({"rows": results_json(results)})]  # what docs/demo.md renders
     lines.append("")
     for row, pairs in results:
         lines.append(f"**{row.label}**")
@@ -148,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--examples", type=int, default=3, help="example replies per row")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/demo_eval.json"))
+    parser.add_argument("--out", type=Path, default=scratch("demo_eval.json"))
     parser.add_argument(
         "--adapters", action="store_true", help="the demo built as LoRA adapters of the reference"
     )

@@ -9,7 +9,7 @@
    ``mpo_core.evaluation`` (what ``mpo eval --demo`` runs), with about ``--n`` replies
    per row (``--n / 24`` per prompt, the same seeds in every row).
 
-    python -m bench.fit_demo --n 200 --seed 0      # writes bench/results/fit_demo.json
+    python -m bench.fit_demo --n 200 --seed 0      # writes bench/out/fit_demo.json
 
 Both tables go to stdout; ``--out`` gets the same figures as JSON: the fit report
 (``FitReport.to_dict()``), the evaluation (``EvalReport.to_dict()``) and the run's settings.
@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import scratch
 from bench.demo_eval import run_meta, write_json
+from bench.render_tables import fit_report
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, heldout_prompts, train_prompts
 from mpo_core.engine.core import Engine, EngineLimits
@@ -36,27 +38,7 @@ logger = logging.getLogger("fit_demo")
 
 
 def report_markdown(report: FitReport) -> str:
-    names = report.policy_names
-    lines = [
-        "| weights | " + " | ".join(f"E[R_{n}]" for n in names) + " | min | KL | MaxMin | ESS |",
-        "|---|" + "---:|" * (len(names) + 4),
-    ]
-    for label, row in report.rows.items():
-        rewards = " | ".join(f"{row['rewards'][n]:+.3f}" for n in names)
-        lines.append(
-            f"| {label} | {rewards} | {row['min']:+.3f} | {row['kl']:.3f} "
-            f"| **{row['maxmin']:+.3f}** | {row['ess']:.2f} |"
-        )
-    fitted = ", ".join(f"{n} {w:.3f}" for n, w in report.weights.items())
-    lines += [
-        "",
-        f"Fitted weights: {fitted}. F = {report.objective:.4f} on {report.num_prompts} prompts x "
-        f"{report.samples_per_prompt} replies ({report.mean_reply_tokens:.1f} tokens on average), "
-        f"{report.iterations} steps of size {report.step_size:.4g}; "
-        f"wall time {', '.join(f'{k} {v:.1f} s' for k, v in report.seconds.items())}.",
-    ]
-    lines += [f"Warning: {w}" for w in report.warnings]
-    return "\n".join(lines)
+    return fit_report(report.to_dict())  # the table docs/fitting.md renders from the JSON
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--examples", type=int, default=2, help="example replies per row")
     parser.add_argument("--variant", default="full", help="demo variant (full or small)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/fit_demo.json"))
+    parser.add_argument("--out", type=Path, default=scratch("fit_demo.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+from bench.common import scratch
 from bench.demo_eval import run_meta, write_json
 from mpo_core.config import load_config
 from mpo_core.demo import build_demo, train_prompts
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/fit_speed.json"))
+    parser.add_argument("--out", type=Path, default=scratch("fit_speed.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.threads:

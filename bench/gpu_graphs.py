@@ -31,6 +31,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bench.common import scratch
 from mpo_core.config import ModelSpec, PolicySetConfig
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--single-steps", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_graphs.json"))
+    parser.add_argument("--out", type=Path, default=scratch("gpu_graphs.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not CUDA:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import mpo_core.engine.core as engine_module
+from bench.common import scratch
 from mpo_core.config import load_config
 from mpo_core.decoding import grammar as grammar_module
 from mpo_core.decoding.grammar import GrammarSpec
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", default="bench/results/grammar.json")
+    parser.add_argument("--out", default=scratch("grammar.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

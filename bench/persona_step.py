@@ -1,6 +1,6 @@
 """Where a persona decode step's time goes, timed from inside the engine.
 
-    python -m bench.persona_step --threads 2 --new-tokens 32
+    python -m bench.persona_step --threads 2 --new-tokens 32   # writes bench/out/persona_step.json
 
 The real demo's persona family (``mpo_core.demo.real``: SmolLM2-135M-Instruct, three
 personas), speculation off, one request with the family's default mixture and
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .common import set_threads
+from .common import scratch, set_threads
 
 
 def _timed(owner: Any, name: str, into: list[float]) -> None:
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--out", type=Path, default=scratch("persona_step.json"))
     args = parser.parse_args(argv)
     set_threads(args.threads)
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "forward_share_of_step": medians["forward"] / medians["step"],
     }
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -49,6 +49,7 @@ from .common import (
     prompt_texts,
     reset_peak_rss,
     rss_mb,
+    scratch,
     set_threads,
     summarize,
 )
@@ -233,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the systems")
-    parser.add_argument("--padding", type=int, default=20, help="3- vs 4-row steps; 0 = skip")
+    parser.add_argument(
+        "--padding",
+        type=int,
+        nargs="?",
+        const=20,
+        default=20,
+        help="rounds of 3- vs 4-row steps (alone: 20); 0 = skip",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument(
         "--speculative",
@@ -242,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         help="speculative decoding for every system (off: the backends alone)",
     )
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-personas"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/personas_smollm2.json"))
+    parser.add_argument("--out", type=Path, default=scratch("personas_smollm2.json"))
     parser.add_argument(
         "--worker", choices=["timing", "padding", *MEMORY_SYSTEMS], help=argparse.SUPPRESS
     )

@@ -48,6 +48,7 @@ from .common import (
     prompt_texts,
     reset_peak_rss,
     rss_mb,
+    scratch,
     set_threads,
     summarize,
 )
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the systems")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-real"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/real_models.json"))
+    parser.add_argument("--out", type=Path, default=scratch("real_models.json"))
     parser.add_argument("--memory", default=",".join(SYSTEMS), help="systems to measure RSS of")
     parser.add_argument("--worker", choices=["timing", *SYSTEMS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .common import scratch
 from .systems import REPO
 
 logger = logging.getLogger("bench.run")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra alternated (engine c=1, bare step time) pairs per run, for target 1",
     )
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-models"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/results.json"))
+    parser.add_argument("--out", type=Path, default=scratch("results.json"))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     return parser.parse_args(argv)
 
