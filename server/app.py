@@ -1,10 +1,10 @@
 """``create_app(settings, engine=None)``: the FastAPI app; its lifespan loads the engine.
 
-Startup: open the profile store, load the policy set from ``settings.config`` (or build
-the demo family) and start the engine, unless a running engine is given (tests pass a
-small one). Shutdown (after ``shutdown.DrainingServer`` has drained the requests on
-SIGTERM): cancel fit jobs and stop the engine, which finishes what runs within the drain
-timeout and cancels the rest.
+Startup: load the policy set from ``settings.config`` (or build the demo family) and
+start the engine, unless a running engine is given (tests pass a small one); then open
+the profile store for that family and read its default profile. Shutdown (after
+``shutdown.DrainingServer`` has drained the requests on SIGTERM): cancel fit jobs and
+stop the engine, which finishes what runs within the drain timeout and cancels the rest.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .routes import admin, fit, generate, openai, ops, playground
 from .serving import Serving
 from .settings import Settings
 from .shutdown import Drain, DrainMiddleware
-from .store import open_store
+from .store import GuardedStore, ServedProfiles, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -88,21 +88,36 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
-    store = open_store(settings.resolved_store_url())
-    app.state.store = store
     engine: Engine | None = app.state.given_engine
     owns_engine = engine is None
     if engine is None:
         engine = await anyio.to_thread.run_sync(load_engine, settings)
     elif not engine.is_alive:
         engine.start()
+    family = settings.family(engine.policy_set.served_name, engine.policy_names)
+    try:
+        backend = await anyio.to_thread.run_sync(
+            open_store, settings.resolved_store_url(), family, settings.store_timeouts()
+        )
+    except BaseException:
+        if owns_engine:
+            await anyio.to_thread.run_sync(engine.stop, 1.0)
+        raise
+    store = GuardedStore(backend, settings.store_probe_interval_s)
+    app.state.store = store
     unwatch = engine.watch(metrics)  # this app's metrics see every step while it serves
     ready_engine = engine
     metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
-    app.state.serving = Serving(engine, store, settings, metrics)
+    profiles = ServedProfiles(store, settings.store_max_stale_s)
+    serving = Serving(engine, store, settings, metrics, profiles)
+    await anyio.to_thread.run_sync(serving.check_default)  # warns about a misfit default
+    app.state.serving = serving
     reward_sets: dict[str, str | Path] = {**engine.policy_set.config.rewards, **settings.rewards}
     app.state.fit_jobs = FitJobs(engine, store, metrics, settings.data_path, reward_sets)
-    logger.info("serving %s: policies %s", engine.policy_set.served_name, engine.policy_names)
+    logger.info(
+        "serving %s: policies %s; profiles of family %r",
+        engine.policy_set.served_name, engine.policy_names, family.key,
+    )  # fmt: skip
     try:
         yield
     finally:

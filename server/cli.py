@@ -280,7 +280,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(table)
     if args.save:
         source = "mpo fit" if objectives is None else f"mpo fit --rewards {args.rewards}"
-        save_profile(args.save, weights, strength, source)
+        save_profile(args.save, weights, strength, source, policy_set.served_name, policy_set.names)
     return 0
 
 
@@ -329,9 +329,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = Settings(**({"store_url": args.store_url} if args.store_url else {}))
 
     def lookup(name: str) -> tuple[dict[str, float], float]:
+        from mpo_core.config import load_config
+
         from .store import open_store
 
-        store = open_store(settings.resolved_store_url())
+        path = args.config
+        if path is None and args.demo:
+            from mpo_core.demo import build_demo  # built already: the eval loaded it
+
+            path = build_demo(home=settings.home, variant=args.demo_variant)
+        config = load_config(path)  # the family whose profiles `mpo serve` of it reads
+        family = settings.family(config.served_name, [p.name for p in config.policies])
+        store = open_store(settings.resolved_store_url(), family, settings.store_timeouts())
         try:
             profile = store.get(name)
         finally:
@@ -348,12 +357,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def save_profile(
-    name: str, weights: dict[str, float], strength: float = 1.0, source: str = "mpo fit"
+    name: str,
+    weights: dict[str, float],
+    strength: float = 1.0,
+    source: str = "mpo fit",
+    served_name: str = "mpo",
+    policies: Sequence[str] = (),
 ) -> None:
+    """Store a fitted profile under the family that ``mpo serve`` of the same policy set
+    reads (its served name and policy names, or ``MPO_PROFILE_FAMILY``)."""
     from .settings import Settings
     from .store import open_store
 
-    store = open_store(Settings().resolved_store_url())
+    settings = Settings()
+    family = settings.family(served_name, policies or list(weights))
+    store = open_store(settings.resolved_store_url(), family, settings.store_timeouts())
     version = store.put(name, weights, strength, meta={"source": source})
     store.close()
     print(f"stored profile {name!r} version {version.version}")

@@ -37,13 +37,13 @@ FinishReason = Literal["stop", "length"]
 FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
+async def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     serving.check_n(body.n)
     adapter = serving.adapter_from_model(body.model)
     if adapter is not None:
         return serving.adapter_mixing(adapter, "model", body.weights, body.profile, body.strength)
     model_profile = serving.profile_from_model(body.model)
-    return serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
+    return await serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
 
 
 @dataclass

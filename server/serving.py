@@ -28,7 +28,13 @@ from .errors import APIError
 from .metrics import Metrics
 from .protocol.common import MixingInfo, check_unicode
 from .settings import Settings
-from .store import ProfileStore, UnreadableProfile
+from .store import (
+    ProfileStore,
+    ProfileVersion,
+    ServedProfiles,
+    StoreUnavailable,
+    UnreadableProfile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +103,17 @@ class Serving:
     """Everything routes need to run a generation; one per app."""
 
     def __init__(
-        self, engine: Engine, store: ProfileStore, settings: Settings, metrics: Metrics
+        self,
+        engine: Engine,
+        store: ProfileStore,
+        settings: Settings,
+        metrics: Metrics,
+        profiles: ServedProfiles,
     ) -> None:
         self.engine = engine
         self.store = store
+        self.profiles = profiles  # what requests read profiles through (off the loop)
+        self._ignored_defaults: set[tuple[str, int]] = set()  # warned about once each
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
@@ -173,14 +186,17 @@ class Serving:
         return ResolvedMixture(self.engine.mixture(None, 0.0), None)  # the reference alone
 
     # -- mixing --------------------------------------------------------------------
-    def resolve_mixing(
+    async def resolve_mixing(
         self,
         weights: dict[str, float] | list[float] | None,
         profile: str | None,
         strength: float | None,
         model_profile: str | None = None,
     ) -> ResolvedMixture:
-        """Explicit weights, else the named profile, else the default profile, else uniform."""
+        """Explicit weights, else the named profile, else the default profile, else uniform.
+
+        Profiles are read off the event loop, and from this replica's cache while the store
+        is down (``ServedProfiles``): UnknownProfile (404) or StoreUnavailable (503)."""
         if profile is not None and model_profile is not None and profile != model_profile:
             raise InvalidParameter(
                 "profile",
@@ -190,31 +206,64 @@ class Serving:
         if weights is not None and profile is not None:
             raise InvalidParameter("weights", "give either weights or a profile, not both")
         if weights is not None:
-            used = None
-            raw: Any = weights
-            base_strength = 1.0
-        else:
-            used = profile if profile is not None else self._default_profile()
-            if used is None:
-                raw, base_strength = None, 1.0
-            else:
-                stored = self.store.get(used)  # UnknownProfile -> 404
-                raw, base_strength = stored.weights, stored.strength
-        final_strength = base_strength if strength is None else strength
-        return ResolvedMixture(self._build(raw, final_strength, used), used)
+            return ResolvedMixture(self._build(weights, _or(strength, 1.0), None), None)
+        if profile is not None:
+            found = await self.profiles.resolve(profile)
+            assert found is not None  # a named profile resolves or raises
+            stored = found[1]
+            return ResolvedMixture(
+                self._build(stored.weights, _or(strength, stored.strength), profile), profile
+            )
+        default = await self._default_profile()
+        if default is not None:
+            try:
+                mixture = self.engine.mixture(default.weights, _or(strength, default.strength))
+                return ResolvedMixture(mixture, default.name)
+            except InvalidParameter as exc:
+                if exc.param == "strength" and strength is not None:
+                    raise  # the request's own strength
+                self.warn_default(default, f"it does not fit the loaded policies: {exc}")
+        return ResolvedMixture(self._build(None, _or(strength, 1.0), None), None)
 
-    def _default_profile(self) -> str | None:
-        name = self.store.get_default()
-        if name is None:
-            return None
+    async def _default_profile(self) -> ProfileVersion | None:
         try:
-            self.store.get(name)
+            found = await self.profiles.resolve(None)
         except UnreadableProfile as exc:  # an older version stored it: serve uniform weights
             logger.warning("ignoring the default profile: %s", exc)
             return None
         except UnknownProfile:  # deleted by another process between the two reads
             return None
-        return name
+        return None if found is None else found[1]
+
+    def warn_default(self, default: ProfileVersion, why: str) -> None:
+        """A stored default that requests cannot use: named in a warning (once per version),
+        and requests that name no profile get uniform weights instead of an error."""
+        key = (default.name, default.version)
+        if key not in self._ignored_defaults:
+            self._ignored_defaults.add(key)
+            logger.warning(
+                "ignoring the default profile %r (version %d): %s; requests that name no "
+                "profile get uniform weights until the default is changed",
+                default.name, default.version, why,
+            )  # fmt: skip
+
+    def check_default(self) -> None:
+        """At start-up: read the default profile (so this replica can answer it from its
+        cache in an outage) and warn when it does not fit the loaded policies."""
+        try:
+            found = self.profiles.read(None)
+        except UnknownProfile as exc:
+            logger.warning("ignoring the default profile: %s", exc)
+            return
+        except StoreUnavailable as exc:
+            logger.warning("the default profile cannot be read yet: %s", exc)
+            return
+        if found is None:
+            return
+        try:
+            self.engine.mixture(found[1].weights, found[1].strength)
+        except InvalidParameter as exc:
+            self.warn_default(found[1], f"it does not fit the loaded policies: {exc}")
 
     def _build(self, raw: Any, strength: float, profile: str | None) -> Mixture:
         try:
@@ -382,6 +431,10 @@ class Serving:
                 for stream in streams:
                     stream.cancel()
                 await asyncio.gather(work, return_exceptions=True)
+
+
+def _or(value: float | None, fallback: float) -> float:
+    return fallback if value is None else value
 
 
 async def wait_for_disconnect(receive: Receive) -> None:

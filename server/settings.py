@@ -7,11 +7,14 @@ Precedence: explicit keyword arguments (what ``mpo serve`` passes from its flags
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .store.base import Family, StoreTimeouts
 
 
 def default_home() -> Path:
@@ -32,6 +35,17 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     data_dir: Path | None = None  # profile database and fit artefacts; default home/data
     store_url: str | None = None  # sqlite:///path.db (default: under data_dir) or postgresql://
+    # The profile store (docs/deploy.md, Profile store outages): a connection, and one
+    # statement, give up after these; while the store is down a replica answers the
+    # profiles it read at most store_max_stale_s ago from its cache, and pings the store
+    # every store_probe_interval_s.
+    store_connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    store_statement_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    store_max_stale_s: float = Field(default=600.0, ge=0)
+    store_probe_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # The key this family's profiles are stored under; default "<served>/<policies,sorted>"
+    # (docs/server.md, Profiles and families). Same key: shared profiles; another: separate.
+    profile_family: str | None = Field(default=None, min_length=1, max_length=512)
     max_running: int = Field(default=16, ge=1)  # sequences decoded together
     max_queued: int = Field(default=64, ge=1)  # waiting beyond max_running; then 429
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
@@ -85,6 +99,13 @@ class Settings(BaseSettings):
         assert self.data_dir is not None  # filled by the validator
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return self.data_dir
+
+    def store_timeouts(self) -> StoreTimeouts:
+        return StoreTimeouts(self.store_connect_timeout_s, self.store_statement_timeout_s)
+
+    def family(self, served_name: str, policies: Iterable[str]) -> Family:
+        """The family whose profiles a server (or ``mpo fit --save``) reads and writes."""
+        return Family.of(served_name, policies, key=self.profile_family)
 
     def resolved_store_url(self) -> str:
         """The profile store's URL; SQLite under the data folder unless one is set."""

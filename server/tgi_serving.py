@@ -35,7 +35,7 @@ from .sse import SSEResponse, sse
 from .structured import compile_grammar, lorax_format_spec, one_of, tgi_grammar_spec
 
 
-def prepare(
+async def prepare(
     serving: Serving, body: TGIRequest
 ) -> tuple[list[int], SamplingParams, ResolvedMixture]:
     p = body.parameters
@@ -44,7 +44,7 @@ def prepare(
             p.adapter_id, "parameters.adapter_id", p.weights, p.profile, p.strength
         )
     else:
-        mixing = serving.resolve_mixing(p.weights, p.profile, p.strength)
+        mixing = await serving.resolve_mixing(p.weights, p.profile, p.strength)
     prompt_ids = serving.encode(body.inputs, "inputs")
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]
@@ -124,7 +124,7 @@ async def generate_one(
     serving: Serving, body: TGIRequest, request: Request, as_list: bool = False
 ) -> Response:
     """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
-    prompt_ids, sampling, mixing = prepare(serving, body)
+    prompt_ids, sampling, mixing = await prepare(serving, body)
     grammar = await grammar_of(serving, body.parameters)
     p = body.parameters
     prefill = None
@@ -187,7 +187,7 @@ async def stream_response(serving: Serving, body: TGIRequest) -> Response:
             "parameters.decoder_input_details",
             "decoder_input_details is not supported when streaming tokens (as in TGI)",
         )
-    prompt_ids, sampling, mixing = prepare(serving, body)
+    prompt_ids, sampling, mixing = await prepare(serving, body)
     grammar = await grammar_of(serving, body.parameters)
     (stream,) = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
     events = stream_events(serving, body, stream, not sampling.greedy, mixing)

@@ -46,6 +46,7 @@ class ProfileOut(BaseModel):
     meta: dict[str, Any]
     created_at: float
     is_default: bool = False
+    deleted: bool = False  # the version that deleted the profile (empty weights)
 
 
 class ProfileList(BaseModel):
@@ -55,5 +56,6 @@ class ProfileList(BaseModel):
 
 class ProfileHistory(BaseModel):
     name: str
+    deleted: bool = False  # the newest version deleted the profile
     versions: list[ProfileOut]
     next: int | None = None  # the ``after`` of the next page; null on the last

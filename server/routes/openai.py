@@ -175,8 +175,8 @@ def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[i
     return ids
 
 
-def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
-    mixing = resolve(serving, body)
+async def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
+    mixing = await resolve(serving, body)
     top = serving.check_top_logprobs(body.logprobs or 0, "logprobs")
     prompts = completion_prompts(serving, body)
     samplings = []
@@ -193,7 +193,7 @@ def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     responses={**ERRORS, **streaming_ok("The completion, or chunks when `stream` is true")},
 )
 async def completions(body: CompletionRequest, request: Request, serving: ServingDep) -> Response:
-    plan = plan_completion(serving, body)
+    plan = await plan_completion(serving, body)
     plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = CompletionShape(serving, plan, body.model or serving.served_name, body)
     if body.echo and body.logprobs is not None:
@@ -274,8 +274,8 @@ def chat_prompt(serving: Serving, body: ChatCompletionRequest) -> list[int]:
     return serving.encode(str(text), "messages", add_special_tokens=False)
 
 
-def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
-    mixing = resolve(serving, body)
+async def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
+    mixing = await resolve(serving, body)
     top = serving.check_top_logprobs(body.top_logprobs or 0, "top_logprobs")
     prompt = chat_prompt(serving, body)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -293,7 +293,7 @@ def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ) -> Response:
-    plan = plan_chat(serving, body)
+    plan = await plan_chat(serving, body)
     plan.grammar = await compile_grammar(serving, response_format_spec(body.response_format))
     shape = ChatShape(serving, plan, body.model or serving.served_name, body)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -2,11 +2,16 @@
 
 ``/health`` and ``/metrics`` are open (probes and scrapers, as in TGI and vLLM); ``/info``
 lists profiles and limits, so it takes the API key when one is set, as ``/v1/models`` does.
+
+``/health`` runs on the event loop and reads only in-memory state, so it answers in
+milliseconds whatever the profile store is doing; it reports the store's state but does
+not fail on it (a replica serves its cached profiles through a store outage).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -21,18 +26,24 @@ from ..openapi import error_responses
 router = APIRouter(tags=["ops"])
 
 
-@router.get(
-    "/health",
-    responses={200: {"description": '`{"status": "ok"}`'}, **error_responses(503)},
+HEALTH_OK = (
+    '`{"status": "ok", "store": {"state": "up"}}`; while the profile store is unreachable '
+    '`"store": {"state": "down", "since": <unix s>, "error": "..."}` (still 200)'
 )
-def health(request: Request) -> Response:
-    """200 only when the engine is loaded and its loop is alive; else 503."""
+
+
+@router.get("/health", responses={200: {"description": HEALTH_OK}, **error_responses(503)})
+async def health(request: Request) -> Response:
+    """200 only when the engine is loaded and its loop is alive; else 503. The body reports
+    the profile store's state, which does not change the status."""
     serving = getattr(request.app.state, "serving", None)
     if serving is None:
         return error_response(503, "the engine is not loaded", code="engine_not_loaded")
     if not serving.engine.is_alive:
         return error_response(503, "the engine loop is not running", code="engine_not_running")
-    return Response(content='{"status":"ok"}', media_type="application/json")
+    state = getattr(request.app.state.store, "state", lambda: {"state": "unknown"})()
+    body = json.dumps({"status": "ok", "store": state}, separators=(",", ":"))
+    return Response(content=body, media_type="application/json")
 
 
 @router.get("/info", dependencies=[Depends(require_api_key)], responses=error_responses(401, 503))

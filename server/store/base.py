@@ -2,8 +2,13 @@
 
 Every ``put`` appends a new version; nothing is overwritten, so the history of a profile
 stays readable and a rollback is a ``put`` of an old version's content. ``delete`` appends
-a tombstone (the name disappears from ``list`` but its history stays). One profile may be
-marked default; requests that name none use it (uniform weights when none is marked).
+a tombstone version (``deleted``): the name disappears from ``list`` and ``get`` says it
+was deleted, while ``history`` keeps every version, the tombstone included; a later ``put``
+re-creates the profile at the next number. One profile may be marked default; requests
+that name none use it (uniform weights when none is marked).
+
+A store is opened for one ``Family`` (the served family's identity): its profiles and
+default are that family's alone, so one database can hold several families.
 """
 
 from __future__ import annotations
@@ -38,6 +43,55 @@ class StoreUnavailable(MPOError):
     """The profile database cannot be reached; the server answers 503 (retry shortly)."""
 
 
+class DeletedProfile(UnknownProfile):
+    """A profile whose newest version is a tombstone (404); its history stays readable."""
+
+    def __init__(self, name: str, version: int) -> None:
+        super().__init__(name)
+        self.version = version  # the tombstone's version
+
+    def __str__(self) -> str:
+        return (
+            f"profile {self.name!r} was deleted (version {self.version}); its history stays "
+            f"readable at GET /admin/profiles/{self.name}/versions, and a PUT with weights "
+            f"re-creates it as version {self.version + 1}"
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """The family a store's profiles belong to (docs/server.md, Profiles and families).
+
+    ``key`` is what the rows are keyed by: ``<served name>/<policy names, sorted, comma
+    separated>`` unless set explicitly (``MPO_PROFILE_FAMILY``). ``policies`` are the
+    family's policy names; profiles written before stores had families (the old schema)
+    are adopted by a family when every version names only its policies.
+    """
+
+    key: str
+    policies: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, served_name: str, policies: Iterable[str], key: str | None = None) -> Family:
+        names = tuple(policies)
+        return cls(key or f"{served_name}/{','.join(sorted(names))}", names)
+
+    def fits(self, weights: object) -> bool:
+        """Whether stored weights name only this family's policies."""
+        return isinstance(weights, dict) and bool(weights) and set(weights) <= set(self.policies)
+
+
+UNSCOPED = Family("")  # tools and tests that need no family: their own key, adopting nothing
+
+
+@dataclass(frozen=True)
+class StoreTimeouts:
+    """How long a store call may wait on its database before it gives up (StoreUnavailable)."""
+
+    connect_s: float = 2.0  # opening a connection (and waiting for a pooled one)
+    statement_s: float = 5.0  # one statement, lock waits included
+
+
 class UnreadableProfile(UnknownProfile):
     """A stored row that breaks the rules a put applies (written by an older version or by
     hand). It is left alone: listings skip it, and a new version or a delete replaces it."""
@@ -64,6 +118,7 @@ class ProfileVersion:
     strength: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)  # free-form: who, why, fit job id
     created_at: float = 0.0  # unix seconds
+    deleted: bool = False  # a tombstone: the profile was deleted here (weights empty)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +128,7 @@ class ProfileVersion:
             "strength": self.strength,
             "meta": dict(self.meta),
             "created_at": self.created_at,
+            "deleted": self.deleted,
         }
 
 
@@ -158,9 +214,14 @@ def checked_version(
     name: str, version: Any, weights: Any, strength: Any, meta: Any, created_at: Any
 ) -> ProfileVersion:
     """A stored row (JSON columns as text or decoded) as a ProfileVersion, after the
-    checks a put applies; UnreadableProfile when it breaks them."""
+    checks a put applies; UnreadableProfile when it breaks them. NULL weights: a tombstone."""
     try:
         check_profile_name(name)
+        if weights is None:
+            return ProfileVersion(
+                name=name, version=int(version), weights={}, created_at=float(created_at),
+                deleted=True,
+            )  # fmt: skip
         if isinstance(weights, (str, bytes)):
             weights = json.loads(weights)
         if isinstance(meta, (str, bytes)):
@@ -188,20 +249,65 @@ def readable_versions(rows: Iterable[tuple[Any, ...]]) -> ProfileVersions:
     return versions
 
 
+def found_version(
+    name: str, row: tuple[Any, ...] | None, version: int | None = None
+) -> ProfileVersion:
+    """What ``get`` answers for the row it found: UnknownProfile when there is none,
+    DeletedProfile when the newest one is a tombstone."""
+    if row is None:
+        raise UnknownProfile(name if version is None else f"{name}@{version}")
+    found = checked_version(*row)  # UnreadableProfile for a row that breaks the rules
+    if found.deleted:
+        if version is not None:  # an old tombstone: the history shows it
+            raise UnknownProfile(f"{name}@{version} (the version that deleted it)")
+        raise DeletedProfile(name, found.version)
+    return found
+
+
+def adopted_names(family: Family, rows: Iterable[tuple[Any, Any]]) -> set[str]:
+    """The profiles of the old, family-less schema that ``family`` adopts, from their
+    (name, weights) rows: those whose every version names only the family's policies
+    (tombstones aside) and that are valid names."""
+    fits: dict[str, bool] = {}
+    for name, weights in rows:
+        if weights is None:
+            continue  # a tombstone says nothing about the policies
+        if isinstance(weights, (str, bytes)):
+            try:
+                weights = json.loads(weights)
+            except ValueError:
+                weights = None
+        fits[str(name)] = fits.get(str(name), True) and family.fits(weights)
+    return {name for name, ok in fits.items() if ok and _valid_name(name)}
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_profile_name(name)
+    except InvalidParameter:
+        return False
+    return True
+
+
 @runtime_checkable
 class ProfileStore(Protocol):
-    """What the server needs from a profile backend. Implementations must be thread-safe."""
+    """What the server needs from a profile backend, for the one family it was opened for.
+    Implementations must be thread-safe; an unreachable database raises StoreUnavailable."""
+
+    family: Family
 
     def list(self) -> ProfileVersions:
         """The current version of every live profile, sorted by name."""
         ...
 
     def get(self, name: str, version: int | None = None) -> ProfileVersion:
-        """The current version (or a given one, even of a deleted profile); UnknownProfile."""
+        """The current version (or a given one, even of a deleted profile); UnknownProfile,
+        DeletedProfile when it (or the version asked for) is a tombstone."""
         ...
 
     def history(self, name: str) -> ProfileVersions:
-        """Every stored version, oldest first; UnknownProfile when the name was never stored."""
+        """Every stored version, tombstones included, oldest first; UnknownProfile when the
+        name was never stored."""
         ...
 
     def put(
@@ -224,6 +330,10 @@ class ProfileStore(Protocol):
 
     def set_default(self, name: str | None) -> None:
         """Mark a live profile default (None: back to uniform); UnknownProfile."""
+        ...
+
+    def ping(self) -> None:
+        """One round trip to the database, past any cache; StoreUnavailable when it fails."""
         ...
 
     def close(self) -> None: ...

@@ -80,7 +80,11 @@ def new_owner_id() -> str:
 
 def open_fit_records(store: ProfileStore) -> FitRecords:
     """The records backend next to ``store``'s profiles (same file or database)."""
+    from .guard import GuardedStore
     from .sqlite import SQLiteProfileStore
+
+    if isinstance(store, GuardedStore):
+        store = store.backend
 
     if isinstance(store, SQLiteProfileStore):
         return SQLiteFitRecords(store.path)

@@ -1,18 +1,22 @@
 """Weight profiles in PostgreSQL, shared by every replica (``MPO_STORE_URL=postgresql://...``).
 
-Same semantics as ``SQLiteProfileStore`` (versions per name never reused, tombstones on
-delete, history kept, default cleared on delete); what differs is how replicas stay in step:
+Same semantics as ``SQLiteProfileStore`` (one family's rows, versions per name never
+reused, tombstones on delete, history kept, default cleared on delete, the old schema's
+profiles adopted once per family); what differs is how replicas stay in step:
 
 - Every write runs in one transaction that takes an advisory lock on the profile's name
   (so concurrent writers in any process get consecutive versions) and sends
-  ``NOTIFY mpo_profiles`` with the schema and name. PostgreSQL delivers the notification
-  when the transaction commits, so no replica hears of a change it cannot read yet.
+  ``NOTIFY mpo_profiles`` with the schema, family and name. PostgreSQL delivers the
+  notification when the transaction commits, so no replica hears of a change it cannot
+  read yet.
 - Reads go through an in-process cache, trusted only while a listener thread holds a live
   ``LISTEN`` connection: a notification drops the entries of its name; a reconnect drops
   the whole cache (notifications sent while it was away are lost). Replicas therefore see
   a change within milliseconds of its commit.
-- When the database cannot be reached, reads answer from the last values this process saw
-  (logged as stale) and otherwise raise ``StoreUnavailable`` (HTTP 503), as do writes.
+- Every connection gives up after the connect timeout and every statement after the
+  statement timeout (``StoreTimeouts``); an unreachable database is ``StoreUnavailable``
+  (HTTP 503) for reads and writes alike. Answering from what a replica read before an
+  outage is the server's job (``server/store/served.py``), not this class's.
 
 Manual SQL on the tables bypasses the notifications: run ``NOTIFY mpo_profiles`` afterwards
 (any payload that is not this store's JSON drops every replica's whole cache).
@@ -38,10 +42,15 @@ from psycopg_pool import ConnectionPool
 from mpo_core.errors import ConfigError, UnknownProfile
 
 from .base import (
+    UNSCOPED,
+    DeletedProfile,
+    Family,
     ProfileVersion,
     ProfileVersions,
+    StoreTimeouts,
     StoreUnavailable,
-    checked_version,
+    adopted_names,
+    found_version,
     prepare_put,
     readable_versions,
 )
@@ -52,7 +61,6 @@ CHANNEL = "mpo_profiles"
 _LOCK_CLASS = 0x4D504F  # "MPO": first key of the advisory locks this store takes
 _SCHEMA_LOCK = 0  # second key while creating the tables
 _CONNECT_DEFAULTS = {  # libpq settings, unless the URL sets them
-    "connect_timeout": "3",
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "3",
@@ -61,19 +69,25 @@ _CONNECT_DEFAULTS = {  # libpq settings, unless the URL sets them
 }
 _DISCONNECTED = (psycopg.OperationalError, psycopg.InterfaceError)
 
+# Rows are keyed by family (base.Family.key). The old, family-less tables
+# (mpo_profile_versions, mpo_store_settings) are left as they were: each family adopts
+# the profiles there that fit it once, on its first open (``_adopt_legacy``).
 _SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS mpo_profile_versions (
+CREATE TABLE IF NOT EXISTS mpo_family_profile_versions (
+    family     text             NOT NULL,
     name       text             NOT NULL,
     version    integer          NOT NULL,
     weights    json,                       -- NULL marks a deletion (tombstone)
     strength   double precision NOT NULL DEFAULT 1.0,
     meta       json             NOT NULL DEFAULT '{}',
     created_at double precision NOT NULL,  -- unix seconds
-    PRIMARY KEY (name, version)
+    PRIMARY KEY (family, name, version)
 );
-CREATE TABLE IF NOT EXISTS mpo_store_settings (
-    key   text PRIMARY KEY,
-    value text
+CREATE TABLE IF NOT EXISTS mpo_family_settings (
+    family text NOT NULL,
+    key    text NOT NULL,
+    value  text,
+    PRIMARY KEY (family, key)
 );
 """
 _COLUMNS = "name, version, weights, strength, meta, created_at"
@@ -81,19 +95,30 @@ _COLUMNS = "name, version, weights, strength, meta, created_at"
 # (COLLATE "C") as in SQLite, whatever the database's collation.
 _LIST = f"""
 SELECT {_COLUMNS} FROM (
-    SELECT DISTINCT ON (name) {_COLUMNS} FROM mpo_profile_versions ORDER BY name, version DESC
+    SELECT DISTINCT ON (name) {_COLUMNS} FROM mpo_family_profile_versions
+    WHERE family = %(family)s ORDER BY name, version DESC
 ) latest WHERE weights IS NOT NULL ORDER BY name COLLATE "C"
 """
 _LATEST = (
-    f"SELECT {_COLUMNS} FROM mpo_profile_versions WHERE name = %s ORDER BY version DESC LIMIT 1"
+    f"SELECT {_COLUMNS} FROM mpo_family_profile_versions "
+    "WHERE family = %(family)s AND name = %(name)s ORDER BY version DESC LIMIT 1"
 )
-_VERSION = f"SELECT {_COLUMNS} FROM mpo_profile_versions WHERE name = %s AND version = %s"
+_VERSION = (
+    f"SELECT {_COLUMNS} FROM mpo_family_profile_versions "
+    "WHERE family = %(family)s AND name = %(name)s AND version = %(version)s"
+)
 _HISTORY = (
-    f"SELECT {_COLUMNS} FROM mpo_profile_versions "
-    "WHERE name = %s AND weights IS NOT NULL ORDER BY version"
+    f"SELECT {_COLUMNS} FROM mpo_family_profile_versions "
+    "WHERE family = %(family)s AND name = %(name)s ORDER BY version"
 )
-_NEXT_VERSION = "SELECT COALESCE(MAX(version), 0) + 1 FROM mpo_profile_versions WHERE name = %s"
-_GET_DEFAULT = "SELECT value FROM mpo_store_settings WHERE key = 'default_profile'"
+_NEXT_VERSION = (
+    "SELECT COALESCE(MAX(version), 0) + 1 FROM mpo_family_profile_versions "
+    "WHERE family = %(family)s AND name = %(name)s"
+)
+_GET_DEFAULT = (
+    "SELECT value FROM mpo_family_settings WHERE family = %(family)s AND key = 'default_profile'"
+)
+_LEGACY_ADOPTED = "legacy_adopted"  # mpo_family_settings key: the old tables were read once
 
 T = TypeVar("T")
 CacheKey = tuple[Any, ...]
@@ -238,24 +263,31 @@ class Listener(threading.Thread):
 
 
 class PostgresProfileStore:
-    """Profiles in PostgreSQL (psycopg 3 with a connection pool); thread-safe.
+    """One family's profiles in PostgreSQL (psycopg 3 with a connection pool); thread-safe.
 
     ``url`` is a libpq URL or conninfo string; the tables go into the first schema of the
-    connection's ``search_path`` (``?options=-csearch_path%3Dmpo`` picks one).
+    connection's ``search_path`` (``?options=-csearch_path%3Dmpo`` picks one). A
+    ``connect_timeout`` in the URL wins over ``timeouts.connect_s``.
     """
 
     def __init__(
         self,
         url: str,
         *,
+        family: Family = UNSCOPED,
+        timeouts: StoreTimeouts | None = None,
         max_connections: int = 8,
-        pool_timeout_s: float = 3.0,
+        pool_timeout_s: float | None = None,
         cache: bool = True,
     ) -> None:
         self.url = describe_url(url)
+        self.family = family
+        timeouts = timeouts or StoreTimeouts()
         params = conninfo_to_dict(url)
         kwargs: dict[str, Any] = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in params}
+        kwargs.setdefault("connect_timeout", str(max(1, round(timeouts.connect_s))))
         base = {**kwargs, "application_name": params.get("application_name", "mpo-store")}
+        self._statement_ms = max(1, int(timeouts.statement_s * 1000))
         self._schema = self._create_tables(url, base)
         self._cache = ReadCache()
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
@@ -263,8 +295,9 @@ class PostgresProfileStore:
             min_size=1,
             max_size=max_connections,
             kwargs={**base, "autocommit": True},
+            configure=self._configure,
             check=ConnectionPool.check_connection,  # drop links broken by a restart
-            timeout=pool_timeout_s,
+            timeout=timeouts.connect_s if pool_timeout_s is None else pool_timeout_s,
             reconnect_timeout=10.0,  # then start over: a long outage leaves no long backoff
             name="mpo-store",
             open=True,
@@ -273,17 +306,24 @@ class PostgresProfileStore:
         if cache:
             self._listener = Listener(url, kwargs, self._on_payload, self._cache)
             self._listener.start()
-            self._listener.listening.wait(pool_timeout_s)
-        logger.info("profile store: %s (schema %s)", self.url, self._schema)
+            self._listener.listening.wait(timeouts.connect_s)
+        logger.info("profile store: %s (schema %s, family %r)", self.url, self._schema, family.key)
 
     # -- setup ---------------------------------------------------------------------
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(f"SET statement_timeout = {self._statement_ms}")
+
     def _create_tables(self, url: str, kwargs: dict[str, Any]) -> str:
-        """Create the tables (once, under a lock: replicas may start together); the schema."""
+        """Create the tables and adopt the old schema's profiles (once, under a lock:
+        replicas may start together); the schema."""
         try:
             with psycopg.connect(url, autocommit=True, **kwargs) as conn, conn.transaction():
+                self._configure(conn)
                 conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_CLASS, _SCHEMA_LOCK))
                 conn.execute(_SCHEMA_SQL)
                 row = conn.execute("SELECT current_schema()").fetchone()
+                if row is not None and row[0] is not None:
+                    self._adopt_legacy(conn)
         except _DISCONNECTED as exc:
             raise StoreUnavailable(f"cannot open the profile store at {self.url}: {exc}") from exc
         except psycopg.errors.InvalidSchemaName as exc:
@@ -291,6 +331,52 @@ class PostgresProfileStore:
         if row is None or row[0] is None:
             raise ConfigError(f"profile store at {self.url}: search_path names no schema")
         return str(row[0])
+
+    def _adopt_legacy(self, conn: psycopg.Connection[Any]) -> None:
+        """Copy the old schema's profiles that fit this family, once per family."""
+        key = self.family.key
+        marked = conn.execute(
+            "INSERT INTO mpo_family_settings (family, key, value) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (key, _LEGACY_ADOPTED, str(time.time())),
+        )
+        if marked.rowcount == 0:
+            return  # adopted before
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        }
+        if "mpo_profile_versions" not in tables:
+            return
+        rows = conn.execute("SELECT name, weights FROM mpo_profile_versions").fetchall()
+        names = sorted(adopted_names(self.family, rows))
+        if not names:
+            return
+        conn.execute(
+            f"INSERT INTO mpo_family_profile_versions (family, {_COLUMNS}) "
+            f"SELECT %s, {_COLUMNS} FROM mpo_profile_versions WHERE name = ANY(%s) "
+            "ON CONFLICT DO NOTHING",
+            (key, names),
+        )
+        default = None
+        if "mpo_store_settings" in tables:
+            found = conn.execute(
+                "SELECT value FROM mpo_store_settings WHERE key = 'default_profile'"
+            ).fetchone()
+            default = None if found is None else found[0]
+        if default in names and _latest_row(conn, key, default) is not None:
+            conn.execute(
+                "INSERT INTO mpo_family_settings (family, key, value) "
+                "VALUES (%s, 'default_profile', %s) ON CONFLICT DO NOTHING",
+                (key, default),
+            )
+        logger.info(
+            "profile store %s: family %r adopted %d profile(s) of the old schema: %s",
+            self.url, key, len(names), ", ".join(names),
+        )  # fmt: skip
 
     def listener_status(self) -> dict[str, Any]:
         """For diagnostics and tests: is the cache live, and how often it reconnected."""
@@ -306,11 +392,11 @@ class PostgresProfileStore:
     def _on_payload(self, payload: str) -> None:
         try:
             message = json.loads(payload)
-            schema, name = message["schema"], message["name"]
+            schema, family, name = message["schema"], message["family"], message["name"]
         except (ValueError, TypeError, KeyError):
             self._cache.invalidate(None, everything=True)  # someone's manual NOTIFY
             return
-        if schema == self._schema:
+        if schema == self._schema and family == self.family.key:
             self._cache.invalidate(name)
 
     # -- reads ---------------------------------------------------------------------
@@ -323,43 +409,53 @@ class PostgresProfileStore:
             with self._pool.connection() as conn:
                 value = query(conn)
         except _DISCONNECTED as exc:
-            hit, value = self._cache.lookup(key, stale_ok=True)
-            if not hit:
-                raise StoreUnavailable(
-                    f"the profile store at {self.url} is unreachable ({exc}); retry shortly"
-                ) from exc
-            logger.warning("profile store unreachable; answering %s from the last read", key)
-            return _copy(value)
+            raise StoreUnavailable(
+                f"the profile store at {self.url} is unreachable ({exc}); retry shortly"
+            ) from exc
         self._cache.store(key, value, generation)
         return _copy(value)
 
+    def _args(self, **more: Any) -> dict[str, Any]:
+        return {"family": self.family.key, **more}
+
     def list(self) -> ProfileVersions:
-        return self._read(("list",), lambda c: readable_versions(c.execute(_LIST).fetchall()))
+        return self._read(
+            ("list",), lambda c: readable_versions(c.execute(_LIST, self._args()).fetchall())
+        )
 
     def get(self, name: str, version: int | None = None) -> ProfileVersion:
-        found: ProfileVersion | None
+        # rows are cached as stored; found_version decides (and raises) on every read
+        row: tuple[Any, ...] | None
         if version is None:
-            found = self._read(("latest", name), lambda c: _live(c.execute(_LATEST, (name,))))
+            row = self._read(("latest", name), lambda c: _one(c, _LATEST, self._args(name=name)))
         else:
-            found = self._read(
-                ("version", name, version), lambda c: _live(c.execute(_VERSION, (name, version)))
-            )
-        if found is None:
-            raise UnknownProfile(name if version is None else f"{name}@{version}")
-        return found
+            args = self._args(name=name, version=version)
+            row = self._read(("version", name, version), lambda c: _one(c, _VERSION, args))
+        return found_version(name, row, version)
 
     def history(self, name: str) -> ProfileVersions:
-        versions = self._read(("history", name), lambda c: c.execute(_HISTORY, (name,)).fetchall())
-        if not versions:
+        rows = self._read(
+            ("history", name), lambda c: c.execute(_HISTORY, self._args(name=name)).fetchall()
+        )
+        if not rows:
             raise UnknownProfile(name)
-        return readable_versions(versions)
+        return readable_versions(rows)
 
     def get_default(self) -> str | None:
         def query(conn: psycopg.Connection[Any]) -> str | None:
-            row = conn.execute(_GET_DEFAULT).fetchone()
+            row = conn.execute(_GET_DEFAULT, self._args()).fetchone()
             return None if row is None or row[0] is None else str(row[0])
 
         return self._read(("default",), query)
+
+    def ping(self) -> None:
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SELECT 1")
+        except _DISCONNECTED as exc:
+            raise StoreUnavailable(
+                f"the profile store at {self.url} is unreachable ({exc})"
+            ) from exc
 
     # -- writes --------------------------------------------------------------------
     @contextmanager
@@ -370,10 +466,12 @@ class PostgresProfileStore:
                 if name is not None:
                     conn.execute(
                         "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
-                        (_LOCK_CLASS, f"{self._schema}.{name}"),
+                        (_LOCK_CLASS, f"{self._schema}.{self.family.key}.{name}"),
                     )
                 yield conn
-                payload = json.dumps({"schema": self._schema, "name": name})
+                payload = json.dumps(
+                    {"schema": self._schema, "family": self.family.key, "name": name}
+                )
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
         except _DISCONNECTED as exc:
             raise StoreUnavailable(
@@ -392,40 +490,51 @@ class PostgresProfileStore:
     ) -> ProfileVersion:
         new = prepare_put(name, weights, strength, meta)
         with self._write(name) as conn:
-            version = _next_version(conn, name)
+            version = _next_version(conn, self.family.key, name)
             conn.execute(
-                f"INSERT INTO mpo_profile_versions ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)",
-                (name, version, Json(new.weights), new.strength, Json(new.meta), new.created_at),
-            )
+                f"INSERT INTO mpo_family_profile_versions (family, {_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (self.family.key, name, version, Json(new.weights), new.strength,
+                 Json(new.meta), new.created_at),
+            )  # fmt: skip
         return ProfileVersion(name, version, new.weights, new.strength, new.meta, new.created_at)
 
     def delete(self, name: str) -> None:
+        key = self.family.key
         with self._write(name) as conn:
-            if _latest_row(conn, name) is None:
+            row = conn.execute(_LATEST, {"family": key, "name": name}).fetchone()
+            if row is None:
                 raise UnknownProfile(name)
+            if row[2] is None:
+                raise DeletedProfile(name, int(row[1]))
             conn.execute(
-                "INSERT INTO mpo_profile_versions (name, version, weights, created_at) "
-                "VALUES (%s, %s, NULL, %s)",
-                (name, _next_version(conn, name), time.time()),
+                "INSERT INTO mpo_family_profile_versions "
+                "(family, name, version, weights, created_at) VALUES (%s, %s, %s, NULL, %s)",
+                (key, name, _next_version(conn, key, name), time.time()),
             )
             conn.execute(
-                "DELETE FROM mpo_store_settings WHERE key = 'default_profile' AND value = %s",
-                (name,),
+                "DELETE FROM mpo_family_settings "
+                "WHERE family = %s AND key = 'default_profile' AND value = %s",
+                (key, name),
             )
 
     def set_default(self, name: str | None) -> None:
+        key = self.family.key
         with self._write(name) as conn:  # the name's lock orders it against its deletion
             if name is None:
-                conn.execute("DELETE FROM mpo_store_settings WHERE key = 'default_profile'")
+                conn.execute(
+                    "DELETE FROM mpo_family_settings WHERE family = %s AND key = 'default_profile'",
+                    (key,),
+                )
                 return
-            row = _latest_row(conn, name)
-            if row is None:
-                raise UnknownProfile(name)
-            checked_version(*row)  # a default that requests could not read: refused
+            row = conn.execute(_LATEST, {"family": key, "name": name}).fetchone()
+            # a deleted, unknown or unreadable profile is refused as the default
+            found_version(name, None if row is None else tuple(row))
             conn.execute(
-                "INSERT INTO mpo_store_settings (key, value) VALUES ('default_profile', %s) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (name,),
+                "INSERT INTO mpo_family_settings (family, key, value) "
+                "VALUES (%s, 'default_profile', %s) "
+                "ON CONFLICT (family, key) DO UPDATE SET value = excluded.value",
+                (key, name),
             )
 
     def close(self) -> None:
@@ -434,22 +543,21 @@ class PostgresProfileStore:
         self._pool.close(timeout=5.0)
 
 
-def _next_version(conn: psycopg.Connection[Any], name: str) -> int:
-    row = conn.execute(_NEXT_VERSION, (name,)).fetchone()
+def _next_version(conn: psycopg.Connection[Any], family: str, name: str) -> int:
+    row = conn.execute(_NEXT_VERSION, {"family": family, "name": name}).fetchone()
     assert row is not None  # an aggregate always returns one row
     return int(row[0])
 
 
-def _latest_row(conn: psycopg.Connection[Any], name: str) -> tuple[Any, ...] | None:
+def _latest_row(conn: psycopg.Connection[Any], family: str, name: str) -> tuple[Any, ...] | None:
     """The name's newest row as stored, or None when there is none or it is a tombstone."""
-    row = conn.execute(_LATEST, (name,)).fetchone()
+    row = conn.execute(_LATEST, {"family": family, "name": name}).fetchone()
     return None if row is None or row[2] is None else tuple(row)
 
 
-def _live(cursor: psycopg.Cursor[Any]) -> ProfileVersion | None:
-    """The one row a query found, checked; None when there is none or it is a tombstone."""
-    row = cursor.fetchone()
-    return None if row is None or row[2] is None else checked_version(*row)
+def _one(conn: psycopg.Connection[Any], query: str, args: dict[str, Any]) -> tuple[Any, ...] | None:
+    row = conn.execute(query, args).fetchone()
+    return None if row is None else tuple(row)
 
 
 def _copy(value: T) -> T:

@@ -81,6 +81,42 @@ def test_profile_lifecycle(admin_client: TestClient) -> None:
     assert_error(admin_client.delete("/admin/profiles/safe", headers=ADMIN), 404)
 
 
+def test_a_deleted_profile_keeps_its_history_and_is_re_created_visibly(
+    admin_client: TestClient,
+) -> None:
+    created = put(admin_client, "brief", {"weights": WEIGHTS, "default": True}, status=201)
+    put(admin_client, "brief", {"weights": [1, 1, 1]})
+    assert admin_client.delete("/admin/profiles/brief", headers=ADMIN).status_code == 200
+
+    gone = admin_client.get("/admin/profiles/brief", headers=ADMIN)
+    assert_error(gone, 404, param="profile", text="was deleted (version 3)")
+    request = {"inputs": "Hi", "parameters": {"profile": "brief", "max_new_tokens": 1}}
+    assert_error(admin_client.post("/generate", json=request), 404, text="was deleted")
+    plain = admin_client.post("/generate", json={"inputs": "Hi", "parameters": {}})
+    assert plain.json()["mixing"]["profile"] is None  # no longer the default
+    history = admin_client.get("/admin/profiles/brief/versions", headers=ADMIN).json()
+    assert history["deleted"] is True
+    assert [(v["version"], v["deleted"]) for v in history["versions"]] == [
+        (1, False), (2, False), (3, True),
+    ]  # fmt: skip
+    assert history["versions"][2]["weights"] == {}
+    old = admin_client.get("/admin/profiles/brief?version=1", headers=ADMIN)
+    assert old.status_code == 200 and old.json()["weights"] == created["weights"]
+
+    refused = admin_client.put("/admin/profiles/brief", json={"version": 1}, headers=ADMIN)
+    error = assert_error(refused, 409, param="version", text="is deleted")
+    assert error["code"] == "profile_deleted"
+    assert admin_client.get("/admin/profiles/brief/versions", headers=ADMIN).json()["deleted"]
+
+    again = put(admin_client, "brief", {"weights": {"concise": 1}}, status=201)  # re-created
+    assert again["version"] == 4
+    history = admin_client.get("/admin/profiles/brief/versions", headers=ADMIN).json()
+    assert history["deleted"] is False
+    assert [v["version"] for v in history["versions"]] == [1, 2, 3, 4]
+    rolled = put(admin_client, "brief", {"version": 1})  # live again: rollbacks work
+    assert rolled["version"] == 5 and rolled["weights"] == created["weights"]
+
+
 def test_default_profile_applies_to_requests(admin_client: TestClient) -> None:
     body = {"inputs": "Hi", "parameters": {"max_new_tokens": 1}}
     before = admin_client.post("/generate", json=body).json()["mixing"]

@@ -17,8 +17,9 @@ from server_helpers import ADMIN, ADMIN_TOKEN, ClientFactory, assert_error
 
 from mpo_core.config import PolicySetConfig
 from mpo_core.errors import InvalidParameter
+from mpo_core.models.policies import PolicySet
 from mpo_core.names import check_name
-from server.store import SQLiteProfileStore
+from server.store import Family, SQLiteProfileStore
 
 WEIGHTS = {"helpful": 1.0, "harmless": 1.0, "concise": 2.0}
 # Every C0 control character, DEL and the C1 controls.
@@ -96,27 +97,41 @@ def test_a_lone_surrogate_in_meta_is_refused_and_not_stored(
     assert ok.status_code == 200
 
 
-def _write_raw(path: Path, name: str, version: int, weights: str, meta: str) -> None:
+def _family(policy_set: PolicySet) -> Family:
+    """The family the server keys the tiny family's profiles by."""
+    return Family.of(policy_set.served_name, policy_set.names)
+
+
+def _write_raw(
+    path: Path, family: Family, name: str, version: int, weights: str, meta: str
+) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute(
-            "INSERT INTO profile_versions (name, version, weights, strength, meta, created_at) "
-            "VALUES (?, ?, ?, 1.0, ?, 0)",
-            (name, version, weights, meta),
+            "INSERT INTO family_profile_versions (family, name, version, weights, strength, "
+            "meta, created_at) VALUES (?, ?, ?, ?, 1.0, ?, 0)",
+            (family.key, name, version, weights, meta),
         )
 
 
 def test_a_store_with_bad_rows_still_lists_and_serves_the_rest(
-    make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_client: ClientFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    policy_set: PolicySet,
 ) -> None:
     path = tmp_path / "data" / "profiles.sqlite3"
-    old = SQLiteProfileStore(path)
+    family = _family(policy_set)
+    old = SQLiteProfileStore(path, family)
     old.put("good", {"helpful": 1.0})
     old.put("poison", {"helpful": 1.0})
-    _write_raw(path, "nl\n", 1, '{"helpful": 1.0}', "{}")  # an older version let these in
-    _write_raw(path, "poison", 2, '{"helpful": 1.0}', '{"x": "\\ud800"}')
-    _write_raw(path, "broken", 1, "not json", "{}")
+    _write_raw(path, family, "nl\n", 1, '{"helpful": 1.0}', "{}")  # older versions let these in
+    _write_raw(path, family, "poison", 2, '{"helpful": 1.0}', '{"x": "\\ud800"}')
+    _write_raw(path, family, "broken", 1, "not json", "{}")
     with sqlite3.connect(path) as conn:
-        conn.execute("INSERT INTO store_settings (key, value) VALUES ('default_profile', 'nl\n')")
+        conn.execute(
+            "INSERT INTO family_settings (family, key, value) VALUES (?, 'default_profile', ?)",
+            (family.key, "nl\n"),
+        )
     client = make_client(admin_token=ADMIN_TOKEN)
 
     with caplog.at_level(logging.WARNING):

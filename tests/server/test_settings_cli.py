@@ -9,6 +9,7 @@ import pytest
 from mpo_core.config import load_config
 from server import cli
 from server.settings import Settings
+from server.store import Family
 
 
 def test_env_prefix_and_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -90,6 +91,12 @@ def test_subcommand_required() -> None:
         cli.main([])
 
 
+def _served_family(config_path: Path) -> Family:
+    """The family whose profiles `mpo serve --config config_path` reads."""
+    config = load_config(config_path)
+    return Settings().family(config.served_name, [p.name for p in config.policies])
+
+
 def test_fit_prints_the_table_and_saves_a_profile(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -107,7 +114,8 @@ def test_fit_prints_the_table_and_saves_a_profile(
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "fitted" in out and "uniform" in out and "policy:helpful" in out
-    stored = open_store(Settings().resolved_store_url()).get("fitted")
+    store = open_store(Settings().resolved_store_url(), _served_family(tiny_yaml))
+    stored = store.get("fitted")
     assert stored.version == 1 and abs(sum(stored.weights.values()) - 1) < 1e-6
     assert stored.meta == {"source": "mpo fit"}
 
@@ -133,7 +141,8 @@ def test_fit_with_rewards_prints_win_rates_and_saves_the_strength(
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "win:polite" in out and "win:concise" in out and "reference" in out
-    stored = open_store(Settings().resolved_store_url()).get("by-rewards")
+    store = open_store(Settings().resolved_store_url(), _served_family(tiny_yaml))
+    stored = store.get("by-rewards")
     assert abs(sum(stored.weights.values()) - 1) < 1e-6
     assert stored.meta == {"source": f"mpo fit --rewards {rewards}"}
     assert f"strength {stored.strength:.3f}" in out  # the fitted strength is what is stored

@@ -18,7 +18,13 @@ import pytest
 from postgres_helpers import fresh_schema, postgres_url, sql, wait_until
 
 from mpo_core.errors import ConfigError, InvalidParameter, UnknownProfile
-from server.store import ProfileStore, SQLiteProfileStore, UnreadableProfile, open_store
+from server.store import (
+    DeletedProfile,
+    ProfileStore,
+    SQLiteProfileStore,
+    UnreadableProfile,
+    open_store,
+)
 
 WriteRaw = Callable[[str, int, str, str], None]
 
@@ -49,9 +55,9 @@ def write_raw(store: ProfileStore, request: pytest.FixtureRequest) -> WriteRaw:
         assert isinstance(store, SQLiteProfileStore)
         with sqlite3.connect(store.path) as conn:
             conn.execute(
-                "INSERT INTO profile_versions (name, version, weights, strength, meta, "
-                "created_at) VALUES (?, ?, ?, 1.0, ?, 0)",
-                (name, version, weights, meta),
+                "INSERT INTO family_profile_versions (family, name, version, weights, "
+                "strength, meta, created_at) VALUES (?, ?, ?, ?, 1.0, ?, 0)",
+                (store.family.key, name, version, weights, meta),
             )
 
     def write_postgres(name: str, version: int, weights: str, meta: str) -> None:
@@ -59,9 +65,9 @@ def write_raw(store: ProfileStore, request: pytest.FixtureRequest) -> WriteRaw:
         seen = store.listener_status()["notifications"]  # type: ignore[attr-defined]
         sql(
             url,
-            "INSERT INTO mpo_profile_versions (name, version, weights, strength, meta, "
-            "created_at) VALUES (%s, %s, %s::json, 1.0, %s::json, 0)",
-            (name, version, weights, meta),
+            "INSERT INTO mpo_family_profile_versions (family, name, version, weights, "
+            "strength, meta, created_at) VALUES (%s, %s, %s, %s::json, 1.0, %s::json, 0)",
+            (store.family.key, name, version, weights, meta),
         )
         sql(url, "NOTIFY mpo_profiles")
         wait_until(
@@ -131,7 +137,29 @@ def test_delete_keeps_history_and_versions_are_never_reused(store: ProfileStore)
     assert store.get("p", version=1).weights == {"x": 1.0}  # history still readable
     again = store.put("p", {"x": 3.0})
     assert again.version == 3  # 2 was the deletion
-    assert [v.version for v in store.history("p")] == [1, 3]
+    history = store.history("p")
+    assert [(v.version, v.deleted) for v in history] == [(1, False), (2, True), (3, False)]
+
+
+def test_a_deleted_profile_says_so_and_keeps_its_history(store: ProfileStore) -> None:
+    for x in (1.0, 2.0, 3.0):
+        store.put("p", {"x": x})
+    store.delete("p")
+    with pytest.raises(DeletedProfile, match="was deleted \\(version 4\\)") as info:
+        store.get("p")
+    assert info.value.version == 4 and isinstance(info.value, UnknownProfile)
+    with pytest.raises(DeletedProfile):
+        store.delete("p")  # already deleted
+    with pytest.raises(DeletedProfile):
+        store.set_default("p")
+    with pytest.raises(UnknownProfile, match="the version that deleted it"):
+        store.get("p", version=4)
+    tombstone = store.history("p")[-1]
+    assert (tombstone.version, tombstone.deleted, tombstone.weights) == (4, True, {})
+    assert store.get("p", version=2).weights == {"x": 2.0}  # audit reads still work
+    assert store.put("p", {"x": 5.0}).version == 5  # re-created, numbering continued
+    assert [v.deleted for v in store.history("p")] == [False, False, False, True, False]
+    assert store.get("p").version == 5
 
 
 def test_default_profile(store: ProfileStore) -> None:

@@ -128,9 +128,9 @@ def test_changes_on_one_replica_reach_the_other_within_a_second(
     propagation_time(lambda: b.http.get("/info").json()["default_profile"] == "shared")
 
     # a fit job (or `mpo fit --save`) writes straight to the store, on whichever replica
-    from server.store import open_store
+    from server.store import Family, open_store
 
-    fit_store = open_store(store_url)
+    fit_store = open_store(store_url, Family.of(served, policies))  # the replicas' family
     try:
         fit_store.put("shared", {policies[-1]: 1.0}, meta={"source": "fit job"})
     finally:
