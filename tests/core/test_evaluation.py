@@ -27,7 +27,7 @@ from mpo_core.evaluation import (
 )
 from mpo_core.fitting.rewards import Objective, load_rewards, parse_rewards
 from mpo_core.models.policies import PolicySet
-from mpo_core.models.soup import build_soup, soup_policy_set
+from mpo_core.runners import build_soup, soup_policy_set
 from mpo_core.testing.families import make_tokenizer
 from server.cli import main
 
@@ -348,7 +348,7 @@ def test_bad_baseline_and_pareto_fail_before_decoding(eval_engine: Engine) -> No
 def test_family_without_reference_has_no_win_rates_or_kl(no_reference_family: Path) -> None:
     from mpo_core.config import load_config
     from mpo_core.evaluation import markdown
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     with Engine(load_policy_set(load_config(no_reference_family))) as engine:
         rows = RowParser(engine.policy_names, False).parse(["uniform", "single"])
@@ -400,10 +400,15 @@ def test_cli_writes_json_markdown_and_plots(
 def test_cli_reads_profile_rows_from_the_store(
     tmp_path: Path, llama_family: Path, reward_module: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from mpo_core.config import load_config
+    from server.settings import Settings
     from server.store import open_store
 
     url = f"sqlite:///{tmp_path / 'profiles.db'}"
-    store = open_store(url)
+    config = load_config(llama_family)  # profiles belong to a family: the one eval reads
+    store = open_store(
+        url, Settings().family(config.served_name, [p.name for p in config.policies])
+    )
     store.put("balanced", {"helpful": 1.0, "concise": 3.0}, strength=0.5)
     store.close()
     prompts = tmp_path / "prompts.txt"
