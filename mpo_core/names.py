@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field
 
 from .errors import InvalidParameter
+from .rules import unicode_problem
 
 NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
 NAME_PATTERN = re.compile(NAME_RULE)
@@ -27,17 +28,31 @@ def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 
+def name_problem(name: object, kind: str = "") -> str | None:
+    """Why ``name`` breaks the rule, or None. Text that is not Unicode is said as such
+    (the text rule of ``mpo_core/rules.py``, which every text field shares)."""
+    if isinstance(name, str):
+        problem = unicode_problem(name)
+        if problem is not None:
+            return f"invalid {kind + ' ' if kind else ''}name: {problem}"
+    if not is_valid_name(name):
+        return f"invalid {kind + ' ' if kind else ''}name {name!r}: {NAME_HINT}"
+    return None
+
+
 def check_name(name: object, param: str = "name", kind: str = "profile") -> str:
     """``name`` if it obeys the rule, else InvalidParameter naming ``param``."""
-    if not is_valid_name(name):
-        raise InvalidParameter(param, f"invalid {kind} name {name!r}: {NAME_HINT}")
+    problem = name_problem(name, kind)
+    if problem is not None:
+        raise InvalidParameter(param, problem)
     assert isinstance(name, str)
     return name
 
 
 def _validate(name: str) -> str:
-    if not is_valid_name(name):
-        raise ValueError(f"invalid name {name!r}: {NAME_HINT}")
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
     return name
 
 
@@ -47,4 +62,30 @@ Name = Annotated[
     str,
     Field(json_schema_extra={"pattern": NAME_SCHEMA_PATTERN}, min_length=1, max_length=64),
     AfterValidator(_validate),
+]
+
+
+# What an OpenAI ``model`` may be: the served name, ``<served>:<profile>``,
+# ``<served>/<policy>`` or a bare policy; each part a name.
+MODEL_RULE = rf"{NAME_RULE}(?:[:/]{NAME_RULE})?"
+MODEL_PATTERN = re.compile(MODEL_RULE)
+MODEL_HINT = (
+    "use the served name, '<served>:<profile>', '<served>/<policy>' or a policy name "
+    "(see GET /v1/models)"
+)
+
+
+def _validate_model(model: str) -> str:
+    problem = unicode_problem(model)
+    if problem is not None:
+        raise ValueError(f"invalid model: {problem}")
+    if MODEL_PATTERN.fullmatch(model) is None:
+        raise ValueError(f"invalid model {model!r}: {MODEL_HINT}; each name: {NAME_HINT}")
+    return model
+
+
+ModelName = Annotated[
+    str,
+    Field(json_schema_extra={"pattern": f"^{MODEL_RULE}$"}, min_length=1, max_length=129),
+    AfterValidator(_validate_model),
 ]

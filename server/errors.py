@@ -25,6 +25,7 @@ from mpo_core.errors import (
     Overloaded,
     UnknownProfile,
 )
+from mpo_core.rules import unicode_problem
 
 from .openapi import operations_at
 from .protocol.errors import error_body
@@ -95,6 +96,9 @@ def _loc_to_param(loc: Sequence[Any]) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in {"body", "query", "path", "header"}:
         parts = parts[1:]
+    while "[key]" in parts:  # a dict's key: the error is the dict field's, not the key's
+        at = parts.index("[key]")
+        parts = parts[: max(0, at - 1)] + parts[at + 1 :]
     parts = [p for p in parts if p not in _UNION_MEMBERS and "[" not in p and "(" not in p]
     return ".".join(parts)
 
@@ -123,10 +127,18 @@ def validation_error_response(request: Request, exc: RequestValidationError) -> 
         )
     param = _loc_to_param(first.get("loc", ()))
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    cause = (first.get("ctx") or {}).get("error")
     if "input" in first and first.get("type") not in {"missing", "extra_forbidden"}:
         message += f" (got {_short_repr(first['input'])})"
     if first.get("type") == "extra_forbidden":
         message = f"{param}: unknown field"
+    elif first.get("type") == "string_unicode":  # pydantic's own check of constrained strings
+        text = first.get("input")
+        problem = unicode_problem(text) if isinstance(text, str) else None
+        message = f"{param or 'body'}: {problem or 'not valid Unicode (a lone surrogate)'}"
+    elif not param and isinstance(cause, InvalidParameter):
+        # A rule between fields (a model's validator): the rule names the field to fix.
+        param, message = cause.param, f"{cause.param}: {cause.message}"
     more = len(errors) - 1
     if more:
         message += f" (and {more} more error{'s' if more > 1 else ''})"

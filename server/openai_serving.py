@@ -19,7 +19,9 @@ from fastapi.responses import JSONResponse
 from mpo_core.decoding.grammar import Grammar
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.streams import RequestStream, TokenEvent
+from mpo_core.errors import UnknownProfile
 
+from .errors import APIError
 from .protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -43,7 +45,15 @@ async def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     if adapter is not None:
         return serving.adapter_mixing(adapter, "model", body.weights, body.profile, body.strength)
     model_profile = serving.profile_from_model(body.model)
-    return await serving.resolve_mixing(body.weights, body.profile, body.strength, model_profile)
+    try:
+        return await serving.resolve_mixing(
+            body.weights, body.profile, body.strength, model_profile
+        )
+    except UnknownProfile as exc:
+        if body.profile is not None or model_profile is None:
+            raise
+        # the client named the profile through ``model``: the error names that field
+        raise APIError(404, str(exc), param="model", code="profile_not_found") from None
 
 
 @dataclass

@@ -180,27 +180,36 @@ def weights_schema(policies: list[str]) -> dict[str, Any]:
     }
 
 
-def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
-    """A property's schema without its ``null`` member: the server takes null as absent,
-    and the either-or rules below are about the fields that are present."""
-    members = [m for m in prop.get("anyOf", []) if m.get("type") != "null"]
-    if not members:
-        return prop
-    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
-    return {**members[0], **rest} if len(members) == 1 else {**rest, "anyOf": members}
+_NOT_NULL = {"not": {"type": "null"}}
+
+
+def _given(*fields: str) -> dict[str, Any]:
+    """The fields are present and not null (the server takes null as absent)."""
+    return {"required": list(fields), "properties": {f: _NOT_NULL for f in fields}}
+
+
+def _needs(field: str, when: dict[str, Any], flag: str) -> dict[str, Any]:
+    """``field`` (as ``when`` says) needs ``flag`` set to true."""
+    condition = {"required": [field], **when}
+    condition.setdefault("properties", {})
+    return {"if": condition, "then": {"required": [flag], "properties": {flag: {"const": True}}}}
+
+
+def _no_eos_ignored(flag: str, field: str, grammar: dict[str, Any]) -> dict[str, Any]:
+    """``flag`` true cannot go with ``field`` asking for a grammar (EOS ends a grammar)."""
+    both = {flag: {"const": True}, field: grammar}
+    return {"not": {"required": [flag, field], "properties": both}}
 
 
 def _exactly_one(schema: dict[str, Any], first: str, second: str) -> None:
-    props = schema["properties"]
-    props[first], props[second] = _without_null(props[first]), _without_null(props[second])
-    schema["oneOf"] = [{"required": [first]}, {"required": [second]}]
+    schema["oneOf"] = [_given(first), _given(second)]
 
 
 NON_EMPTY_STOP = {"type": "string", "minLength": 1}
 REQUESTS = {"TGIParameters", "CompletionRequest", "ChatCompletionRequest", "ProfilePut"}
-_TEXT = {"type": "string", "minLength": 1}
-_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-PROMPT = {
+_TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT: dict[str, Any] = {
     "anyOf": [
         _TEXT,
         {"type": "array", "items": _TEXT, "minItems": 1},
@@ -208,6 +217,79 @@ PROMPT = {
         {"type": "array", "items": _IDS, "minItems": 1},
     ],
     "description": "text, several texts, token ids, or several lists of token ids",
+}
+
+
+_SCHEMA_NOTE = "; the schema must be one the grammar library compiles (else a 400 naming the field)"
+# An OpenAI response_format that becomes a grammar.
+OPENAI_GRAMMAR = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"enum": ["json_object", "json_schema"]}},
+}
+OPENAI_FORMAT = {
+    "anyOf": [
+        {
+            "type": "object",
+            "properties": {"type": {"enum": ["text", "json_object"]}},
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "required": ["type", "json_schema"],
+            "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "description": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                    },
+                    "additionalProperties": False,
+                },
+            },
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ],
+    "description": "text (also {}), json_object or json_schema" + _SCHEMA_NOTE,
+}
+LORAX_FORMAT = {
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"const": "json_object"},
+                "schema": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            },
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ],
+    "description": "LoRAX's JSON mode" + _SCHEMA_NOTE,
+}
+TGI_GRAMMAR = {
+    "anyOf": [
+        {
+            "type": "object",
+            "required": ["type", "value"],
+            "properties": {"type": {"enum": ["json", "json_schema"]}, "value": {}},
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "required": ["type", "value"],
+            "properties": {"type": {"const": "regex"}, "value": {"type": "string"}},
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ],
+    "description": "a JSON schema or a regular expression"
+    + _SCHEMA_NOTE.replace("schema must", "schema or pattern must"),
 }
 
 
@@ -224,21 +306,36 @@ def tighten(schemas: dict[str, Any], policies: list[str] | None) -> None:
             if nullable:
                 props["weights"]["anyOf"].append({"type": "null"})
         if "weights" in props and "profile" in props:  # weights or a profile, not both
-            props["weights"], props["profile"] = (
-                _without_null(props["weights"]),
-                _without_null(props["profile"]),
-            )
-            schema["not"] = {"required": ["weights", "profile"]}
+            schema["not"] = _given("weights", "profile")
         if name in ("CompletionRequest", "ChatCompletionRequest"):
             stop = {"type": "array", "items": NON_EMPTY_STOP, "maxItems": MAX_STOP_SEQUENCES}
             props["stop"] = {"anyOf": [NON_EMPTY_STOP, stop, {"type": "null"}]}
+            props["logit_bias"] = {
+                "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
+                "description": "not supported: only {} or null",
+            }
             for penalty in ("presence_penalty", "frequency_penalty"):
                 props[penalty] = {**props[penalty], "enum": [0], "description": "only 0"}
         if name == "CompletionRequest":
             props["prompt"] = PROMPT
             props["best_of"] = {"type": "null", "description": "only null (or n itself)"}
+        if name in ("CompletionRequest", "ChatCompletionRequest"):
+            props["response_format"] = OPENAI_FORMAT
+            rules = [_needs("stream_options", _given("stream_options"), "stream")]
+            if name == "ChatCompletionRequest":
+                positive = {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}}
+                rules.append(_needs("top_logprobs", positive, "logprobs"))
+            rules.append(_no_eos_ignored("ignore_eos", "response_format", OPENAI_GRAMMAR))
+            schema["allOf"] = rules
         if name == "TGIParameters":
+            schema["allOf"] = [
+                _no_eos_ignored(flag, field, _NOT_NULL)
+                for flag in ("ignore_eos", "ignore_eos_token")
+                for field in ("grammar", "response_format")
+            ]
             props["stop"] = {**props["stop"], "items": NON_EMPTY_STOP}
+            props["response_format"] = LORAX_FORMAT
+            props["grammar"] = TGI_GRAMMAR
             props["typical_p"] = {"anyOf": [{"const": 1}, {"type": "null"}], "description": "off"}
     if "ProfilePut" in schemas:
         _exactly_one(schemas["ProfilePut"], "weights", "version")
@@ -270,6 +367,40 @@ def limit_counts(schemas: dict[str, Any], serving: Any) -> None:
         for member in prop.get("anyOf", [prop]):
             if member.get("type") == "integer":
                 member["maximum"] = maximum
+    # Token ids: inside the vocabulary.
+    last_id = int(serving.engine.policy_set.vocab_size) - 1
+    for model in ("TGIParameters", "CompletionRequest", "ChatCompletionRequest"):
+        props = schemas.get(model, {}).get("properties", {})
+        for member in props.get("stop_token_ids", {}).get("anyOf", []):
+            if member.get("type") == "array":
+                member["items"] = {**member.get("items", {}), "minimum": 0, "maximum": last_id}
+        if model == "CompletionRequest" and "prompt" in props:
+            ids = {**_IDS, "items": {**_IDS["items"], "maximum": last_id}}
+            texts = [m for m in PROMPT["anyOf"] if m.get("items", {}).get("type") != "integer"]
+            texts = [m for m in texts if m.get("items") != _IDS]
+            props["prompt"] = {
+                **PROMPT,
+                "anyOf": [*texts, ids, {"type": "array", "items": ids, "minItems": 1}],
+            }
+    # New tokens: prompt + new tokens must fit the context, a rule in tokens that no JSON
+    # Schema can state (the documented exception); a prompt has one token at least.
+    room = serving.engine.max_context - 1
+    for model, field in (
+        ("TGIParameters", "max_new_tokens"),
+        ("CompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_completion_tokens"),
+    ):
+        prop = schemas.get(model, {}).get("properties", {}).get(field)
+        if prop is None:
+            continue
+        for member in prop.get("anyOf", [prop]):
+            if member.get("type") == "integer":
+                member["maximum"] = room
+        prop["description"] = (
+            f"at most {room}; prompt + {field} must fit the context limit of "
+            f"{room + 1} tokens (else a 400 naming {field})"
+        )
     chat = schemas.get("ChatCompletionRequest", {}).get("properties", {})
     if "tools" in chat:
         chat["tools"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],

@@ -7,9 +7,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mpo_core.decoding.mixing import MAX_STRENGTH
+from mpo_core.errors import InvalidParameter
 from mpo_core.names import Name
 
-from .common import MAX_INT, OptInt, Weights
+from .common import MAX_INT, JSONObject, OptInt, Weights
 
 
 class ProfilePut(BaseModel):
@@ -19,14 +20,17 @@ class ProfilePut(BaseModel):
 
     weights: Weights = None
     strength: float = Field(default=1.0, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
-    meta: dict[str, Any] = Field(default_factory=dict)
+    meta: JSONObject = Field(default_factory=dict)
     version: OptInt = Field(default=None, ge=1, le=MAX_INT)  # copy this old version as the newest
     default: bool | None = None  # true: mark this profile default
 
     @model_validator(mode="after")
     def _weights_xor_version(self) -> ProfilePut:
         if (self.weights is None) == (self.version is None):
-            raise ValueError("give either weights (new content) or version (a rollback)")
+            raise InvalidParameter(
+                "weights" if self.weights is None else "version",
+                "give either weights (new content) or version (a rollback), not both",
+            )
         return self
 
 

@@ -8,13 +8,18 @@ from typing import Annotated, Any, ClassVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from mpo_core.decoding.mixing import MAX_STRENGTH, check_weight_list, check_weight_map
-from mpo_core.errors import InvalidParameter
+from mpo_core.names import Name, name_problem
+from mpo_core.rules import check_text, valid_json_text, valid_text
 
 # A stop list: a few non-empty strings (the engine matches them on detokenised text).
 MAX_STOP_SEQUENCES = 16
 # Upper bound for integer knobs (top_k, versions, token counts): larger values mean
 # nothing here and would overflow the 64-bit integers of torch and SQLite.
 MAX_INT = 2**31 - 1
+# Seeds: integers a JSON number (a double) holds exactly (JavaScript's MAX_SAFE_INTEGER),
+# so that a client or a schema checker comparing doubles agrees with the server on the
+# bound; a choice's seed + its index stays below 2**63 (torch's generators take int64).
+MAX_SEED = 2**53 - 1
 
 
 def _check_weights(
@@ -24,6 +29,10 @@ def _check_weights(
     if weights is None:
         return None
     if isinstance(weights, Mapping):
+        for name in weights:
+            problem = name_problem(name, "policy")
+            if problem is not None:
+                raise ValueError(problem)  # pydantic names the field
         return check_weight_map(weights)
     return check_weight_list(weights)
 
@@ -42,37 +51,19 @@ class MixingFields(BaseModel):
     model_config = ConfigDict(strict=True)
 
     weights: Weights = None
-    profile: str | None = Field(default=None, min_length=1, max_length=64)
+    profile: Name | None = None
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
 
 
-def unicode_problem(text: str) -> str | None:
-    """Why ``text`` cannot be tokenised, or None: JSON may escape a lone surrogate
-    (``"\\ud800"``), which is no text, and no tokenizer takes it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"not valid Unicode: lone surrogate at position {exc.start}"
-    return None
+# The one text rule (mpo_core/rules.py), on every text field of every request model: a
+# string that is not Unicode text is a 400 naming its field. ``check_unicode`` is the rule
+# for text made after validation (a chat template's output).
+check_unicode = check_text
 
-
-def check_unicode(text: str, param: str) -> str:
-    """Text made after validation (a chat template's output): InvalidParameter naming ``param``."""
-    problem = unicode_problem(text)
-    if problem is not None:
-        raise InvalidParameter(param, f"{param} is {problem}")
-    return text
-
-
-def _valid_unicode(text: str) -> str:
-    problem = unicode_problem(text)
-    if problem is not None:
-        raise ValueError(problem)  # pydantic names the field
-    return text
-
-
-# Text that reaches the tokenizer (prompts, chat content).
-Text = Annotated[str, AfterValidator(_valid_unicode)]
+# Text: prompts, stops, chat content and names, user, ... ; JSON: any JSON value whose
+# strings (keys and values, at any depth) are text: schemas, grammars, metadata.
+Text = Annotated[str, AfterValidator(valid_text)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(valid_json_text)]
 
 
 def _integral(value: object) -> object:

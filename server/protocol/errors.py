@@ -19,6 +19,15 @@ class ErrorResponse(BaseModel):
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, object]:
-    """The JSON body of an error response."""
-    detail = ErrorDetail(message=message, type=type_, param=param, code=code)
+    """The JSON body of an error response. A lone surrogate a client sent, quoted in the
+    message or the field's name, is escaped (``\\ud800``): a response body is UTF-8."""
+    detail = ErrorDetail(
+        message=_printable(message) or "", type=type_, param=_printable(param), code=code
+    )
     return ErrorResponse(error=detail).model_dump()
+
+
+def _printable(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

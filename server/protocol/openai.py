@@ -13,11 +13,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.errors import InvalidParameter
+from mpo_core.names import ModelName
+from mpo_core.rules import valid_json_text
 
 from .common import (
     MAX_INT,
+    MAX_SEED,
     MAX_STOP_SEQUENCES,
     Int,
+    JSONObject,
     MixingFields,
     MixingInfo,
     OptInt,
@@ -37,25 +42,25 @@ class SamplingFields(MixingFields):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(default=None, min_length=1)
+    model: ModelName | None = None
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: Int = Field(default=1, ge=1, le=MAX_INT)  # upper limit is a server setting (max_n)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: OptInt = Field(default=None, ge=0, lt=2**63)
+    stop: Text | list[Text] | None = None
+    seed: OptInt = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: float = 0.0  # not supported: only 0 (use repetition_penalty)
     frequency_penalty: float = 0.0  # not supported: only 0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[Text, float] | None = None
+    user: Text | None = None
     top_k: OptInt = Field(default=None, ge=0, le=MAX_INT)
     min_p: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     ignore_eos: bool = False
     # vLLM's name: token ids that end the reply like EOS (special tokens such as an
     # end-of-turn marker, which stop strings never see: they match the decoded text)
-    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     speculative: bool = True  # false: no speculative decoding for this request
 
     @field_validator("stop")
@@ -85,7 +90,9 @@ class SamplingFields(MixingFields):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise InvalidParameter(
+                "stream_options", "stream_options is only allowed when stream is true"
+            )
         return self
 
     def stop_list(self) -> list[str]:
@@ -123,7 +130,7 @@ class CompletionRequest(SamplingFields):
     best_of: OptInt = Field(default=None, ge=1, le=MAX_INT)
     suffix: None = None
     # vLLM takes it on completions too; checked and compiled in server/structured.py
-    response_format: dict[str, Any] | None = None
+    response_format: JSONObject | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -137,7 +144,7 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _best_of_is_n(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (it may only equal n)")
+            raise InvalidParameter("best_of", "best_of is not supported (it may only equal n)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -164,6 +171,14 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    name: Text | None = None  # the author's name, for templates that render it
+
+    @model_validator(mode="after")
+    def _extras_are_text(self) -> ChatMessage:
+        """The other fields a template may read (tool_call_id, ...): JSON whose strings
+        are text, like every declared field."""
+        valid_json_text(self.model_extra or {})
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -179,8 +194,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: OptInt = Field(default=None, ge=1, le=MAX_INT)
     logprobs: bool = False
     top_logprobs: OptInt = Field(default=None, ge=0, le=MAX_INT)
-    response_format: dict[str, Any] | None = None  # text, json_object, json_schema
-    tools: list[dict[str, Any]] | None = None
+    response_format: JSONObject | None = None  # text, json_object, json_schema
+    tools: list[JSONObject] | None = None
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
@@ -188,9 +203,9 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise InvalidParameter("top_logprobs", "top_logprobs needs logprobs set to true")
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise InvalidParameter("tools", "tools are not supported")
         return self
 
     def max_new_tokens(self) -> int | None:

@@ -6,15 +6,19 @@ Sampling follows TGI: greedy unless ``do_sample`` is true or a sampling knob
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mpo_core.decoding.sampling import SamplingParams
+from mpo_core.names import Name
 
 from .common import (
     MAX_INT,
+    MAX_SEED,
     MAX_STOP_SEQUENCES,
+    Int,
+    JSONObject,
     MixingFields,
     MixingInfo,
     OptInt,
@@ -34,8 +38,8 @@ class TGIParameters(MixingFields):
     max_new_tokens: OptInt = Field(default=None, ge=1, le=MAX_INT)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     return_full_text: bool = False
-    seed: OptInt = Field(default=None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    seed: OptInt = Field(default=None, ge=0, le=MAX_SEED)
+    stop: list[Text] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_k: OptInt = Field(default=None, ge=0, le=MAX_INT)
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
@@ -43,23 +47,23 @@ class TGIParameters(MixingFields):
     top_n_tokens: OptInt = Field(default=None, ge=0, le=MAX_INT)
     truncate: OptInt = Field(default=None, ge=1, le=MAX_INT)  # keep only the last N prompt tokens
     typical_p: float | None = Field(default=None, gt=0, le=1)  # only 1 (off) is accepted
-    watermark: Literal[False] = False
+    watermark: bool = Field(default=False, json_schema_extra={"enum": [False]})  # only false
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     speculative: bool = True  # false: no speculative decoding for this request
     # Sent (as null) by TGI's own client; accepted only at their neutral value.
     frequency_penalty: float | None = Field(default=None, ge=0, le=0)  # not supported
     # {"type": "json" | "regex", "value": ...}: constrained decoding (server/structured.py)
-    grammar: dict[str, Any] | None = None
+    grammar: JSONObject | None = None
     # one policy (or the reference) alone, by name: TGI multi-LoRA's and LoRAX's field
-    adapter_id: str | None = Field(default=None, min_length=1, max_length=128)
+    adapter_id: Name | None = None
     # Sent by LoRAX's client (lorax-client): its JSON mode, its name for ignore_eos and
     # fields about adapters it would download, accepted only at their neutral value.
-    response_format: dict[str, Any] | None = None  # {"type": "json_object", "schema": ...}
+    response_format: JSONObject | None = None  # {"type": "json_object", "schema": ...}
     ignore_eos_token: bool = False
     adapter_source: None = None
     merged_adapters: None = None
-    api_token: str | None = None  # for private adapters on a hub: nothing to download here
+    api_token: Text | None = None  # for private adapters on a hub: nothing to download here
     return_k_alternatives: None = None
 
     @property
@@ -101,6 +105,13 @@ class TGIParameters(MixingFields):
         if any(not s for s in stop):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
+
+    @field_validator("watermark")
+    @classmethod
+    def _no_watermark(cls, watermark: bool) -> bool:
+        if watermark:
+            raise ValueError("watermarking is not supported; leave watermark false")
+        return watermark
 
     @field_validator("typical_p")
     @classmethod

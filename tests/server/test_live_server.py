@@ -315,10 +315,23 @@ def _schemathesis() -> list[str] | None:
     return None
 
 
+# Every check that says the document is true: no 500, documented statuses and bodies,
+# schema-invalid bodies refused (negative mode), schema-valid ones accepted (positive
+# mode) except the documented rules JSON Schema cannot state (schemathesis_hooks.py).
+CHECKS = (
+    "not_a_server_error,status_code_conformance,response_schema_conformance,"
+    "negative_data_rejection,documented_positive_acceptance"
+)
+HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
+
+
 def _fuzz(url: str, token: str, checks: str, *selection: str, folder: Path) -> None:
+    """Positive and negative cases of each selected operation, bounded: a few examples
+    an operation (MPO_FUZZ_EXAMPLES), deterministic generation, one worker."""
     command = [
         *(_schemathesis() or []), "run", f"{url}/openapi.json",
         "--checks", checks,
+        "--mode", "all",
         "--header", f"Authorization: Bearer {token}",
         "--max-examples", os.environ.get("MPO_FUZZ_EXAMPLES", "25"),
         *selection,
@@ -328,37 +341,25 @@ def _fuzz(url: str, token: str, checks: str, *selection: str, folder: Path) -> N
         "--workers", "1",
         "--report", "junit", "--report-dir", str(folder),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=folder)
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": HOOKS.stem, "PYTHONPATH": str(HOOKS.parent)}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=folder, env=env)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
 
 
 @pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
 def test_schema_fuzz_run_finds_no_failures(live: Callable[..., LiveServer], tmp_path: Path) -> None:
-    """A bounded schemathesis run: no 500, only documented statuses, bodies as documented.
+    """A bounded schemathesis run over every operation but the fit routes (below), in
+    positive and negative modes: no 500, only documented statuses and bodies, every body
+    the schema refuses refused, every body it allows accepted but for the documented rules
+    (prompt + new tokens within the context, files and reward sets the server must have,
+    schemas the grammar library must compile).
 
-    One token serves as API key and admin token, so every operation can be reached. The
-    fit routes have a run of their own, with a stubbed driver (a fuzzed fit is minutes of
-    CPU).
+    One token serves as API key and admin token, so every operation can be reached.
     """
     token = "fuzz-token"
     server = live(api_key=token, admin_token=token, max_n=4, default_max_tokens=8)
-    checks = "not_a_server_error,status_code_conformance,response_schema_conformance"
-    _fuzz(server.url, token, checks, "--exclude-path-regex", "^/admin/fit", folder=tmp_path)
-
-
-@pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
-def test_schema_accepts_only_what_the_profile_routes_accept(
-    live: Callable[..., LiveServer], tmp_path: Path
-) -> None:
-    """Positive-data conformance where the document can say everything the server checks:
-    every body the schema of /admin/profiles allows must not get a 400. (The generation
-    routes also check prompt + max_new_tokens against the context in tokens, which no
-    JSON Schema can state; tests/server/test_protocol_edges.py checks their rules.)"""
-    token = "fuzz-token"
-    server = live(api_key=token, admin_token=token)
-    checks = "not_a_server_error,positive_data_acceptance"
-    _fuzz(server.url, token, checks, "--include-path-regex", "^/admin/profiles", folder=tmp_path)
+    _fuzz(server.url, token, CHECKS, "--exclude-path-regex", "^/admin/fit", folder=tmp_path)
 
 
 @pytest.mark.skipif(_schemathesis() is None, reason="schemathesis is not installed (dev extra)")
@@ -383,7 +384,6 @@ def test_schema_fuzz_of_the_fit_routes_with_a_stubbed_driver(
     monkeypatch.setattr(fit_driver, "run_fit", stub)
     token = "fuzz-token"
     server = live(api_key=token, admin_token=token)
-    checks = "not_a_server_error,status_code_conformance,response_schema_conformance"
-    _fuzz(server.url, token, checks, "--include-path-regex", "^/admin/fit", folder=tmp_path)
+    _fuzz(server.url, token, CHECKS, "--include-path-regex", "^/admin/fit", folder=tmp_path)
     jobs = httpx.get(f"{server.url}/admin/fit", headers={"Authorization": f"Bearer {token}"})
     assert "done" in {job["state"] for job in jobs.json()["jobs"]}  # fits ran, through the stub

@@ -207,7 +207,7 @@ def test_unknown_model_and_profile_give_404(client: TestClient) -> None:
     )
     assert_error(
         client.post("/v1/chat/completions", json={**CHAT, "model": "tiny:nope"}), 404,
-        param="profile", text="nope",
+        param="model", text="nope",
     )  # fmt: skip
     assert_error(client.post("/v1/completions", json={"prompt": "x", "profile": "nope"}), 404)
     assert_error(

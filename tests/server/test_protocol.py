@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
+from server.protocol.common import MAX_SEED
 from server.protocol.openai import ChatCompletionRequest, CompletionRequest
 from server.protocol.tgi import TGIParameters
 
@@ -28,5 +32,7 @@ def test_openai_requests_to_sampling_give_each_choice_its_seed() -> None:
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], temperature=0.0)
     unseeded = chat.to_sampling(4, 0, index=1)
     assert unseeded.greedy and unseeded.seed is None
-    top = CompletionRequest(prompt="x", seed=2**63 - 1).to_sampling(1, 0, index=1)
-    assert top.seed == 0  # wraps inside the seed range
+    top = CompletionRequest(prompt="x", seed=MAX_SEED).to_sampling(1, 0, index=1)
+    assert top.seed == MAX_SEED + 1  # the largest seed, and its next choice's
+    with pytest.raises(ValidationError, match="less than or equal"):
+        CompletionRequest(prompt="x", seed=MAX_SEED + 1)
