@@ -94,7 +94,7 @@ def _engine_rows(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict
 
 
 def _load(args: argparse.Namespace, name: str) -> Any:
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     folder = args.models_dir / f"{args.size}_k{args.k}_r{args.rank}"
     return load_policy_set(_config(folder / f"{name}.yaml", args.device, args.dtype))

@@ -50,7 +50,7 @@ def worker(config: str, batch: int, new_tokens: int, repeats: int) -> dict[str, 
     from mpo_core.config import load_config
     from mpo_core.decoding.sampling import SamplingParams
     from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     torch.set_num_threads(1)
 

@@ -32,7 +32,7 @@ from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.evaluation import EvalOptions, RowParser, markdown, run_evaluation
 from mpo_core.fitting.driver import FitOptions, FitReport, run_fit
 from mpo_core.fitting.rewards import builtin_objectives
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 logger = logging.getLogger("fit_demo")
 

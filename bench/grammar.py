@@ -36,7 +36,8 @@ from mpo_core.decoding import grammar as grammar_module
 from mpo_core.decoding.grammar import GrammarSpec
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
-from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.policies import PolicySet
+from mpo_core.runners import load_policy_set
 
 logger = logging.getLogger("bench.grammar")
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from mpo_core.decoding.sampling import SamplingParams
     from mpo_core.demo.real import build_real_demo
     from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     raw = yaml.safe_load(build_real_demo().read_text())
     raw.update(device="cpu", dtype="float32", speculative={"method": "off"})

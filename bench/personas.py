@@ -88,7 +88,7 @@ def write_configs(folder: Path, speculative: str = "off") -> dict[str, Path]:
 
 def _load(path: Path) -> Any:
     from mpo_core.config import load_config
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     return load_policy_set(load_config(path))
 

@@ -114,7 +114,7 @@ def build(root: Path) -> Path:
 
 def _load(root: Path, name: str) -> Any:
     from mpo_core.config import load_config
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     return load_policy_set(load_config(root / f"{name}.yaml"))
 

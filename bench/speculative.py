@@ -31,7 +31,7 @@ from mpo_core.config import SpeculativeConfig, load_config
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.demo import build_demo, heldout_prompts
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 logger = logging.getLogger(__name__)
 

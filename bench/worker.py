@@ -65,7 +65,7 @@ def load(args: argparse.Namespace) -> Any:
     import yaml
 
     from mpo_core.config import load_config
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     path = family_yaml(args.size, args.k, args.models_dir)
     raw = yaml.safe_load(path.read_text())

@@ -79,6 +79,10 @@ class ModelSpec(BaseModel):
     gguf_file: str | None = Field(default=None, min_length=1)
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     trust_remote_code: bool = False
+    # Where this member runs and in which dtype; None: the set's ``device``/``dtype``
+    # (docs/models.md, "Placing members on devices").
+    device: str | None = Field(default=None, min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
 
     @model_validator(mode="after")
     def _one_gguf(self) -> ModelSpec:
@@ -176,8 +180,11 @@ class PolicySetConfig(BaseModel):
     # with the adapters switched off is the reference (so ``reference`` stays unset).
     base: ModelSpec | None = None
     policies: list[PolicySpec]
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...: each member's default
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Where the members' log-probs meet to be mixed and sampled; None: the first member's
+    # device.
+    mixing_device: str | None = Field(default=None, min_length=1)
     # The dtype the KV cache is stored in; attention still runs in ``dtype`` (each layer's
     # cache is cast up when read). "auto" stores it in ``dtype``.
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from mpo_core import __version__
 from mpo_core.config import PolicySetConfig, load_config
 from mpo_core.engine.core import Engine, EngineLimits
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 from .deps import authorize_route, refusal_before_body
 from .errors import install_error_handlers

@@ -255,7 +255,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from mpo_core.config import load_config
     from mpo_core.engine.core import Engine, EngineLimits
     from mpo_core.evaluation.inputs import load_prompts
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     if args.threads:
         torch.set_num_threads(args.threads)

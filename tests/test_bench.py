@@ -14,7 +14,7 @@ from bench.report import load, ratios, table
 from mpo_core.config import load_config
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, GenerationRequest
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 pytestmark = pytest.mark.slow  # runs the benchmark scripts end to end
 

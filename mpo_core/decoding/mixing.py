@@ -179,3 +179,15 @@ def mix_logprobs(
         ref_coef = reference_coef.unsqueeze(-1)  # [B, 1]
         scores = scores + torch.where(ref_coef == 0, 0.0, ref_coef * reference_logprobs)
     return torch.log_softmax(scores, dim=-1)  # [B, V]
+
+
+def mix_rows(logprobs: torch.Tensor, coefs: torch.Tensor, has_reference: bool) -> torch.Tensor:
+    """Each row's mixture of its models' log-probs in the runners' layout: [M, N, V] with
+    the reference last when there is one, coefficients [N, K + 1] -> [N, V]."""
+    k = coefs.shape[1] - 1
+    return mix_logprobs(
+        logprobs[:k],
+        coefs[:, :k],
+        logprobs[k] if has_reference else None,
+        coefs[:, k] if has_reference else None,
+    )  # [N, V]

@@ -25,9 +25,10 @@ from ..models.kvcache import KVStorage
 from ..models.policies import (
     LoadedModel,
     PolicySet,
-    _load_model,
-    _load_tokenizer,
     check_tokenizers_agree,
+    device_of,
+    load_model,
+    load_tokenizer,
 )
 from .acceptance import AdaptiveGamma, Draft
 from .drafts import Drafter, ModelDrafter, NgramDrafter
@@ -103,9 +104,11 @@ class Speculator:
 
 
 def make_speculator(
-    policy_set: PolicySet, settings: SpeculativeConfig | None = None
+    policy_set: PolicySet, settings: SpeculativeConfig | None = None, shared_forward: bool = False
 ) -> Speculator | None:
-    """The speculator ``settings`` (default: the policy set's) ask for; None when off."""
+    """The speculator ``settings`` (default: the policy set's) ask for; None when off.
+    ``shared_forward``: the runner runs every model of a row in one forward
+    (``runners.Capabilities``)."""
     settings = settings or policy_set.config.speculative
     if settings.method == "off" or settings.max_draft_tokens == 0:
         return None
@@ -114,9 +117,8 @@ def make_speculator(
     if method == "draft" and settings.draft_model is None and policy_set.reference is None:
         logger.info("speculative: no reference to draft with and no draft_model: using ngram")
         method = "ngram"
-    one_forward = policy_set.adapters is not None or policy_set.personas is not None
     explicit = settings.draft_model is not None or settings.draft_layers is not None
-    if method == "draft" and not explicit and one_forward:
+    if method == "draft" and not explicit and shared_forward:
         # The grouped forward runs every model of a row at once: a draft forward of the
         # shared model costs about a whole step, so the default draft could only slow it.
         logger.info(
@@ -130,6 +132,12 @@ def make_speculator(
     if settings.draft_layers is not None:
         model = first_layers(model, settings.draft_layers)
     logger.info("speculative decoding drafts with %r", model.name)
+    if device_of(model) != policy_set.device:
+        raise ConfigError(
+            f"speculative: the draft {model.name!r} is on {device_of(model)}, not on the "
+            f"mixing device {policy_set.device}: drafts are compared with the mixture there "
+            "(set mixing_device, or draft with a model placed on it)"
+        )
     drafter = ModelDrafter(
         model, policy_set.vocab_size, policy_set.device, KVStorage(policy_set.kv_dtype)
     )
@@ -201,9 +209,9 @@ def draft_model(policy_set: PolicySet, name: str | None) -> LoadedModel:
     if name in members:
         return members[name]
     spec = ModelSpec(name="draft", model=str(Path(name).expanduser()) if "/" in name else name)
-    tokenizer = _load_tokenizer(spec, "draft model")
+    tokenizer = load_tokenizer(spec, "draft model")
     check_tokenizers_agree(("the policies", policy_set.tokenizer), ("draft", tokenizer))
-    draft = _load_model(spec, "draft model", policy_set.device, policy_set.dtype)
+    draft = load_model(spec, "draft model", policy_set.device, policy_set.dtype)
     config = policy_set.config
     apply_cpu_linear(config.cpu_linear, [draft.model], policy_set.device, policy_set.dtype)
     return draft

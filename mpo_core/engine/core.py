@@ -1,12 +1,16 @@
 """The decoding engine: one thread owns the models and runs continuous batching.
 
-Each step (``_step``):
-1. admit waiting requests up to ``max_running`` and drop cancelled ones;
-2. the policy runner (``runners``) decodes the running rows' newest tokens and prefills
-   the newcomers, returning each row's log-probs under each model it needs;
-3. mix the log-probs per row with that row's ``Mixture`` (``mixing``);
-4. sample per row with that row's parameters and generator (``sampling``);
-5. emit a ``TokenEvent`` per row (``events``) and retire finished rows. The reply's text
+Each step (``_step``, the only one):
+1. admit waiting requests up to ``max_running`` and drop cancelled ones (``scheduler``);
+2. the speculator may draft tokens for the running rows (``decoding.speculator``);
+3. the policy runner (``runners``) runs the running rows' newest token and their drafts
+   and prefills the newcomers, returning each row's log-probs under each model it needs
+   at each position ([M, B, G, V]; G = 1 without drafts);
+4. mix the log-probs per row with that row's ``Mixture`` (``decoding.mixing``);
+5. choose the tokens: sample per row with its parameters, grammar and generator
+   (``decoding.sampling``), or, with drafts, keep what the acceptance rule accepts and
+   roll the rest back (``decoding.acceptance``);
+6. emit a ``TokenEvent`` per token (``events``) and retire finished rows. The reply's text
    and stop strings are not made here: each stream's reader does that as it is read.
 
 Scoring (teacher-forced log-probs for fitting) runs on the same thread in chunks between
@@ -21,41 +25,31 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
 from ..config import SpeculativeConfig
-from ..decoding import acceptance
 from ..decoding.acceptance import Draft
-from ..decoding.grammar import Grammar, GrammarCompiler, GrammarSpec, advance, constrain
-from ..decoding.mixing import Mixture, WeightsInput, mix_logprobs
-from ..decoding.prompt_logprobs import PromptLogprobs, prompt_logprobs
-from ..decoding.sampling import sample_tokens
+from ..decoding.choose import accept_rows, sample_rows
+from ..decoding.grammar import Grammar, GrammarCompiler, GrammarSpec
+from ..decoding.mixing import Mixture, WeightsInput, mix_rows
+from ..decoding.prompt_logprobs import PromptLogprobs
 from ..decoding.speculator import Speculator, make_speculator
-from ..errors import EngineNotRunning, GenerationFailed, InvalidParameter, Overloaded
+from ..errors import EngineNotRunning, GenerationFailed
 from ..models.kv_budget import kv_budget_for
 from ..models.policies import PolicySet
-from ..rules import check_token_ids
-from ..runners import PolicyRunner, SpeculativeRunner, context_limit, make_runner
+from ..runners import PolicyRunner, capabilities_of, context_limit, make_runner
 from ..runners.scoring import ScoreResult
-from .events import EventBuilder, final_event
-from .jobs import CallJob, ScoreJob
+from .events import EventBuilder, broken_reason, emit_runs, final_event
+from .jobs import CallJob, ScoreJob, prompt_logprobs_job, score_job
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
+from .scheduler import EngineStats, Scheduler
 from .streams import GenerationResult, RequestStream
 
 __all__ = ["Engine", "EngineLimits", "EngineStats", "GenerationRequest"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int
-    steps: int
-    generated_tokens: int
 
 
 class EngineObserver(Protocol):
@@ -79,8 +73,13 @@ class Engine:
         self._watchers: tuple[EngineObserver, ...] = ()  # added by watch(); a tuple: swapped whole
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
         self.runner: PolicyRunner
+        capabilities = runner.capabilities if runner is not None else capabilities_of(policy_set)
         self.kv_budget = kv_budget_for(
-            policy_set, self.limits.kv_cache_bytes, self.limits.kv_cache_fraction, growing=True
+            policy_set,
+            self.limits.kv_cache_bytes,
+            self.limits.kv_cache_fraction,
+            growing=True,
+            shared_forward=capabilities.shared_forward,
         )
         if runner is None:
             self.runner, self.max_context = make_runner(
@@ -97,19 +96,12 @@ class Engine:
         self.grammars = GrammarCompiler(
             policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
         )
-        # Speculative decoding (None: off): the policy set's settings unless overridden;
-        # a runner without ``verify`` does not speculate.
-        self.speculator: Speculator | None = None
-        self._verifier: SpeculativeRunner | None = None
-        if hasattr(self.runner, "verify"):
-            self._verifier = cast(SpeculativeRunner, self.runner)
-            self.speculator = make_speculator(policy_set, speculative)
+        # Speculative decoding (None: off): the policy set's settings unless overridden.
+        self.speculator: Speculator | None = make_speculator(
+            policy_set, speculative, shared_forward=capabilities.shared_forward
+        )
         self._lock = threading.Condition()
-        self._waiting: deque[SequenceState] = deque()
-        self._running: dict[int, SequenceState] = {}
-        # Admitted by ``_admit`` and being prefilled: neither waiting nor running yet, but
-        # holding slots (counted by ``submit``, cancelled by ``cancel_all``).
-        self._admitted: list[SequenceState] = []
+        self._queue = Scheduler(self.limits, self.kv_budget)  # guarded by the lock
         self._jobs: deque[ScoreJob | CallJob] = deque()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -136,14 +128,14 @@ class Engine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failure is None
 
+    @property
+    def capabilities(self) -> Any:
+        """What the backend can do (``runners.Capabilities``)."""
+        return self.runner.capabilities
+
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(
-                len(self._running) + len(self._admitted),
-                len(self._waiting),
-                self._steps,
-                self._generated_tokens,
-            )
+            return self._queue.stats(self._steps, self._generated_tokens)
 
     def mixture(self, weights: WeightsInput = None, strength: object = 1.0) -> Mixture:
         """A mixture of this engine's policies (InvalidParameter names what is wrong)."""
@@ -190,21 +182,30 @@ class Engine:
             self._accepting = False
             self._lock.notify_all()
             self._lock.wait_for(
-                lambda: not (self._running or self._waiting or self._jobs) or not self.is_alive,
+                lambda: not (self._queue.busy() or self._jobs) or not self.is_alive,
                 timeout=timeout,
             )
-            for seq in [*self._waiting, *self._admitted, *self._running.values()]:
+            for seq in self._queue.held():
                 seq.stream.cancelled = True
             self._stopping = True
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Block until no request is held and no job queued (cancelled requests leave at
+        the engine's next turn); False if ``timeout`` s passed first."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: not (self._queue.busy() or self._queue.admitted or self._jobs),
+                timeout=timeout,
+            )
+
     def cancel_all(self) -> int:
         """Cancel every waiting and running sequence (each stream's last event is then
         ``cancelled``) and keep running; the number cancelled. A drain's last step."""
         with self._lock:
-            pending = [*self._waiting, *self._admitted, *self._running.values()]
+            pending = self._queue.held()
             for seq in pending:
                 seq.stream.cancelled = True
             self._lock.notify_all()
@@ -234,17 +235,7 @@ class Engine:
                 raise EngineNotRunning(
                     "the engine is not running (not started, stopping or failed)"
                 )
-            # Every sequence held counts once, wherever it is (waiting, being admitted or
-            # running), so exactly max_running + max_queued are ever held.
-            running = len(self._running) + len(self._admitted)
-            if running + len(self._waiting) >= self.limits.max_running + self.limits.max_queued:
-                raise Overloaded(
-                    f"{running} sequences are running and {len(self._waiting)} are "
-                    f"queued (limits {self.limits.max_running} + {self.limits.max_queued}); "
-                    "retry later",
-                    retry_after=self.limits.retry_after_s,
-                )
-            self._waiting.append(seq)
+            self._queue.enqueue(seq)  # or Overloaded: max_running + max_queued are held
             self._lock.notify_all()
         return seq.stream
 
@@ -274,26 +265,9 @@ class Engine:
 
         Runs on the engine thread, one chunk per loop turn, interleaved with decoding.
         """
-        if len(prompts) != len(completions):
-            raise InvalidParameter(
-                "completions", "prompts and completions must have the same length"
-            )
-        for name, seqs in (("prompts", prompts), ("completions", completions)):
-            for s in seqs:
-                check_token_ids(s, self.policy_set.vocab_size, name)
         chunk = self.limits.score_chunk_tokens
-
-        def scorer(p: Sequence[Sequence[int]], c: Sequence[Sequence[int]]) -> ScoreResult:
-            return self.runner.score(p, c, chunk)
-
-        if self._thread is None or threading.current_thread() is self._thread:
-            return scorer(prompts, completions)
-        job = ScoreJob(scorer, prompts, completions, chunk)
-        with self._lock:
-            if not self._accepting:
-                raise EngineNotRunning("the engine is not running")
-            self._jobs.append(job)
-            self._lock.notify_all()
+        job = score_job(self.runner, self.policy_set, prompts, completions, chunk)
+        self._run_job(job)
         return job.future.result()
 
     def prompt_logprobs(
@@ -301,32 +275,36 @@ class Engine:
     ) -> concurrent.futures.Future[PromptLogprobs]:
         """Each prompt token's log-prob under ``mixture`` (the first: None), computed on the
         engine thread between decode steps; the future holds the result."""
-        vocab = self.policy_set.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidParameter("prompt", "a prompt token id is outside the vocabulary")
-        job = CallJob(lambda: prompt_logprobs(self.policy_set, prompt_ids, mixture, top_n))
+        job = prompt_logprobs_job(self.runner, self.policy_set, prompt_ids, mixture, top_n)
+        self._run_job(job)
+        return job.future
+
+    def _run_job(self, job: ScoreJob | CallJob) -> None:
+        """Run ``job`` now on the engine's thread (or before it starts), else queue it."""
         if self._thread is None or threading.current_thread() is self._thread:
-            job.run_one()
-            return job.future
+            while not job.run_one():
+                pass
+            return
         with self._lock:
             if not self._accepting:
                 raise EngineNotRunning("the engine is not running")
             self._jobs.append(job)
             self._lock.notify_all()
-        return job.future
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while True:
                 with self._lock:
-                    while not (self._waiting or self._running or self._jobs or self._stopping):
+                    while not (self._queue.busy() or self._jobs or self._stopping):
                         self._lock.notify_all()  # idle: a stop() waiting for the drain sees it
                         self._lock.wait()
                     if self._stopping:
                         break
-                    newcomers = self._admit()
-                if self._running or newcomers:
+                    for seq in self._queue.drop_cancelled_waiting():
+                        seq.stream.push(final_event(seq, "cancelled"))
+                    newcomers = self._queue.admit()
+                if self._queue.running or newcomers:
                     try:
                         self._step(newcomers)
                     except Exception as exc:  # fail this step's requests; keep serving
@@ -342,29 +320,14 @@ class Engine:
     def _abort_running(self, newcomers: list[SequenceState], exc: Exception) -> None:
         """After a failed step the caches may be inconsistent: drop every running row."""
         with self._lock:
-            failed = {s.sid: s for s in [*self._running.values(), *newcomers]}
-            self._running.clear()
-            self._admitted = []
+            failed = {s.sid: s for s in [*self._queue.running.values(), *newcomers]}
+            self._queue.running.clear()
+            self._queue.admitted = []
         self.runner.keep(set())
         if self.speculator is not None:
             self.speculator.keep(set())
         for seq in failed.values():
             seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
-
-    def _admit(self) -> list[SequenceState]:
-        """Move waiting requests into free slots (lock held)."""
-        for seq in [s for s in self._waiting if s.stream.cancelled]:
-            self._waiting.remove(seq)
-            seq.stream.push(final_event(seq, "cancelled"))
-        newcomers: list[SequenceState] = []
-        while self._waiting and len(self._running) + len(newcomers) < self.limits.max_running:
-            # In arrival order: the head waits until its worst-case KV cache fits (kv_budget).
-            rows = [*self._running.values(), *newcomers, self._waiting[0]]
-            if not self.kv_budget.fits([(s.coefs, s.worst_case_tokens) for s in rows]):
-                break
-            newcomers.append(self._waiting.popleft())
-        self._admitted = newcomers
-        return newcomers
 
     def _run_one_job(self) -> None:
         if self._jobs and self._jobs[0].run_one():
@@ -375,11 +338,8 @@ class Engine:
     def _fail_all(self, failure: BaseException | None) -> None:
         with self._lock:
             self._accepting = False
-            pending = [*self._waiting, *self._admitted, *self._running.values()]
+            pending = self._queue.clear()
             jobs = list(self._jobs)
-            self._waiting.clear()
-            self._running.clear()
-            self._admitted = []
             self._jobs.clear()
             self._lock.notify_all()
         for seq in pending:
@@ -390,184 +350,73 @@ class Engine:
         for job in jobs:
             job.fail(EngineNotRunning("the engine stopped before the scoring finished"))
 
-    def _mix(self, logprobs: torch.Tensor, active: Sequence[SequenceState]) -> torch.Tensor:
-        """Each row's mixture of its models' log-probs: [M, B, V] -> [B, V]."""
-        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
-        k = len(self.policy_names)
-        return mix_logprobs(
-            logprobs[:k],
-            coefs[:, :k],
-            logprobs[k] if self.has_reference else None,
-            coefs[:, k] if self.has_reference else None,
-        )  # [B, V]
-
     def _step(self, newcomers: list[SequenceState]) -> None:
-        cancelled = [s for s in self._running.values() if s.stream.cancelled]
+        """One step for every running row and the newcomers: a verify of the drafts (none
+        for a plain step), mix, choose the tokens, emit them."""
+        running = list(self._queue.running.values())
+        cancelled = [s for s in running if s.stream.cancelled]
         self._retire(cancelled)
         for seq in cancelled:
             seq.stream.push(final_event(seq, "cancelled"))
-        running = list(self._running.values())
+        running = list(self._queue.running.values())
         if not running and not newcomers:
             return
-        # A grammar's mask is formed for one position per step: a step with a grammar row
-        # in it decodes plainly (docs/speculative.md).
-        if self.speculator is not None and not any(
-            s.grammar is not None for s in (*running, *newcomers)
-        ):
-            drafts = self.speculator.drafts(running, self.max_context)
-            if drafts:
-                self._speculative_step(running, newcomers, drafts)
-                return
-        output = self.runner.step(running, newcomers)
+        drafts = self._drafts(running, newcomers)  # sid -> Draft; {} for a plain step
+        output = self.runner.verify(
+            running, {sid: d.tokens for sid, d in drafts.items()}, newcomers
+        )
         with self._lock:
-            self._running.update((seq.sid, seq) for seq in newcomers)
-            self._admitted = []
+            self._queue.start(newcomers)
         active = running + newcomers
-        logprobs = output.logprobs  # [M, B, V]
-        mixed = self._mix(logprobs, active)  # [B, V]
-        allowed = constrain(mixed, [s.grammar for s in active])  # [B, V] grammar rows masked
-        broken = ~torch.isfinite(allowed.logsumexp(dim=-1))  # [B] NaN, or no token possible
-        if bool(broken.any()):
-            active, (mixed, allowed), logprobs = self._drop_broken(
-                active, (mixed, allowed), logprobs, broken
-            )
-            if not active:
-                return
-        tokens = sample_tokens(
-            allowed,
-            [s.sampling for s in active],
-            [s.generator for s in active],
-            [s.token_ids for s in active],
-        )  # [B]
-        advance([s.grammar for s in active], tokens)
-        finished = self._emit(active, mixed, logprobs, tokens)
+        logprobs = output.logprobs  # [M, B, G, V]
+        models, rows, width, vocab = logprobs.shape
+        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
+        mixed = mix_rows(
+            logprobs.reshape(models, rows * width, vocab),
+            coefs.repeat_interleave(width, 0),
+            self.has_reference,
+        ).view(rows, width, vocab)  # [B, G, V]
+        if drafts:
+            plans = [drafts.get(s.sid, Draft([])) for s in active]
+            emitted, usable = accept_rows(active, plans, mixed)
+            self.runner.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})
+            assert self.speculator is not None
+            for seq, tokens, plan, ok in zip(active, emitted, plans, usable):
+                if seq.sid in drafts and ok:
+                    self.speculator.record(seq, len(plan.tokens), len(tokens) - 1)
+        else:
+            emitted, usable = sample_rows(active, mixed[:, 0])
+        self._fail([seq for seq, ok in zip(active, usable) if not ok])
+        finished, pushed = emit_runs(self.events, active, emitted, mixed, logprobs)
+        self._generated_tokens += pushed
         self._retire(finished)
         self._steps += 1
         for observer in (self.observer, *self._watchers):
             if observer is not None:
                 observer.on_step(len(active), output.forward_seconds)
 
-    def _emit(
-        self,
-        active: list[SequenceState],
-        mixed: torch.Tensor,  # [B, V]
-        logprobs: torch.Tensor,  # [M, B, V]
-        tokens: torch.Tensor,  # [B]
-    ) -> list[SequenceState]:
-        """Push one token's event per row; return the rows it finished."""
-        events = self.events.step_events(active, mixed, logprobs, tokens)
-        self._generated_tokens += len(events)
-        finished = []
-        for seq, event in zip(active, events):
-            seq.stream.push(event)
-            if event.finish_reason is not None:
-                finished.append(seq)
-        return finished
+    def _drafts(
+        self, running: list[SequenceState], newcomers: list[SequenceState]
+    ) -> dict[int, Draft]:
+        """The running rows' drafts. A grammar's mask is formed for one position per step:
+        a step with a grammar row in it decodes plainly (docs/speculative.md)."""
+        if self.speculator is None or any(s.grammar is not None for s in (*running, *newcomers)):
+            return {}
+        return self.speculator.drafts(running, self.max_context)
 
-    def _speculative_step(
-        self,
-        running: list[SequenceState],
-        newcomers: list[SequenceState],
-        drafts: dict[int, Draft],
-    ) -> None:
-        """Verify the running rows' drafts in one forward per model, keep what the
-        mixture accepts (``speculative``), roll the rest back, emit a token event per
-        kept token. Newcomers are prefilled in the same step and sample one token."""
-        assert self.speculator is not None and self._verifier is not None
-        output = self._verifier.verify(
-            running, {sid: d.tokens for sid, d in drafts.items()}, newcomers
-        )
-        with self._lock:
-            self._running.update((seq.sid, seq) for seq in newcomers)
-            self._admitted = []
-        active = running + newcomers
-        logprobs = output.logprobs  # [M, B, G, V]
-        models, rows, width, vocab = logprobs.shape
-        mixed = self._mix(
-            logprobs.reshape(models, rows * width, vocab),
-            [seq for seq in active for _ in range(width)],
-        ).view(rows, width, vocab)  # [B, G, V]
-        finite = torch.isfinite(mixed.logsumexp(dim=-1)).tolist()  # [B][G]
-        emitted = acceptance.verify_rows(
-            mixed, active, [drafts.get(s.sid, Draft([])) for s in active], finite
-        )  # per row: the kept drafts, then one sampled token
-        self._verifier.rollback({seq.sid: len(emitted[b]) for b, seq in enumerate(running)})
-        for b, seq in enumerate(active):
-            if seq.sid in drafts and finite[b][0]:
-                self.speculator.record(seq, len(drafts[seq.sid].tokens), len(emitted[b]) - 1)
-        broken = [not row[0] for row in finite]
-        if any(broken):
-            first = mixed[:, 0]  # [B, V]
-            self._drop_broken(active, (first, first), logprobs[:, :, 0], torch.tensor(broken))
-            emitted = [[] if bad else tokens for tokens, bad in zip(emitted, broken)]
-        self._retire(self._emit_runs(active, emitted, mixed, logprobs))
-        self._steps += 1
-        for observer in (self.observer, *self._watchers):
-            if observer is not None:
-                observer.on_step(len(active), output.forward_seconds)
-
-    def _emit_runs(
-        self,
-        active: list[SequenceState],
-        emitted: list[list[int]],  # per row: its tokens of this step, in order
-        mixed: torch.Tensor,  # [B, G, V]
-        logprobs: torch.Tensor,  # [M, B, G, V]
-    ) -> list[SequenceState]:
-        """Position by position, one event per emitted token; a row that a token finishes
-        (stop, EOS, limit) emits nothing after it. Returns the finished rows."""
-        finished: list[SequenceState] = []
-        done: set[int] = set()
-        for j in range(mixed.shape[1]):
-            live = [
-                b for b, seq in enumerate(active) if len(emitted[b]) > j and seq.sid not in done
-            ]
-            if not live:
-                break
-            index = torch.tensor(live, device=mixed.device)
-            tokens = torch.tensor([emitted[b][j] for b in live], device=mixed.device)
-            ended = self._emit(
-                [active[b] for b in live], mixed[index, j], logprobs[:, index, j], tokens
-            )
-            finished += ended
-            done.update(seq.sid for seq in ended)
-        return finished
-
-    def _drop_broken(
-        self,
-        active: list[SequenceState],
-        rows: tuple[torch.Tensor, torch.Tensor],  # [B, V] each: mixed, grammar-masked
-        logprobs: torch.Tensor,  # [M, B, V]
-        broken: torch.Tensor,  # [B] bool
-    ) -> tuple[list[SequenceState], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Fail the rows with no finite token to sample; return the others."""
-        flags = broken.tolist()
-        failed = [seq for seq, bad in zip(active, flags) if bad]
-        self._retire(failed)
-        for seq in failed:
-            seq.stream.push(GenerationFailed(_broken_reason(seq)))
-        keep = (~broken).nonzero().squeeze(-1)  # [B']
-        survivors = [seq for seq, bad in zip(active, flags) if not bad]
-        return survivors, (rows[0][keep], rows[1][keep]), logprobs[:, keep]
+    def _fail(self, seqs: list[SequenceState]) -> None:
+        """Fail the rows with no finite token to choose (a NaN mixture, a grammar that
+        allows nothing the mixture gives a finite log-probability)."""
+        self._retire(seqs)
+        for seq in seqs:
+            seq.stream.push(GenerationFailed(broken_reason(seq)))
 
     def _retire(self, seqs: list[SequenceState]) -> None:
         """Free the rows of ``seqs`` in the runner."""
         if not seqs:
             return
         with self._lock:
-            for seq in seqs:
-                self._running.pop(seq.sid, None)
-            keep = set(self._running)
+            keep = self._queue.retire(seqs)
         self.runner.keep(keep)
         if self.speculator is not None:
             self.speculator.keep(keep)
-
-
-def _broken_reason(seq: SequenceState) -> str:
-    if seq.grammar is not None and seq.grammar.error:
-        return f"the grammar refused the reply: {seq.grammar.error}"
-    if seq.grammar is not None:
-        return "the grammar allows no token the mixture gives a finite log-probability"
-    return (
-        "the mixture's log-probabilities are not finite (weights "
-        f"{seq.stream.weights}, strength {seq.stream.strength})"
-    )

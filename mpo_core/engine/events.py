@@ -98,6 +98,48 @@ class EventBuilder:
         return events
 
 
+def emit_runs(
+    builder: EventBuilder,
+    active: list[SequenceState],
+    emitted: list[list[int]],  # per row: its tokens of this step, in order
+    mixed: torch.Tensor,  # [B, G, V]
+    logprobs: torch.Tensor,  # [M, B, G, V]
+) -> tuple[list[SequenceState], int]:
+    """Position by position, push one event per emitted token; a row that a token
+    finishes (stop, EOS, limit) emits nothing after it. Returns the finished rows and the
+    number of events pushed."""
+    finished: list[SequenceState] = []
+    done: set[int] = set()
+    pushed = 0
+    for j in range(mixed.shape[1]):
+        live = [b for b, seq in enumerate(active) if len(emitted[b]) > j and seq.sid not in done]
+        if not live:
+            break
+        index = torch.tensor(live, device=mixed.device)
+        tokens = torch.tensor([emitted[b][j] for b in live], device=mixed.device)  # [B']
+        rows = [active[b] for b in live]
+        events = builder.step_events(rows, mixed[index, j], logprobs[:, index, j], tokens)
+        pushed += len(events)
+        for seq, event in zip(rows, events):
+            seq.stream.push(event)
+            if event.finish_reason is not None:
+                finished.append(seq)
+                done.add(seq.sid)
+    return finished, pushed
+
+
+def broken_reason(seq: SequenceState) -> str:
+    """Why a row had no finite token to choose: the message its stream fails with."""
+    if seq.grammar is not None and seq.grammar.error:
+        return f"the grammar refused the reply: {seq.grammar.error}"
+    if seq.grammar is not None:
+        return "the grammar allows no token the mixture gives a finite log-probability"
+    return (
+        "the mixture's log-probabilities are not finite (weights "
+        f"{seq.stream.weights}, strength {seq.stream.strength})"
+    )
+
+
 def final_event(seq: SequenceState, reason: str) -> TokenEvent:
     """The closing event of a sequence that ends without a token (e.g. cancelled)."""
     return TokenEvent(

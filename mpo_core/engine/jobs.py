@@ -12,6 +12,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..decoding.mixing import Mixture
+from ..decoding.prompt_logprobs import prompt_logprobs
+from ..errors import InvalidParameter
+from ..models.policies import PolicySet
+from ..rules import check_token_ids
+from ..runners import PolicyRunner
 from ..runners.scoring import ScoreResult, chunk_indices
 
 Scorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], ScoreResult]
@@ -77,3 +83,37 @@ class CallJob:
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+def score_job(
+    runner: PolicyRunner,
+    policy_set: PolicySet,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    chunk_tokens: int,
+) -> ScoreJob:
+    """``Engine.score``'s job, its inputs checked (InvalidParameter names the bad one)."""
+    if len(prompts) != len(completions):
+        raise InvalidParameter("completions", "prompts and completions must have the same length")
+    for name, seqs in (("prompts", prompts), ("completions", completions)):
+        for s in seqs:
+            check_token_ids(s, policy_set.vocab_size, name)
+
+    def scorer(p: Sequence[Sequence[int]], c: Sequence[Sequence[int]]) -> ScoreResult:
+        return runner.score(p, c, chunk_tokens)
+
+    return ScoreJob(scorer, prompts, completions, chunk_tokens)
+
+
+def prompt_logprobs_job(
+    runner: PolicyRunner,
+    policy_set: PolicySet,
+    prompt_ids: Sequence[int],
+    mixture: Mixture,
+    top_n: int,
+) -> CallJob:
+    """``Engine.prompt_logprobs``'s job, its prompt checked."""
+    vocab = policy_set.vocab_size
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise InvalidParameter("prompt", "a prompt token id is outside the vocabulary")
+    return CallJob(lambda: prompt_logprobs(runner, policy_set, prompt_ids, mixture, top_n))

@@ -24,7 +24,7 @@ from ..engine.core import Engine, EngineLimits
 from ..errors import InvalidParameter
 from ..fitting.driver import FitOptions, run_fit
 from ..fitting.rewards import Objective, align_policies, builtin_objectives, load_rewards
-from ..models.policies import load_policy_set
+from ..runners import load_policy_set
 from .inputs import load_prompts
 from .render import write_report
 from .rows import REWARD_FIT_ROW, ProfileLookup, RowParser, split_specs

@@ -9,7 +9,6 @@ no row waits for another to finish.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from collections import deque
@@ -23,9 +22,6 @@ from ..decoding.sampling import SamplingParams
 from ..engine.core import Engine, GenerationRequest
 from ..engine.streams import RequestStream
 from ..errors import GenerationFailed, Overloaded
-from ..models.policies import PolicySet
-from ..runners import PersonaRunner, SeparateModelsRunner
-from ..runners.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -133,35 +129,22 @@ def decode_jobs(
     return samples
 
 
-def _reference_only(engine: Engine) -> PolicySet | None:
-    """The family's reference as a one-model policy set, for K-separate-models families
-    and persona families (whose reference is the model on the prompt as given)."""
-    policy_set = engine.policy_set
-    if policy_set.reference is None or not isinstance(
-        engine.runner, SeparateModelsRunner | PersonaRunner
-    ):
-        return None
-    return dataclasses.replace(
-        policy_set, policies=[policy_set.reference], reference=None, personas=None
-    )
-
-
 def reference_logprobs(
     engine: Engine, prompt_ids: Sequence[Sequence[int]], samples: Samples
 ) -> np.ndarray:
     """``log pi_ref(y | x)`` of every reply by teacher forcing: ``[N, m]``.
 
-    Only the reference is needed, so for K separate models it is scored alone (on the
-    caller's thread, once decoding is over: scoring reads the weights and keeps no
-    cache); other runners go through ``engine.score``, which scores every model.
+    Only the reference is needed, so where the backend can score it alone
+    (``Capabilities.reference_alone``: K separate models, personas) it is (on the caller's
+    thread, once decoding is over: scoring reads the weights and keeps no cache); other
+    backends go through ``engine.score``, which scores every model.
     """
     num_prompts, num_samples = samples.logprobs.shape
     contexts = [list(prompt_ids[i]) for i in range(num_prompts) for _ in range(num_samples)]
     replies = [ids for per_prompt in samples.token_ids for ids in per_prompt]
-    reference = _reference_only(engine)
-    if reference is not None:
+    if engine.capabilities.reference_alone and engine.has_reference:
         chunk = engine.limits.score_chunk_tokens
-        values = score_sequences(reference, contexts, replies, chunk).policy_logprobs[:, 0]
+        values = engine.runner.score_reference(contexts, replies, chunk)
     else:
         scores = engine.score(contexts, replies)
         assert scores.reference_logprobs is not None  # callers check engine.has_reference

@@ -27,7 +27,7 @@ from ..engine.core import Engine, EngineLimits
 from ..errors import InvalidParameter
 from ..fitting.driver import encode_prompt
 from ..fitting.rewards import Objective
-from ..models.soup import soup_policy_set
+from ..runners import soup_policy_set
 from .decode import DecodeJob, Progress, Samples, decode_jobs, reference_logprobs, sample_seed
 from .rows import Row, RowParser, sweep_rows
 from .stats import Estimate, bootstrap_mean, win_rate, win_scores, worst_gap

@@ -30,8 +30,6 @@ import torch
 from ..decoding.mixing import Mixture
 from ..engine.core import Engine
 from ..errors import InvalidParameter
-from ..runners import SeparateModelsRunner
-from ..runners.moments import score_with_moments
 from .driver import (
     CancelCheck,
     Progress,
@@ -233,8 +231,9 @@ def run_reward_fit(
 
 
 def decoded_target_supported(engine: Engine) -> bool:
-    """The decoded target scores every model's full distributions: K separate models only."""
-    return isinstance(engine.runner, SeparateModelsRunner) and engine.has_reference
+    """The decoded target scores every model's full distributions at every position
+    (``Capabilities.token_moments``: K separate models)."""
+    return engine.capabilities.token_moments and engine.has_reference
 
 
 class RoundSampler:
@@ -298,8 +297,8 @@ class RoundSampler:
                 raise FitCancelled("fit cancelled while scoring")
             span = slice(start, start + part)
             if self.decoded:  # every model's full distributions, on this thread
-                scores, moment = score_with_moments(
-                    self.engine.policy_set, contexts[span], ids[span], [theta] * len(ids[span])
+                scores, moment = self.engine.runner.score_with_moments(
+                    contexts[span], ids[span], [theta] * len(ids[span])
                 )
                 moments.append(moment)  # [b, K]
             else:

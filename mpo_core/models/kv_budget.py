@@ -118,18 +118,21 @@ class KVBudget:
 
 
 def kv_budget_for(
-    policy_set: PolicySet, budget_bytes: int | None, fraction: float, growing: bool
+    policy_set: PolicySet,
+    budget_bytes: int | None,
+    fraction: float,
+    growing: bool,
+    shared_forward: bool = False,
 ) -> KVBudget:
     """The engine's budget for ``policy_set`` (its models in ``coefs`` order):
-    ``budget_bytes``, else ``fraction`` of the memory available now."""
+    ``budget_bytes``, else ``fraction`` of the memory available now. ``shared_forward``:
+    every model's rows are slots of one batch (``runners.Capabilities``)."""
     models = [*policy_set.policies]
     if policy_set.reference is not None:
         models.append(policy_set.reference)
     per_model = [token_bytes(m, policy_set.kv_dtype) for m in models]
-    if policy_set.adapters is not None or policy_set.personas is not None:
-        groups = [list(range(len(models)))]  # one batch of slots over the shared model
-    else:
-        groups = [[m] for m in range(len(models))]
+    # One batch of slots over a shared model, else a batch per model.
+    groups = [list(range(len(models)))] if shared_forward else [[m] for m in range(len(models))]
     if budget_bytes is None:
         budget_bytes = int(fraction * available_memory(policy_set.device))
     return KVBudget(budget_bytes, per_model, groups, growing)

@@ -12,7 +12,7 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from ..config import ModelSpec, PolicySetConfig, looks_local
 from ..errors import ConfigError
 from .cpu_linear import apply_cpu_linear
-from .personas import PersonaPrompts, build_persona_prompts
+from .personas import PersonaPrompts
 from .sources import gguf_checkpoint, is_gguf
 
 if TYPE_CHECKING:  # peft is imported only when an adapter family is loaded
@@ -41,17 +41,33 @@ class LoadedModel:
     accepts_logits_to_keep: bool  # prefill can skip the logits of all but the last token
 
 
+def device_of(loaded: LoadedModel) -> torch.device:
+    """Where a member runs: its weights' device (members may each name their own)."""
+    return next(loaded.model.parameters()).device
+
+
+@dataclass
+class Kernels:
+    """Which models ``cpu_linear`` sets up, for how many rows a step, packed or not: a
+    backend's choice (one row per model for full models; a row per policy on the shared
+    model of a one-forward family, whose persona weights may be packed)."""
+
+    models: list[PreTrainedModel]
+    rows: int = 1
+    pack: bool = False
+
+
 @dataclass
 class PolicySet:
-    """K policies (+ reference) on one device, with their shared tokenizer."""
+    """K policies (+ reference), each on its device, with their shared tokenizer."""
 
     config: PolicySetConfig
     policies: list[LoadedModel]
     reference: LoadedModel | None
     tokenizer: Any
     vocab_size: int  # len(tokenizer): logits are cut to this many columns
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device  # where the members' log-probs are mixed and sampled
+    dtype: torch.dtype  # the set's default dtype (a member may name its own)
     kv_dtype: torch.dtype  # what the KV cache is stored in (config.kv_cache_dtype)
     max_context: int  # prompt + generated tokens, the smallest of the models' limits
     eos_token_ids: list[int] = field(default_factory=list)
@@ -61,6 +77,8 @@ class PolicySet:
     # A persona family's prompt rule (policies and reference are then the same model,
     # each conditioned on its own prompt); None for other families.
     personas: PersonaPrompts | None = None
+    # The backend that runs it (``runners.factory.BACKENDS``), set by that backend's loader.
+    backend: str = "separate"
 
     @classmethod
     def build(
@@ -77,24 +95,25 @@ class PolicySet:
         eos_token_ids: list[int] | None = None,
         adapters: AdapterFamily | None = None,
         personas: PersonaPrompts | None = None,
+        backend: str = "separate",
+        kernels: Kernels | None = None,
     ) -> PolicySet:
         """The one way to assemble a policy set; what is not given is read off the models.
 
         ``vocab_size`` defaults to the tokenizer's length, ``max_context`` to the smallest
         of the models' limits, ``eos_token_ids`` to the tokenizer's and the first policy's
-        generation config; every model must have an output row per token.
+        generation config; every model must have an output row per token. ``device`` is
+        where the members' log-probs are mixed; ``kernels`` says how the CPU linear layers
+        are chosen (by default: each member's own, one row a step).
         """
         members = [*policies, *([reference] if reference is not None else [])]
-        models = [adapters.model] if adapters is not None else [m.model for m in members]
         vocab = len(tokenizer) if vocab_size is None else vocab_size
         for member in members:
-            _check_output_rows(member, "reference" if member is reference else "policy", vocab)
+            check_output_rows(member, "reference" if member is reference else "policy", vocab)
         # After the checks, which read the head's dense weight: packing may drop it.
-        # A decode step of one request (strength 1: no reference row) runs a row per
-        # policy in a one-forward family, one row per model in the others.
-        rows = len(policies) if adapters is not None or personas is not None else 1
+        kernels = kernels or Kernels([m.model for m in members])
         apply_cpu_linear(
-            config.cpu_linear, models, device, dtype, rows=rows, pack=personas is not None
+            config.cpu_linear, kernels.models, device, dtype, rows=kernels.rows, pack=kernels.pack
         )  # fmt: skip
         return cls(
             config=config,
@@ -106,7 +125,7 @@ class PolicySet:
             dtype=dtype,
             kv_dtype=_kv_dtype(config, device, dtype),
             max_context=(
-                min(_context_limit(m.model) for m in members)
+                min(context_limit_of(m.model) for m in members)
                 if max_context is None
                 else max_context
             ),
@@ -115,6 +134,7 @@ class PolicySet:
             ),
             adapters=adapters,
             personas=personas,
+            backend=backend,
         )
 
     @property
@@ -134,16 +154,44 @@ class PolicySet:
         return self.config.served_name
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, who: str = "") -> torch.device:
+    """A torch device that exists here; ``who`` (e.g. "policy 'polite'") names the member
+    whose ``device:`` it is in the error."""
+    of = f"{who}: " if who else ""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
-        raise ConfigError(f"device {device!r} is not a valid torch device: {exc}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but CUDA is not available")
+        raise ConfigError(f"{of}device {device!r} is not a valid torch device: {exc}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{of}device {device!r} was asked for but CUDA is not available")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"{of}device {device!r} does not exist: this machine has {count} CUDA "
+                f"device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif resolved.type != "cpu":
+        raise ConfigError(f"{of}device {device!r}: only cpu and cuda devices are supported")
     return resolved
+
+
+def member_placement(
+    config: PolicySetConfig, spec: ModelSpec, role: str
+) -> tuple[torch.device, torch.dtype]:
+    """A member's device and dtype: its own ``device:``/``dtype:``, else the set's."""
+    who = f"{role} {spec.name!r}"
+    device = resolve_device(spec.device or config.device, who)
+    return device, resolve_dtype(spec.dtype or config.dtype, device)
+
+
+def mixing_device(config: PolicySetConfig, first_member: torch.device) -> torch.device:
+    """Where log-probs are mixed: ``mixing_device:``, else the first member's device."""
+    if config.mixing_device is None:
+        return first_member
+    return resolve_device(config.mixing_device, "mixing_device")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -152,7 +200,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _source(spec: ModelSpec, role: str) -> str:
+def model_source(spec: ModelSpec, role: str) -> str:
     """What ``from_pretrained`` reads: a hub id, a local folder, or a GGUF file's copy."""
     who = f"{role} {spec.name!r}"
     if spec.gguf_file is not None:
@@ -197,8 +245,8 @@ def _gguf_location(spec: ModelSpec, who: str) -> Path:
         ) from None
 
 
-def _load_tokenizer(spec: ModelSpec, role: str) -> Any:
-    source = _source(spec, role)
+def load_tokenizer(spec: ModelSpec, role: str) -> Any:
+    source = model_source(spec, role)
     try:
         return AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
@@ -228,10 +276,8 @@ def _unreachable_hub(exc: Exception) -> bool:
     return _hub_offline() or "couldn't connect" in text or "offline mode" in text
 
 
-def _load_model(
-    spec: ModelSpec, role: str, device: torch.device, dtype: torch.dtype
-) -> LoadedModel:
-    source = _source(spec, role)
+def load_model(spec: ModelSpec, role: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    source = model_source(spec, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype
@@ -277,7 +323,7 @@ def check_tokenizers_agree(first: tuple[str, Any], other: tuple[str, Any]) -> No
             )
 
 
-def _context_limit(model: PreTrainedModel) -> int:
+def context_limit_of(model: PreTrainedModel) -> int:
     config = model.config
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attr, None)
@@ -298,37 +344,35 @@ def _eos_ids(tokenizer: Any, model: PreTrainedModel) -> list[int]:
     return sorted(ids)
 
 
-def load_policy_set(config: PolicySetConfig) -> PolicySet:
-    """Load every model of ``config`` on one device/dtype and check they can be mixed."""
-    if config.persona_host is not None:
-        return _load_persona_family(config, config.persona_host)
-    if config.base is not None:
-        return _load_adapter_family(config, config.base)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+def load_full_models(config: PolicySetConfig) -> PolicySet:
+    """Load K full models (+ a reference), each on its own device and in its own dtype
+    (``device:``/``dtype:`` per member, default the set's), and check they can be mixed."""
     specs: list[tuple[ModelSpec, str]] = [(p, "policy") for p in config.model_policies]
     if config.reference is not None:
         specs.append((config.reference, "reference"))
+    placements = [member_placement(config, spec, role) for spec, role in specs]
 
     # Tokenizers first: they are cheap, and a mismatch should fail before loading weights.
-    tokenizers = [(spec.name, _load_tokenizer(spec, role)) for spec, role in specs]
+    tokenizers = [(spec.name, load_tokenizer(spec, role)) for spec, role in specs]
     for other in tokenizers[1:]:
         check_tokenizers_agree(tokenizers[0], other)
     tokenizer = tokenizers[0][1]
     vocab_size = len(tokenizer)
 
     loaded = []
-    for spec, role in specs:
+    for (spec, role), (device, dtype) in zip(specs, placements):
         logger.info("loading %s %r from %s on %s (%s)", role, spec.name, spec.model, device, dtype)
-        model = _load_model(spec, role, device, dtype)
-        _check_output_rows(model, role, vocab_size)  # before loading the next one
+        model = load_model(spec, role, device, dtype)
+        check_output_rows(model, role, vocab_size)  # before loading the next one
         loaded.append(model)
     policies = loaded[: len(config.policies)]
     reference = loaded[len(config.policies)] if config.reference is not None else None
-    return PolicySet.build(config, policies, reference, tokenizer, device, dtype)
+    device = mixing_device(config, placements[0][0])
+    set_dtype = resolve_dtype(config.dtype, device)
+    return PolicySet.build(config, policies, reference, tokenizer, device, set_dtype)
 
 
-def _check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
+def check_output_rows(loaded: LoadedModel, role: str, vocab_size: int) -> None:
     """Logits are cut to the tokenizer's length: a model needs at least that many rows."""
     rows = loaded.model.get_output_embeddings().weight.shape[0]
     if rows < vocab_size:
@@ -342,56 +386,3 @@ def _kv_dtype(config: PolicySetConfig, device: torch.device, dtype: torch.dtype)
     if config.kv_cache_dtype == "auto":
         return dtype
     return resolve_dtype(config.kv_cache_dtype, device)
-
-
-def _load_adapter_family(config: PolicySetConfig, base_spec: ModelSpec) -> PolicySet:
-    """One base model with K LoRA adapters; the base with the adapters off is the reference."""
-    from .adapters import load_adapters, read_adapter_configs  # peft: only for adapters
-
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    # The adapters' configs first: they are cheap, and a bad adapter should fail at once.
-    adapter_configs = read_adapter_configs(base_spec, config.adapter_policies)
-    tokenizer = _load_tokenizer(base_spec, "base")
-    vocab_size = len(tokenizer)
-    logger.info(
-        "loading base %r from %s on %s (%s)", base_spec.name, base_spec.model, device, dtype
-    )
-    base = _load_model(base_spec, "base", device, dtype)
-    _check_output_rows(base, "base", vocab_size)
-    family = load_adapters(base.model, config.adapter_policies, adapter_configs, dtype, device)
-
-    def member(name: str, adapter: int) -> LoadedModel:
-        view = cast(PreTrainedModel, family.view(adapter))  # runs like a model of its own
-        return LoadedModel(name, view, base.cache_kwarg, base.accepts_logits_to_keep)
-
-    policies = [member(spec.name, 1 + k) for k, spec in enumerate(config.adapter_policies)]
-    reference = member(base_spec.name, 0)
-    return PolicySet.build(config, policies, reference, tokenizer, device, dtype, adapters=family)
-
-
-def _load_persona_family(config: PolicySetConfig, host: ModelSpec) -> PolicySet:
-    """One model and K personas of it: every member is the same weights (no copy), the
-    plain model is the reference, and ``personas`` says how each member sees a prompt."""
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    tokenizer = _load_tokenizer(host, "reference")
-    # The prompt rule first: it is cheap, and a template without system messages fails here.
-    prompts = build_persona_prompts(tokenizer, config.persona_policies, host.name)
-    logger.info("loading persona model %r from %s on %s (%s)", host.name, host.model, device, dtype)
-    shared = _load_model(host, "reference", device, dtype)
-
-    def member(name: str) -> LoadedModel:
-        return LoadedModel(name, shared.model, shared.cache_kwarg, shared.accepts_logits_to_keep)
-
-    max_context = _context_limit(shared.model) - prompts.longest_extra
-    if max_context < 2:
-        raise ConfigError(
-            f"the personas' prompts ({prompts.longest_extra} tokens) leave no room in the "
-            f"context of {host.name!r} ({_context_limit(shared.model)} tokens)"
-        )
-    policies = [member(spec.name) for spec in config.persona_policies]
-    return PolicySet.build(
-        config, policies, member(host.name), tokenizer, device, dtype,
-        max_context=max_context, personas=prompts,
-    )  # fmt: skip

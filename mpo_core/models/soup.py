@@ -12,25 +12,27 @@ simplex that is the same model as the soup of the adapters merged into full copi
 A persona family's members share one set of weights and differ only in their prompt, so
 every soup of it is that model itself, without any persona's prompt: the plain model
 (the family's reference). No copy is made.
+
+
+Which of these a family gets is its backend's choice (``runners.soups.build_soup``).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
-from ..config import ModelSpec, PolicySetConfig
 from ..errors import ConfigError, InvalidParameter
 from .lora import GroupedLoraLinear
-from .policies import LoadedModel, PolicySet
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .adapters import AdapterFamily
 
-__all__ = ["build_soup", "soup_policy_set", "soup_state_dict"]
+__all__ = ["adapter_soup", "soup_state_dict"]
 
 
 def soup_state_dict(
@@ -73,16 +75,9 @@ def soup_state_dict(
     return averaged
 
 
-def _is_adapter_family(policy_set: PolicySet) -> bool:
-    """True when the policies are LoRA adapters of one base."""
-    return policy_set.adapters is not None
-
-
 @torch.no_grad()
-def adapter_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
+def adapter_soup(family: AdapterFamily, weights: Sequence[float]) -> PreTrainedModel:
     """The base with ``sum_k w_k`` of the adapters' deltas merged into its weights."""
-    family = policy_set.adapters
-    assert family is not None
     soup = copy.deepcopy(family.model)
     grouped = [(n, m) for n, m in soup.named_modules() if isinstance(m, GroupedLoraLinear)]
     for name, module in grouped:
@@ -103,56 +98,3 @@ def adapter_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedM
         soup.get_submodule(parent).register_module(child, base)
     soup.eval().requires_grad_(False)
     return soup
-
-
-def build_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
-    """One model: the policies' parameters averaged with ``weights`` (policy order, sum 1)."""
-    total = sum(weights)
-    if len(weights) != len(policy_set.policies) or total <= 0:
-        raise InvalidParameter("weights", "soup weights: one per policy, not all zero")
-    normalised = [w / total for w in weights]
-    if policy_set.personas is not None and policy_set.reference is not None:
-        return policy_set.reference.model  # the average of K copies of one model
-    if _is_adapter_family(policy_set):
-        return adapter_soup(policy_set, normalised)
-    template = next(p for p, w in zip(policy_set.policies, normalised) if w != 0)
-    soup = copy.deepcopy(template.model)  # same architecture, device and dtype
-    soup.load_state_dict(soup_state_dict(policy_set.models, normalised))
-    soup.eval().requires_grad_(False)
-    return soup
-
-
-def soup_policy_set(policy_set: PolicySet, soups: Mapping[str, Sequence[float]]) -> PolicySet:
-    """A policy set whose policies are soups of ``policy_set`` (no reference).
-
-    ``soups`` maps a name to the weights of that soup (policy order). An ``Engine`` on the
-    result serves each soup alone with a one-hot mixture, next to the main engine.
-    """
-    if not soups:
-        raise InvalidParameter("soups", "no soup to build")
-    loaded: list[LoadedModel] = []
-    template = policy_set.policies[0]
-    for name, weights in soups.items():
-        logger.info("building soup %r at weights %s", name, [round(w, 4) for w in weights])
-        model = build_soup(policy_set, weights)
-        loaded.append(
-            LoadedModel(name, model, template.cache_kwarg, template.accepts_logits_to_keep)
-        )
-    config = PolicySetConfig(
-        served_name=policy_set.config.served_name,
-        policies=[ModelSpec(name=name, model=f"soup of {policy_set.names}") for name in soups],
-        device=str(policy_set.device),
-        dtype=policy_set.config.dtype,
-        kv_cache_dtype=policy_set.config.kv_cache_dtype,
-    )
-    return PolicySet.build(
-        config,
-        loaded,
-        None,
-        policy_set.tokenizer,
-        policy_set.device,
-        policy_set.dtype,
-        vocab_size=policy_set.vocab_size,
-        max_context=policy_set.max_context,
-        eos_token_ids=list(policy_set.eos_token_ids),
-    )

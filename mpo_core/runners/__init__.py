@@ -1,36 +1,52 @@
 """How the policies are run, behind one seam (``base.PolicyRunner``): rows in, per-model
-next-token log-probs out. Backends: ``SeparateModelsRunner`` (K full models, a KV cache
-each), ``AdapterRunner`` (one base, K LoRA adapters, one grouped forward) and
-``PersonaRunner`` (one model, K system prompts, one forward over every persona's slots);
-``make_runner`` picks one for a policy set."""
+next-token log-probs out, and everything else that runs a model (scoring, prompt
+log-probs, soups). Backends: ``SeparateModelsRunner`` (K full models, a KV cache each,
+each on its own device), ``AdapterRunner`` (one base, K LoRA adapters, one grouped
+forward) and ``PersonaRunner`` (one model, K system prompts, one forward over every
+persona's slots); ``factory.BACKENDS`` registers them, ``load_policy_set`` loads a family
+by its backend and ``make_runner`` runs it."""
 
 from .adapters import AdapterRunner
 from .base import (
+    Capabilities,
     DecodeBatch,
     PolicyRunner,
     Row,
-    ScoresWithPolicySet,
-    SpeculativeRunner,
     StepOutput,
     all_models,
     context_limit,
 )
-from .factory import make_runner, static_or_growing
+from .factory import (
+    BACKENDS,
+    backend_of,
+    capabilities_of,
+    load_policy_set,
+    make_runner,
+    static_or_growing,
+)
 from .personas import PersonaRunner
+from .scoring import ScoreResult
 from .separate import SeparateModelsRunner
+from .soups import build_soup, soup_policy_set
 
 __all__ = [
+    "BACKENDS",
     "AdapterRunner",
-    "DecodeBatch",
     "PersonaRunner",
+    "SeparateModelsRunner",
+    "Capabilities",
+    "DecodeBatch",
     "PolicyRunner",
     "Row",
-    "ScoresWithPolicySet",
-    "SeparateModelsRunner",
-    "SpeculativeRunner",
+    "ScoreResult",
     "StepOutput",
     "all_models",
+    "backend_of",
+    "build_soup",
+    "capabilities_of",
     "context_limit",
+    "load_policy_set",
     "make_runner",
+    "soup_policy_set",
     "static_or_growing",
 ]

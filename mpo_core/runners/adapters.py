@@ -12,36 +12,52 @@ LoRA deltas.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, cast
 
 import torch
+from transformers import PreTrainedModel
 
-from ..models.kvcache import GrowingBatch, KVStorage
+from ..config import PolicySetConfig
+from ..models.kvcache import KVStorage
 from ..models.lora import BASE
-from ..models.policies import LoadedModel, PolicySet
-from .base import DecodeBatch, Row, ScoresWithPolicySet, StepOutput, StepRows, verify_inputs
+from ..models.policies import (
+    Kernels,
+    LoadedModel,
+    PolicySet,
+    check_output_rows,
+    load_model,
+    load_tokenizer,
+    member_placement,
+)
+from ..models.soup import adapter_soup
+from .base import (
+    BatchFactory,
+    Capabilities,
+    Row,
+    RunnerBase,
+    StepOutput,
+    StepRows,
+    growing_batches,
+    verify_inputs,
+)
 
-# (shared model, vocab size, device, storage, slots) -> the batch the adapters share.
-BatchFactory = Callable[[LoadedModel, int, torch.device, KVStorage, int], DecodeBatch]
 
-
-def growing(
-    loaded: LoadedModel, vocab_size: int, device: torch.device, storage: KVStorage, _slots: int
-) -> DecodeBatch:
-    return GrowingBatch(loaded, vocab_size, device, storage)
-
-
-class AdapterRunner(ScoresWithPolicySet):
+class AdapterRunner(RunnerBase):
     """One batch over the shared base; a slot per (request, model it needs)."""
 
+    kind: ClassVar[str] = "adapters"
+
     def __init__(
-        self, policy_set: PolicySet, max_rows: int = 16, batch_factory: BatchFactory = growing
+        self, policy_set: PolicySet, max_rows: int = 16, batch_factory: BatchFactory | None = None
     ) -> None:
         family, reference = policy_set.adapters, policy_set.reference
         assert family is not None and reference is not None, "not an adapter family"
         self.policy_set = policy_set
+        self.capabilities = self.capabilities_of(policy_set)
         self.index = family.index
         self.models = len(policy_set.policies) + 1  # K adapters, then the base
         self.shared = LoadedModel(
@@ -50,11 +66,55 @@ class AdapterRunner(ScoresWithPolicySet):
         storage = KVStorage(policy_set.kv_dtype)
         slots = max_rows * self.models  # a slot per request and model
         self.index.fill(slots, 0)  # every buffer a graph reads, at full size
-        self.batch = batch_factory(
-            self.shared, policy_set.vocab_size, policy_set.device, storage, slots
-        )
+        make = batch_factory or growing_batches(policy_set)
+        self.batch = make(self.shared, storage, slots)
         self.max_context = self.batch.max_len
+        self._width = 1
 
+    # -- the class-level half (``base.Backend``) -------------------------------------
+    @staticmethod
+    def claims(config: PolicySetConfig) -> bool:
+        return config.is_adapter_family
+
+    @staticmethod
+    def load(config: PolicySetConfig) -> PolicySet:
+        """One base model with K LoRA adapters; the base with the adapters off is the
+        reference."""
+        from ..models.adapters import load_adapters, read_adapter_configs  # peft: only here
+
+        base_spec = config.base
+        assert base_spec is not None
+        device, dtype = member_placement(config, base_spec, "base")
+        # The adapters' configs first: they are cheap, and a bad adapter should fail at once.
+        adapter_configs = read_adapter_configs(base_spec, config.adapter_policies)
+        tokenizer = load_tokenizer(base_spec, "base")
+        vocab_size = len(tokenizer)
+        base = load_model(base_spec, "base", device, dtype)
+        check_output_rows(base, "base", vocab_size)
+        family = load_adapters(base.model, config.adapter_policies, adapter_configs, dtype, device)
+
+        def member(name: str, adapter: int) -> LoadedModel:
+            view = cast(PreTrainedModel, family.view(adapter))  # runs like a model of its own
+            return LoadedModel(name, view, base.cache_kwarg, base.accepts_logits_to_keep)
+
+        policies = [member(spec.name, 1 + k) for k, spec in enumerate(config.adapter_policies)]
+        # A step of one request (strength 1: no base row) runs a row per adapter.
+        kernels = Kernels([family.model], rows=len(policies))
+        return PolicySet.build(
+            config, policies, member(base_spec.name, 0), tokenizer, device, dtype,
+            adapters=family, backend="adapters", kernels=kernels,
+        )  # fmt: skip
+
+    @staticmethod
+    def capabilities_of(policy_set: PolicySet) -> Capabilities:
+        return Capabilities(shared_forward=True, reference_alone=False, token_moments=False)
+
+    @staticmethod
+    def soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
+        assert policy_set.adapters is not None
+        return adapter_soup(policy_set.adapters, weights)
+
+    # -- decoding ----------------------------------------------------------------------
     def _slot(self, sid: int, model: int) -> int:
         return sid * self.models + model
 
@@ -66,22 +126,6 @@ class AdapterRunner(ScoresWithPolicySet):
         adapters = torch.where(models == self.models - 1, BASE, models + 1)  # [S]
         self.index.set(adapters.to(self.policy_set.device))
         return models.to(self.policy_set.device)
-
-    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        ps, rows = self.policy_set, StepRows(running, newcomers)
-        logprobs = torch.zeros(self.models, rows.count, ps.vocab_size, device=ps.device)
-        started = time.perf_counter()
-        if len(self.batch):
-            slots = self.batch.row_ids
-            seqs = [rows.by_sid[slot // self.models] for slot in slots]
-            tokens = torch.tensor([s.token_ids[-1] for s in seqs], device=ps.device)  # [S]
-            positions = torch.tensor([len(s.token_ids) - 1 for s in seqs], device=ps.device)
-            models = self._set_index(slots)  # [S]
-            index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
-            logprobs[models, index] = self.batch.decode(tokens, positions)  # [S, V]
-        self._join(rows, logprobs)
-        seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
-        return StepOutput(logprobs, seconds)
 
     def _join(self, rows: StepRows, logprobs: torch.Tensor) -> None:
         """Prefill the newcomers' slots; their log-probs into ``logprobs`` [M, B, V] (a
@@ -104,7 +148,7 @@ class AdapterRunner(ScoresWithPolicySet):
         newcomers: Sequence[Row],
     ) -> StepOutput:
         ps, rows = self.policy_set, StepRows(running, newcomers)
-        width = rows.width(drafts)
+        width = self._width = rows.width(drafts)
         shape = (self.models, rows.count, width, ps.vocab_size)
         logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
         started = time.perf_counter()
@@ -115,14 +159,25 @@ class AdapterRunner(ScoresWithPolicySet):
             inputs = torch.tensor([tokens, positions], device=ps.device)  # [2, S, G]
             models = self._set_index(slots)  # [S]
             index = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [S]
-            logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
+            if width == 1:  # a plain step: the batch's decode path (CUDA graphs)
+                logprobs[models, index, 0] = self.batch.decode(inputs[0, :, 0], inputs[1, :, 0])
+            else:
+                logprobs[models, index] = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
         self._join(rows, logprobs[:, :, 0])
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
 
     def rollback(self, kept: Mapping[int, int]) -> None:
+        if self._width == 1:
+            return
         slots = self.batch.row_ids
         self.batch.rollback([kept.get(slot // self.models, sys.maxsize) for slot in slots])
+
+    def describe(self) -> dict[str, Any]:
+        family = self.policy_set.adapters
+        assert family is not None
+        # each policy's LoRA adapter: rank, alpha, layers
+        return {**super().describe(), "adapters": [dataclasses.asdict(a) for a in family.adapters]}
 
     def keep(self, sids: set[int]) -> None:
         self.batch.keep({self._slot(sid, m) for sid in sids for m in range(self.models)})

@@ -2,24 +2,46 @@
 
 The engine knows rows (one per running request), each with its tokens so far and its
 coefficients ``[K + 1]`` (``s * w_k`` per policy, then ``1 - s`` for the reference). Each
-step it hands a runner the rows already decoding and the newcomers, and gets back every
-row's next-token log-probs under every model whose coefficient for that row is not zero.
-How the models are run (K separate models with a KV cache each; one base with K LoRA
-adapters in one batched forward; eager or CUDA graphs) is the runner's business: mixing,
-sampling, stops, streaming and scoring do not change with it. docs/architecture.md lists
-what a backend must provide.
+step it hands a runner the rows already decoding (each with the tokens drafted for it, if
+any) and the newcomers, and gets back every row's next-token log-probs under every model
+whose coefficient for that row is not zero, on the mixing device. How and where the models
+run (K separate models, each on its own device; one base with K LoRA adapters in one
+batched forward; one model under K system prompts; eager or CUDA graphs) is the runner's
+business, and so is everything else that runs a model: teacher-forced scoring, prompt
+log-probs, soups. What a backend can do it declares in ``Capabilities``; the rest of the
+code reads those, never the backend's class. docs/architecture.md, "Adding a backend".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from transformers import PreTrainedModel
 
-from ..models.policies import LoadedModel, PolicySet
-from .scoring import ScoreResult, score_sequences
+from ..config import PolicySetConfig
+from ..models.kvcache import GrowingBatch, KVStorage, to_logprobs
+from ..models.policies import LoadedModel, PolicySet, device_of
+from .scoring import ScoreResult, score_model, score_sequences
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, read by the engine, the KV budget, speculation, fits and
+    evaluation instead of the backend's class or the family's kind."""
+
+    # One forward runs every member's rows (adapters, personas): a draft forward of the
+    # shared model costs about a whole step, and the KV cache is one batch of slots.
+    shared_forward: bool
+    # The reference can be scored alone, without the other members (``score_reference``).
+    reference_alone: bool
+    # Every member's full distribution at every position of a reply, for the reward fit's
+    # decoded target (``score_with_moments``).
+    token_moments: bool
+    # Soups (parameter averages of the policies) can be built (``soup``).
+    soups: bool = True
 
 
 class Row(Protocol):
@@ -78,19 +100,52 @@ class DecodeBatch(Protocol):
         ...
 
 
-class PolicyRunner(Protocol):
-    """The contract every backend meets (the engine calls it from its own thread only)."""
+@runtime_checkable
+class AppendableBatch(DecodeBatch, Protocol):
+    """A growing batch that also takes rows whose cache was computed elsewhere (a prefill
+    after shared prefixes, ``models.prefix_cache``): ``GrowingBatch``, not a static one."""
 
+    def append(self, row_ids: list[int], cache: Any, mask: torch.Tensor) -> None: ...
+
+
+# (shared or member model, KV storage, slots) -> that model's batch of rows.
+BatchFactory = Callable[[LoadedModel, KVStorage, int], DecodeBatch]
+
+
+class PolicyRunner(Protocol):
+    """The contract every backend meets (the engine calls it from its own thread only).
+
+    A backend is a class with this instance interface and the class-level part of
+    ``Backend`` (how it loads a family, what it can do); ``factory.BACKENDS`` registers it.
+    """
+
+    capabilities: Capabilities
     # The longest prompt + reply the runner can hold (a static cache's columns); None: no
     # limit of its own. The engine caps requests at it (``context_limit``).
     max_context: int | None
 
-    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        """Decode the running rows' newest token and prefill the newcomers' prompts.
+    def verify(
+        self,
+        running: Sequence[Row],
+        drafts: Mapping[int, Sequence[int]],
+        newcomers: Sequence[Row],
+    ) -> StepOutput:
+        """One decode step: each running row runs its newest token and the drafts after it
+        (``drafts[sid]``, maybe none) in one forward per model, and each newcomer's prompt
+        is prefilled. Log-probs [M, B, G, V] with G = 1 + the longest draft: position j is
+        the distribution after the newest token and j drafts (a newcomer has position 0
+        only). Rows follow ``[*running, *newcomers]``; entries of a model a row does not
+        need (coefficient 0) are unspecified. A plain step is a verify with no drafts
+        (G = 1); after drafts, ``rollback`` must follow before the next step."""
+        ...
 
-        Rows of ``logprobs`` follow ``[*running, *newcomers]``; entries of a model a row does
-        not need (coefficient 0) are unspecified. After the call the newcomers are running.
-        """
+    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
+        """``verify`` with no drafts, log-probs [M, B, V] (``RunnerBase`` provides it)."""
+        ...
+
+    def rollback(self, kept: Mapping[int, int]) -> None:
+        """After a ``verify`` with drafts: row sid keeps ``kept[sid]`` of its
+        ``1 + len(draft)`` columns (1 + the drafts accepted); the rest are dropped."""
         ...
 
     def keep(self, sids: set[int]) -> None:
@@ -106,10 +161,63 @@ class PolicyRunner(Protocol):
         """Teacher-forced log-prob of each completion under every policy and the reference."""
         ...
 
+    def prompt_positions(
+        self, tokens: Sequence[int], models: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        """For each model m of ``models``: its log-probs [T_m, V] (on the mixing device)
+        predicting the last T_m tokens of ``tokens``, every prompt token that model sees
+        with a token before it (a persona sees the prompt after its own opening)."""
+        ...
 
-class SpeculativeRunner(PolicyRunner, Protocol):
-    """A backend that can also verify drafted tokens (speculative decoding,
-    docs/speculative.md); the engine speculates only on such a runner."""
+    def score_reference(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        """The reference alone: [N] (``Capabilities.reference_alone``; else NotImplemented)."""
+        ...
+
+    def score_with_moments(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        coefficients: Sequence[Sequence[float]],
+    ) -> tuple[ScoreResult, torch.Tensor]:
+        """Scores and the reward fit's per-reply moments [N, K] (``runners.moments``;
+        ``Capabilities.token_moments``)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /info`` reports of the backend: its kind, and what it adds."""
+        ...
+
+
+class Backend(Protocol):
+    """The class-level half of a backend: which families it runs and how it loads them."""
+
+    kind: ClassVar[str]  # the PolicySet.backend it runs
+
+    @staticmethod
+    def claims(config: PolicySetConfig) -> bool: ...  # does this config describe its family?
+
+    @staticmethod
+    def load(config: PolicySetConfig) -> PolicySet: ...
+
+    @staticmethod
+    def capabilities_of(policy_set: PolicySet) -> Capabilities: ...
+
+    @staticmethod
+    def soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel: ...
+
+
+class RunnerBase:
+    """What every backend shares: ``step`` as a verify without drafts, and scoring that runs
+    each model of ``self.policy_set`` in teacher-forced chunks (an adapter family's members
+    are views that each run one adapter on every row), the same chunks and masks for all."""
+
+    policy_set: PolicySet
+    capabilities: Capabilities
 
     def verify(
         self,
@@ -117,25 +225,11 @@ class SpeculativeRunner(PolicyRunner, Protocol):
         drafts: Mapping[int, Sequence[int]],
         newcomers: Sequence[Row],
     ) -> StepOutput:
-        """``step`` with drafted tokens: each running row runs its newest token and the
-        drafts after it (``drafts[sid]``, maybe none) in one forward per model, and the
-        log-probs are [M, B, G, V] with G = 1 + the longest draft: position j is the
-        distribution after the newest token and j drafts. A newcomer has position 0 only.
-        ``rollback`` must follow before the next step."""
-        ...
+        raise NotImplementedError
 
-    def rollback(self, kept: Mapping[int, int]) -> None:
-        """After ``verify``: row sid keeps ``kept[sid]`` of its ``1 + len(draft)``
-        columns (1 + the drafts accepted); the rest are dropped."""
-        ...
-
-
-class ScoresWithPolicySet:
-    """``score`` for a runner over ``self.policy_set``: one teacher-forced forward per
-    model in chunks (an adapter family scores through views that each run one adapter on
-    every row), the same chunks and masks for every backend."""
-
-    policy_set: PolicySet
+    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
+        output = self.verify(running, {}, newcomers)
+        return StepOutput(output.logprobs[:, :, 0], output.forward_seconds)  # [M, B, V]
 
     def score(
         self,
@@ -144,6 +238,54 @@ class ScoresWithPolicySet:
         chunk_tokens: int,
     ) -> ScoreResult:
         return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
+
+    def prompt_positions(
+        self, tokens: Sequence[int], models: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        members = all_models(self.policy_set)
+        return {m: position_logprobs(self.policy_set, members[m], tokens) for m in models}
+
+    def score_reference(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        ps = self.policy_set
+        if not self.capabilities.reference_alone or ps.reference is None:
+            raise NotImplementedError("this backend scores the reference with every member")
+        return score_model(ps.reference, ps.vocab_size, prompts, completions, chunk_tokens)
+
+    def score_with_moments(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        coefficients: Sequence[Sequence[float]],
+    ) -> tuple[ScoreResult, torch.Tensor]:
+        raise NotImplementedError("this backend has no per-token moments")
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /info`` reports of the backend: its kind, and what it adds."""
+        return {"backend": self.policy_set.backend}
+
+
+@torch.inference_mode()
+def position_logprobs(
+    policy_set: PolicySet, loaded: LoadedModel, tokens: Sequence[int]
+) -> torch.Tensor:
+    """One model's log-probs [L - 1, V] on the mixing device, predicting tokens 1..L-1."""
+    ids = torch.tensor([list(tokens)], device=device_of(loaded))  # [1, L]
+    logits = loaded.model(input_ids=ids, use_cache=False).logits  # [1, L, V']
+    return to_logprobs(logits[0, :-1], policy_set.vocab_size).to(policy_set.device)
+
+
+def growing_batches(policy_set: PolicySet) -> BatchFactory:
+    """Batches whose caches grow by columns, each on its model's device."""
+
+    def make(loaded: LoadedModel, storage: KVStorage, _slots: int) -> DecodeBatch:
+        return GrowingBatch(loaded, policy_set.vocab_size, device_of(loaded), storage)
+
+    return make
 
 
 class StepRows:

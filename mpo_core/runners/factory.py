@@ -1,9 +1,11 @@
-"""Which runner a policy set gets (``make_runner``): the one place that knows every backend.
+"""The backends' registry: the one place that knows every backend.
 
-An adapter family runs on the grouped-LoRA ``AdapterRunner``, a persona family on
-``PersonaRunner`` (one model, a slot per request and persona), any other family on
-``SeparateModelsRunner``; either on growing caches or, when the config asks (the default
-on CUDA), on static caches with CUDA graphs, falling back per model with a warning.
+``BACKENDS`` lists them; the first that ``claims`` a policy-set config loads it
+(``load_policy_set``) and runs it (``make_runner``). An adapter family runs on the
+grouped-LoRA ``AdapterRunner``, a persona family on ``PersonaRunner`` (one model, a slot
+per request and persona), any other family on ``SeparateModelsRunner``; each on growing
+caches or, when the config asks (the default on CUDA), on static caches with CUDA graphs,
+falling back per model with a warning.
 """
 
 from __future__ import annotations
@@ -12,17 +14,44 @@ import logging
 
 import torch
 
+from ..config import PolicySetConfig
 from ..errors import ConfigError
 from ..models.kv_budget import KVBudget
 from ..models.kvcache import GrowingBatch, KVStorage
-from ..models.policies import LoadedModel, PolicySet
+from ..models.policies import LoadedModel, PolicySet, device_of
 from ..models.static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
 from .adapters import AdapterRunner
-from .base import DecodeBatch, PolicyRunner, all_models, context_limit
+from .base import Capabilities, DecodeBatch, PolicyRunner, context_limit
 from .personas import PersonaRunner
 from .separate import SeparateModelsRunner
 
 logger = logging.getLogger(__name__)
+
+# Every backend, in the order they are asked to claim a config (the last claims the rest).
+BACKENDS: tuple[type[AdapterRunner | PersonaRunner | SeparateModelsRunner], ...] = (
+    PersonaRunner,
+    AdapterRunner,
+    SeparateModelsRunner,
+)
+
+
+def load_policy_set(config: PolicySetConfig) -> PolicySet:
+    """Load the family ``config`` describes, by the backend that runs it."""
+    backend = next(b for b in BACKENDS if b.claims(config))
+    return backend.load(config)
+
+
+def backend_of(policy_set: PolicySet) -> type[AdapterRunner | PersonaRunner | SeparateModelsRunner]:
+    """The backend that runs ``policy_set`` (the one that loaded it)."""
+    for backend in BACKENDS:
+        if backend.kind == policy_set.backend:
+            return backend
+    raise ConfigError(f"no backend runs policy sets of kind {policy_set.backend!r}")
+
+
+def capabilities_of(policy_set: PolicySet) -> Capabilities:
+    """What the backend of ``policy_set`` can do, before a runner is made."""
+    return backend_of(policy_set).capabilities_of(policy_set)
 
 
 def make_runner(
@@ -59,23 +88,10 @@ def make_runner(
 
     def batch(model: LoadedModel, storage: KVStorage, slots: int) -> DecodeBatch:
         if not static:
-            return GrowingBatch(model, policy_set.vocab_size, policy_set.device, storage)
+            return GrowingBatch(model, policy_set.vocab_size, device_of(model), storage)
         return static_or_growing(policy_set, model, storage, slots, max_len, graphs, pool)
 
-    runner: PolicyRunner
-    if policy_set.personas is not None:
-        runner = PersonaRunner(
-            policy_set, max_rows, lambda m, _v, _d, storage, slots: batch(m, storage, slots)
-        )
-    elif policy_set.adapters is not None:
-        runner = AdapterRunner(
-            policy_set, max_rows, lambda m, _v, _d, storage, slots: batch(m, storage, slots)
-        )
-    else:
-        storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
-        runner = SeparateModelsRunner(
-            policy_set, [batch(m, storage, max_rows) for m in all_models(policy_set)]
-        )
+    runner: PolicyRunner = backend_of(policy_set)(policy_set, max_rows, batch)
     return runner, context_limit(runner, max_context)
 
 
@@ -95,7 +111,7 @@ def static_or_growing(
             return StaticBatch(
                 model,
                 policy_set.vocab_size,
-                policy_set.device,
+                device_of(model),
                 slots=slots,
                 max_len=max_len,
                 kv_dtype=policy_set.kv_dtype,
@@ -105,4 +121,4 @@ def static_or_growing(
         except Exception as exc:  # a forward that cannot be captured: eager is still right
             reason = f"{'graph capture' if graphs else 'static cache'} failed: {exc!r}"
     logger.warning("model %r decodes eagerly with a growing cache: %s", model.name, reason)
-    return GrowingBatch(model, policy_set.vocab_size, policy_set.device, storage)
+    return GrowingBatch(model, policy_set.vocab_size, device_of(model), storage)

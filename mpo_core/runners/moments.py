@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..models.kvcache import to_logprobs
-from ..models.policies import PolicySet
+from ..models.policies import LoadedModel, PolicySet, device_of
 from .scoring import ScoreResult, chunk_indices
 
 _LOGPROB_BYTES = 1 << 28  # the chunk's [models, rows, positions, V] float32 log-probs: 256 MiB
@@ -52,10 +52,9 @@ def score_with_moments(
     theta_all = torch.as_tensor(coefficients, dtype=torch.float32)  # [N, K]
     for rows in chunk_indices(lengths, budget):
         ids, mask, targets = _batch(prompts, completions, rows, policy_set.device)
-        logits = [
-            m.model(input_ids=ids, attention_mask=mask, use_cache=False).logits for m in models
-        ]
-        logprobs = torch.stack([to_logprobs(x[:, :-1], vocab) for x in logits])  # [K+1, n, L-1, V]
+        logprobs = torch.stack(
+            [_member_logprobs(m, ids, mask, vocab).to(ids.device) for m in models]
+        )  # [K+1, n, L-1, V] on the mixing device
         next_ids = ids[:, 1:].unsqueeze(0).unsqueeze(-1).expand(len(models), -1, -1, 1)
         picked = logprobs.gather(-1, next_ids).squeeze(-1)  # [K+1, n, L-1]
         totals = (picked * targets[:, 1:]).sum(dim=-1).double().cpu()  # [K+1, n]
@@ -68,6 +67,17 @@ def score_with_moments(
         expected = torch.einsum("nlv,knlv->nlk", q, diffs)  # [n, L-1, K]: E_q D_k
         moments[rows] = (expected * targets[:, 1:].unsqueeze(-1)).sum(dim=1).double().cpu()
     return ScoreResult(policy_scores, ref_scores), moments
+
+
+def _member_logprobs(
+    loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """One member's log-probs [n, L-1, V], run on its own device."""
+    device = device_of(loaded)
+    logits = loaded.model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+    ).logits  # [n, L, V']
+    return to_logprobs(logits[:, :-1], vocab)
 
 
 def _batch(

@@ -23,14 +23,38 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
+from transformers import PreTrainedModel
 
-from ..models.kvcache import GrowingBatch, KVStorage, release_free_memory
-from ..models.policies import PolicySet
+from ..config import PolicySetConfig
+from ..errors import ConfigError
+from ..models.kvcache import KVStorage, release_free_memory
+from ..models.personas import build_persona_prompts, common_suffix
+from ..models.policies import (
+    Kernels,
+    LoadedModel,
+    PolicySet,
+    context_limit_of,
+    device_of,
+    load_model,
+    load_tokenizer,
+    member_placement,
+)
 from ..models.prefix_cache import PrefixCache, prefill_after_prefixes
-from .adapters import BatchFactory, growing
-from .base import Row, StepOutput, StepRows, verify_inputs
+from .base import (
+    AppendableBatch,
+    BatchFactory,
+    Capabilities,
+    Row,
+    RunnerBase,
+    StepOutput,
+    StepRows,
+    growing_batches,
+    position_logprobs,
+    verify_inputs,
+)
 from .scoring import ScoreResult, score_model
 
 # Padding a 3-slot decode to 4 rows with a filler slot whose output nobody reads paid on
@@ -41,26 +65,28 @@ PAD_ROWS = {3: 4}
 FILLER = -1  # the filler slot's id (a request's slots are >= 0)
 
 
-class PersonaRunner:
+class PersonaRunner(RunnerBase):
     """One batch over the shared model; a slot per (request, persona it needs)."""
 
+    kind: ClassVar[str] = "personas"
+
     def __init__(
-        self, policy_set: PolicySet, max_rows: int = 16, batch_factory: BatchFactory = growing
+        self, policy_set: PolicySet, max_rows: int = 16, batch_factory: BatchFactory | None = None
     ) -> None:
         prompts, reference = policy_set.personas, policy_set.reference
         assert prompts is not None and reference is not None, "not a persona family"
         self.policy_set = policy_set
+        self.capabilities = self.capabilities_of(policy_set)
         self.prompts = prompts
         self.models = prompts.models  # K personas, then the plain model
         self.shared = reference
         storage = KVStorage(policy_set.kv_dtype)
-        self.batch = batch_factory(
-            reference, policy_set.vocab_size, policy_set.device, storage, max_rows * self.models
-        )
+        make = batch_factory or growing_batches(policy_set)
+        self.batch = make(reference, storage, max_rows * self.models)
         self.prefixes: PrefixCache | None = None
-        if isinstance(self.batch, GrowingBatch):
+        if isinstance(self.batch, AppendableBatch):
             self.prefixes = PrefixCache(
-                reference, policy_set.vocab_size, policy_set.device, storage
+                reference, policy_set.vocab_size, device_of(reference), storage
             )
         # A slot's prompt is longer than its request's by up to ``longest_extra`` tokens.
         limit = self.batch.max_len
@@ -68,6 +94,54 @@ class PersonaRunner:
         self._shift: dict[int, int] = {}  # slot -> its prompt's length - the request's
         self.pad_rows: dict[int, int] = {}  # real rows -> rows run (growing caches only)
         self._filler_length = 0  # tokens the filler slot holds
+        self._width = 1
+
+    # -- the class-level half (``base.Backend``) -------------------------------------
+    @staticmethod
+    def claims(config: PolicySetConfig) -> bool:
+        return config.persona_host is not None
+
+    @staticmethod
+    def load(config: PolicySetConfig) -> PolicySet:
+        """One model and K personas of it: every member is the same weights (no copy), the
+        plain model is the reference, and ``personas`` says how each member sees a prompt."""
+        host = config.persona_host
+        assert host is not None
+        device, dtype = member_placement(config, host, "reference")
+        tokenizer = load_tokenizer(host, "reference")
+        # The prompt rule first: it is cheap, and a template without system messages fails.
+        prompts = build_persona_prompts(tokenizer, config.persona_policies, host.name)
+        shared = load_model(host, "reference", device, dtype)
+
+        def member(name: str) -> LoadedModel:
+            return LoadedModel(
+                name, shared.model, shared.cache_kwarg, shared.accepts_logits_to_keep
+            )
+
+        limit = context_limit_of(shared.model)
+        if limit - prompts.longest_extra < 2:
+            raise ConfigError(
+                f"the personas' prompts ({prompts.longest_extra} tokens) leave no room in the "
+                f"context of {host.name!r} ({limit} tokens)"
+            )
+        policies = [member(spec.name) for spec in config.persona_policies]
+        # A step of one request (strength 1: no plain row) runs a row per persona, on
+        # packed weights where oneDNN wins (cpu_linear).
+        kernels = Kernels([shared.model], rows=len(policies), pack=True)
+        return PolicySet.build(
+            config, policies, member(host.name), tokenizer, device, dtype,
+            max_context=limit - prompts.longest_extra, personas=prompts, backend="personas",
+            kernels=kernels,
+        )  # fmt: skip
+
+    @staticmethod
+    def capabilities_of(policy_set: PolicySet) -> Capabilities:
+        return Capabilities(shared_forward=True, reference_alone=True, token_moments=False)
+
+    @staticmethod
+    def soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
+        assert policy_set.reference is not None
+        return policy_set.reference.model  # the average of K copies of one model
 
     def _pad(self) -> None:
         """Add the filler slot when the real slots are a row count worth padding; drop
@@ -108,22 +182,6 @@ class PersonaRunner:
             torch.tensor([rows.row_of[s.sid] for s in seqs], device=device),
         )
 
-    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        ps, rows = self.policy_set, StepRows(running, newcomers)
-        logprobs = torch.zeros(self.models, rows.count, ps.vocab_size, device=ps.device)
-        started = time.perf_counter()
-        if self.pad_rows and isinstance(self.batch, GrowingBatch):
-            self._pad()
-        if len(self.batch):
-            inputs, real, models, index = self._inputs(rows, {}, 1)
-            decoded = self.batch.decode(inputs[0, :, 0], inputs[1, :, 0])  # [S, V]
-            if FILLER in self.batch.row_ids:
-                self._filler_length += 1
-            logprobs[models, index] = decoded[real]
-        self._join(rows, logprobs)
-        seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
-        return StepOutput(logprobs, seconds)
-
     def verify(
         self,
         running: Sequence[Row],
@@ -133,19 +191,29 @@ class PersonaRunner:
         """Each slot runs its request's newest token and drafts at its persona's shifted
         positions, all slots (and the filler, if present) in one forward."""
         ps, rows = self.policy_set, StepRows(running, newcomers)
-        width = rows.width(drafts)
+        width = self._width = rows.width(drafts)
         shape = (self.models, rows.count, width, ps.vocab_size)
         logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
         started = time.perf_counter()
+        if self.pad_rows and width == 1 and isinstance(self.batch, AppendableBatch):
+            self._pad()
         if len(self.batch):
             inputs, real, models, index = self._inputs(rows, drafts, width)
-            verified = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
-            logprobs[models, index] = verified[real]
+            if width == 1:  # a plain step: the batch's decode path (CUDA graphs)
+                decoded = self.batch.decode(inputs[0, :, 0], inputs[1, :, 0])  # [S, V]
+                if FILLER in self.batch.row_ids:
+                    self._filler_length += 1
+                logprobs[models, index, 0] = decoded[real]
+            else:
+                verified = self.batch.verify(inputs[0], inputs[1])  # [S, G, V]
+                logprobs[models, index] = verified[real]
         self._join(rows, logprobs[:, :, 0])
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
 
     def rollback(self, kept: Mapping[int, int]) -> None:
+        if self._width == 1:
+            return
         slots = self.batch.row_ids
         per_slot = [kept.get(slot // self.models, sys.maxsize) for slot in slots]
         if FILLER in slots:  # as many columns as the longest run kept: the rest crop
@@ -174,7 +242,7 @@ class PersonaRunner:
         self, slots: list[int], models: list[int], prompts: list[list[int]]
     ) -> torch.Tensor:
         """Add the slots to the batch; their last position's log-probs [S', V]."""
-        if self.prefixes is None or not isinstance(self.batch, GrowingBatch):
+        if self.prefixes is None or not isinstance(self.batch, AppendableBatch):
             return self.batch.prefill(slots, prompts)
         openings = []
         for model, prompt in zip(models, prompts):
@@ -207,12 +275,30 @@ class PersonaRunner:
         n = len(prompts)
         rendered = [self.prompts.render(m, p) for m in range(self.models) for p in prompts]
         totals = score_model(
-            self.shared,
-            ps.vocab_size,
-            ps.device,
-            rendered,
-            list(completions) * self.models,
-            chunk_tokens,
+            self.shared, ps.vocab_size, rendered, list(completions) * self.models, chunk_tokens
         )  # [M * N]
         per_model = totals.view(self.models, n)  # [M, N]
         return ScoreResult(per_model[:-1].t().contiguous(), per_model[-1].clone())
+
+    def score_reference(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        """The plain model on the prompts as given: [N]."""
+        ps = self.policy_set
+        return score_model(self.shared, ps.vocab_size, prompts, completions, chunk_tokens)
+
+    def prompt_positions(
+        self, tokens: Sequence[int], models: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
+        """Model m runs its persona's rendering of the prompt; the positions it returns are
+        those predicting the request's own tokens at the end of that rendering."""
+        out = {}
+        for m in models:
+            rendered = self.prompts.render(m, list(tokens))
+            seen = min(common_suffix(rendered, list(tokens)), len(rendered) - 1)
+            logprobs = position_logprobs(self.policy_set, self.shared, rendered)  # [L_m - 1, V]
+            out[m] = logprobs[len(logprobs) - seen :]  # [T_m, V]
+        return out

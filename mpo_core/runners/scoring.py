@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.kvcache import to_logprobs
-from ..models.policies import LoadedModel, PolicySet
+from ..models.policies import LoadedModel, PolicySet, device_of
 
 
 @dataclass
@@ -46,12 +46,13 @@ def _completion_logprobs(
 def score_model(
     loaded: LoadedModel,
     vocab_size: int,
-    device: torch.device,
     prompts: Sequence[Sequence[int]],
     completions: Sequence[Sequence[int]],
     chunk_tokens: int = 4096,
 ) -> torch.Tensor:
-    """Total log-prob of ``completions[i]`` after ``prompts[i]`` under one model: [N]."""
+    """Total log-prob of ``completions[i]`` after ``prompts[i]`` under one model, run on
+    its own device: [N] on the CPU."""
+    device = device_of(loaded)
     n = len(prompts)
     scores = torch.zeros(n)  # [N]
     start = 0
@@ -82,19 +83,18 @@ def score_sequences(
     completions: Sequence[Sequence[int]],
     chunk_tokens: int = 4096,
 ) -> ScoreResult:
-    """Score ``completions[i]`` after ``prompts[i]`` under every policy and the reference."""
-    assert policy_set.personas is None, "a persona family scores through its runner"
-    device, vocab = policy_set.device, policy_set.vocab_size
+    """Score ``completions[i]`` after ``prompts[i]`` under every policy and the reference,
+    each model on the prompt as given (a backend whose members see other inputs, such as
+    personas, scores its own way)."""
+    vocab = policy_set.vocab_size
     columns = [
-        score_model(loaded, vocab, device, prompts, completions, chunk_tokens)
+        score_model(loaded, vocab, prompts, completions, chunk_tokens)
         for loaded in policy_set.policies
     ]
     policy_scores = torch.stack(columns, dim=1) if columns else torch.zeros(len(prompts), 0)
     ref_scores = None  # [N]
     if policy_set.reference is not None:
-        ref_scores = score_model(
-            policy_set.reference, vocab, device, prompts, completions, chunk_tokens
-        )
+        ref_scores = score_model(policy_set.reference, vocab, prompts, completions, chunk_tokens)
     return ScoreResult(policy_scores, ref_scores)  # [N, K], [N]
 
 

@@ -1,78 +1,88 @@
-"""K full models (+ the reference), each with its own batch of rows and KV cache."""
+"""K full models (+ the reference), each with its own batch of rows and KV cache, each on
+its own device."""
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
+from transformers import PreTrainedModel
 
-from ..models.kvcache import GrowingBatch, KVStorage
-from ..models.policies import PolicySet
+from ..config import PolicySetConfig
+from ..models.kvcache import KVStorage
+from ..models.policies import PolicySet, device_of, load_full_models
+from ..models.soup import soup_state_dict
 from .base import (
+    BatchFactory,
+    Capabilities,
     DecodeBatch,
     Row,
-    ScoresWithPolicySet,
+    RunnerBase,
+    ScoreResult,
     StepOutput,
     StepRows,
     all_models,
+    growing_batches,
     verify_inputs,
 )
+from .moments import score_with_moments
 
 
-class SeparateModelsRunner(ScoresWithPolicySet):
+class SeparateModelsRunner(RunnerBase):
     """K full models (+ the reference), each with its own batch of rows and KV cache.
 
     A model runs only the rows whose coefficient for it is not zero, so a one-hot request
-    costs one forward and s = 1 never runs the reference.
+    costs one forward and s = 1 never runs the reference. Each model runs where it was
+    loaded (its ``device:``); every model's forward is queued before any output is read,
+    so members on different GPUs run at once, and their log-probs meet on the mixing
+    device (``PolicySet.device``).
     """
 
-    def __init__(self, policy_set: PolicySet, batches: Sequence[DecodeBatch] | None = None) -> None:
+    kind: ClassVar[str] = "separate"
+
+    def __init__(
+        self,
+        policy_set: PolicySet,
+        max_rows: int = 16,
+        batch_factory: BatchFactory | None = None,
+    ) -> None:
         self.policy_set = policy_set
-        if batches is None:
-            storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
-            batches = [
-                GrowingBatch(m, policy_set.vocab_size, policy_set.device, storage)
-                for m in all_models(policy_set)
-            ]
-        self.batches: list[DecodeBatch] = list(batches)
+        self.capabilities = self.capabilities_of(policy_set)
+        make = batch_factory or growing_batches(policy_set)
+        storage = KVStorage(policy_set.kv_dtype)  # shared: the models run one at a time
+        self.batches: list[DecodeBatch] = [
+            make(m, storage, max_rows) for m in all_models(policy_set)
+        ]
+        self.devices = [device_of(m) for m in all_models(policy_set)]
         limits = [b.max_len for b in self.batches if b.max_len is not None]
         self.max_context: int | None = min(limits) if limits else None
+        self._width = 1  # columns the last verify ran per row
 
-    def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
-        ps, rows = self.policy_set, StepRows(running, newcomers)
-        by_sid, row_of = rows.by_sid, rows.row_of
-        logprobs = torch.zeros(len(self.batches), rows.count, ps.vocab_size, device=ps.device)
-        # Every model's decode inputs go to the device in one copy, before any forward is
-        # queued: a copy from host memory waits for the stream, which would otherwise
-        # stall each model's launch behind the previous model's (graph) replay.
-        columns: list[list[int]] = [[], [], []]  # tokens, positions, rows of logprobs
-        for batch in self.batches:
-            for sid in batch.row_ids:
-                seq = by_sid[sid]
-                columns[0].append(seq.token_ids[-1])
-                columns[1].append(len(seq.token_ids) - 1)
-                columns[2].append(row_of[sid])
-        inputs = torch.tensor(columns, dtype=torch.long).to(ps.device)  # [3, sum of B_m]
-        forward_seconds: dict[str, float] = {}
-        start = 0
-        for m, batch in enumerate(self.batches):
-            started = time.perf_counter()
-            if len(batch):
-                tokens, positions, index = inputs[:, start : start + len(batch)]  # [B_m] each
-                start += len(batch)
-                logprobs[m, index] = batch.decode(tokens, positions)  # [B_m, V]
-            joining = [s for s in newcomers if s.coefs[m] != 0]
-            if joining:
-                index = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
-                logprobs[m, index] = batch.prefill(
-                    [s.sid for s in joining], [s.token_ids for s in joining]
-                )
-            if len(batch):
-                forward_seconds[batch.loaded.name] = time.perf_counter() - started
-        return StepOutput(logprobs, forward_seconds)
+    # -- the class-level half (``base.Backend``) -------------------------------------
+    @staticmethod
+    def claims(config: PolicySetConfig) -> bool:
+        return config.base is None and config.persona_host is None
 
+    @staticmethod
+    def load(config: PolicySetConfig) -> PolicySet:
+        return load_full_models(config)
+
+    @staticmethod
+    def capabilities_of(policy_set: PolicySet) -> Capabilities:
+        return Capabilities(shared_forward=False, reference_alone=True, token_moments=True)
+
+    @staticmethod
+    def soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
+        template = next(p for p, w in zip(policy_set.policies, weights) if w != 0)
+        soup = copy.deepcopy(template.model)  # same architecture, device and dtype
+        soup.load_state_dict(soup_state_dict(policy_set.models, weights))
+        return soup.eval().requires_grad_(False)
+
+    # -- decoding ----------------------------------------------------------------------
     def verify(
         self,
         running: Sequence[Row],
@@ -80,15 +90,18 @@ class SeparateModelsRunner(ScoresWithPolicySet):
         newcomers: Sequence[Row],
     ) -> StepOutput:
         ps, rows = self.policy_set, StepRows(running, newcomers)
-        by_sid, row_of = rows.by_sid, rows.row_of
-        width = rows.width(drafts)
+        width = self._width = rows.width(drafts)
         shape = (len(self.batches), rows.count, width, ps.vocab_size)
         logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
-        # One copy to the device for every model's inputs, as in ``step``.
-        seqs = [by_sid[sid] for batch in self.batches for sid in batch.row_ids]
+        # Each device's inputs go to it in one copy, before any forward is queued: a copy
+        # from host memory waits for the stream, which would otherwise stall each model's
+        # launch behind the previous model's (graph) replay.
+        seqs = [rows.by_sid[sid] for batch in self.batches for sid in batch.row_ids]
         tokens, positions = verify_inputs(seqs, drafts, width)
-        inputs = torch.tensor([tokens, positions], dtype=torch.long).to(ps.device)  # [2, ΣB_m, G]
-        where = torch.tensor([row_of[s.sid] for s in seqs], device=ps.device)  # [ΣB_m]
+        host = torch.tensor([tokens, positions], dtype=torch.long)  # [2, ΣB_m, G]
+        inputs = {d: host.to(d) for d in set(self.devices)}
+        where = torch.tensor([rows.row_of[s.sid] for s in seqs], device=ps.device)  # [ΣB_m]
+        outputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (model, rows, [n, G, V])
         forward_seconds: dict[str, float] = {}
         start = 0
         for m, batch in enumerate(self.batches):
@@ -96,21 +109,38 @@ class SeparateModelsRunner(ScoresWithPolicySet):
             if len(batch):
                 part = slice(start, start + len(batch))
                 start += len(batch)
-                logprobs[m, where[part]] = batch.verify(inputs[0, part], inputs[1, part])
+                x = inputs[self.devices[m]]
+                if width == 1:  # a plain step: the batch's decode path (CUDA graphs)
+                    out = batch.decode(x[0, part, 0], x[1, part, 0]).unsqueeze(1)  # [B_m, 1, V]
+                else:
+                    out = batch.verify(x[0, part], x[1, part])  # [B_m, G, V]
+                outputs.append((m, where[part], out))
             joining = [s for s in newcomers if s.coefs[m] != 0]
             if joining:
-                index = torch.tensor([row_of[s.sid] for s in joining], device=ps.device)
-                logprobs[m, index, 0] = batch.prefill(
-                    [s.sid for s in joining], [s.token_ids for s in joining]
-                )
-            if len(batch):
+                index = torch.tensor([rows.row_of[s.sid] for s in joining], device=ps.device)
+                prefilled = batch.prefill([s.sid for s in joining], [s.token_ids for s in joining])
+                outputs.append((m, index, prefilled.unsqueeze(1)))  # [n, 1, V]
+            if len(batch):  # on a GPU: the time to queue its forwards
                 forward_seconds[batch.loaded.name] = time.perf_counter() - started
+        # Only now are the outputs read: every member's forward was queued first.
+        for m, index, out in outputs:
+            logprobs[m, index, : out.shape[1]] = out.to(ps.device, non_blocking=True)
         return StepOutput(logprobs, forward_seconds)
 
     def rollback(self, kept: Mapping[int, int]) -> None:
+        if self._width == 1:
+            return  # a plain step added one column per row: nothing to drop
         for batch in self.batches:
             batch.rollback([kept.get(sid, sys.maxsize) for sid in batch.row_ids])
 
     def keep(self, sids: set[int]) -> None:
         for batch in self.batches:
             batch.keep(sids)
+
+    def score_with_moments(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        coefficients: Sequence[Sequence[float]],
+    ) -> tuple[ScoreResult, torch.Tensor]:
+        return score_with_moments(self.policy_set, prompts, completions, coefficients)

@@ -10,7 +10,6 @@ not fail on it (a replica serves its cached profiles through a store outage).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -55,10 +54,10 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
         "served_name": serving.served_name,
         "policies": list(engine.policy_names),
         "reference": ps.reference_name,
-        # an adapter family: each policy's LoRA adapter (rank, alpha, layers); else null
-        "adapters": (
-            [dataclasses.asdict(a) for a in ps.adapters.adapters] if ps.adapters else None
-        ),
+        # the backend that runs the family; an adapter family's adds each policy's LoRA
+        # adapter (rank, alpha, layers), null elsewhere
+        "backend": engine.runner.describe()["backend"],
+        "adapters": engine.runner.describe().get("adapters"),
         "vocab_size": int(ps.vocab_size),
         "device": str(ps.device),
         "dtype": str(ps.dtype).removeprefix("torch."),

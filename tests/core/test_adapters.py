@@ -19,8 +19,8 @@ from mpo_core.errors import ConfigError
 from mpo_core.fitting.driver import FitOptions, run_fit
 from mpo_core.models.adapters import same_base
 from mpo_core.models.lora import AdapterIndex, GroupedLoraLinear
-from mpo_core.models.policies import PolicySet, load_policy_set
-from mpo_core.runners import AdapterRunner, SeparateModelsRunner
+from mpo_core.models.policies import PolicySet
+from mpo_core.runners import AdapterRunner, SeparateModelsRunner, load_policy_set
 from mpo_core.testing.families import make_tiny_family
 from mpo_core.testing.lora import AdapterFamilyPaths, LoraShape, make_adapter, make_adapter_family
 

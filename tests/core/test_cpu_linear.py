@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mpo_core.config import load_config
 from mpo_core.models import cpu_linear
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_tiny_family
 
 pytestmark = pytest.mark.skipif(

@@ -296,7 +296,7 @@ def test_scorers_match_whole_words() -> None:
 def test_engine_generates_from_the_small_family(small_family: Path) -> None:
     from mpo_core.decoding.sampling import SamplingParams
     from mpo_core.engine.core import Engine, GenerationRequest
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
 
     policy_set = load_policy_set(load_config(small_family))
     assert policy_set.names == list(NAMES)

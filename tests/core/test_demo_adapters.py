@@ -12,8 +12,7 @@ from mpo_core.config import load_config
 from mpo_core.demo import build_demo
 from mpo_core.demo.build import family_dir
 from mpo_core.engine.core import Engine, GenerationRequest
-from mpo_core.models.policies import load_policy_set
-from mpo_core.runners import AdapterRunner
+from mpo_core.runners import AdapterRunner, load_policy_set
 from mpo_core.runners.scoring import score_sequences
 
 

@@ -10,7 +10,7 @@ from mpo_core.decoding.mixing import Mixture
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import EngineNotRunning, InvalidParameter, Overloaded
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 PROMPT = "Could you please help me write a short poem?"
 
@@ -257,14 +257,14 @@ def hold_prefill(engine):
     """Hold the engine inside its next runner step, where the sequences it just admitted
     are neither waiting nor running: (entered, release) events."""
     entered, release = threading.Event(), threading.Event()
-    step = engine.runner.step
+    step = engine.runner.verify  # the engine's one step call (no drafts: a plain step)
 
-    def held(running, newcomers):
+    def held(running, drafts, newcomers):
         entered.set()
         assert release.wait(timeout=60), "the test never released the engine"
-        return step(running, newcomers)
+        return step(running, drafts, newcomers)
 
-    engine.runner.step = held
+    engine.runner.verify = held
     return entered, release
 
 

@@ -13,7 +13,7 @@ from mpo_core.config import load_config
 from mpo_core.demo import build_demo, train_prompts
 from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.fitting.driver import FitOptions, run_fit
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 NAMES = ("polite", "concise", "upbeat")
 

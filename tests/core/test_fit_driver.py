@@ -16,7 +16,8 @@ from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.errors import InvalidParameter
 from mpo_core.fitting.driver import FitOptions, encode_prompt, format_report_table, run_fit
 from mpo_core.fitting.mirror_descent import FitCancelled
-from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.policies import PolicySet
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_tiny_family
 
 PROMPTS = ["Could you help me?", "Write a short poem.", "Say thanks."]

@@ -14,7 +14,7 @@ import yaml
 import mpo_core.models.sources as models
 from mpo_core.config import load_config, parse_config
 from mpo_core.errors import ConfigError
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_tokenizer
 from mpo_core.testing.gguf import write_tiny_gguf
 from mpo_core.testing.lora import LoraShape, make_adapter

@@ -12,7 +12,7 @@ from mpo_core.config import load_config
 from mpo_core.decoding.grammar import GrammarSpec
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 SCHEMA = {

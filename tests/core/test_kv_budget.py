@@ -16,7 +16,7 @@ from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
 from mpo_core.models.kv_budget import KVBudget, available_memory, token_bytes
 from mpo_core.models.kvcache import _capacity_for
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 
 PROMPT = "Could you please help me write a short poem?"
 

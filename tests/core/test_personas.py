@@ -17,10 +17,9 @@ from mpo_core.errors import ConfigError
 from mpo_core.fitting.driver import FitOptions, run_fit
 from mpo_core.models.kvcache import to_logprobs
 from mpo_core.models.personas import build_persona_prompts
-from mpo_core.models.policies import PolicySet, load_policy_set
-from mpo_core.models.soup import build_soup
+from mpo_core.models.policies import PolicySet
 from mpo_core.models.static_cache import StaticBatch
-from mpo_core.runners import PersonaRunner, make_runner
+from mpo_core.runners import PersonaRunner, build_soup, load_policy_set, make_runner
 from mpo_core.testing.families import PERSONAS, make_persona_family, make_tokenizer
 
 REQUESTS = ["Could you please help me write a short poem?", "Thank you", "Numbers like 0 1 2"]
@@ -299,9 +298,11 @@ def test_a_persona_family_can_be_given_with_base(tmp_path: Path) -> None:
 
 def test_the_kv_budget_counts_one_batch_of_slots(personas: PolicySet) -> None:
     from mpo_core.models.kv_budget import kv_budget_for
+    from mpo_core.runners import capabilities_of
 
-    budget = kv_budget_for(personas, 1 << 30, 0.5, growing=True)
-    assert budget.groups == [[0, 1, 2, 3]]  # one padded batch over the shared model
+    shared = capabilities_of(personas).shared_forward
+    budget = kv_budget_for(personas, 1 << 30, 0.5, growing=True, shared_forward=shared)
+    assert shared and budget.groups == [[0, 1, 2, 3]]  # one padded batch over the shared model
 
 
 def test_mpo_eval_on_a_persona_family(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import yaml
 
 from mpo_core.config import load_config, parse_config
 from mpo_core.errors import ConfigError
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_tokenizer
 
 

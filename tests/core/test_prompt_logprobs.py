@@ -7,7 +7,8 @@ import pytest
 from mpo_core.config import load_config
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, GenerationRequest
-from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.policies import PolicySet
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_persona_family
 
 

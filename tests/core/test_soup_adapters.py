@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from mpo_core.config import load_config
-from mpo_core.models.policies import load_policy_set
-from mpo_core.models.soup import build_soup
+from mpo_core.runners import build_soup, load_policy_set
 from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 

@@ -22,9 +22,9 @@ from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.decoding.speculator import Speculator, first_layers
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.models.kvcache import to_logprobs
-from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.policies import PolicySet
 from mpo_core.models.static_cache import StaticBatch
-from mpo_core.runners import AdapterRunner, PersonaRunner, SeparateModelsRunner
+from mpo_core.runners import AdapterRunner, PersonaRunner, SeparateModelsRunner, load_policy_set
 from mpo_core.runners.personas import FILLER, PAD_ROWS
 from mpo_core.testing.families import make_persona_family
 from mpo_core.testing.lora import LoraShape, make_adapter_family
@@ -349,14 +349,20 @@ def test_default_draft_falls_back_to_ngram_where_it_cannot_pay(
 ):
     from mpo_core.decoding.drafts import ModelDrafter, NgramDrafter
     from mpo_core.decoding.speculator import make_speculator
+    from mpo_core.runners import capabilities_of
 
     families = (adapter_set, persona_set, load_policy_set(load_config(no_reference_family)))
     for ps in families:
-        speculator = make_speculator(ps, SpeculativeConfig(method="draft"))
+        shared = capabilities_of(ps).shared_forward
+        speculator = make_speculator(ps, SpeculativeConfig(method="draft"), shared_forward=shared)
         assert speculator is not None and isinstance(speculator.drafter, NgramDrafter)
-    explicit = make_speculator(adapter_set, SpeculativeConfig(method="draft", draft_model="base"))
+    explicit = make_speculator(
+        adapter_set, SpeculativeConfig(method="draft", draft_model="base"), shared_forward=True
+    )
     assert explicit is not None and isinstance(explicit.drafter, ModelDrafter)
-    layers = make_speculator(persona_set, SpeculativeConfig(method="draft", draft_layers=1))
+    layers = make_speculator(
+        persona_set, SpeculativeConfig(method="draft", draft_layers=1), shared_forward=True
+    )
     assert layers is not None and isinstance(layers.drafter, ModelDrafter)
     assert make_speculator(adapter_set, SpeculativeConfig(method="off")) is None
 

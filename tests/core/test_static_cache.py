@@ -11,9 +11,8 @@ from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
 from mpo_core.errors import InvalidParameter
 from mpo_core.models.kvcache import GrowingBatch, KVStorage
-from mpo_core.models.policies import load_policy_set
 from mpo_core.models.static_cache import StaticBatch, buckets_for, static_unsupported
-from mpo_core.runners import SeparateModelsRunner, make_runner
+from mpo_core.runners import SeparateModelsRunner, load_policy_set, make_runner
 from mpo_core.testing.families import make_tiny_family
 
 

@@ -13,9 +13,9 @@ import torch
 
 from mpo_core.config import load_config
 from mpo_core.models.kvcache import GrowingBatch, KVStorage, to_logprobs
-from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.policies import PolicySet
 from mpo_core.models.static_cache import StaticBatch
-from mpo_core.runners import AdapterRunner, SeparateModelsRunner, make_runner
+from mpo_core.runners import AdapterRunner, SeparateModelsRunner, load_policy_set, make_runner
 from mpo_core.testing.lora import LoraShape, make_adapter_family
 
 

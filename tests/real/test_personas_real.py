@@ -16,8 +16,8 @@ from mpo_core.demo.real import REAL_PERSONAS, REFERENCE
 from mpo_core.engine.core import Engine, GenerationRequest
 from mpo_core.models.cpu_linear import onednn_linear_available, packed_layers
 from mpo_core.models.kvcache import to_logprobs
-from mpo_core.models.policies import PolicySet, load_policy_set
-from mpo_core.runners import PersonaRunner
+from mpo_core.models.policies import PolicySet
+from mpo_core.runners import PersonaRunner, load_policy_set
 
 pytestmark = pytest.mark.real
 

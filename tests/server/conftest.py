@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 
 from mpo_core.config import load_config
 from mpo_core.engine.core import Engine, EngineLimits
-from mpo_core.models.policies import PolicySet, load_policy_set
+from mpo_core.models.policies import PolicySet
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_tiny_family
 from server.app import create_app
 from server.settings import Settings

@@ -11,7 +11,7 @@ from server_helpers import ClientFactory
 
 from mpo_core.config import load_config
 from mpo_core.engine.core import Engine, EngineLimits
-from mpo_core.models.policies import load_policy_set
+from mpo_core.runners import load_policy_set
 from mpo_core.testing.lora import AdapterFamilyPaths, LoraShape, make_adapter_family
 
 SHAPES = [

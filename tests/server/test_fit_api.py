@@ -187,7 +187,7 @@ def test_prompt_file_under_the_data_folder(make_client: ClientFactory, tmp_path:
 def test_fit_without_reference_is_400(make_client: ClientFactory, tmp_path: Path) -> None:
     from mpo_core.config import load_config
     from mpo_core.engine.core import Engine
-    from mpo_core.models.policies import load_policy_set
+    from mpo_core.runners import load_policy_set
     from mpo_core.testing.families import make_tiny_family
 
     policy_set = load_policy_set(

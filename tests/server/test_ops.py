@@ -172,14 +172,14 @@ def test_concurrent_requests_admit_exactly_max_running_plus_max_queued(
     freed their slots twice), so no request can finish and free a slot meanwhile."""
     own = Engine(policy_set, EngineLimits(max_running=2, max_queued=4))
     entered, release = threading.Event(), threading.Event()
-    step = own.runner.step
+    step = own.runner.verify  # the engine's one step call
 
-    def held(running: Any, newcomers: Any) -> Any:
+    def held(running: Any, drafts: Any, newcomers: Any) -> Any:
         entered.set()
         assert release.wait(timeout=60)
-        return step(running, newcomers)
+        return step(running, drafts, newcomers)
 
-    own.runner.step = held  # type: ignore[method-assign]
+    own.runner.verify = held  # type: ignore[method-assign]
     statuses: list[int] = []
     answered = threading.Condition()  # notified by every answer and every submission
     submit = own.submit
