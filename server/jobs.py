@@ -61,6 +61,7 @@ class FitJob:
     owner: str | None = None  # the process running it (``FitRecords.owner``)
     progress_written: float = 0.0  # monotonic time of the last progress write
     ended: threading.Event = field(default_factory=threading.Event)  # set once it is final
+    accepted: dict[str, Any] | None = None  # the job as accepted (queued): the 202's body
 
     @property
     def progress(self) -> float:
@@ -154,6 +155,7 @@ class FitJobs:
             self._jobs[job.id] = job
             self._forget_old()
         self._set_state(job, FitState.QUEUED)
+        job.accepted = job.to_dict()  # before its thread starts: the 202 always says queued
         thread = threading.Thread(
             target=self._run, args=(job, prompts, objectives), name=f"fit-{job.id}"
         )

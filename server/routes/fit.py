@@ -38,7 +38,7 @@ def start_fit(body: FitRequest, jobs: JobsDep) -> JSONResponse:
     """Start a fit; 202 with the job, whose ``id`` the other routes take."""
     job = jobs.start(body)
     headers = {"Location": f"/admin/fit/{job.id}"}
-    return JSONResponse(job.to_dict(), status_code=202, headers=headers)
+    return JSONResponse(job.accepted or job.to_dict(), status_code=202, headers=headers)
 
 
 @router.get("/fit", responses=ERRORS)

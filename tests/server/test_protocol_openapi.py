@@ -102,3 +102,38 @@ def test_a_profile_named_through_model_is_reported_on_model(client: TestClient) 
     named = {**CHAT, "profile": "nope"}
     error = assert_error(client.post("/v1/chat/completions", json=named), 404, param="profile")
     assert error["code"] == "profile_not_found"
+
+
+def test_a_fit_is_accepted_as_queued_as_docs_fitting_says(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 202 of ``POST /admin/fit`` is the job as accepted, ``queued``, even when its
+    thread is already sampling by the time the answer is written; docs/fitting.md's
+    example shows the same state."""
+    import re
+    import threading
+    from pathlib import Path
+
+    from mpo_core.fitting import driver as fit_driver
+
+    started, release = threading.Event(), threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        release.wait(timeout=60)  # the bound only guards a broken test
+        raise RuntimeError("stub driver: nothing to fit")
+
+    monkeypatch.setattr(fit_driver, "run_fit", held)
+    client = make_client(admin_token=ADMIN_TOKEN)
+    try:
+        body = {"prompts": ["Hi"], "iterations": 1, "max_new_tokens": 1, "samples_per_prompt": 2}
+        response = client.post("/admin/fit", json=body, headers=ADMIN)
+        assert response.status_code == 202, response.text
+        assert started.wait(timeout=60)  # the job's thread runs the driver: it is sampling
+        job = client.get(f"/admin/fit/{response.json()['id']}", headers=ADMIN).json()
+        assert job["state"] == "sampling" and response.json()["state"] == "queued"
+    finally:
+        release.set()
+    doc = (Path(__file__).parents[2] / "docs" / "fitting.md").read_text()
+    documented = re.search(r'# 202 \{"id": \.\.\., "state": "(\w+)"\}', doc)
+    assert documented is not None and documented.group(1) == response.json()["state"]
