@@ -13,7 +13,7 @@ from ..decoding.grammar import Grammar, RowGrammar
 from ..decoding.mixing import Mixture
 from ..decoding.sampling import SamplingParams
 from ..errors import InvalidParameter
-from ..models.kv_budget import GiB, KVBudget
+from ..models.kv_budget import KVBudget, format_bytes
 from ..models.policies import PolicySet
 from ..rules import check_context, check_token_ids
 from .detokenize import ReplyReader, TokenTexts
@@ -102,9 +102,9 @@ def prepare(
         need = budget.worst_case([(mixture.coefficients, total)])
         raise InvalidParameter(
             "max_new_tokens",
-            f"prompt + max_new_tokens = {total} tokens need up to {need / GiB:.2f} GiB of KV "
+            f"prompt + max_new_tokens = {total} tokens need up to {format_bytes(need)} of KV "
             f"cache, more than the server's whole KV cache budget of "
-            f"{budget.budget_bytes / GiB:.2f} GiB ({budget.tokens} tokens over all models); "
+            f"{format_bytes(budget.budget_bytes)} ({budget.tokens} tokens over all models); "
             "ask for fewer tokens",
         )
     seed = params.seed if params.seed is not None else secrets.randbits(63)

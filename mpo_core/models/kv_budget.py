@@ -38,6 +38,20 @@ from .policies import LoadedModel, PolicySet
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(count: float) -> str:
+    """``count`` bytes in the largest binary unit that keeps the number at 1 or more, with
+    three significant digits: ``512 bytes``, ``3.50 KiB``, ``96.0 MiB``, ``1.25 GiB`` (a
+    small budget never reads "0.00 GiB")."""
+    value, unit = float(count), 0
+    while abs(value) >= 1024 and unit < len(_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    if unit == 0:
+        return f"{int(value)} bytes"
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f} {_UNITS[unit]}"
 
 
 def token_bytes(model: LoadedModel, kv_dtype: torch.dtype) -> int:
@@ -111,9 +125,9 @@ class KVBudget:
 
     def describe(self) -> str:
         return (
-            f"KV cache budget {self.budget_bytes / GiB:.2f} GiB = {self.tokens:,} tokens of a "
+            f"KV cache budget {format_bytes(self.budget_bytes)} = {self.tokens:,} tokens of a "
             f"request over all {len(self.model_token_bytes)} models "
-            f"({self.request_token_bytes / 1024:.0f} KiB a token)"
+            f"({format_bytes(self.request_token_bytes)} a token)"
         )
 
 
