@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 from typing import Any
 
 import pytest
@@ -476,6 +477,19 @@ def _always_accept(probs, draft, greedy, generator):
     return [*draft.tokens, bonus]
 
 
+class _HalvedUniforms:
+    """``torch`` for the acceptance module, except that ``rand`` draws from U(0, 1/2): its
+    test ``u * q < p`` becomes ``u * q < 2p``, a rule that keeps drafts too often (the
+    correction and the bonus are untouched)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def rand(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.rand(*args, **kwargs) / 2
+
+
 @pytest.fixture(scope="module")
 def exact_three(llama_set):
     ps = llama_set
@@ -484,34 +498,80 @@ def exact_three(llama_set):
     return prompt, mixture, _exact(ps, prompt, mixture, 3)
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        SpeculativeConfig(method="off"),
-        SpeculativeConfig(method="ngram", max_draft_tokens=2, max_batch_size=64),
-        SpeculativeConfig(
-            method="draft", draft_model="base", max_draft_tokens=2, max_batch_size=64
-        ),
-    ],
-    ids=["off", "ngram", "draft"],
-)
-def test_sampled_tokens_follow_the_exact_mixture(llama_set, exact_three, settings, monkeypatch):
+FAR_SCALE = 0.05  # the far draft's logits: the reference's, times this (near uniform)
+
+
+@pytest.fixture(scope="module")
+def far_draft(llama_family, tmp_path_factory):
+    """A draft model far from the mixture on the mixture's own tokens: the reference with
+    its final norm scaled by FAR_SCALE, so its logits are too (the same ranking, a nearly
+    uniform distribution over its three likeliest). Its q is often above p, where a rule
+    that keeps drafts too often shows."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("far_draft") / "far"
+    shutil.copytree(llama_family.parent / "base", folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * FAR_SCALE
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return str(folder)
+
+
+DRAFTS = {
+    "off": SpeculativeConfig(method="off"),
+    "ngram": SpeculativeConfig(method="ngram", max_draft_tokens=2, max_batch_size=64),
+    # the reference drafts: close to the mixture, so most drafts are kept
+    "draft": SpeculativeConfig(
+        method="draft", draft_model="base", max_draft_tokens=2, max_batch_size=64
+    ),
+    # a draft model far from the mixture (the far_draft fixture's path)
+    "far-draft": None,
+}
+
+
+@pytest.fixture(scope="module")
+def exact_near_reference(llama_set, exact_three):
+    """The same prompt and weights at strength 0.2: a mixture whose three likeliest tokens
+    are mostly the reference's, so that the far draft proposes them, with a q unlike p."""
+    prompt, _, _ = exact_three
+    mixture = Mixture.build(llama_set.names, [0.6, 0.3, 0.1], 0.2, has_reference=True)
+    return prompt, mixture, _exact(llama_set, prompt, mixture, 3)
+
+
+@pytest.mark.parametrize("kind", list(DRAFTS))
+def test_sampled_tokens_follow_the_exact_mixture(
+    llama_set, exact_three, exact_near_reference, far_draft, kind, monkeypatch
+):
     """2000 seeded replies of 3 tokens at temperature 1, top-k 3 (27 possible sequences):
-    the counts match the enumerated mixture (chi-square, p > 0.001); with a wrong rule
-    that accepts every draft, the same test fails."""
+    the counts match the enumerated mixture (chi-square, p > 0.001). With a wrong rule the
+    same test fails: one that keeps every draft, for every draft kind, and one that keeps
+    a draft when ``u * q < 2p``, for every kind whose drafts are far enough from the
+    mixture for that to show: n-gram drafts (q = 1) and the far draft model. (The reference
+    as a draft is so close to the mixture that p >= q nearly everywhere: both rules then
+    keep the same drafts, and nothing could tell them apart.) The far draft decodes a
+    mixture near the reference: its proposals are the mixture's likely tokens, at the
+    wrong probabilities."""
     ps = llama_set
-    prompt, mixture, exact = exact_three
+    prompt, mixture, exact = exact_near_reference if kind == "far-draft" else exact_three
+    settings = DRAFTS[kind] or SpeculativeConfig(
+        method="draft", draft_model=far_draft, max_draft_tokens=2, max_batch_size=64
+    )
     assert sum(exact.values()) == pytest.approx(1.0, abs=1e-5)
     counts, drafted, accepted = _sample(ps, settings, prompt, mixture)
     stat, dof = _chi_square(counts, exact, SAMPLES)
     assert stat < chi2.ppf(0.999, dof), (stat, dof)
-    if settings.method == "off":
+    if kind == "off":
         return
     assert drafted > SAMPLES // 2 and 0 < accepted < drafted  # the rule really ran
-    monkeypatch.setattr(speculative, "accept_drafts", _always_accept)
-    counts, _, _ = _sample(ps, settings, prompt, mixture)
-    stat, dof = _chi_square(counts, exact, SAMPLES)
-    assert stat > chi2.ppf(0.999, dof), (stat, dof)
+    wrong_rules = [("accept_drafts", _always_accept)]
+    if kind != "draft":
+        wrong_rules.append(("torch", _HalvedUniforms()))
+    for attribute, wrong in wrong_rules:
+        with monkeypatch.context() as patch:
+            patch.setattr(speculative, attribute, wrong)
+            counts, _, _ = _sample(ps, settings, prompt, mixture)
+        stat, dof = _chi_square(counts, exact, SAMPLES)
+        assert stat > chi2.ppf(0.999, dof), (attribute, stat, dof)
 
 
 def test_a_seed_reproduces_the_reply_with_speculation(llama_set):
