@@ -285,13 +285,13 @@ class Serving:
         return check_token_ids(ids, int(self.engine.policy_set.vocab_size), param)
 
     def token_text(self, token_id: int) -> str:
-        return self.engine.token_text(token_id)
+        return self.engine.events.token_text(token_id)
 
     def token_bytes(self, token_id: int) -> list[int]:
-        return list(self.engine.token_bytes(token_id))
+        return list(self.engine.events.bytes_of(token_id))
 
     def is_special(self, token_id: int) -> bool:
-        return self.engine.is_special(token_id)
+        return self.engine.events.is_special(token_id)
 
     def budget(
         self, prompt_tokens: int, max_new_tokens: int | None, param: str, prompt_param: str
@@ -340,10 +340,10 @@ class Serving:
         out = []
         for i, token in enumerate(prompt_ids):
             final = i == len(prompt_ids) - 1
-            if self.engine.is_special(token):
-                out.append(self.engine.token_text(token))
+            if self.engine.events.is_special(token):
+                out.append(self.engine.events.token_text(token))
             else:
-                out.append(pieces.push(self.engine.token_bytes(token), final=final))
+                out.append(pieces.push(self.engine.events.bytes_of(token), final=final))
         return out
 
     # -- running -------------------------------------------------------------------

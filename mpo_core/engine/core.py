@@ -14,7 +14,7 @@ Each step (``_step``, the only one):
    and stop strings are not made here: each stream's reader does that as it is read.
 
 Scoring (teacher-forced log-probs for fitting) runs on the same thread in chunks between
-decode steps (``score_jobs``), so a fit never holds up serving for more than one chunk.
+decode steps (``jobs``), so a fit never holds up serving for more than one chunk.
 """
 
 from __future__ import annotations
@@ -74,12 +74,9 @@ class Engine:
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
         self.runner: PolicyRunner
         capabilities = runner.capabilities if runner is not None else capabilities_of(policy_set)
+        limits, shared = self.limits, capabilities.shared_forward
         self.kv_budget = kv_budget_for(
-            policy_set,
-            self.limits.kv_cache_bytes,
-            self.limits.kv_cache_fraction,
-            growing=True,
-            shared_forward=capabilities.shared_forward,
+            policy_set, limits.kv_cache_bytes, limits.kv_cache_fraction, True, shared
         )
         if runner is None:
             self.runner, self.max_context = make_runner(
@@ -153,16 +150,6 @@ class Engine:
 
         return unwatch
 
-    def is_special(self, token: int) -> bool:
-        return self.events.is_special(token)
-
-    def token_text(self, token: int) -> str:
-        return self.events.token_text(token)
-
-    def token_bytes(self, token: int) -> bytes:
-        """The token's exact bytes from the tokenizer's byte mapping (``token_bytes``)."""
-        return self.events.bytes_of(token)
-
     def compile_grammar(self, spec: GrammarSpec) -> Grammar:
         """Check a grammar against the tokenizer (any thread; InvalidParameter names
         ``spec.param``); pass it in ``GenerationRequest.grammar``."""
@@ -185,8 +172,7 @@ class Engine:
                 lambda: not (self._queue.busy() or self._jobs) or not self.is_alive,
                 timeout=timeout,
             )
-            for seq in self._queue.held():
-                seq.stream.cancelled = True
+            self._queue.cancel_held()
             self._stopping = True
             self._lock.notify_all()
         if self._thread is not None:
@@ -205,11 +191,9 @@ class Engine:
         """Cancel every waiting and running sequence (each stream's last event is then
         ``cancelled``) and keep running; the number cancelled. A drain's last step."""
         with self._lock:
-            pending = self._queue.held()
-            for seq in pending:
-                seq.stream.cancelled = True
+            cancelled = self._queue.cancel_held()
             self._lock.notify_all()
-        return len(pending)
+        return cancelled
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -241,17 +225,7 @@ class Engine:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Blocking convenience: submit and collect every event."""
-        stream = self.submit(request)
-        events = list(stream)
-        return GenerationResult(
-            token_ids=[e.token_id for e in events],
-            text="".join(e.text for e in events),
-            finish_reason=events[-1].finish_reason or "length",
-            seed=stream.seed,
-            weights=stream.weights,
-            prompt_tokens=stream.prompt_tokens,
-            events=events,
-        )
+        return GenerationResult.collect(self.submit(request))
 
     def _wake(self) -> None:
         with self._lock:
@@ -320,13 +294,11 @@ class Engine:
     def _abort_running(self, newcomers: list[SequenceState], exc: Exception) -> None:
         """After a failed step the caches may be inconsistent: drop every running row."""
         with self._lock:
-            failed = {s.sid: s for s in [*self._queue.running.values(), *newcomers]}
-            self._queue.running.clear()
-            self._queue.admitted = []
+            failed = self._queue.take_running(newcomers)
         self.runner.keep(set())
         if self.speculator is not None:
             self.speculator.keep(set())
-        for seq in failed.values():
+        for seq in failed:
             seq.stream.push(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _run_one_job(self) -> None:

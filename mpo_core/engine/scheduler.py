@@ -88,6 +88,20 @@ class Scheduler:
             self.running.pop(seq.sid, None)
         return set(self.running)
 
+    def cancel_held(self) -> int:
+        """Mark every request held as cancelled (each leaves at the next step); how many."""
+        held = self.held()
+        for seq in held:
+            seq.stream.cancelled = True
+        return len(held)
+
+    def take_running(self, newcomers: list[SequenceState]) -> list[SequenceState]:
+        """Forget the running rows and ``newcomers`` (a failed step): the ones taken."""
+        taken = list({s.sid: s for s in [*self.running.values(), *newcomers]}.values())
+        self.running.clear()
+        self.admitted = []
+        return taken
+
     def clear(self) -> list[SequenceState]:
         """Forget every request; the ones that were held."""
         pending = self.held()

@@ -46,6 +46,20 @@ class GenerationResult:
     prompt_tokens: int
     events: list[TokenEvent] = field(default_factory=list)
 
+    @classmethod
+    def collect(cls, stream: RequestStream) -> GenerationResult:
+        """Read ``stream`` to its end (blocking)."""
+        events = list(stream)
+        return cls(
+            token_ids=[e.token_id for e in events],
+            text="".join(e.text for e in events),
+            finish_reason=events[-1].finish_reason or "length",
+            seed=stream.seed,
+            weights=stream.weights,
+            prompt_tokens=stream.prompt_tokens,
+            events=events,
+        )
+
 
 class RequestStream:
     """The caller's handle on one request: iterate its events, or cancel it."""

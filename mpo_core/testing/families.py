@@ -153,24 +153,41 @@ class ScriptedRunner:
     max_context: int | None = None
 
     def __init__(self, num_models: int, vocab_size: int, script: list[int], eos: int) -> None:
+        from ..runners import Capabilities
+
+        self.capabilities = Capabilities(
+            shared_forward=False, reference_alone=False, token_moments=False, soups=False
+        )
         self.num_models = num_models
         self.vocab_size = vocab_size
         self.script = script
         self.eos = eos
         self._prompt_len: dict[int, int] = {}
 
-    def step(self, running: Any, newcomers: Any) -> Any:
+    def verify(self, running: Any, drafts: Any, newcomers: Any) -> Any:
         from ..runners import StepOutput
 
         for row in newcomers:
             self._prompt_len[row.sid] = len(row.token_ids)
         rows = [*running, *newcomers]
-        scores = torch.zeros(len(rows), self.vocab_size)  # [B, V]
+        width = 1 + max((len(drafts.get(row.sid, ())) for row in running), default=0)
+        scores = torch.zeros(len(rows), width, self.vocab_size)  # [B, G, V]
         for i, row in enumerate(rows):
             done = len(row.token_ids) - self._prompt_len[row.sid]
-            scores[i, self.script[done] if done < len(self.script) else self.eos] = 30.0
-        logprobs = scores.log_softmax(dim=-1)  # [B, V]
-        return StepOutput(logprobs.expand(self.num_models, -1, -1).clone(), {})
+            for j in range(width):  # position j: after the newest token and j drafts
+                at = done + j
+                scores[i, j, self.script[at] if at < len(self.script) else self.eos] = 30.0
+        logprobs = scores.log_softmax(dim=-1)  # [B, G, V]
+        return StepOutput(logprobs.expand(self.num_models, -1, -1, -1).clone(), {})
+
+    def step(self, running: Any, newcomers: Any) -> Any:
+        from ..runners import StepOutput
+
+        output = self.verify(running, {}, newcomers)
+        return StepOutput(output.logprobs[:, :, 0], output.forward_seconds)
+
+    def rollback(self, kept: Any) -> None:
+        pass  # nothing is cached
 
     def keep(self, sids: set[int]) -> None:
         self._prompt_len = {s: n for s, n in self._prompt_len.items() if s in sids}
