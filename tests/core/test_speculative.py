@@ -520,7 +520,7 @@ def far_draft(llama_family, tmp_path_factory):
 DRAFTS = {
     "off": SpeculativeConfig(method="off"),
     "ngram": SpeculativeConfig(method="ngram", max_draft_tokens=2, max_batch_size=64),
-    # the reference drafts: close to the mixture, so most drafts are kept
+    # the reference drafts (its top 3 mostly outside the strength-0.7 mixture's)
     "draft": SpeculativeConfig(
         method="draft", draft_model="base", max_draft_tokens=2, max_batch_size=64
     ),
@@ -545,12 +545,12 @@ def test_sampled_tokens_follow_the_exact_mixture(
     """2000 seeded replies of 3 tokens at temperature 1, top-k 3 (27 possible sequences):
     the counts match the enumerated mixture (chi-square, p > 0.001). With a wrong rule the
     same test fails: one that keeps every draft, for every draft kind, and one that keeps
-    a draft when ``u * q < 2p``, for every kind whose drafts are far enough from the
-    mixture for that to show: n-gram drafts (q = 1) and the far draft model. (The reference
-    as a draft is so close to the mixture that p >= q nearly everywhere: both rules then
-    keep the same drafts, and nothing could tell them apart.) The far draft decodes a
-    mixture near the reference: its proposals are the mixture's likely tokens, at the
-    wrong probabilities."""
+    a draft when ``u * q < 2p``, for every kind where the two rules can differ: n-gram
+    drafts (q = 1) and the far draft model. The far draft decodes a mixture near the
+    reference: its proposals are the mixture's likely tokens, at the wrong probabilities.
+    (The unscaled reference drafting the strength-0.7 mixture proposes tokens outside the
+    mixture's top 3 nearly always, p = 0: both rules reject those alike and keep the rest
+    alike, so no count could tell them apart there.)"""
     ps = llama_set
     prompt, mixture, exact = exact_near_reference if kind == "far-draft" else exact_three
     settings = DRAFTS[kind] or SpeculativeConfig(
