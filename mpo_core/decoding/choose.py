@@ -31,8 +31,10 @@ def sample_rows(
     live = [b for b, ok in enumerate(usable) if ok]
     if live:
         picked = [rows[b] for b in live]
+        index = torch.tensor(live, device=allowed.device)
+        candidates = allowed if len(live) == len(rows) else allowed[index]  # [B', V]
         tokens = sample_tokens(
-            allowed[torch.tensor(live, device=allowed.device)],
+            candidates,
             [s.sampling for s in picked],
             [s.generator for s in picked],
             [s.token_ids for s in picked],

@@ -115,10 +115,14 @@ def emit_runs(
         live = [b for b, seq in enumerate(active) if len(emitted[b]) > j and seq.sid not in done]
         if not live:
             break
-        index = torch.tensor(live, device=mixed.device)
         tokens = torch.tensor([emitted[b][j] for b in live], device=mixed.device)  # [B']
         rows = [active[b] for b in live]
-        events = builder.step_events(rows, mixed[index, j], logprobs[:, index, j], tokens)
+        if len(live) == len(active):  # every row: views, no copy
+            step_mixed, step_logprobs = mixed[:, j], logprobs[:, :, j]  # [B, V], [M, B, V]
+        else:
+            index = torch.tensor(live, device=mixed.device)
+            step_mixed, step_logprobs = mixed[index, j], logprobs[:, index, j]
+        events = builder.step_events(rows, step_mixed, step_logprobs, tokens)
         pushed += len(events)
         for seq, event in zip(rows, events):
             seq.stream.push(event)
