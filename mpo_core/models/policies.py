@@ -41,6 +41,12 @@ class LoadedModel:
     accepts_logits_to_keep: bool  # prefill can skip the logits of all but the last token
 
 
+def _placed(model: PreTrainedModel) -> tuple[torch.device, torch.dtype]:
+    """A model's device and dtype, read off its first parameter."""
+    first = next(model.parameters())
+    return first.device, first.dtype
+
+
 def device_of(loaded: LoadedModel) -> torch.device:
     """Where a member runs: its weights' device (members may each name their own)."""
     return next(loaded.model.parameters()).device
@@ -112,8 +118,11 @@ class PolicySet:
             check_output_rows(member, "reference" if member is reference else "policy", vocab)
         # After the checks, which read the head's dense weight: packing may drop it.
         kernels = kernels or Kernels([m.model for m in members])
+        # Only models that run on the CPU in float32 (each member may have its own place).
+        cpu = torch.device("cpu")
+        on_cpu = [m for m in kernels.models if _placed(m) == (cpu, torch.float32)]
         apply_cpu_linear(
-            config.cpu_linear, kernels.models, device, dtype, rows=kernels.rows, pack=kernels.pack
+            config.cpu_linear, on_cpu, cpu, torch.float32, rows=kernels.rows, pack=kernels.pack
         )  # fmt: skip
         return cls(
             config=config,
