@@ -43,12 +43,10 @@ async def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     serving.check_n(body.n)
     adapter = serving.adapter_from_model(body.model)
     if adapter is not None:
-        return serving.adapter_mixing(adapter, "model", body.weights, body.profile, body.strength)
+        return serving.adapter_mixing(adapter, "model", body)
     model_profile = serving.profile_from_model(body.model)
     try:
-        return await serving.resolve_mixing(
-            body.weights, body.profile, body.strength, model_profile
-        )
+        return await serving.resolve_mixing(body, model_profile)
     except UnknownProfile as exc:
         if body.profile is not None or model_profile is None:
             raise

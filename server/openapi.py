@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from mpo_core.decoding.mixing import MAX_WEIGHT
+from mpo_core.decoding.mixing import MAX_TERM, MAX_WEIGHT
 
 from .protocol.common import MAX_STOP_SEQUENCES
 from .protocol.errors import ErrorResponse
@@ -153,8 +153,9 @@ def operations_at(app: FastAPI, path: str) -> dict[str, dict[str, Any]]:
 
 def weights_schema(policies: list[str]) -> dict[str, Any]:
     """Weights as the engine takes them: the loaded policies' names (or one number each, in
-    their order), finite, >= 0, at least one above 0."""
-    number = {"type": "number", "minimum": 0, "maximum": MAX_WEIGHT}
+    their order), finite and signed, at least one above 0. That they sum to more than 0 and
+    stay within MAX_TERM once normalised is beyond JSON Schema (docs/server.md)."""
+    number = {"type": "number", "minimum": -MAX_WEIGHT, "maximum": MAX_WEIGHT}
     some_positive = [
         {"required": [name], "properties": {name: {"exclusiveMinimum": 0}}} for name in policies
     ]
@@ -176,7 +177,8 @@ def weights_schema(policies: list[str]) -> dict[str, Any]:
             },
         ],
         "description": f"{{policy: weight}} or one weight per policy, in the order {policies}; "
-        "normalised to sum 1",
+        f"signed, normalised to sum 1 (the sum must be above 0), each then within "
+        f"[-{MAX_TERM:g}, {MAX_TERM:g}]",
     }
 
 

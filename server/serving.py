@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpo_core.decoding.grammar import Grammar
-from mpo_core.decoding.mixing import Mixture
+from mpo_core.decoding.mixing import DEFAULT_PLAUSIBILITY, Mixture
 from mpo_core.decoding.prompt_logprobs import PromptLogprobs
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, GenerationRequest
@@ -26,7 +26,7 @@ from mpo_core.rules import check_context, check_token_ids
 
 from .errors import APIError
 from .metrics import Metrics
-from .protocol.common import MixingInfo, check_unicode
+from .protocol.common import MixingFields, MixingInfo, check_unicode
 from .settings import Settings
 from .store import (
     ProfileStore,
@@ -69,7 +69,12 @@ class ResolvedMixture:
 
     def info(self) -> MixingInfo:
         """What the response reports: normalised weights, strength and profile."""
-        return MixingInfo(weights=self.weights, strength=self.strength, profile=self.profile)
+        return MixingInfo(
+            weights=self.weights,
+            strength=self.strength,
+            plausibility=self.mixture.alpha,
+            profile=self.profile,
+        )
 
     def headers(self) -> dict[str, str]:
         """The weights actually used, echoed in response headers."""
@@ -171,13 +176,11 @@ class Serving:
             )
         return name
 
-    def adapter_mixing(
-        self, name: str, param: str, weights: Any, profile: str | None, strength: float | None
-    ) -> ResolvedMixture:
+    def adapter_mixing(self, name: str, param: str, fields: MixingFields) -> ResolvedMixture:
         """One model alone: a policy with weight 1 (strength 1), or the reference (0)."""
         self.check_adapter(name, param)
-        for field, value in (("weights", weights), ("profile", profile), ("strength", strength)):
-            if value is not None:
+        for field in ("weights", "profile", "strength", "plausibility"):
+            if getattr(fields, field) is not None:
                 raise InvalidParameter(
                     field, f"{param} selects one model alone; it cannot be combined with {field}"
                 )
@@ -187,16 +190,15 @@ class Serving:
 
     # -- mixing --------------------------------------------------------------------
     async def resolve_mixing(
-        self,
-        weights: dict[str, float] | list[float] | None,
-        profile: str | None,
-        strength: float | None,
-        model_profile: str | None = None,
+        self, fields: MixingFields, model_profile: str | None = None
     ) -> ResolvedMixture:
-        """Explicit weights, else the named profile, else the default profile, else uniform.
+        """Explicit weights, else the named profile, else the default profile, else uniform;
+        the request's strength and plausibility over the profile's.
 
         Profiles are read off the event loop, and from this replica's cache while the store
         is down (``ServedProfiles``): UnknownProfile (404) or StoreUnavailable (503)."""
+        weights, profile, strength = fields.weights, fields.profile, fields.strength
+        alpha = _or(fields.plausibility, DEFAULT_PLAUSIBILITY)
         if profile is not None and model_profile is not None and profile != model_profile:
             raise InvalidParameter(
                 "profile",
@@ -206,24 +208,24 @@ class Serving:
         if weights is not None and profile is not None:
             raise InvalidParameter("weights", "give either weights or a profile, not both")
         if weights is not None:
-            return ResolvedMixture(self._build(weights, _or(strength, 1.0), None), None)
+            return ResolvedMixture(self._build(weights, _or(strength, 1.0), alpha, None), None)
         if profile is not None:
             found = await self.profiles.resolve(profile)
             assert found is not None  # a named profile resolves or raises
             stored = found[1]
-            return ResolvedMixture(
-                self._build(stored.weights, _or(strength, stored.strength), profile), profile
-            )
+            mixture = self._build(stored.weights, _or(strength, stored.strength), alpha, profile)
+            return ResolvedMixture(mixture, profile)
         default = await self._default_profile()
         if default is not None:
             try:
-                mixture = self.engine.mixture(default.weights, _or(strength, default.strength))
-                return ResolvedMixture(mixture, default.name)
+                s = _or(strength, default.strength)
+                return ResolvedMixture(self.engine.mixture(default.weights, s, alpha), default.name)
             except InvalidParameter as exc:
-                if exc.param == "strength" and strength is not None:
-                    raise  # the request's own strength
+                own = exc.param in ("strength", "plausibility")
+                if own and getattr(fields, str(exc.param)) is not None:
+                    raise  # the request's own strength or alpha
                 self.warn_default(default, f"it does not fit the loaded policies: {exc}")
-        return ResolvedMixture(self._build(None, _or(strength, 1.0), None), None)
+        return ResolvedMixture(self._build(None, _or(strength, 1.0), alpha, None), None)
 
     async def _default_profile(self) -> ProfileVersion | None:
         try:
@@ -265,11 +267,11 @@ class Serving:
         except InvalidParameter as exc:
             self.warn_default(found[1], f"it does not fit the loaded policies: {exc}")
 
-    def _build(self, raw: Any, strength: float, profile: str | None) -> Mixture:
+    def _build(self, raw: Any, strength: float, alpha: float, profile: str | None) -> Mixture:
         try:
-            return self.engine.mixture(raw, strength)
+            return self.engine.mixture(raw, strength, alpha)
         except InvalidParameter as exc:
-            if profile is None or exc.param == "strength":
+            if profile is None or exc.param in ("strength", "plausibility"):
                 raise
             raise InvalidParameter(
                 "profile", f"stored profile {profile!r} does not fit the loaded policies: {exc}"

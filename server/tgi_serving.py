@@ -40,11 +40,9 @@ async def prepare(
 ) -> tuple[list[int], SamplingParams, ResolvedMixture]:
     p = body.parameters
     if p.adapter_id is not None:
-        mixing = serving.adapter_mixing(
-            p.adapter_id, "parameters.adapter_id", p.weights, p.profile, p.strength
-        )
+        mixing = serving.adapter_mixing(p.adapter_id, "parameters.adapter_id", p)
     else:
-        mixing = await serving.resolve_mixing(p.weights, p.profile, p.strength)
+        mixing = await serving.resolve_mixing(p)
     prompt_ids = serving.encode(body.inputs, "inputs")
     if p.truncate is not None:
         prompt_ids = prompt_ids[-p.truncate :]

@@ -3,9 +3,10 @@
 Each model that the mixture needs (a non-zero coefficient) runs the prompt once by
 teacher forcing, through the runner (``PolicyRunner.prompt_positions``); the
 per-position log-probs are mixed with the request's coefficients and normalised exactly
-as a decoding step mixes the next token (``mixing.mix_logprobs``), so the log-prob of
-prompt token t + 1 is the mixture's ``log p(x_{t+1} | x_{..t})``. The first token has no
-context and so no log-prob.
+as a decoding step mixes the next token (``mixing.mix_logprobs``, the plausibility
+constraint of a signed mixture included), so the log-prob of prompt token t + 1 is the
+mixture's ``log p(x_{t+1} | x_{..t})`` (-inf for a token the constraint excludes). The
+first token has no context and so no log-prob.
 
 In a persona family each model m reads the prompt as its persona renders it
 (``PersonaPrompts.render``: its own opening in place of the prompt's), as decoding and
@@ -72,8 +73,9 @@ def prompt_logprobs(
     policy_coef = torch.tensor([[coefs[m] for m in policies]], device=device)  # [1, K']
     ref_logprobs = rows.get(k)  # [T, V] or None
     ref_coef = torch.full((scored,), coefs[k], device=device) if k in rows else None  # [T]
+    alpha = torch.full((scored,), mixture.alpha, device=device)  # [T]
     mixed = mix_logprobs(
-        per_policy, policy_coef.expand(scored, -1), ref_logprobs, ref_coef
+        per_policy, policy_coef.expand(scored, -1), ref_logprobs, ref_coef, alpha
     )  # [T, V]
     targets = torch.tensor(tokens[-scored:], device=device)  # [T]
     picked = mixed.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()  # [T]

@@ -27,13 +27,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import torch
-
 from ..config import SpeculativeConfig
 from ..decoding.acceptance import Draft
 from ..decoding.choose import accept_rows, sample_rows
 from ..decoding.grammar import Grammar, GrammarCompiler, GrammarSpec
-from ..decoding.mixing import Mixture, WeightsInput, mix_rows
+from ..decoding.mixing import DEFAULT_PLAUSIBILITY, Mixture, WeightsInput, mix_step
 from ..decoding.prompt_logprobs import PromptLogprobs
 from ..decoding.speculator import Speculator, make_speculator
 from ..errors import EngineNotRunning, GenerationFailed
@@ -134,9 +132,17 @@ class Engine:
         with self._lock:
             return self._queue.stats(self._steps, self._generated_tokens)
 
-    def mixture(self, weights: WeightsInput = None, strength: object = 1.0) -> Mixture:
+    def mixture(
+        self,
+        weights: WeightsInput = None,
+        strength: object = 1.0,
+        plausibility: object = DEFAULT_PLAUSIBILITY,
+    ) -> Mixture:
         """A mixture of this engine's policies (InvalidParameter names what is wrong)."""
-        return Mixture.build(self.policy_names, weights, strength, has_reference=self.has_reference)
+        names, reference = self.policy_names, self.has_reference
+        return Mixture.build(
+            names, weights, strength, has_reference=reference, plausibility=plausibility
+        )
 
     def watch(self, observer: EngineObserver) -> Callable[[], None]:
         """Also report every step to ``observer`` (an app's metrics), until the call returned.
@@ -341,13 +347,7 @@ class Engine:
             self._queue.start(newcomers)
         active = running + newcomers
         logprobs = output.logprobs  # [M, B, G, V]
-        models, rows, width, vocab = logprobs.shape
-        coefs = torch.tensor([s.coefs for s in active], device=logprobs.device)  # [B, K + 1]
-        mixed = mix_rows(
-            logprobs.reshape(models, rows * width, vocab),
-            coefs.repeat_interleave(width, 0),
-            self.has_reference,
-        ).view(rows, width, vocab)  # [B, G, V]
+        mixed = mix_step(logprobs, [s.mixture for s in active], self.has_reference)  # [B, G, V]
         if drafts:
             plans = [drafts.get(s.sid, Draft([])) for s in active]
             emitted, usable = accept_rows(active, plans, mixed)

@@ -53,6 +53,8 @@ class MixingFields(BaseModel):
     weights: Weights = None
     profile: Name | None = None
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
+    # Li et al.'s alpha, in force when a policy's term is negative (null: the default, 0.1)
+    plausibility: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False)
 
 
 # The one text rule (mpo_core/rules.py), on every text field of every request model: a
@@ -98,8 +100,10 @@ class WireModel(BaseModel):
 
 
 class MixingInfo(BaseModel):
-    """The mixture actually used: normalised weights, strength and the profile, if any."""
+    """The mixture actually used: normalised weights, strength, the plausibility alpha in
+    force (0 when no policy's term is negative) and the profile, if any."""
 
     weights: dict[str, float]
     strength: float
+    plausibility: float
     profile: str | None

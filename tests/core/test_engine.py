@@ -441,7 +441,7 @@ def test_extreme_parameters_do_not_break_the_engine(llama_set):
         with pytest.raises(InvalidParameter, match="between 0 and 100") as err:
             engine.mixture(strength=1e308)
         assert err.value.param == "strength"
-        with pytest.raises(InvalidParameter, match=r"must be finite, >= 0 and <= 1e\+09"):
+        with pytest.raises(InvalidParameter, match=r"must be finite, between -1e\+09 and 1e\+09"):
             engine.mixture([1e308, 1e308, 1])
         far = engine.generate(GenerationRequest([5], greedy(2), engine.mixture(strength=100.0)))
         assert len(far.token_ids) == 2

@@ -154,7 +154,7 @@ def test_row_specs_parse_weights_profiles_and_soups() -> None:
         ("policy:nobody", "unknown policy 'nobody'"),
         ("weights:helpful=x", "is not a number"),
         ("weights:nobody=1", "unknown policy 'nobody'"),
-        ("weights:helpful=0,harmless=0", "must not all be zero"),
+        ("weights:helpful=0,harmless=0", "must sum to more than 0"),
         ("soup:helpful=1@0.5", "takes no strength"),
         ("fitted", "no fit in this run"),
         ("fitted:rewards", "no reward fit in this run"),

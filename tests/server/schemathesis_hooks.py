@@ -26,6 +26,8 @@ DOCUMENTED = [
     (r"(parameters\.)?(grammar|response_format)(\..*)?", r".*"),
     # a chat template may refuse a conversation (the roles it takes are its own)
     (r"messages", r"the chat template rejected"),
+    # signed weights: their sum must be above 0 and each within the bound once normalised
+    (r"(parameters\.)?weights(\..*)?", r"sum to more than 0|once the weights are normalised"),
     # prefill details are for whole replies: /generate_stream shares /generate's schema
     (r"parameters\.decoder_input_details", r"not supported when streaming"),
 ]

@@ -149,6 +149,7 @@ def test_models_lists_profiles(admin_client: TestClient) -> None:
     assert body.json()["mixing"] == {
         "weights": {"helpful": 0.0, "harmless": 1.0, "concise": 0.0},
         "strength": 1.0,
+        "plausibility": 0.0,  # no negative term: no constraint
         "profile": "safe",
     }
     assert body.headers["x-mpo-profile"] == "safe"

@@ -178,7 +178,8 @@ def test_default_profile(store: ProfileStore) -> None:
     [
         ("bad name!", {"x": 1.0}, 1.0, "name"),
         ("p", {}, 1.0, "weights"),
-        ("p", {"x": -1.0}, 1.0, "weights.x"),
+        ("p", {"x": -1.0}, 1.0, "weights"),  # signed, but the sum must be above 0
+        ("p", {"x": 1.0, "y": -0.95}, 1.0, "weights.x"),  # 20 once normalised: past 10
         ("p", {"x": float("nan")}, 1.0, "weights.x"),
         ("p", {"x": 0.0}, 1.0, "weights"),
         ("p", {"x": 1.0}, -0.5, "strength"),
