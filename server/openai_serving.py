@@ -19,9 +19,11 @@ from fastapi.responses import JSONResponse
 from mpo_core.decoding.grammar import Grammar
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.streams import RequestStream, TokenEvent
-from mpo_core.errors import UnknownProfile
+from mpo_core.errors import InvalidParameter, UnknownProfile
 
 from .errors import APIError
+from .fanout import check_n, resolve_mixtures
+from .protocol.common import MixingInfo
 from .protocol.openai import (
     ChatChoice,
     ChatChunkChoice,
@@ -39,8 +41,28 @@ FinishReason = Literal["stop", "length"]
 FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-async def resolve(serving: Serving, body: SamplingFields) -> ResolvedMixture:
-    serving.check_n(body.n)
+# The request's own mixture (None for a list of mixtures), each choice's, and whether
+# the request fans out (``mixtures`` given).
+Choices = tuple[ResolvedMixture | None, list[ResolvedMixture], bool]
+
+
+async def resolve(serving: Serving, body: SamplingFields) -> Choices:
+    """Each choice's mixture (n of them): the request's own, or with ``mixtures`` the
+    fan-out's (``server/fanout.py``)."""
+    n = check_n(serving, body.n, "n" in body.model_fields_set, body.mixtures, "mixtures")
+    if isinstance(body.mixtures, list):
+        if body.model is not None and body.model != serving.served_name:
+            raise InvalidParameter(
+                "model", "with a list of mixtures, model must be the served name (or left out)"
+            )
+        return None, await resolve_mixtures(serving, body, body.mixtures, "mixtures", None), True
+    blend = await resolve_one(serving, body)
+    if body.mixtures is None:
+        return blend, [blend] * n, False
+    return blend, await resolve_mixtures(serving, body, body.mixtures, "mixtures", blend), True
+
+
+async def resolve_one(serving: Serving, body: SamplingFields) -> ResolvedMixture:
     adapter = serving.adapter_from_model(body.model)
     if adapter is not None:
         return serving.adapter_mixing(adapter, "model", body)
@@ -61,7 +83,10 @@ class Plan:
     prompts: list[list[int]]  # one per sequence
     samplings: list[SamplingParams]
     prompt_tokens: int
-    mixing: ResolvedMixture
+    mixings: list[ResolvedMixture]  # [n] choice j's mixture
+    # The request's own mixture (with "each", the blend); None for a list of mixtures
+    blend: ResolvedMixture | None
+    fanout: bool = False  # mixtures given: each choice reports its own
     grammar: Grammar | None = None  # response_format, compiled (the route sets it)
 
     @classmethod
@@ -69,11 +94,25 @@ class Plan:
         cls,
         prompts: list[list[int]],
         samplings: list[SamplingParams],
-        n: int,
-        mixing: ResolvedMixture,
+        choices: Choices,
     ) -> Plan:
-        per_sequence = [p for p in prompts for _ in range(n)]
-        return cls(per_sequence, samplings, sum(len(p) for p in prompts), mixing)
+        blend, mixings, fanout = choices
+        per_sequence = [p for p in prompts for _ in mixings]
+        return cls(per_sequence, samplings, sum(len(p) for p in prompts), mixings, blend, fanout)
+
+    @property
+    def n(self) -> int:
+        return len(self.mixings)
+
+    def mixing_of(self, index: int) -> ResolvedMixture:
+        """Sequence ``index``'s mixture."""
+        return self.mixings[index % self.n]
+
+    def info(self) -> MixingInfo | None:
+        return None if self.blend is None else self.blend.info()
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.blend is None else self.blend.headers()
 
     def usage(self, completion_tokens: int, speculative: tuple[int, int] | None = None) -> Usage:
         """``speculative``: (drafted, accepted) tokens when speculation is on."""
@@ -147,7 +186,8 @@ async def respond(
 ) -> Response:
     """The one serving path: submit the plan, then answer whole or as server-sent events."""
     plan = shape.plan
-    streams = serving.submit_many(plan.prompts, plan.samplings, plan.mixing, plan.grammar)
+    mixings = [plan.mixing_of(i) for i in range(len(plan.prompts))]
+    streams = serving.submit_many(plan.prompts, plan.samplings, mixings, plan.grammar)
     if stream:
 
         def cancel_all() -> None:
@@ -156,14 +196,15 @@ async def respond(
 
         events = stream_chunks(serving, shape, streams, include_usage)
         keepalive = serving.settings.sse_keepalive_s
-        return SSEResponse(
-            events, plan.mixing.headers(), on_close=cancel_all, keepalive_s=keepalive
-        )
+        return SSEResponse(events, plan.headers(), on_close=cancel_all, keepalive_s=keepalive)
     try:
         finished = await serving.collect(streams, request.receive)
     except ClientGone:
         return Response(status_code=499)
     choices = [shape.choice(index, choice) for index, choice in enumerate(finished)]
+    if plan.fanout:  # each choice reports the mixture it was decoded under
+        for index, item in enumerate(choices):
+            item.mixing = plan.mixing_of(index).info()
     counts = (sum(c.drafted_tokens for c in finished), sum(c.accepted_tokens for c in finished))
     usage = plan.usage(sum(len(c.events) for c in finished), speculative_counts(serving, counts))
     return shape.response(choices, usage)
@@ -183,11 +224,11 @@ async def stream_chunks(
         opening = shape.opening(index)
         if opening is not None:
             yield shape.chunk([opening], **extra)
-    mixing = shape.plan.mixing.info()
+    plan = shape.plan
     completion_tokens = 0
     async for index, event in merge([serving.events(s) for s in streams]):
         completion_tokens += 1
-        last = {"mixing": mixing} if event.finish_reason else {}
+        last = {"mixing": plan.mixing_of(index).info()} if event.finish_reason else {}
         yield shape.chunk([shape.delta(index, event)], **extra, **last)
     if include_usage:
         counts = (sum(s.drafted_tokens for s in streams), sum(s.accepted_tokens for s in streams))

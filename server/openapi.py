@@ -208,7 +208,13 @@ def _exactly_one(schema: dict[str, Any], first: str, second: str) -> None:
 
 
 NON_EMPTY_STOP = {"type": "string", "minLength": 1}
-REQUESTS = {"TGIParameters", "CompletionRequest", "ChatCompletionRequest", "ProfilePut"}
+REQUESTS = {
+    "TGIParameters",
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "ProfilePut",
+    "MixtureSpec",
+}
 _TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
 _IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 PROMPT: dict[str, Any] = {
@@ -335,6 +341,8 @@ def tighten(schemas: dict[str, Any], policies: list[str] | None) -> None:
                 for flag in ("ignore_eos", "ignore_eos_token")
                 for field in ("grammar", "response_format")
             ]
+            # a fan-out's other choices are in details.best_of_sequences
+            schema["allOf"].append(_needs("mixtures", _given("mixtures"), "details"))
             props["stop"] = {**props["stop"], "items": NON_EMPTY_STOP}
             props["response_format"] = LORAX_FORMAT
             props["grammar"] = TGI_GRAMMAR
@@ -369,6 +377,12 @@ def limit_counts(schemas: dict[str, Any], serving: Any) -> None:
         for member in prop.get("anyOf", [prop]):
             if member.get("type") == "integer":
                 member["maximum"] = maximum
+    # A fan-out has at most max_n choices.
+    for model in ("TGIParameters", "CompletionRequest", "ChatCompletionRequest"):
+        prop = schemas.get(model, {}).get("properties", {}).get("mixtures", {})
+        for member in prop.get("anyOf", []):
+            if member.get("type") == "array":
+                member["maxItems"] = serving.settings.max_n
     # Token ids: inside the vocabulary.
     last_id = int(serving.engine.policy_set.vocab_size) - 1
     for model in ("TGIParameters", "CompletionRequest", "ChatCompletionRequest"):

@@ -371,20 +371,23 @@ class Serving:
         self,
         prompts: list[list[int]],
         samplings: list[SamplingParams],
-        mixing: ResolvedMixture,
+        mixing: ResolvedMixture | Sequence[ResolvedMixture],
         grammar: Grammar | None = None,
     ) -> list[RequestStream]:
-        """Submit several sequences; if one is refused, cancel those already admitted.
-        Each sequence of a grammar request gets its own matcher."""
+        """Submit several sequences (under one mixture, or each under its own: a fan-out);
+        if one is refused, cancel those already admitted. Each sequence of a grammar
+        request gets its own matcher."""
+        mixings = [mixing] * len(prompts) if isinstance(mixing, ResolvedMixture) else mixing
         streams: list[RequestStream] = []
         try:
-            for prompt_ids, sampling in zip(prompts, samplings, strict=True):
-                streams.append(self.submit(prompt_ids, sampling, mixing, grammar))
+            for prompt_ids, sampling, mixed in zip(prompts, samplings, mixings, strict=True):
+                streams.append(self.submit(prompt_ids, sampling, mixed, grammar))
         except BaseException:
             for stream in streams:
                 stream.cancel()
             raise
-        self.metrics.requests_by_profile.labels(profile=mixing.label).inc()
+        for label in dict.fromkeys(m.label for m in mixings):  # once per request and label
+            self.metrics.requests_by_profile.labels(profile=label).inc()
         return streams
 
     async def events(self, stream: RequestStream) -> AsyncIterator[TokenEvent]:

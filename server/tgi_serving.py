@@ -8,6 +8,7 @@ one server-sent event per token. The routes (``routes/generate.py``) only pick w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,9 @@ from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.streams import RequestStream, TokenEvent
 from mpo_core.errors import InvalidParameter
 
+from .fanout import fanout_size, resolve_mixtures
 from .protocol.tgi import (
+    TGIBestOfSequence,
     TGIDetails,
     TGIParameters,
     TGIPrefillToken,
@@ -118,29 +121,89 @@ def response_body(
     return TGIResponse(generated_text=text, details=details, mixing=info)
 
 
+async def choice_mixings(
+    serving: Serving, p: TGIParameters, blend: ResolvedMixture
+) -> list[ResolvedMixture]:
+    """Each choice's mixture: the request's alone, or a fan-out's (``server/fanout.py``)."""
+    if p.mixtures is None:
+        return [blend]
+    param = "parameters.mixtures"
+    if not p.details:
+        raise InvalidParameter(
+            param, "mixtures needs details: true (the choices after the first are in "
+            "details.best_of_sequences)",
+        )  # fmt: skip
+    fanout_size(serving, p.mixtures, param)
+    if isinstance(p.mixtures, list) and p.adapter_id is not None:
+        raise InvalidParameter(
+            "parameters.adapter_id", "adapter_id cannot be combined with a list of mixtures"
+        )
+    return await resolve_mixtures(serving, p, p.mixtures, param, blend)
+
+
 async def generate_one(
     serving: Serving, body: TGIRequest, request: Request, as_list: bool = False
 ) -> Response:
-    """Run one request to its end; TGI's ``POST /`` wraps the body in a list."""
-    prompt_ids, sampling, mixing = await prepare(serving, body)
-    grammar = await grammar_of(serving, body.parameters)
+    """Run one request to its end; TGI's ``POST /`` wraps the body in a list. A fan-out's
+    first choice is the reply, the others its ``details.best_of_sequences``."""
+    prompt_ids, sampling, blend = await prepare(serving, body)
     p = body.parameters
-    prefill = None
+    mixings = await choice_mixings(serving, p, blend)
+    grammar = await grammar_of(serving, p)
+    prefills: list[asyncio.Future[PromptLogprobs]] = []
     if p.decoder_input_details and p.details:  # TGI sends prefill only inside details
-        prefill = asyncio.ensure_future(serving.prompt_logprobs(prompt_ids, mixing))
-    streams = serving.submit_many([prompt_ids], [sampling], mixing, grammar)
+        prefills = [asyncio.ensure_future(serving.prompt_logprobs(prompt_ids, m)) for m in mixings]
+    samplings = [dataclasses.replace(sampling) for _ in mixings]  # the same seed each
+    streams = serving.submit_many([prompt_ids] * len(mixings), samplings, mixings, grammar)
     try:
-        (choice,) = await serving.collect(streams, request.receive)
-        scored = await prefill if prefill is not None else None
+        choices = await serving.collect(streams, request.receive)
+        scored: list[PromptLogprobs | None] = [None] * len(mixings)
+        for i, future in enumerate(prefills):
+            scored[i] = await future
     except ClientGone:
         return Response(status_code=499)
     finally:
-        if prefill is not None and not prefill.done():
-            prefill.cancel()
-    content = response_body(
-        serving, body, choice, not sampling.greedy, mixing, len(prompt_ids), scored
-    ).wire()
-    return JSONResponse([content] if as_list else content, headers=mixing.headers())
+        for future in prefills:
+            if not future.done():
+                future.cancel()
+    sampled, tokens = not sampling.greedy, len(prompt_ids)
+    reply = response_body(serving, body, choices[0], sampled, mixings[0], tokens, scored[0])
+    if p.mixtures is not None and reply.details is not None:
+        reply.details.best_of_sequences = [
+            best_of(serving, body, *rest, sampled, tokens)
+            for rest in zip(choices[1:], mixings[1:], scored[1:])
+        ]
+    content = reply.wire()
+    headers = mixings[0].headers()
+    return JSONResponse([content] if as_list else content, headers=headers)
+
+
+def best_of(
+    serving: Serving,
+    body: TGIRequest,
+    choice: Choice,
+    mixing: ResolvedMixture,
+    scored: PromptLogprobs | None,
+    sampled: bool,
+    prompt_tokens: int,
+) -> TGIBestOfSequence:
+    """A fan-out's later choice, in TGI's best_of shape, with the mixture it decoded."""
+    reply = response_body(serving, body, choice, sampled, mixing, prompt_tokens, scored)
+    details = reply.details
+    assert details is not None  # a fan-out needs details
+    sequence = TGIBestOfSequence(
+        generated_text=reply.generated_text,
+        finish_reason=details.finish_reason,
+        generated_tokens=details.generated_tokens,
+        seed=details.seed,
+        prefill=details.prefill,
+        tokens=details.tokens,
+        mixing=mixing.info(),
+    )
+    for field in ("top_tokens", "drafted_tokens", "accepted_tokens"):
+        if field in details.model_fields_set:
+            setattr(sequence, field, getattr(details, field))
+    return sequence
 
 
 async def stream_events(
@@ -180,6 +243,11 @@ async def stream_events(
 
 async def stream_response(serving: Serving, body: TGIRequest) -> Response:
     """Submit one request and answer with its events as they come."""
+    if body.parameters.mixtures is not None:
+        raise InvalidParameter(
+            "parameters.mixtures",
+            "mixtures is not supported when streaming tokens (as TGI's best_of)",
+        )
     if body.parameters.decoder_input_details:
         raise InvalidParameter(
             "parameters.decoder_input_details",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -55,6 +55,18 @@ class MixingFields(BaseModel):
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
     # Li et al.'s alpha, in force when a policy's term is negative (null: the default, 0.1)
     plausibility: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False)
+
+
+class MixtureSpec(MixingFields):
+    """One mixture of a fan-out (``mixtures``): its weights or profile, its strength and
+    its plausibility, each as on a request (absent: the same fallbacks)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# A fan-out: choice i under mixture i (a spec or a profile's name), or "each": one choice
+# per policy alone, then the request's own blend (docs/server.md, "Fan-out").
+Mixtures = Annotated[list[MixtureSpec | Name], Field(min_length=1)] | Literal["each"] | None
 
 
 # The one text rule (mpo_core/rules.py), on every text field of every request model: a

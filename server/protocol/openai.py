@@ -25,6 +25,7 @@ from .common import (
     JSONObject,
     MixingFields,
     MixingInfo,
+    Mixtures,
     OptInt,
     Text,
     WireModel,
@@ -62,6 +63,7 @@ class SamplingFields(MixingFields):
     # end-of-turn marker, which stop strings never see: they match the decoded text)
     stop_token_ids: list[Int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     speculative: bool = True  # false: no speculative decoding for this request
+    mixtures: Mixtures = None  # fan-out: choice i under mixture i (server/fanout.py)
 
     @field_validator("stop")
     @classmethod
@@ -244,10 +246,13 @@ class CompletionLogprobs(WireModel):
 
 
 class CompletionChoice(WireModel):
+    omit_unless_given = frozenset({"mixing"})  # a fan-out's choice: its own mixture
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    mixing: MixingInfo | None = None
 
 
 class CompletionResponse(WireModel):
@@ -285,10 +290,13 @@ class AssistantMessage(WireModel):
 
 
 class ChatChoice(WireModel):
+    omit_unless_given = frozenset({"mixing"})  # a fan-out's choice: its own mixture
+
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    mixing: MixingInfo | None = None
 
 
 class ChatCompletionResponse(WireModel):

@@ -21,6 +21,7 @@ from .common import (
     JSONObject,
     MixingFields,
     MixingInfo,
+    Mixtures,
     OptInt,
     Text,
     WireModel,
@@ -65,6 +66,8 @@ class TGIParameters(MixingFields):
     merged_adapters: None = None
     api_token: Text | None = None  # for private adapters on a hub: nothing to download here
     return_k_alternatives: None = None
+    # fan-out: the reply under mixture 1, details.best_of_sequences under the others
+    mixtures: Mixtures = None
 
     @property
     def samples(self) -> bool:
@@ -143,6 +146,23 @@ class TGIPrefillToken(WireModel):
     logprob: float | None  # under the request's mixture; None for the first token
 
 
+class TGIBestOfSequence(WireModel):
+    """A fan-out's choice after the first (``parameters.mixtures``), as TGI's best_of."""
+
+    omit_unless_given = frozenset({"top_tokens", "drafted_tokens", "accepted_tokens"})
+
+    generated_text: str
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TGIPrefillToken] = Field(default_factory=list)
+    tokens: list[TGIToken] = Field(default_factory=list)
+    top_tokens: list[list[TGIToken]] | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
+    mixing: MixingInfo
+
+
 class TGIDetails(WireModel):
     # top_tokens only with top_n_tokens; the speculative counts when speculation is on
     omit_unless_given = frozenset({"top_tokens", "drafted_tokens", "accepted_tokens"})
@@ -154,7 +174,7 @@ class TGIDetails(WireModel):
     prefill: list[TGIPrefillToken] = Field(default_factory=list)
     tokens: list[TGIToken] = Field(default_factory=list)
     top_tokens: list[list[TGIToken]] | None = None
-    best_of_sequences: None = None
+    best_of_sequences: list[TGIBestOfSequence] | None = None  # a fan-out's other choices
     drafted_tokens: int | None = None  # speculative decoding: tokens drafted for the reply
     accepted_tokens: int | None = None  # of those, kept
 

@@ -16,7 +16,7 @@ from mpo_core.engine.streams import TokenEvent
 from mpo_core.errors import InvalidParameter
 
 from ..deps import ServingDep, StoreDep, require_api_key
-from ..openai_serving import FINISH, Plan, Shape, listed, resolve, respond
+from ..openai_serving import FINISH, Choices, Plan, Shape, listed, resolve, respond
 from ..openapi import BODY_ERRORS, error_responses, streaming_ok
 from ..protocol.openai import (
     AssistantMessage,
@@ -54,24 +54,27 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
         super().__init__(serving, plan, model)
         self.body = body
         self.offsets = [0] * len(plan.prompts)  # streamed text so far, per choice
-        # echo + logprobs: each prompt's own log-probs under the mixture (score_prompts)
+        # echo + logprobs: each sequence's prompt log-probs under its mixture (score_prompts)
         self.prompt_scores: list[PromptLogprobs] = []
 
     async def score_prompts(self) -> None:
-        n = self.body.n
-        prompts = [self.plan.prompts[i] for i in range(0, len(self.plan.prompts), n)]
+        """Each prompt scored once per distinct mixture of its choices."""
         top = self.body.logprobs or 0
-        mixing = self.plan.mixing
-        self.prompt_scores = [
-            await self.serving.prompt_logprobs(ids, mixing, top) for ids in prompts
-        ]
+        plan = self.plan
+        scored: dict[tuple[int, Any], PromptLogprobs] = {}
+        for index, ids in enumerate(plan.prompts):
+            mixing = plan.mixing_of(index)
+            key = (index // plan.n, mixing.mixture)
+            if key not in scored:
+                scored[key] = await self.serving.prompt_logprobs(ids, mixing, top)
+            self.prompt_scores.append(scored[key])
 
     def prompt_logprobs(self, index: int) -> CompletionLogprobs | None:
         """The echoed prompt's entries (the first, and in a persona family the opening a
         persona replaces, have no log-prob), offsets from 0."""
         if not self.prompt_scores:
             return None
-        scored = self.prompt_scores[index // self.body.n]
+        scored = self.prompt_scores[index]
         token_text = self.serving.token_text
         texts = self.serving.prompt_pieces(scored.token_ids)
         offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
@@ -88,7 +91,7 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
     def echo(self, index: int) -> str:
         if not self.body.echo:
             return ""
-        prompt = self.body.prompts()[index // self.body.n]
+        prompt = self.body.prompts()[index // self.plan.n]
         if isinstance(prompt, str):
             return prompt
         return str(self.serving.tokenizer.decode(self.plan.prompts[index]))
@@ -146,12 +149,12 @@ class CompletionShape(Shape[CompletionChoice, CompletionChoice]):
         return item
 
     def response(self, choices: list[CompletionChoice], usage: Usage) -> JSONResponse:
-        mixing = self.plan.mixing
+        plan = self.plan
         body = CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices,
-            usage=usage, mixing=mixing.info(),
+            usage=usage, mixing=plan.info(),
         )  # fmt: skip
-        return JSONResponse(body.wire(), headers=mixing.headers())
+        return JSONResponse(body.wire(), headers=plan.headers())
 
     def chunk(self, choices: list[CompletionChoice], **extra: Any) -> str:
         body = CompletionResponse(
@@ -175,16 +178,23 @@ def completion_prompts(serving: Serving, body: CompletionRequest) -> list[list[i
     return ids
 
 
+def seed_index(choices: Choices, j: int) -> int:
+    """Choice j's seed offset: j, except in a fan-out, where every choice takes the
+    request's seed (choice j then equals a separate request with mixture j)."""
+    return 0 if choices[2] else j
+
+
 async def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
-    mixing = await resolve(serving, body)
+    choices = await resolve(serving, body)
+    n = len(choices[1])
     top = serving.check_top_logprobs(body.logprobs or 0, "logprobs")
     prompts = completion_prompts(serving, body)
     samplings = []
     for ids in prompts:
         max_new = serving.budget(len(ids), body.max_tokens, "max_tokens", "prompt")
-        samplings += [body.to_sampling(max_new, top, j) for j in range(body.n)]
-    serving.check_capacity(len(samplings), "n" if body.n > 1 else "prompt")
-    return Plan.build(prompts, samplings, body.n, mixing)
+        samplings += [body.to_sampling(max_new, top, seed_index(choices, j)) for j in range(n)]
+    serving.check_capacity(len(samplings), "n" if n > 1 else "prompt")
+    return Plan.build(prompts, samplings, choices)
 
 
 @router.post(
@@ -240,12 +250,12 @@ class ChatShape(Shape[ChatChoice, ChatChunkChoice]):
         )
 
     def response(self, choices: list[ChatChoice], usage: Usage) -> JSONResponse:
-        mixing = self.plan.mixing
+        plan = self.plan
         body = ChatCompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=choices,
-            usage=usage, mixing=mixing.info(),
+            usage=usage, mixing=plan.info(),
         )  # fmt: skip
-        return JSONResponse(body.wire(), headers=mixing.headers())
+        return JSONResponse(body.wire(), headers=plan.headers())
 
     def chunk(self, choices: list[ChatChunkChoice], **extra: Any) -> str:
         body = ChatCompletionChunk(
@@ -275,14 +285,16 @@ def chat_prompt(serving: Serving, body: ChatCompletionRequest) -> list[int]:
 
 
 async def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
-    mixing = await resolve(serving, body)
+    choices = await resolve(serving, body)
     top = serving.check_top_logprobs(body.top_logprobs or 0, "top_logprobs")
     prompt = chat_prompt(serving, body)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_new = serving.budget(len(prompt), body.max_new_tokens(), param, "messages")
-    samplings = [body.to_sampling(max_new, top, j) for j in range(body.n)]
+    samplings = [
+        body.to_sampling(max_new, top, seed_index(choices, j)) for j in range(len(choices[1]))
+    ]
     serving.check_capacity(len(samplings), "n")
-    return Plan.build([prompt], samplings, body.n, mixing)
+    return Plan.build([prompt], samplings, choices)
 
 
 @router.post(

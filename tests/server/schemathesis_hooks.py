@@ -27,7 +27,15 @@ DOCUMENTED = [
     # a chat template may refuse a conversation (the roles it takes are its own)
     (r"messages", r"the chat template rejected"),
     # signed weights: their sum must be above 0 and each within the bound once normalised
-    (r"(parameters\.)?weights(\..*)?", r"sum to more than 0|once the weights are normalised"),
+    (
+        r"(parameters\.)?(mixtures(\.\d+)?\.?)?(weights(\..*)?)?",
+        r"sum to more than 0|once the weights are normalised",
+    ),
+    # a fan-out: n (if given) is the number of mixtures; a list takes no mixing fields of
+    # the request's own; TGI answers a fan-out whole, never as a stream
+    (r"n", r"number of choices with mixtures"),
+    (r"weights|profile|strength|plausibility|model|parameters\.adapter_id", r"list of mixtures"),
+    (r"parameters\.mixtures", r"not supported when streaming"),
     # prefill details are for whole replies: /generate_stream shares /generate's schema
     (r"parameters\.decoder_input_details", r"not supported when streaming"),
 ]

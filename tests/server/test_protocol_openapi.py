@@ -48,6 +48,18 @@ CASES: list[tuple[str, str, dict[str, Any], str | None]] = [
     ("/v1/chat/completions", "ChatCompletionRequest",
      {**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", "CompletionRequest", {"prompt": "Hi", "best_of": 2}, "best_of"),
+    ("/generate", "TGIRequest",
+     {**TGI, "parameters": {"max_new_tokens": 1, "mixtures": "each", "details": True}}, None),
+    ("/generate", "TGIRequest", {**TGI, "parameters": {"max_new_tokens": 1, "mixtures": "each"}},
+     "parameters.mixtures"),
+    ("/v1/completions", "CompletionRequest",
+     {"prompt": "Hi", "max_tokens": 1, "mixtures": [{"weights": {"helpful": 2, "concise": -1},
+                                                     "plausibility": 0.5}, {}]}, None),
+    ("/v1/completions", "CompletionRequest",
+     {"prompt": "Hi", "max_tokens": 1, "mixtures": [{"weights": {"ghost": 1}}]},
+     "mixtures.0.weights.ghost"),
+    ("/v1/completions", "CompletionRequest",
+     {"prompt": "Hi", "max_tokens": 1, "weights": [2, 0, -1], "plausibility": 1}, "plausibility"),
 ]  # fmt: skip
 
 
