@@ -229,7 +229,7 @@ def mix_logprobs(
     if reference_logprobs is not None and reference_coef is not None:
         ref_coef = reference_coef.unsqueeze(-1)  # [B, 1]
         scores = scores + torch.where(ref_coef == 0, 0.0, ref_coef * reference_logprobs)
-    if alpha is not None and bool((alpha > 0).any()):
+    if alpha is not None:  # callers pass None when no row is constrained: no device sync
         keep = plausible_tokens(
             policy_logprobs, policy_coef, reference_logprobs, reference_coef, alpha
         )  # [B, V]
@@ -291,10 +291,11 @@ def mix_step(
     models, rows, width, vocab = logprobs.shape
     device = logprobs.device
     coefs = torch.tensor([m.coefficients for m in mixtures], device=device)  # [B, K + 1]
-    alpha = torch.tensor([m.alpha for m in mixtures], device=device)  # [B]
+    alphas = [m.alpha for m in mixtures]
+    alpha = torch.tensor(alphas, device=device) if any(alphas) else None  # [B]
     return mix_rows(
         logprobs.reshape(models, rows * width, vocab),
         coefs.repeat_interleave(width, 0),  # [B * G, K + 1]
         has_reference,
-        alpha.repeat_interleave(width, 0),  # [B * G]
+        None if alpha is None else alpha.repeat_interleave(width, 0),  # [B * G]
     ).view(rows, width, vocab)  # [B, G, V]

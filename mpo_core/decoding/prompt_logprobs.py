@@ -73,7 +73,7 @@ def prompt_logprobs(
     policy_coef = torch.tensor([[coefs[m] for m in policies]], device=device)  # [1, K']
     ref_logprobs = rows.get(k)  # [T, V] or None
     ref_coef = torch.full((scored,), coefs[k], device=device) if k in rows else None  # [T]
-    alpha = torch.full((scored,), mixture.alpha, device=device)  # [T]
+    alpha = torch.full((scored,), mixture.alpha, device=device) if mixture.alpha else None  # [T]
     mixed = mix_logprobs(
         per_policy, policy_coef.expand(scored, -1), ref_logprobs, ref_coef, alpha
     )  # [T, V]
@@ -83,7 +83,8 @@ def prompt_logprobs(
     tops: list[list[tuple[int, float]]] = [[] for _ in range(unscored)]
     if top_n > 0:
         best = mixed.topk(min(top_n, vocab), dim=-1)  # [T, n]
-        tops += [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+        pairs = zip(best.indices.tolist(), best.values.tolist())
+        tops += [[(t, lp) for t, lp in zip(i, v) if lp > float("-inf")] for i, v in pairs]
     else:
         tops += [[] for _ in range(scored)]
     return PromptLogprobs(tokens, [*([None] * unscored), *picked], tops)

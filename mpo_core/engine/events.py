@@ -84,7 +84,7 @@ class EventBuilder:
                     token_text="",  # the reader's
                     text="",  # the reader's
                     logprob=chosen[row],
-                    top_logprobs=list(zip(top_ids[row][:n], top_values[row][:n])) if n else [],
+                    top_logprobs=finite_pairs(top_ids[row][:n], top_values[row][:n]) if n else [],
                     policy_logprobs={
                         name: per_model[row][m] if coefs[m] != 0 else None
                         for m, name in enumerate(names)
@@ -96,6 +96,12 @@ class EventBuilder:
                 )
             )
         return events
+
+
+def finite_pairs(ids: list[int], logprobs: list[float]) -> list[tuple[int, float]]:
+    """Top alternatives with a log-prob: a signed mixture's plausibility constraint leaves
+    tokens at -inf, which are no alternative (and JSON has no -Infinity)."""
+    return [(i, lp) for i, lp in zip(ids, logprobs) if lp > float("-inf")]
 
 
 def emit_runs(

@@ -57,7 +57,7 @@ def test_a_signed_mixtures_logprobs_equal_the_independent_formula(
     assert mixture.alpha == alpha  # a negative term: the request's alpha is in force
     prompt = llama_set.tokenizer.encode(PROMPT)
     params = SamplingParams(
-        max_new_tokens=8, temperature=1.0, seed=11, ignore_eos=True, top_logprobs=5
+        max_new_tokens=8, temperature=1.0, seed=11, ignore_eos=True, top_logprobs=20
     )
     result = engine.generate(GenerationRequest(prompt, params, mixture))
     tokens = prompt + result.token_ids
@@ -69,10 +69,15 @@ def test_a_signed_mixtures_logprobs_equal_the_independent_formula(
         ids = [t for t, _ in event.top_logprobs]
         values = torch.tensor([v for _, v in event.top_logprobs], dtype=torch.float64)
         torch.testing.assert_close(values, row[ids], atol=1e-4, rtol=0)
+        # the alternatives are the allowed tokens only: an excluded one is none
+        assert len(ids) == min(20, int(torch.isfinite(row).sum()))
     if alpha > 0:  # the constraint excluded tokens: the rows are not the plain formula
         assert bool(torch.isinf(expected[len(prompt) - 1 :]).any())
     # The echo (prompt log-probs) of the same tokens agrees with the decoded log-probs.
-    echoed = engine.prompt_logprobs(tokens, mixture).result().logprobs
+    scored = engine.prompt_logprobs(tokens, mixture, top_n=20).result()
+    echoed = scored.logprobs
+    for top in scored.top_logprobs:
+        assert all(lp > float("-inf") for _, lp in top)
     for t in range(1, len(tokens)):
         want = expected[t - 1, tokens[t]].item()
         got = echoed[t]
