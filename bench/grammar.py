@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-import mpo_core.engine.core as engine_module
+import mpo_core.decoding.choose as choose_module
 from bench.common import scratch
 from mpo_core.config import load_config
 from mpo_core.decoding import grammar as grammar_module
@@ -85,8 +85,9 @@ class GrammarTimer:
             finally:
                 self.seconds += time.perf_counter() - start
 
-        engine_module.constrain = timed_constrain  # type: ignore[assignment]
-        engine_module.advance = timed_advance  # type: ignore[assignment]
+        # the engine's step chooses its tokens in decoding.choose, which calls both
+        choose_module.constrain = timed_constrain  # type: ignore[assignment]
+        choose_module.advance = timed_advance  # type: ignore[assignment]
 
 
 class StepCounter:
