@@ -87,8 +87,9 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 
 
 # Pydantic names the member of a union that failed ("str", "list[int]",
-# "function-after[...]"); those are not part of the field's name.
-_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple"}
+# "function-after[...]", a model such as a fan-out's "MixtureSpec"); those are not part
+# of the field's name.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple", "MixtureSpec"}
 
 
 def _loc_to_param(loc: Sequence[Any]) -> str:

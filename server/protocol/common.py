@@ -66,7 +66,7 @@ class MixtureSpec(MixingFields):
 
 # A fan-out: choice i under mixture i (a spec or a profile's name), or "each": one choice
 # per policy alone, then the request's own blend (docs/server.md, "Fan-out").
-Mixtures = Annotated[list[MixtureSpec | Name], Field(min_length=1)] | Literal["each"] | None
+Mixtures = Annotated[list[Name | MixtureSpec], Field(min_length=1)] | Literal["each"] | None
 
 
 # The one text rule (mpo_core/rules.py), on every text field of every request model: a

@@ -34,6 +34,7 @@ BASES: dict[str, dict[str, Any]] = {
     "TextPart": {"type": "text", "text": "Hi"},
     "StreamOptions": {},
     "ProfilePut": {"weights": {"helpful": 1.0}},
+    "MixtureSpec": {},  # an item of a fan-out's mixtures
     "DefaultPut": {"default": None},
     "FitRequest": {"prompts": ["Hi"], "iterations": 1, "max_new_tokens": 1},
 }
