@@ -169,12 +169,31 @@ class SpeculativeConfig(BaseModel):
     max_batch_size: int = Field(default=4, ge=0)
 
 
+class LlamaCppConfig(BaseModel):
+    """The llama.cpp backend's settings (docs/models.md, "GGUF families on llama.cpp")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int | None = Field(default=None, ge=1)  # None: every core the process may use
+    # Tokens one llama_decode takes (n_batch); a longer step is split into several.
+    batch_size: int = Field(default=512, ge=1)
+    # KV cells of each context (n_ctx, shared by its sequences); None: what the KV cache
+    # budget holds, at most 4096.
+    context_tokens: int | None = Field(default=None, ge=16)
+    gpu_layers: int = Field(default=0, ge=-1)  # layers offloaded (n_gpu_layers); -1: all
+
+
 class PolicySetConfig(BaseModel):
     """The family of aligned policies served together (docs/architecture.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
     served_name: Name = "mpo"
+    # Which backend runs the family: "llama.cpp" runs GGUF files on llama-cpp-python (the
+    # ``llama`` extra); "auto" does when every member is a GGUF file (or a persona of one)
+    # and llama-cpp-python imports, else transformers.
+    backend: Literal["auto", "transformers", "llama.cpp"] = "auto"
+    llama_cpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig)
     reference: ModelSpec | None = None  # needed for strength != 1 and for fitting
     # An adapter family's base model: every policy is a LoRA adapter of it, and the base
     # with the adapters switched off is the reference (so ``reference`` stays unset).

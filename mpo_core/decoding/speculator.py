@@ -126,6 +126,12 @@ def make_speculator(
             "draft_model (or draft_layers); using ngram"
         )
         method = "ngram"
+    members = [None, policy_set.reference_name, *policy_set.names]  # None: the reference
+    if method == "draft" and settings.draft_model in members:
+        model = draft_model(policy_set, settings.draft_model)
+        if not isinstance(model.model, nn.Module):  # a GGUF member on llama.cpp
+            logger.info("speculative: %r does not run as a torch model: using ngram", model.name)
+            method = "ngram"
     if method == "ngram":
         return Speculator(settings, NgramDrafter())
     model = draft_model(policy_set, settings.draft_model)

@@ -3,7 +3,8 @@ next-token log-probs out, and everything else that runs a model (scoring, prompt
 log-probs, soups). Backends: ``SeparateModelsRunner`` (K full models, a KV cache each,
 each on its own device), ``AdapterRunner`` (one base, K LoRA adapters, one grouped
 forward) and ``PersonaRunner`` (one model, K system prompts, one forward over every
-persona's slots); ``factory.BACKENDS`` registers them, ``load_policy_set`` loads a family
+persona's slots), ``LlamaCppRunner`` (GGUF families on llama.cpp: a sequence per
+slot); ``factory.BACKENDS`` registers them, ``load_policy_set`` loads a family
 by its backend and ``make_runner`` runs it."""
 
 from .adapters import AdapterRunner
@@ -24,6 +25,7 @@ from .factory import (
     make_runner,
     static_or_growing,
 )
+from .llama_cpp import LlamaCppRunner
 from .personas import PersonaRunner
 from .scoring import ScoreResult
 from .separate import SeparateModelsRunner
@@ -32,6 +34,7 @@ from .soups import build_soup, soup_policy_set
 __all__ = [
     "BACKENDS",
     "AdapterRunner",
+    "LlamaCppRunner",
     "PersonaRunner",
     "SeparateModelsRunner",
     "Capabilities",

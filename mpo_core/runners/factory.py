@@ -1,10 +1,11 @@
 """The backends' registry: the one place that knows every backend.
 
 ``BACKENDS`` lists them; the first that ``claims`` a policy-set config loads it
-(``load_policy_set``) and runs it (``make_runner``). An adapter family runs on the
-grouped-LoRA ``AdapterRunner``, a persona family on ``PersonaRunner`` (one model, a slot
-per request and persona), any other family on ``SeparateModelsRunner``; each on growing
-caches or, when the config asks (the default on CUDA), on static caches with CUDA graphs,
+(``load_policy_set``) and runs it (``make_runner``). A GGUF family runs on llama.cpp
+(``LlamaCppRunner``) when its ``backend:`` and llama-cpp-python allow. An adapter family
+runs on the grouped-LoRA ``AdapterRunner``, a persona family on ``PersonaRunner`` (one
+model, a slot per request and persona), any other family on ``SeparateModelsRunner``;
+each on growing caches or, when the config asks (the default on CUDA), on static caches with CUDA graphs,
 falling back per model with a warning.
 """
 
@@ -22,13 +23,16 @@ from ..models.policies import LoadedModel, PolicySet, device_of
 from ..models.static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
 from .adapters import AdapterRunner
 from .base import Capabilities, DecodeBatch, PolicyRunner, context_limit
+from .llama_cpp import LlamaCppRunner
 from .personas import PersonaRunner
 from .separate import SeparateModelsRunner
 
 logger = logging.getLogger(__name__)
 
 # Every backend, in the order they are asked to claim a config (the last claims the rest).
-BACKENDS: tuple[type[AdapterRunner | PersonaRunner | SeparateModelsRunner], ...] = (
+Backend = type[LlamaCppRunner | AdapterRunner | PersonaRunner | SeparateModelsRunner]
+BACKENDS: tuple[Backend, ...] = (
+    LlamaCppRunner,  # GGUF families, when llama.cpp can run them (``backend:``)
     PersonaRunner,
     AdapterRunner,
     SeparateModelsRunner,
@@ -38,10 +42,11 @@ BACKENDS: tuple[type[AdapterRunner | PersonaRunner | SeparateModelsRunner], ...]
 def load_policy_set(config: PolicySetConfig) -> PolicySet:
     """Load the family ``config`` describes, by the backend that runs it."""
     backend = next(b for b in BACKENDS if b.claims(config))
+    logger.info("policy set %r runs on the %s backend", config.served_name, backend.kind)
     return backend.load(config)
 
 
-def backend_of(policy_set: PolicySet) -> type[AdapterRunner | PersonaRunner | SeparateModelsRunner]:
+def backend_of(policy_set: PolicySet) -> Backend:
     """The backend that runs ``policy_set`` (the one that loaded it)."""
     for backend in BACKENDS:
         if backend.kind == policy_set.backend:
@@ -66,6 +71,9 @@ def make_runner(
     (without a budget: at most DEFAULT_MAX_CACHE_LEN). Returns the runner and the context
     limit settled with it: ``max_context``, capped by the columns of a static cache."""
     config = policy_set.config
+    if policy_set.backend == LlamaCppRunner.kind:  # its own contexts, sized by the budget
+        llama = LlamaCppRunner(policy_set, max_rows, budget=budget)
+        return llama, context_limit(llama, max_context)
     on_cuda = policy_set.device.type == "cuda"
     static = config.static_cache == "on" or (
         config.static_cache == "auto" and on_cuda and config.cuda_graphs

@@ -22,7 +22,10 @@ def build_soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedMod
     if len(weights) != len(policy_set.policies) or total <= 0:
         raise InvalidParameter("weights", "soup weights: one per policy, not all zero")
     normalised = [w / total for w in weights]
-    return backend_of(policy_set).soup(policy_set, normalised)
+    backend = backend_of(policy_set)
+    if not backend.capabilities_of(policy_set).soups:
+        raise InvalidParameter("soups", f"the {backend.kind} backend builds no soups")
+    return backend.soup(policy_set, normalised)
 
 
 def soup_policy_set(policy_set: PolicySet, soups: Mapping[str, Sequence[float]]) -> PolicySet:

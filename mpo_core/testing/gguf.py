@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .families import make_tokenizer
@@ -66,13 +67,20 @@ def write_tiny_gguf(
     architecture: str = "llama",
     quantization: str = "F32",
     context: int = 256,
+    chat_template: str | None = None,
+    full_vocab: bool = False,
+    init_range: float = 0.2,
 ) -> LlamaForCausalLM:
     """Write a random two-layer Llama with the test tokenizer to ``path``; return the model.
 
     ``quantization``: "F32" (exact round trip), "Q8_0" (the 2-D weights quantised), or the
     name of any ``gguf.GGMLQuantizationType`` (one gguf cannot quantise to is written as
     zero blocks, to test refusals). ``architecture`` is
-    what the file claims (``general.architecture``), to test refusals.
+    what the file claims (``general.architecture``), to test refusals. ``chat_template``
+    replaces the test tokenizer's. ``full_vocab``: the vocabulary lists a token for each
+    of the 8 padding rows (``<|endoftext|>``, which transformers' GGUF tokenizer would add
+    anyway, then unused ones), as llama.cpp wants a token per embedding row.
+    ``init_range``: the weights' standard deviation (smaller: softer distributions).
     """
     import gguf
 
@@ -89,7 +97,7 @@ def write_tiny_gguf(
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
         max_position_embeddings=context,
-        initializer_range=0.2,
+        initializer_range=init_range,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -117,6 +125,10 @@ def write_tiny_gguf(
         vocab[added["content"]] = added["id"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
     special = {a["content"] for a in backend["added_tokens"]}
+    if full_vocab:
+        padding = ["<|endoftext|>", *[f"<|unused_{i}|>" for i in range(1, 8)]]
+        tokens += padding[: config.vocab_size - len(tokens)]
+        special |= set(padding)
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -129,7 +141,7 @@ def write_tiny_gguf(
     writer.add_eos_token_id(int(tokenizer.eos_token_id))
     writer.add_pad_token_id(int(tokenizer.pad_token_id))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(str(tokenizer.chat_template))
+    writer.add_chat_template(chat_template or str(tokenizer.chat_template))
 
     qtype = gguf.GGMLQuantizationType[quantization]
     for name, weight in _gguf_tensors(model).items():
@@ -150,3 +162,51 @@ def _add_tensor(writer: Any, gguf: Any, name: str, weight: np.ndarray, qtype: An
     except NotImplementedError:  # a type gguf cannot write: zero blocks of its byte size
         data = np.zeros(gguf.quants.quant_shape_to_byte_shape(weight.shape, qtype), np.uint8)
     writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+
+# What the llama.cpp families write: a token per embedding row; weights quantised as the
+# real model's are (Q4_1), whose kernels give a row the same logits whatever else shares
+# its matrix product (float32 weights take kernels that depend on the rows by ~1e-6,
+# which random weights' sharp distributions amplify to ~1e-3 in a log-prob); and weights
+# small enough that the distributions are not that sharp anyway.
+LLAMA_CPP_READY: dict[str, Any] = {"full_vocab": True, "quantization": "Q4_1", "init_range": 0.05}
+
+
+def make_gguf_family(folder: str | Path, num_policies: int = 3, **yaml_extra: Any) -> Path:
+    """K random tiny GGUF Llamas and a GGUF reference, all on llama.cpp; return the YAML."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"p{i}" for i in range(num_policies)]
+    for seed, name in enumerate([*names, "ref"]):
+        write_tiny_gguf(folder / f"{name}.gguf", seed=10 + seed, **LLAMA_CPP_READY)
+    config = {
+        "served_name": "tiny-gguf",
+        "backend": "llama.cpp",
+        "reference": {"name": "ref", "model": "ref.gguf"},
+        "policies": [{"name": name, "model": f"{name}.gguf"} for name in names],
+        **yaml_extra,
+    }
+    path = folder / "policies.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def make_gguf_persona_family(folder: str | Path, **yaml_extra: Any) -> Path:
+    """One random tiny GGUF Llama (``base``, whose template opens with a default system
+    message) and the test personas of it, on llama.cpp; return the YAML."""
+    from .families import CHAT_TEMPLATE_WITH_DEFAULT_SYSTEM, PERSONAS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    template = CHAT_TEMPLATE_WITH_DEFAULT_SYSTEM
+    write_tiny_gguf(folder / "base.gguf", seed=20, chat_template=template, **LLAMA_CPP_READY)
+    config = {
+        "served_name": "tiny-gguf-personas",
+        "backend": "llama.cpp",
+        "reference": {"name": "base", "model": "base.gguf"},
+        "policies": [{"name": n, "persona": "base", **prompt} for n, prompt in PERSONAS.items()],
+        **yaml_extra,
+    }
+    path = folder / "policies.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -8,8 +8,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BACKEND_CLASSES = {"SeparateModelsRunner", "AdapterRunner", "PersonaRunner"}
-BACKEND_MODULES = {"separate", "adapters", "personas"}  # under mpo_core/runners/
+BACKEND_CLASSES = {"SeparateModelsRunner", "AdapterRunner", "PersonaRunner", "LlamaCppRunner"}
+BACKEND_MODULES = {"separate", "adapters", "personas", "llama_cpp"}  # under mpo_core/runners/
 # What says which kind a family is: the policy set's family fields and the config's.
 KIND_ATTRIBUTES = {
     "adapters",

@@ -35,7 +35,9 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
 
 def _write_yaml(folder: Path, config: dict) -> Path:
     path = folder / "policies.yaml"
-    path.write_text(yaml.safe_dump({"device": "cpu", "dtype": "float32", **config}))
+    # the transformers GGUF path (with llama-cpp-python installed, auto would run llama.cpp)
+    defaults = {"device": "cpu", "dtype": "float32", "backend": "transformers"}
+    path.write_text(yaml.safe_dump({**defaults, **config}))
     return path
 
 
@@ -68,7 +70,12 @@ def test_the_cached_copy_skips_dequantising_and_a_changed_file_gets_a_new_one(
     tmp_path, home, monkeypatch
 ):
     write_tiny_gguf(tmp_path / "tiny.gguf", seed=2)
-    config = parse_config({"policies": [{"name": "a", "model": str(tmp_path / "tiny.gguf")}]})
+    config = parse_config(
+        {
+            "backend": "transformers",
+            "policies": [{"name": "a", "model": str(tmp_path / "tiny.gguf")}],
+        }
+    )
     first = load_policy_set(config).policies[0].model
 
     def refuse(*args, **kwargs):
@@ -89,7 +96,9 @@ def test_quantised_weights_are_the_dequantised_blocks(tmp_path, home):
     import gguf
 
     original = write_tiny_gguf(tmp_path / "q8.gguf", seed=3, quantization="Q8_0")
-    config = parse_config({"policies": [{"name": "a", "model": str(tmp_path / "q8.gguf")}]})
+    config = parse_config(
+        {"backend": "transformers", "policies": [{"name": "a", "model": str(tmp_path / "q8.gguf")}]}
+    )
     loaded = load_policy_set(config).policies[0].model
     weight = original.model.layers[0].self_attn.v_proj.weight.detach().numpy()
     qtype = gguf.GGMLQuantizationType.Q8_0
@@ -129,7 +138,12 @@ def test_an_adapter_family_can_have_a_gguf_base(tmp_path, home):
 
 def test_an_unsupported_architecture_names_the_policy_and_the_file(tmp_path, home):
     write_tiny_gguf(tmp_path / "odd.gguf", architecture="rwkv6")
-    config = parse_config({"policies": [{"name": "odd", "model": str(tmp_path / "odd.gguf")}]})
+    config = parse_config(
+        {
+            "backend": "transformers",
+            "policies": [{"name": "odd", "model": str(tmp_path / "odd.gguf")}],
+        }
+    )
     with pytest.raises(
         ConfigError, match=r"policy 'odd': GGUF file '.*odd.gguf' has architecture 'rwkv6'"
     ):
@@ -141,6 +155,7 @@ def test_an_unsupported_quantisation_names_it(tmp_path, home):
     write_tiny_gguf(tmp_path / "q81.gguf", quantization="Q8_1")
     config = parse_config(
         {
+            "backend": "transformers",
             "reference": {"name": "r", "model": str(tmp_path / "q81.gguf")},
             "policies": [{"name": "a", "model": str(tmp_path / "q81.gguf")}],
         }
@@ -151,7 +166,12 @@ def test_an_unsupported_quantisation_names_it(tmp_path, home):
 
 def test_a_file_that_is_not_gguf_and_a_missing_one_are_config_errors(tmp_path, home):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
-    config = parse_config({"policies": [{"name": "a", "model": str(tmp_path / "junk.gguf")}]})
+    config = parse_config(
+        {
+            "backend": "transformers",
+            "policies": [{"name": "a", "model": str(tmp_path / "junk.gguf")}],
+        }
+    )
     with pytest.raises(ConfigError, match="policy 'a': .*junk.gguf' is not a readable GGUF file"):
         load_policy_set(config)
     config = parse_config(

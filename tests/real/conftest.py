@@ -100,7 +100,11 @@ def family_set(family_yaml: Path) -> PolicySet:
 @pytest.fixture(scope="session")
 def single_set(smollm2: Path, reference_dir: Path, tmp_path_factory) -> PolicySet:
     """One policy: the GGUF file, as a user would serve it (its copy is already cached)."""
-    config = {"policies": [{"name": "smol", "model": str(smollm2)}], "device": "cpu"}
+    config = {
+        "policies": [{"name": "smol", "model": str(smollm2)}],
+        "device": "cpu",
+        "backend": "transformers",  # this tier checks the dequantised copy
+    }
     path = tmp_path_factory.mktemp("real-single") / "single.yaml"
     path.write_text(yaml.safe_dump(config))
     return load_policy_set(load_config(path))

@@ -35,6 +35,7 @@ def personas(smollm2: Path, real_home: Path, tmp_path_factory: pytest.TempPathFa
         "device": "cpu",
         "dtype": "float32",
         "cpu_linear": "onednn",  # packed weights, checked against `plain_model`
+        "backend": "transformers",  # the persona backend (llama.cpp: tests/core/test_llama_cpp.py)
     }
     path = tmp_path_factory.mktemp("real-personas") / "policy_set.yaml"
     path.write_text(yaml.safe_dump(config))

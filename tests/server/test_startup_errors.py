@@ -34,7 +34,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         "from the policy-set YAML's folder)",
     ),
     "gguf architecture": (
-        {"policies": [{"name": "helpful", "model": "odd.gguf"}]},
+        {"backend": "transformers", "policies": [{"name": "helpful", "model": "odd.gguf"}]},
         "has architecture 'rwkv6', which transformers cannot load from GGUF",
     ),
     "peft base mismatch": (
