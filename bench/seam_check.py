@@ -5,7 +5,8 @@ commits in one run (the backend seam's no-slowdown check, docs/benchmarks.md).
         --out bench/results/seam_check.json
 
 ``--before`` is a checkout of the earlier commit (``git worktree add /tmp/mpo-before
-<commit>``). Each round runs this checkout's worker and the earlier one's, one after the
+<commit>``), ``--after`` one of the later (default: this checkout, uncommitted edits
+included). Each round runs this checkout's worker and the earlier one's, one after the
 other, each in a fresh process that times the engine alone (no HTTP) on: the real demo's
 persona family (K = 3 personas of SmolLM2-135M-Instruct, uniform weights) and one plain
 model, at concurrency 1 and 8, greedy, ``--new-tokens`` tokens a request (EOS ignored).
@@ -88,6 +89,9 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="a checkout of the earlier commit")
+    parser.add_argument(
+        "--after", type=Path, help="a checkout of the later commit (default: this one)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--before: a checkout of the commit to compare against")
     command = [sys.executable, "-m", "bench.seam_check", "--worker", "--threads", str(args.threads),
                "--new-tokens", str(args.new_tokens), "--models-dir", args.models_dir]  # fmt: skip
-    here = Path(__file__).resolve().parents[1]
+    here = args.after or Path(__file__).resolve().parents[1]
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
         row = {}
