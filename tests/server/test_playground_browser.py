@@ -193,7 +193,10 @@ def test_slider_stream_colours_and_hover(session: Session, server: str) -> None:
     page = session.page
     session.connect()
     page.focus("#w-helpful")
-    page.keyboard.press("Home")  # keyboard: the slider to 0
+    page.keyboard.press("Home")  # keyboard: the slider to its least, -2 (weights are signed)
+    expect(page.locator("#w-helpful")).to_have_value("-2")
+    for _ in range(20):  # then up to 0, a step of 0.1 at a time
+        page.keyboard.press("ArrowRight")
     expect(page.locator("#w-helpful + output")).to_have_text("0%")
     page.fill("#max-tokens", "12")
     page.fill("#temperature", "0")

@@ -101,7 +101,8 @@ function buildSliders() {
     label.htmlFor = id;
     label.append(element("span", `swatch ${colourOf(name)}`), name);
     const input = element("input");
-    Object.assign(input, { type: "range", id, min: "0", max: "5", step: "0.1", value: "1" });
+    // Signed: a negative weight pushes away from that member (guidance; docs/server.md).
+    Object.assign(input, { type: "range", id, min: "-2", max: "5", step: "0.1", value: "1" });
     input.dataset.policy = name;
     const out = element("output", "share");
     out.htmlFor = id;
