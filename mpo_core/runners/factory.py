@@ -5,8 +5,8 @@
 (``LlamaCppRunner``) when its ``backend:`` and llama-cpp-python allow. An adapter family
 runs on the grouped-LoRA ``AdapterRunner``, a persona family on ``PersonaRunner`` (one
 model, a slot per request and persona), any other family on ``SeparateModelsRunner``;
-each on growing caches or, when the config asks (the default on CUDA), on static caches with CUDA graphs,
-falling back per model with a warning.
+each on growing caches or, when the config asks (the default on CUDA), on static caches
+with CUDA graphs, falling back per model with a warning.
 """
 
 from __future__ import annotations
