@@ -129,7 +129,9 @@ def make_speculator(
     members = [None, policy_set.reference_name, *policy_set.names]  # None: the reference
     if method == "draft" and settings.draft_model in members:
         model = draft_model(policy_set, settings.draft_model)
-        if not isinstance(model.model, nn.Module):  # a GGUF member on llama.cpp
+        # a torch model (or an adapter family's view) runs as a draft; a GGUF member on
+        # llama.cpp has no torch parameters
+        if not callable(getattr(model.model, "parameters", None)):
             logger.info("speculative: %r does not run as a torch model: using ngram", model.name)
             method = "ngram"
     if method == "ngram":
