@@ -37,6 +37,13 @@ class LlamaDirect:
             for path in set(self.paths)
         }
 
+    def close(self) -> None:
+        """Free the models now: left to interpreter exit, llama-cpp-python's own finaliser
+        runs after its bindings are gone and prints a TypeError."""
+        for llm in self.models.values():
+            llm.close()
+        self.models.clear()
+
     def next_logprobs(self, model: int, tokens: Sequence[int]) -> torch.Tensor:
         """[V] float32: the log-softmax of the logits after ``tokens`` (already rendered)."""
         llm = self.models[self.paths[model]]

@@ -74,6 +74,14 @@ TOLERANCE = {"llama.cpp-personas": 1e-3, "llama.cpp-separate": 1e-3}
 _DIRECT: dict[int, LlamaDirect] = {}  # id(policy set) -> its independent llama.cpp forward
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_direct_models() -> Iterator[None]:
+    yield
+    for direct in _DIRECT.values():
+        direct.close()
+    _DIRECT.clear()
+
+
 @pytest.fixture(scope="module")
 def families(llama_family: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, PolicySet]:
     shapes = [LoraShape(r=4, alpha=8, targets="all")] * 3

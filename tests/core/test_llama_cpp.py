@@ -110,7 +110,7 @@ def _served(engine: Engine, ps: PolicySet, steps: int) -> list[list[Any]]:
 
 @pytest.mark.parametrize("which", ["personas", "full"])
 def test_served_blends_equal_an_independent_llama_cpp_run(
-    which: str, gguf_personas: PolicySet, gguf_full: PolicySet
+    which: str, gguf_personas: PolicySet, gguf_full: PolicySet, request: pytest.FixtureRequest
 ) -> None:
     ps = gguf_personas if which == "personas" else gguf_full
     steps = 8
@@ -119,6 +119,7 @@ def test_served_blends_equal_an_independent_llama_cpp_run(
         got = _served(e, ps, steps)
         coefs = [e.mixture(w, s).coefficients for w, s in mixtures(ps)]
     direct = LlamaDirect(ps)
+    request.addfinalizer(direct.close)  # now, not at interpreter exit
     for i, events in enumerate(got):
         prompt = chat(ps, REQUESTS[i % len(REQUESTS)])
         tokens, logprobs, per_model = independent_greedy(ps, direct, prompt, coefs[i], steps)
