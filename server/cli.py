@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # flag -> (Settings field, type, help)
 _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--config", "config", Path, "policy-set YAML (default: MPO_CONFIG, else the demo family)"),
+    ("--config", "config", Path, "policy-set YAML (MPO_CONFIG, else a demo: docs/demo.md)"),
     ("--host", "host", str, "address to bind (MPO_HOST, default 127.0.0.1)"),
     ("--port", "port", int, "port to bind (MPO_PORT, default 8000)"),
     ("--api-key", "api_key", str, "bearer key for inference routes (MPO_API_KEY)"),
