@@ -132,7 +132,16 @@ def eval_wins(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_run(*results: dict[str, Any]) -> str:
+    """``bench.report``'s Markdown of ``bench.run`` results: each run's command, date and
+    time, the table and the target ratios (several files: one table over all)."""
+    from bench import report  # standard library only, like this module
+
+    return report.markdown(*report.rows_of(results))
+
+
 KINDS: dict[str, Callable[..., str]] = {
+    "bench_run": bench_run,
     "demo_eval": demo_eval,
     "fit_report": fit_report,
     "eval_rewards": eval_rewards,

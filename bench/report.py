@@ -26,9 +26,13 @@ TARGET_MEMORY = 1.2
 
 
 def load(paths: Iterable[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return rows_of(json.loads(path.read_text()) for path in paths)
+
+
+def rows_of(results: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows and the metas of ``bench.run`` results (parsed JSON), rows labelled by size."""
     rows, metas = [], []
-    for path in paths:
-        data = json.loads(path.read_text())
+    for data in results:
         tokens = data["meta"].get("new_tokens", 64)
         kv = data["meta"].get("kv_cache_dtype", "auto")
         for row in data["rows"]:  # a shorter run is its own group, never mixed with 64
@@ -264,6 +268,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(rows: list[dict[str, Any]], metas: list[dict[str, Any]]) -> str:
+    """Each run's command, date and time, the table and the target ratios."""
+    commands = [f"- `{m['command']}` ({m['date']}, {m['elapsed_s']:.0f} s)" for m in metas]
+    return "\n".join([*commands, "", table(rows), "", ratios(rows)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+")
@@ -271,16 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the PNG here")
     args = parser.parse_args(argv)
     rows, metas = load(args.results)
-    text = "\n".join(
-        [
-            *(f"- `{m['command']}` ({m['date']}, {m['elapsed_s']:.0f} s)" for m in metas),
-            "",
-            table(rows),
-            "",
-            ratios(rows),
-            "",
-        ]
-    )
+    text = markdown(rows, metas) + "\n"
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
