@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import render_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKED = re.compile(
@@ -141,6 +143,7 @@ def bench_run(*results: dict[str, Any]) -> str:
 
 
 KINDS: dict[str, Callable[..., str]] = {
+    **render_bench.KINDS,
     "bench_run": bench_run,
     "demo_eval": demo_eval,
     "fit_report": fit_report,

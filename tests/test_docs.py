@@ -256,7 +256,8 @@ def marked() -> list[tuple[str, str, str]]:
 
 def test_the_docs_mark_their_result_tables() -> None:
     kinds = {spec.split()[-1] for _, spec, _ in marked()}
-    assert {"demo_eval", "fit_report", "eval_rewards", "eval_wins"} <= kinds
+    assert {"demo_eval", "fit_report", "eval_rewards", "eval_wins", "eval_summary"} <= kinds
+    assert {"bench_run", "adapters", "cpu_linear", "llama_cpp", "fit_speed"} <= kinds
 
 
 @pytest.mark.parametrize(("doc", "spec", "body"), marked(), ids=lambda v: str(v)[:60])
