@@ -68,6 +68,28 @@ print(f"rendered {len(docs)} objects: " + ", ".join(f"{d['kind']}/{d['metadata']
 EOF
 validate "$WORK/rendered-core.yaml"
 
+section "deploy/k8s-distributed (kubernetes-validate; the LeaderWorkerSet's pod templates as PodTemplates)"
+# LeaderWorkerSet is a CRD kubernetes-validate has no schema for: its two pod templates are
+# validated as core PodTemplates here, its own fields by check_deploy.py below.
+"$PYTHON" - deploy/k8s-distributed/leaderworkerset.yaml "$WORK/ranked-core.yaml" <<'EOF'
+import sys
+
+import yaml
+
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+out = [d for d in docs if d["kind"] != "LeaderWorkerSet"]
+for lws in (d for d in docs if d["kind"] == "LeaderWorkerSet"):
+    for role in ("leaderTemplate", "workerTemplate"):
+        name = f"{lws['metadata']['name']}-{role.removesuffix('Template')}"
+        template = lws["spec"]["leaderWorkerTemplate"][role]
+        out.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                    "template": template})
+with open(sys.argv[2], "w") as handle:
+    yaml.safe_dump_all(out, handle)
+print("checking " + ", ".join(f"{d['kind']}/{d['metadata']['name']}" for d in out))
+EOF
+validate "$WORK/ranked-core.yaml"
+
 section "compose (docker compose config, compose-spec schema)"
 "$BIN/docker-compose" --file deploy/compose.yaml config --quiet
 echo "ok   docker compose config: deploy/compose.yaml"

@@ -83,6 +83,10 @@ class ModelSpec(BaseModel):
     # (docs/models.md, "Placing members on devices").
     device: str | None = Field(default=None, min_length=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    # The process that hosts it (docs/distributed.md): 0 is the one that serves HTTP and
+    # mixes; another rank is a worker process (spawned by ``mpo serve`` on one machine, or
+    # started by torchrun across machines).
+    rank: int = Field(default=0, ge=0, le=1023)
 
     @model_validator(mode="after")
     def _one_gguf(self) -> ModelSpec:
@@ -105,6 +109,9 @@ class AdapterSpec(BaseModel):
     # Compare the adapter's recorded base_model_name_or_path with the family's base
     # (mpo_core/models/adapters.py gives the rule); false skips it, the shapes are still checked.
     check_base: bool = True
+    # The process that runs it (as for a model); the family's `base:` is loaded on every
+    # rank that hosts an adapter (docs/distributed.md).
+    rank: int = Field(default=0, ge=0, le=1023)
 
 
 class PersonaSpec(BaseModel):
@@ -120,6 +127,9 @@ class PersonaSpec(BaseModel):
     persona: str = Field(min_length=1)  # the name of the model it conditions: the reference
     system: str | None = Field(default=None, min_length=1)
     prefix: str | None = Field(default=None, min_length=1)
+    # The process that runs it (as for a model); the persona's model is loaded on every
+    # rank that hosts a persona (docs/distributed.md).
+    rank: int = Field(default=0, ge=0, le=1023)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> PersonaSpec:
@@ -167,6 +177,26 @@ class SpeculativeConfig(BaseModel):
     draft_layers: int | None = Field(default=None, ge=1)
     # Above this many running rows a step does not speculate (it is compute-bound there).
     max_batch_size: int = Field(default=4, ge=0)
+
+
+class DistributedConfig(BaseModel):
+    """How the ranks of a family placed over several processes meet (docs/distributed.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # torch.distributed's transport: "auto" is NCCL when CUDA is available, else gloo.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Where rank 0's rendezvous listens. ``mpo serve`` spawning its own workers uses
+    # 127.0.0.1 and a free port; under torchrun MASTER_ADDR / MASTER_PORT win.
+    master_addr: str = Field(default="127.0.0.1", min_length=1)
+    master_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # A worker that has not loaded its members and joined by then is a start-up error.
+    start_timeout_s: float = Field(default=600.0, gt=0)
+    # A step (or any call) that a worker has not answered by then ends the group: the
+    # requests in flight fail, /health turns unhealthy. Long enough for the longest prefill.
+    step_timeout_s: float = Field(default=300.0, gt=0)
+    # When idle, rank 0 pings the workers this often (a worker lost while idle is noticed).
+    heartbeat_s: float = Field(default=5.0, gt=0)
 
 
 class LlamaCppConfig(BaseModel):
@@ -236,6 +266,8 @@ class PolicySetConfig(BaseModel):
         return rewards
 
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+    # Members placed on ranks > 0 (``rank:``): how the processes meet.
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("policies")
     @classmethod
@@ -313,6 +345,31 @@ class PolicySetConfig(BaseModel):
                 )
             seen.add(name)
         return self
+
+    @model_validator(mode="after")
+    def _ranks_in_use(self) -> PolicySetConfig:
+        ranks = self.ranks
+        missing = sorted(set(range(1, max(ranks) + 1)) - set(ranks))
+        if missing:
+            raise ValueError(
+                f"rank {missing[0]} hosts no member, but rank {max(ranks)} does: ranks are "
+                "processes numbered from 0 with no gaps (docs/distributed.md)"
+            )
+        return self
+
+    @property
+    def reference_rank(self) -> int:
+        """The rank that runs the reference's rows (a persona or adapter family's model)."""
+        host = self.reference or self.base
+        return host.rank if host is not None else 0
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank a member is placed on (0 always: it serves and mixes)."""
+        placed = {0, *(p.rank for p in self.policies)}
+        if self.reference is not None or self.base is not None:
+            placed.add(self.reference_rank)
+        return sorted(placed)
 
     @property
     def policy_names(self) -> list[str]:

@@ -47,5 +47,10 @@ class GenerationFailed(MPOError):
     """One request could not be decoded (its stream raises this); the engine goes on."""
 
 
+class BackendLost(MPOError):
+    """The backend can no longer run the family (a worker rank died or stopped answering):
+    the engine fails what is in flight and stops; /health turns unhealthy."""
+
+
 class EngineNotRunning(MPOError):
     """The engine loop is not started, is shutting down or has died."""

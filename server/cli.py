@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -190,6 +191,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: workers, no HTTP
+        from mpo_core.runners.distributed_world import run_worker
+
+        from .app import policy_config
+
+        return run_worker(policy_config(settings))
     # The models load before uvicorn starts: a bad policy set then ends here with main()'s
     # one-line error and exit 2, not as a lifespan traceback after "Started server process".
     engine = load_engine(settings)

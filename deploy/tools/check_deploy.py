@@ -3,8 +3,9 @@
 Schema validators see one file at a time; this script checks what ties the files
 together: the metric names the dashboard and the autoscaler query exist on the server,
 the Service, ServiceMonitor, PDB and HPA point at the Deployment, the compose stack's
-Prometheus scrapes the server and Grafana finds its dashboard, and the policy-set
-ConfigMap is a valid policy set.
+Prometheus scrapes the server and Grafana finds its dashboard, the policy-set
+ConfigMap is a valid policy set, and the LeaderWorkerSet of a family over several ranks
+(deploy/k8s-distributed) has as many pods as its policy set has ranks.
 
 Usage: python deploy/tools/check_deploy.py --rendered <output of `kubectl kustomize`>
 """
@@ -274,6 +275,88 @@ def check_kubernetes(rendered: Path) -> Problems:
     return problems
 
 
+# ------------------------------------------------------- the family over several ranks
+
+LWS_SPEC = {"replicas", "leaderWorkerTemplate", "rolloutStrategy", "startupPolicy", "networkConfig"}
+LWS_TEMPLATE = {"leaderTemplate", "workerTemplate", "size", "restartPolicy", "subGroupPolicy"}
+RANK_ENV = {  # how each pod learns its place (torch.distributed's env:// variables)
+    "RANK": "$(LWS_WORKER_INDEX)",
+    "WORLD_SIZE": "$(LWS_GROUP_SIZE)",
+    "MASTER_ADDR": "$(LWS_LEADER_ADDRESS)",
+}
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def check_leaderworkerset(path: Path) -> Problems:
+    """deploy/k8s-distributed: the LeaderWorkerSet's fields (a CRD the schema validator
+    does not know), its size against the ranks the ConfigMap's policy set uses, the rank
+    variables in both templates, and a Service that routes to leaders only."""
+    objects = index([d for d in yaml.safe_load_all(path.read_text()) if d])
+    lws = next((o for o in objects.values() if o["kind"] == "LeaderWorkerSet"), None)
+    if lws is None:
+        return [f"{path.name}: no LeaderWorkerSet"]
+    problems: Problems = []
+    if lws["apiVersion"] != "leaderworkerset.x-k8s.io/v1":
+        problems.append(f"LeaderWorkerSet: apiVersion {lws['apiVersion']!r}")
+    spec = lws["spec"]
+    problems += [f"LeaderWorkerSet: unknown field spec.{k}" for k in set(spec) - LWS_SPEC]
+    template = spec["leaderWorkerTemplate"]
+    problems += [
+        f"LeaderWorkerSet: unknown field leaderWorkerTemplate.{k}"
+        for k in set(template) - LWS_TEMPLATE
+    ]
+    if spec.get("startupPolicy") not in (None, "LeaderCreated", "LeaderReady"):
+        problems.append("LeaderWorkerSet: startupPolicy is LeaderCreated or LeaderReady")
+    if template.get("restartPolicy") != "RecreateGroupOnPodRestart":
+        problems.append(
+            "LeaderWorkerSet: restartPolicy must be RecreateGroupOnPodRestart (a lost rank "
+            "breaks the group's process group)"
+        )
+    volumes: dict[str, str] = {}
+    for role in ("leaderTemplate", "workerTemplate"):
+        pod = template[role]["spec"]
+        container = pod["containers"][0]
+        env = _env(container)
+        for name, value in RANK_ENV.items():
+            if env.get(name) != value:
+                problems.append(f"{role}: env {name} must be {value}")
+        volumes = {v["name"]: v.get("configMap", {}).get("name", "") for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        config = env.get("MPO_CONFIG", "")
+        mounted = next((n for at, n in mounts.items() if config.startswith(at + "/")), None)
+        if mounted is None or not volumes.get(mounted):
+            problems.append(f"{role}: MPO_CONFIG {config!r} is not in a mounted ConfigMap")
+    configmaps = [o for o in objects.values() if o["kind"] == "ConfigMap"]
+    family = next((c["data"]["policies.yaml"] for c in configmaps if c["metadata"]["name"] in
+                   volumes.values()), None)  # fmt: skip
+    if family is None:
+        return [*problems, "LeaderWorkerSet: its ConfigMap is not in the file"]
+    problems += check_policy_set(family)
+    try:
+        from mpo_core.config import parse_config
+
+        ranks = len(parse_config(yaml.safe_load(family)).ranks)
+        if template["size"] != ranks:
+            problems.append(
+                f"LeaderWorkerSet: size {template['size']} but the policy set uses {ranks} ranks"
+            )
+    except Exception as exc:  # noqa: BLE001 - reported by check_policy_set above
+        problems.append(f"policy set: {exc}")
+    leader = template["leaderTemplate"]["metadata"]["labels"]
+    worker = template["workerTemplate"]["metadata"]["labels"]
+    services = [o for o in objects.values() if o["kind"] == "Service"]
+    if not services:
+        problems.append("no Service for the leaders")
+    for service in services:
+        selector = service["spec"]["selector"]
+        if not selects(selector, leader) or selects(selector, worker):
+            problems.append(f"Service/{service['metadata']['name']}: must select leaders only")
+    return problems
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -300,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     results += [run(f"dashboard {p.name}", _dashboard_check(p, uids)) for p in dashboards]
     results.append(run("compose, prometheus and grafana wiring", check_compose))
     results.append(run("kubernetes cross-references", lambda: check_kubernetes(args.rendered)))
+    ranked = DEPLOY / "k8s-distributed" / "leaderworkerset.yaml"
+    results.append(run("leaderworkerset (ranks)", lambda: check_leaderworkerset(ranked)))
     return 0 if dashboards and all(results) else 1
 
 

@@ -159,6 +159,8 @@ def _parameters(loaded: LoadedModel) -> int:
     model = loaded.model  # a module, or an adapter family's view (parameters() only)
     if isinstance(model, nn.Module):
         return weight_elements(model)  # packed weights count too
+    if not callable(getattr(model, "parameters", None)):  # a GGUF or another rank's member
+        return int(getattr(model, "parameter_count", 0))
     return sum(p.numel() for p in model.parameters())
 
 

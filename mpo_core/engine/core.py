@@ -34,10 +34,9 @@ from ..decoding.grammar import Grammar, GrammarCompiler, GrammarSpec
 from ..decoding.mixing import DEFAULT_PLAUSIBILITY, Mixture, WeightsInput, mix_step
 from ..decoding.prompt_logprobs import PromptLogprobs
 from ..decoding.speculator import Speculator, make_speculator
-from ..errors import EngineNotRunning, GenerationFailed
-from ..models.kv_budget import kv_budget_for
+from ..errors import BackendLost, EngineNotRunning, GenerationFailed
 from ..models.policies import PolicySet
-from ..runners import PolicyRunner, capabilities_of, context_limit, make_runner
+from ..runners import PolicyRunner, capabilities_of, context_limit, kv_budget_of, make_runner
 from ..runners.scoring import ScoreResult
 from .events import EventBuilder, broken_reason, emit_runs, final_event
 from .jobs import CallJob, ScoreJob, prompt_logprobs_job, score_job
@@ -73,8 +72,8 @@ class Engine:
         self.runner: PolicyRunner
         capabilities = runner.capabilities if runner is not None else capabilities_of(policy_set)
         limits, shared = self.limits, capabilities.shared_forward
-        self.kv_budget = kv_budget_for(
-            policy_set, limits.kv_cache_bytes, limits.kv_cache_fraction, True, shared
+        self.kv_budget = kv_budget_of(
+            policy_set, limits.kv_cache_bytes, limits.kv_cache_fraction, shared
         )
         if runner is None:
             self.runner, self.max_context = make_runner(
@@ -92,9 +91,13 @@ class Engine:
             policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
         )
         # Speculative decoding (None: off): the policy set's settings unless overridden.
-        self.speculator: Speculator | None = make_speculator(
-            policy_set, speculative, shared_forward=capabilities.shared_forward
-        )
+        try:
+            self.speculator: Speculator | None = make_speculator(
+                policy_set, speculative, shared_forward=capabilities.shared_forward
+            )
+        except BaseException:
+            self.runner.close()  # a backend's workers do not outlive an engine never made
+            raise
         self._lock = threading.Condition()
         self._queue = Scheduler(self.limits, self.kv_budget)  # guarded by the lock
         self._jobs: deque[ScoreJob | CallJob] = deque()
@@ -121,7 +124,8 @@ class Engine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._failure is None
+        alive = self._thread is not None and self._thread.is_alive() and self._failure is None
+        return alive and self.runner.failure() is None  # a backend's workers may be lost
 
     @property
     def capabilities(self) -> Any:
@@ -183,6 +187,7 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.runner.close()  # a backend's workers, if it has any
 
     def wait_until_idle(self, timeout: float) -> bool:
         """Block until no request is held and no job queued (cancelled requests leave at
@@ -287,6 +292,8 @@ class Engine:
                 if self._queue.running or newcomers:
                     try:
                         self._step(newcomers)
+                    except BackendLost:  # the backend cannot go on: the engine stops
+                        raise
                     except Exception as exc:  # fail this step's requests; keep serving
                         logger.exception("decoding step failed; failing its requests")
                         self._abort_running(newcomers, exc)

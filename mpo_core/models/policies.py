@@ -85,6 +85,9 @@ class PolicySet:
     personas: PersonaPrompts | None = None
     # The backend that runs it (``runners.factory.BACKENDS``), set by that backend's loader.
     backend: str = "separate"
+    # What the backend's loader leaves for its runner (the distributed backend's group of
+    # ranks); None for the one-process backends.
+    backend_state: Any = None
 
     @classmethod
     def build(

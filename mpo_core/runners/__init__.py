@@ -4,7 +4,8 @@ log-probs, soups). Backends: ``SeparateModelsRunner`` (K full models, a KV cache
 each on its own device), ``AdapterRunner`` (one base, K LoRA adapters, one grouped
 forward) and ``PersonaRunner`` (one model, K system prompts, one forward over every
 persona's slots), ``LlamaCppRunner`` (GGUF families on llama.cpp: a sequence per
-slot); ``factory.BACKENDS`` registers them, ``load_policy_set`` loads a family
+slot), ``DistributedRunner`` (members on several ranks, each rank running its own with
+one of the others); ``factory.BACKENDS`` registers them, ``load_policy_set`` loads a family
 by its backend and ``make_runner`` runs it."""
 
 from .adapters import AdapterRunner
@@ -17,10 +18,12 @@ from .base import (
     all_models,
     context_limit,
 )
+from .distributed import DistributedRunner
 from .factory import (
     BACKENDS,
     backend_of,
     capabilities_of,
+    kv_budget_of,
     load_policy_set,
     make_runner,
     static_or_growing,
@@ -34,6 +37,7 @@ from .soups import build_soup, soup_policy_set
 __all__ = [
     "BACKENDS",
     "AdapterRunner",
+    "DistributedRunner",
     "LlamaCppRunner",
     "PersonaRunner",
     "SeparateModelsRunner",
@@ -48,6 +52,7 @@ __all__ = [
     "build_soup",
     "capabilities_of",
     "context_limit",
+    "kv_budget_of",
     "load_policy_set",
     "make_runner",
     "soup_policy_set",

@@ -192,6 +192,15 @@ class PolicyRunner(Protocol):
         """What ``GET /info`` reports of the backend: its kind, and what it adds."""
         ...
 
+    def failure(self) -> str | None:
+        """Why the backend can no longer run the family (a worker rank lost), else None:
+        the engine then reports itself dead (``/health``)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds beyond this process (worker ranks) at the end."""
+        ...
+
 
 class Backend(Protocol):
     """The class-level half of a backend: which families it runs and how it loads them."""
@@ -267,6 +276,12 @@ class RunnerBase:
     def describe(self) -> dict[str, Any]:
         """What ``GET /info`` reports of the backend: its kind, and what it adds."""
         return {"backend": self.policy_set.backend}
+
+    def failure(self) -> str | None:
+        return None  # a one-process backend is lost only with its process
+
+    def close(self) -> None:
+        return None
 
 
 @torch.inference_mode()

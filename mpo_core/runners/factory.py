@@ -12,17 +12,19 @@ with CUDA graphs, falling back per model with a warning.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from ..config import PolicySetConfig
 from ..errors import ConfigError
-from ..models.kv_budget import KVBudget
+from ..models.kv_budget import KVBudget, kv_budget_for
 from ..models.kvcache import GrowingBatch, KVStorage
 from ..models.policies import LoadedModel, PolicySet, device_of
 from ..models.static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
 from .adapters import AdapterRunner
 from .base import Capabilities, DecodeBatch, PolicyRunner, context_limit
+from .distributed import DistributedRunner
 from .llama_cpp import LlamaCppRunner
 from .personas import PersonaRunner
 from .separate import SeparateModelsRunner
@@ -30,8 +32,11 @@ from .separate import SeparateModelsRunner
 logger = logging.getLogger(__name__)
 
 # Every backend, in the order they are asked to claim a config (the last claims the rest).
-Backend = type[LlamaCppRunner | AdapterRunner | PersonaRunner | SeparateModelsRunner]
+Backend = type[
+    DistributedRunner | LlamaCppRunner | AdapterRunner | PersonaRunner | SeparateModelsRunner
+]
 BACKENDS: tuple[Backend, ...] = (
+    DistributedRunner,  # members placed on ranks > 0 (each rank runs its own, by the rest)
     LlamaCppRunner,  # GGUF families, when llama.cpp can run them (``backend:``)
     PersonaRunner,
     AdapterRunner,
@@ -59,6 +64,17 @@ def capabilities_of(policy_set: PolicySet) -> Capabilities:
     return backend_of(policy_set).capabilities_of(policy_set)
 
 
+def kv_budget_of(
+    policy_set: PolicySet, budget_bytes: int | None, fraction: float, shared_forward: bool
+) -> KVBudget:
+    """The KV-cache budget of ``policy_set``: its backend's own where it has one (each
+    rank's memory for a family on several ranks), else ``kv_budget.kv_budget_for``."""
+    own = getattr(backend_of(policy_set), "kv_budget", None)
+    if own is not None:
+        return own(policy_set, budget_bytes, fraction, shared_forward)  # type: ignore[no-any-return]
+    return kv_budget_for(policy_set, budget_bytes, fraction, True, shared_forward)
+
+
 def make_runner(
     policy_set: PolicySet, max_rows: int, max_context: int, budget: KVBudget | None = None
 ) -> tuple[PolicyRunner, int]:
@@ -71,6 +87,9 @@ def make_runner(
     (without a budget: at most DEFAULT_MAX_CACHE_LEN). Returns the runner and the context
     limit settled with it: ``max_context``, capped by the columns of a static cache."""
     config = policy_set.config
+    if policy_set.backend == DistributedRunner.kind:  # each rank runs its own, by these rules
+        ranked = DistributedRunner(policy_set, max_rows, max_context, budget, make_runner)
+        return ranked, context_limit(ranked, max_context)
     if policy_set.backend == LlamaCppRunner.kind:  # its own contexts, sized by the budget
         llama = LlamaCppRunner(policy_set, max_rows, budget=budget)
         return llama, context_limit(llama, max_context)
@@ -99,7 +118,8 @@ def make_runner(
             return GrowingBatch(model, policy_set.vocab_size, device_of(model), storage)
         return static_or_growing(policy_set, model, storage, slots, max_len, graphs, pool)
 
-    runner: PolicyRunner = backend_of(policy_set)(policy_set, max_rows, batch)
+    backend: Any = backend_of(policy_set)  # a one-process backend: (set, rows, batches)
+    runner: PolicyRunner = backend(policy_set, max_rows, batch)
     return runner, context_limit(runner, max_context)
 
 

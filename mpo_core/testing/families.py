@@ -195,6 +195,12 @@ class ScriptedRunner:
     def score(self, prompts: Any, completions: Any, chunk_tokens: int) -> Any:
         raise NotImplementedError("a scripted runner does not score")
 
+    def failure(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
 
 # The tiny template again, with a default system message when the conversation has none
 # (as SmolLM2's ChatML template does): a persona then replaces that opening.

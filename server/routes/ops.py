@@ -39,7 +39,9 @@ async def health(request: Request) -> Response:
     if serving is None:
         return error_response(503, "the engine is not loaded", code="engine_not_loaded")
     if not serving.engine.is_alive:
-        return error_response(503, "the engine loop is not running", code="engine_not_running")
+        lost = serving.engine.runner.failure()  # a worker rank lost, for one
+        message = f"the engine is not running: {lost}" if lost else "the engine loop is not running"
+        return error_response(503, message, code="engine_not_running")
     state = getattr(request.app.state.store, "state", lambda: {"state": "unknown"})()
     body = json.dumps({"status": "ok", "store": state}, separators=(",", ":"))
     return Response(content=body, media_type="application/json")
@@ -58,6 +60,9 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
         # adapter (rank, alpha, layers), null elsewhere
         "backend": engine.runner.describe()["backend"],
         "adapters": engine.runner.describe().get("adapters"),
+        # a family over several ranks: each rank's members, host and pid, the transport and
+        # the traffic so far (docs/distributed.md); null for a one-process family
+        "distributed": _distributed(engine.runner.describe()),
         "vocab_size": int(ps.vocab_size),
         "device": str(ps.device),
         "dtype": str(ps.dtype).removeprefix("torch."),
@@ -75,6 +80,13 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
         },
         "version": __version__,
     }
+
+
+def _distributed(described: dict[str, Any]) -> dict[str, Any] | None:
+    if "ranks" not in described:
+        return None
+    keys = ("transport", "ranks", "traffic", "failure")
+    return {key: described[key] for key in keys if key in described}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
