@@ -1,7 +1,9 @@
 """The decoding engine: one thread owns the models and runs continuous batching.
 
 Each step (``_step``, the only one):
-1. admit waiting requests up to ``max_running`` and drop cancelled ones (``scheduler``);
+1. admit waiting requests up to ``max_running`` and drop cancelled ones, and plan the
+   step's prompt tokens (``scheduler``): long prompts run a chunk into their caches
+   (``runner.prefill_chunk``), and the newcomers, whose prompts finish, join the batch;
 2. the speculator may draft tokens for the running rows (``decoding.speculator``);
 3. the policy runner (``runners``) runs the running rows' newest token and their drafts
    and prefills the newcomers, returning each row's log-probs under each model it needs
@@ -41,7 +43,7 @@ from ..runners.scoring import ScoreResult
 from .events import EventBuilder, broken_reason, emit_runs, final_event
 from .jobs import CallJob, ScoreJob, prompt_logprobs_job, score_job
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
-from .scheduler import EngineStats, Scheduler
+from .scheduler import EngineStats, PrefillPlan, Scheduler
 from .streams import GenerationResult, RequestStream
 
 __all__ = ["Engine", "EngineLimits", "EngineStats", "GenerationRequest"]
@@ -194,7 +196,7 @@ class Engine:
         the engine's next turn); False if ``timeout`` s passed first."""
         with self._lock:
             return self._lock.wait_for(
-                lambda: not (self._queue.busy() or self._queue.admitted or self._jobs),
+                lambda: not (self._queue.busy() or self._jobs),
                 timeout=timeout,
             )
 
@@ -286,17 +288,21 @@ class Engine:
                         self._lock.wait()
                     if self._stopping:
                         break
-                    for seq in self._queue.drop_cancelled_waiting():
+                    dropped = self._queue.drop_cancelled_waiting()
+                    plan = self._queue.admit()
+                    holding = self._queue.holding()
+                if dropped:  # some may have been partly prefilled: free their rows first
+                    self.runner.keep(holding)
+                    for seq in dropped:
                         seq.stream.push(final_event(seq, "cancelled"))
-                    newcomers = self._queue.admit()
-                if self._queue.running or newcomers:
+                if self._queue.running or plan:
                     try:
-                        self._step(newcomers)
+                        self._step(plan)
                     except BackendLost:  # the backend cannot go on: the engine stops
                         raise
                     except Exception as exc:  # fail this step's requests; keep serving
                         logger.exception("decoding step failed; failing its requests")
-                        self._abort_running(newcomers, exc)
+                        self._abort_running(exc)
                 self._run_one_job()
         except BaseException as exc:  # report to every caller instead of hanging them
             logger.exception("engine loop failed")
@@ -304,10 +310,11 @@ class Engine:
         finally:
             self._fail_all(self._failure)
 
-    def _abort_running(self, newcomers: list[SequenceState], exc: Exception) -> None:
-        """After a failed step the caches may be inconsistent: drop every running row."""
+    def _abort_running(self, exc: Exception) -> None:
+        """After a failed step the caches may be inconsistent: drop every running row and
+        every prefill under way."""
         with self._lock:
-            failed = self._queue.take_running(newcomers)
+            failed = self._queue.take_running()
         self.runner.keep(set())
         if self.speculator is not None:
             self.speculator.keep(set())
@@ -335,14 +342,21 @@ class Engine:
         for job in jobs:
             job.fail(EngineNotRunning("the engine stopped before the scoring finished"))
 
-    def _step(self, newcomers: list[SequenceState]) -> None:
-        """One step for every running row and the newcomers: a verify of the drafts (none
-        for a plain step), mix, choose the tokens, emit them."""
+    def _step(self, prefill: PrefillPlan) -> None:
+        """One step: the chunks of prompts still being prefilled, then, for every running
+        row and the newcomers, a verify of the drafts (none for a plain step), mix, choose
+        the tokens, emit them."""
+        newcomers = prefill.newcomers
         running = list(self._queue.running.values())
         cancelled = [s for s in running if s.stream.cancelled]
         self._retire(cancelled)
         for seq in cancelled:
             seq.stream.push(final_event(seq, "cancelled"))
+        if prefill.chunks:  # not sampled, nothing emitted: their caches grow
+            chunks = prefill.chunks
+            self.runner.prefill_chunk([seq for seq, _ in chunks], [end for _, end in chunks])
+            for seq, end in chunks:
+                seq.prefilled = end
         running = list(self._queue.running.values())
         if not running and not newcomers:
             return

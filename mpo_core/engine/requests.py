@@ -27,6 +27,10 @@ class EngineLimits:
     max_context: int | None = None  # prompt + new tokens; None = the models' own limit
     max_top_logprobs: int = 20
     score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
+    # Prompt tokens prefilled per step, over every request joining (chunked prefill: a
+    # longer prompt is split over steps, decode steps of the others in between); 0 = no
+    # limit, every prompt in one piece.
+    prefill_chunk_tokens: int = 512
     retry_after_s: float = 1.0  # what Overloaded tells callers to wait
     # KV-cache memory budget (kv_budget): bytes, else this fraction of the memory available
     # when the engine starts; a request is admitted only when its worst-case cache fits.
@@ -55,6 +59,7 @@ class SequenceState:
     token_ids: list[int]  # prompt + generated
     generated: list[int] = field(default_factory=list)
     grammar: RowGrammar | None = None  # this sequence's place in its request's grammar
+    prefilled: int = 0  # prompt tokens run by chunks before its last (chunked prefill)
 
     @property
     def coefs(self) -> tuple[float, ...]:  # [K + 1] policies, then the reference

@@ -7,6 +7,11 @@ a 429 with Retry-After). Each step admits waiting requests in arrival order whil
 is free and the head's worst-case KV cache fits the budget (``models.kv_budget``): the
 head waits rather than be overtaken, so a long request is not starved by short ones.
 
+An admitted request's prompt is prefilled over one or more steps (chunked prefill): each
+step's prompt tokens are capped by ``EngineLimits.prefill_chunk_tokens`` (``plan``), and
+a request joins the running rows with its prompt's last chunk. Until then it emits
+nothing, and the running rows keep decoding.
+
 The engine holds its lock around every call; this class keeps no lock of its own.
 """
 
@@ -28,6 +33,18 @@ class EngineStats:
     generated_tokens: int
 
 
+@dataclass
+class PrefillPlan:
+    """One step's prompt tokens: who joins the batch (their whole prompt, or its last
+    chunk) and who runs a chunk before its last (``runner.prefill_chunk``)."""
+
+    newcomers: list[SequenceState]
+    chunks: list[tuple[SequenceState, int]]  # (request, its prompt's end after this chunk)
+
+    def __bool__(self) -> bool:
+        return bool(self.newcomers or self.chunks)
+
+
 class Scheduler:
     """The waiting queue, the rows being admitted and the running rows, by sid."""
 
@@ -36,8 +53,9 @@ class Scheduler:
         self.kv_budget = kv_budget
         self.waiting: deque[SequenceState] = deque()
         self.running: dict[int, SequenceState] = {}
-        # Admitted and being prefilled this step: neither waiting nor running yet, but
-        # holding rows (counted by ``enqueue``, cancelled with the rest).
+        # Admitted, their prompts being prefilled (over one step or several), in arrival
+        # order: neither waiting nor running yet, but holding rows (counted by
+        # ``enqueue`` and ``admit``, cancelled with the rest).
         self.admitted: list[SequenceState] = []
 
     def held(self) -> list[SequenceState]:
@@ -45,7 +63,11 @@ class Scheduler:
         return [*self.waiting, *self.admitted, *self.running.values()]
 
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.admitted or self.running)
+
+    def holding(self) -> set[int]:
+        """The sids whose rows the runner keeps: running, or partly prefilled."""
+        return {*self.running, *(s.sid for s in self.admitted)}
 
     def enqueue(self, seq: SequenceState) -> None:
         """Queue ``seq``, or raise ``Overloaded`` when max_running + max_queued are held."""
@@ -60,33 +82,70 @@ class Scheduler:
         self.waiting.append(seq)
 
     def drop_cancelled_waiting(self) -> list[SequenceState]:
-        """Take the cancelled requests out of the queue; the caller ends their streams."""
-        cancelled = [s for s in self.waiting if s.stream.cancelled]
+        """Take the cancelled requests out of the queue and out of the prefills; the
+        caller ends their streams (and, for admitted ones, frees their rows)."""
+        cancelled = [s for s in (*self.waiting, *self.admitted) if s.stream.cancelled]
         for seq in cancelled:
-            self.waiting.remove(seq)
+            if seq in self.admitted:
+                self.admitted.remove(seq)
+            else:
+                self.waiting.remove(seq)
         return cancelled
 
-    def admit(self) -> list[SequenceState]:
-        """Move waiting requests into free rows, in arrival order: the newcomers."""
-        newcomers: list[SequenceState] = []
-        while self.waiting and len(self.running) + len(newcomers) < self.limits.max_running:
-            rows = [*self.running.values(), *newcomers, self.waiting[0]]
+    def admit(self) -> PrefillPlan:
+        """Move waiting requests into free rows, in arrival order; this step's prefills."""
+        while self.waiting and len(self.running) + len(self.admitted) < self.limits.max_running:
+            rows = [*self.running.values(), *self.admitted, self.waiting[0]]
             if not self.kv_budget.fits([(s.coefs, s.worst_case_tokens) for s in rows]):
                 break
-            newcomers.append(self.waiting.popleft())
-        self.admitted = newcomers
-        return newcomers
+            self.admitted.append(self.waiting.popleft())
+        return self.plan()
+
+    def plan(self) -> PrefillPlan:
+        """Which admitted requests prefill how much this step, within the prompt-token
+        budget ``prefill_chunk_tokens`` (0: no limit, every prompt whole).
+
+        Requests whose whole rest fits the budget join, in arrival order: a short prompt
+        is not held up behind a long one. What is left goes to the oldest requests still
+        being prefilled, as chunks; the oldest gets at least a quarter of the budget each
+        step, so a stream of short prompts cannot starve it."""
+        budget = self.limits.prefill_chunk_tokens
+        if budget <= 0:
+            return PrefillPlan(list(self.admitted), [])
+        rest = {s.sid: len(s.token_ids) - s.prefilled for s in self.admitted}
+        head = self.admitted[0] if self.admitted else None
+        reserved = budget // 4 if head is not None and rest[head.sid] > budget else 0
+        left = budget - reserved
+        newcomers = []
+        for seq in self.admitted:
+            if rest[seq.sid] <= left:
+                newcomers.append(seq)
+                left -= rest[seq.sid]
+        left += reserved
+        chunks = []
+        for seq in self.admitted:
+            if left <= 0:
+                break
+            if seq in newcomers:
+                continue
+            if rest[seq.sid] <= left:
+                newcomers.append(seq)
+            else:
+                chunks.append((seq, seq.prefilled + left))
+            left -= rest[seq.sid]
+        return PrefillPlan(newcomers, chunks)
 
     def start(self, newcomers: list[SequenceState]) -> None:
         """The newcomers were prefilled: they are running."""
         self.running.update((seq.sid, seq) for seq in newcomers)
-        self.admitted = []
+        joined = {seq.sid for seq in newcomers}
+        self.admitted = [s for s in self.admitted if s.sid not in joined]
 
     def retire(self, seqs: list[SequenceState]) -> set[int]:
-        """Forget ``seqs``; the sids still running."""
+        """Forget ``seqs``; the sids whose rows the runner keeps (``holding``)."""
         for seq in seqs:
             self.running.pop(seq.sid, None)
-        return set(self.running)
+        return self.holding()
 
     def cancel_held(self) -> int:
         """Mark every request held as cancelled (each leaves at the next step); how many."""
@@ -95,9 +154,9 @@ class Scheduler:
             seq.stream.cancelled = True
         return len(held)
 
-    def take_running(self, newcomers: list[SequenceState]) -> list[SequenceState]:
-        """Forget the running rows and ``newcomers`` (a failed step): the ones taken."""
-        taken = list({s.sid: s for s in [*self.running.values(), *newcomers]}.values())
+    def take_running(self) -> list[SequenceState]:
+        """Forget the running and admitted rows (a failed step): the ones taken."""
+        taken = [*self.running.values(), *self.admitted]
         self.running.clear()
         self.admitted = []
         return taken

@@ -24,6 +24,7 @@ import ctypes
 import functools
 import sys
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +275,16 @@ def prefill_prompts(
     return to_logprobs(logits[:, -1], vocab_size), cache, mask  # [n, V]
 
 
+class Prefiller(Protocol):
+    """Runs a batch's newcomers whose prompts were partly run before, chunk by chunk
+    (``chunked_prefill.PartialPrefills``): the rest of each prompt, with the returns of
+    ``prefill_prompts``, rows in the order given."""
+
+    def prefill(
+        self, row_ids: list[int], prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, Cache, torch.Tensor]: ...
+
+
 class GrowingBatch:
     """The sequences that one model (a policy or the reference) is decoding."""
 
@@ -384,11 +395,17 @@ class GrowingBatch:
             release_free_memory()
 
     @torch.inference_mode()
-    def prefill(self, row_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run the newcomers' prompts, add them to the batch; return their log-probs [n, V]."""
-        result, cache, mask = prefill_prompts(
-            self.loaded, prompts, self.vocab_size, self.device, self.storage
-        )
+    def prefill(
+        self, row_ids: list[int], prompts: list[list[int]], parts: Prefiller | None = None
+    ) -> torch.Tensor:
+        """Run the newcomers' prompts (the rest of them, for rows ``parts`` has started),
+        add them to the batch; return their log-probs [n, V]."""
+        if parts is not None:
+            result, cache, mask = parts.prefill(row_ids, prompts)
+        else:
+            result, cache, mask = prefill_prompts(
+                self.loaded, prompts, self.vocab_size, self.device, self.storage
+            )
         self._stack(row_ids, cache, mask)
         del cache
         self._release()

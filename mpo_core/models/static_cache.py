@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .kvcache import KVStorage, cache_layers, prefill_prompts, squeeze_columns, to_logprobs
+from .kvcache import (
+    KVStorage,
+    Prefiller,
+    cache_layers,
+    prefill_prompts,
+    squeeze_columns,
+    to_logprobs,
+)
 from .policies import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -262,11 +269,17 @@ class StaticBatch:
 
     # -- shape changes (eager) -----------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Prefill the newcomers' prompts into free slots; return their log-probs [m, V]."""
-        result, cache, prompt_mask = prefill_prompts(
-            self.loaded, prompts, self.vocab_size, self.device, self.storage
-        )
+    def prefill(
+        self, row_ids: list[int], prompts: list[list[int]], parts: Prefiller | None = None
+    ) -> torch.Tensor:
+        """Prefill the newcomers' prompts (the rest of them, for rows ``parts`` has
+        started) into free slots; return their log-probs [m, V]."""
+        if parts is not None:
+            result, cache, prompt_mask = parts.prefill(row_ids, prompts)
+        else:
+            result, cache, prompt_mask = prefill_prompts(
+                self.loaded, prompts, self.vocab_size, self.device, self.storage
+            )
         n, m, length = len(self.row_ids), len(prompts), prompt_mask.shape[1]
         assert n + m <= self.slots, "more rows than slots: the engine admits at most max_running"
         if n == 0:

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
+from ..models.chunked_prefill import PartialPrefills
 from ..models.kvcache import KVStorage
 from ..models.lora import BASE
 from ..models.policies import (
@@ -29,6 +30,7 @@ from ..models.policies import (
     LoadedModel,
     PolicySet,
     check_output_rows,
+    device_of,
     load_model,
     load_tokenizer,
     member_placement,
@@ -68,6 +70,11 @@ class AdapterRunner(RunnerBase):
         self.index.fill(slots, 0)  # every buffer a graph reads, at full size
         make = batch_factory or growing_batches(policy_set)
         self.batch = make(self.shared, storage, slots)
+        # Slots whose prompts are partly prefilled (``prefill_chunk``); each of their
+        # forwards first writes its slots' adapters into the index.
+        self.parts = PartialPrefills(
+            self.shared, policy_set.vocab_size, device_of(self.shared), storage, self._set_index
+        )
         self.max_context = self.batch.max_len
         self._width = 1
 
@@ -138,7 +145,8 @@ class AdapterRunner(RunnerBase):
         index = torch.tensor(
             [rows.row_of[s.sid] for s, _ in joining], device=self.policy_set.device
         )
-        prefilled = self.batch.prefill(slots, [s.token_ids for s, _ in joining])  # [S', V]
+        prompts = [s.token_ids for s, _ in joining]
+        prefilled = self.batch.prefill(slots, prompts, self.parts)  # [S', V]
         logprobs[models, index] = prefilled
 
     def verify(
@@ -167,6 +175,12 @@ class AdapterRunner(RunnerBase):
         seconds = {self.shared.name: time.perf_counter() - started} if len(self.batch) else {}
         return StepOutput(logprobs, seconds)
 
+    def prefill_chunk(self, rows: Sequence[Row], ends: Sequence[int]) -> None:
+        for row, end in zip(rows, ends):
+            for m in range(self.models):
+                if row.coefs[m] != 0:
+                    self.parts.extend(self._slot(row.sid, m), list(row.token_ids[:end]))
+
     def rollback(self, kept: Mapping[int, int]) -> None:
         if self._width == 1:
             return
@@ -180,4 +194,6 @@ class AdapterRunner(RunnerBase):
         return {**super().describe(), "adapters": [dataclasses.asdict(a) for a in family.adapters]}
 
     def keep(self, sids: set[int]) -> None:
-        self.batch.keep({self._slot(sid, m) for sid in sids for m in range(self.models)})
+        slots = {self._slot(sid, m) for sid in sids for m in range(self.models)}
+        self.batch.keep(slots)
+        self.parts.keep(slots)

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
-from ..models.kvcache import GrowingBatch, KVStorage, to_logprobs
+from ..models.kvcache import GrowingBatch, KVStorage, Prefiller, to_logprobs
 from ..models.policies import LoadedModel, PolicySet, device_of
 from .scoring import ScoreResult, score_model, score_sequences
 
@@ -81,8 +81,11 @@ class DecodeBatch(Protocol):
         """Run each row's newest token ([B] each, in row order); log-probs [B, V]."""
         ...
 
-    def prefill(self, row_ids: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Add rows and run their prompts; the last position's log-probs [n, V]."""
+    def prefill(
+        self, row_ids: list[int], prompts: list[list[int]], parts: Prefiller | None = None
+    ) -> torch.Tensor:
+        """Add rows and run their prompts (the rest of them, for rows ``parts`` started:
+        ``chunked_prefill.PartialPrefills``); the last position's log-probs [n, V]."""
         ...
 
     def keep(self, keep_ids: set[int]) -> None:
@@ -141,6 +144,17 @@ class PolicyRunner(Protocol):
 
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
         """``verify`` with no drafts, log-probs [M, B, V] (``RunnerBase`` provides it)."""
+        ...
+
+    def prefill_chunk(self, rows: Sequence[Row], ends: Sequence[int]) -> None:
+        """Chunked prefill: run the tokens of each row's prompt (``token_ids``) before
+        position ``ends[i]`` into that row's caches (of every model its coefficients need),
+        after what earlier calls for the row ran; nothing comes back. Each end is below the
+        prompt's length and above the last call's. The row is not running yet: it later
+        joins as a newcomer of ``verify``, whose prefill then runs only the rest of its
+        prompt, with the same results as a whole prefill. ``keep`` forgets a partly
+        prefilled row like a running one. ``RunnerBase`` runs nothing here (the newcomer's
+        prefill then runs the whole prompt): right for any backend, just not chunked."""
         ...
 
     def rollback(self, kept: Mapping[int, int]) -> None:
@@ -239,6 +253,9 @@ class RunnerBase:
     def step(self, running: Sequence[Row], newcomers: Sequence[Row]) -> StepOutput:
         output = self.verify(running, {}, newcomers)
         return StepOutput(output.logprobs[:, :, 0], output.forward_seconds)  # [M, B, V]
+
+    def prefill_chunk(self, rows: Sequence[Row], ends: Sequence[int]) -> None:
+        return None  # not chunked: the newcomer's prefill runs the whole prompt
 
     def score(
         self,

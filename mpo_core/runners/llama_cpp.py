@@ -206,7 +206,8 @@ class LlamaCppRunner(RunnerBase):
         for row, m in rows.joining(self.members):
             prompt = self._render(m, row.token_ids)
             c = self.context_of[m]
-            seq, there = self._start(m, prompt)
+            partial = self._slots.get((row.sid, m))  # started by ``prefill_chunk``
+            seq, there = (partial.seq, partial.length) if partial else self._start(m, prompt)
             self._slots[(row.sid, m)] = Slot(c, seq, len(prompt))
             pieces[c].append((seq, prompt[there:], there, len(prompt) - there - 1))
             wanted[c].append((m, rows.row_of[row.sid], 1))
@@ -223,6 +224,29 @@ class LlamaCppRunner(RunnerBase):
                 logprobs[m, row_index, n:] = out[at + n - 1]  # padding: as a padded column
                 at += n
         return StepOutput(logprobs, seconds)
+
+    def prefill_chunk(self, rows: Sequence[Row], ends: Sequence[int]) -> None:
+        """Each slot's rendering of the prompt up to the end's place there, on its
+        sequence (started from the shared opening), without logits: one llama_decode per
+        context. The slot then waits in ``_slots`` for its last chunk (``verify``)."""
+        pieces: list[list[tuple[int, list[int], int, int]]] = [[] for _ in self.contexts]
+        for row, end in zip(rows, ends):
+            for m in range(self.members):
+                if row.coefs[m] == 0:
+                    continue
+                prompt = self._render(m, row.token_ids)
+                stop = min(end + len(prompt) - len(row.token_ids), len(prompt) - 1)
+                slot = self._slots.get((row.sid, m))
+                if slot is None:
+                    seq, there = self._start(m, prompt)
+                    slot = self._slots[(row.sid, m)] = Slot(self.context_of[m], seq, there)
+                if stop > slot.length:
+                    tokens = prompt[slot.length : stop]
+                    pieces[slot.context].append((slot.seq, tokens, slot.length, len(tokens)))
+                    slot.length = stop
+        for c, context in enumerate(self.contexts):
+            if pieces[c]:
+                context.decode(pieces[c])  # no logits: the KV is what is kept
 
     def rollback(self, kept: Mapping[int, int]) -> None:
         if self._width == 1:

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
 from ..errors import ConfigError
+from ..models.chunked_prefill import PartialPrefills
 from ..models.kvcache import KVStorage, release_free_memory
 from ..models.personas import build_persona_prompts, common_suffix
 from ..models.policies import (
@@ -83,6 +84,10 @@ class PersonaRunner(RunnerBase):
         storage = KVStorage(policy_set.kv_dtype)
         make = batch_factory or growing_batches(policy_set)
         self.batch = make(reference, storage, max_rows * self.models)
+        # Slots whose prompts are partly prefilled (``prefill_chunk``).
+        self.parts = PartialPrefills(
+            reference, policy_set.vocab_size, device_of(reference), storage
+        )
         self.prefixes: PrefixCache | None = None
         if isinstance(self.batch, AppendableBatch):
             self.prefixes = PrefixCache(
@@ -242,13 +247,10 @@ class PersonaRunner(RunnerBase):
         self, slots: list[int], models: list[int], prompts: list[list[int]]
     ) -> torch.Tensor:
         """Add the slots to the batch; their last position's log-probs [S', V]."""
-        if self.prefixes is None or not isinstance(self.batch, AppendableBatch):
-            return self.batch.prefill(slots, prompts)
-        openings = []
-        for model, prompt in zip(models, prompts):
-            opening = self.prompts.cached[model]
-            usable = 0 < len(opening) < len(prompt) and prompt[: len(opening)] == opening
-            openings.append(opening if usable else [])
+        started = any(slot in self.parts for slot in slots)  # by ``prefill_chunk``
+        if self.prefixes is None or not isinstance(self.batch, AppendableBatch) or started:
+            return self.batch.prefill(slots, prompts, self.parts)
+        openings = [self._opening(model, prompt) for model, prompt in zip(models, prompts)]
         if not any(openings):
             return self.batch.prefill(slots, prompts)
         rests = [p[len(o) :] for o, p in zip(openings, prompts)]
@@ -259,8 +261,28 @@ class PersonaRunner(RunnerBase):
             release_free_memory()
         return result
 
+    def _opening(self, model: int, prompt: list[int]) -> list[int]:
+        """Model's cached opening if ``prompt`` starts with it (and has more), else []."""
+        opening = self.prompts.cached[model]
+        usable = 0 < len(opening) < len(prompt) and prompt[: len(opening)] == opening
+        return opening if usable else []
+
+    def prefill_chunk(self, rows: Sequence[Row], ends: Sequence[int]) -> None:
+        """Each slot runs its rendering of the prompt up to the end's place there (its
+        persona's tokens shift it), starting from its cached opening where it can."""
+        for row, end in zip(rows, ends):
+            for m in range(self.models):
+                if row.coefs[m] == 0:
+                    continue
+                prompt = self.prompts.render(m, row.token_ids)
+                stop = min(end + len(prompt) - len(row.token_ids), len(prompt) - 1)
+                opening = self._opening(m, prompt) if self.prefixes is not None else []
+                cached = self.prefixes.get(opening) if self.prefixes and opening else None
+                self.parts.extend(self._slot(row.sid, m), prompt[: max(stop, 0)], cached)
+
     def keep(self, sids: set[int]) -> None:
         kept = {self._slot(sid, m) for sid in sids for m in range(self.models)}
+        self.parts.keep(kept)
         self.batch.keep(kept | {FILLER} if kept else kept)  # the next step re-pads
         self._shift = {slot: n for slot, n in self._shift.items() if slot in kept}
 

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
+from ..models.chunked_prefill import PartialPrefills
 from ..models.kvcache import KVStorage
 from ..models.policies import PolicySet, device_of, load_full_models
 from ..models.soup import soup_state_dict
@@ -58,6 +59,11 @@ class SeparateModelsRunner(RunnerBase):
             make(m, storage, max_rows) for m in all_models(policy_set)
         ]
         self.devices = [device_of(m) for m in all_models(policy_set)]
+        # Rows whose prompts are partly prefilled (``prefill_chunk``), per model.
+        self.parts = [
+            PartialPrefills(m, policy_set.vocab_size, device_of(m), storage)
+            for m in all_models(policy_set)
+        ]
         limits = [b.max_len for b in self.batches if b.max_len is not None]
         self.max_context: int | None = min(limits) if limits else None
         self._width = 1  # columns the last verify ran per row
@@ -118,7 +124,8 @@ class SeparateModelsRunner(RunnerBase):
             joining = [s for s in newcomers if s.coefs[m] != 0]
             if joining:
                 index = torch.tensor([rows.row_of[s.sid] for s in joining], device=ps.device)
-                prefilled = batch.prefill([s.sid for s in joining], [s.token_ids for s in joining])
+                sids, prompts = [s.sid for s in joining], [s.token_ids for s in joining]
+                prefilled = batch.prefill(sids, prompts, self.parts[m])  # [n, V]
                 outputs.append((m, index, prefilled.unsqueeze(1)))  # [n, 1, V]
             if len(batch):  # on a GPU: the time to queue its forwards
                 forward_seconds[batch.loaded.name] = time.perf_counter() - started
@@ -127,6 +134,12 @@ class SeparateModelsRunner(RunnerBase):
             logprobs[m, index, : out.shape[1]] = out.to(ps.device, non_blocking=True)
         return StepOutput(logprobs, forward_seconds)
 
+    def prefill_chunk(self, rows: Sequence[Row], ends: Sequence[int]) -> None:
+        for row, end in zip(rows, ends):
+            for m, parts in enumerate(self.parts):
+                if row.coefs[m] != 0:
+                    parts.extend(row.sid, list(row.token_ids[:end]))
+
     def rollback(self, kept: Mapping[int, int]) -> None:
         if self._width == 1:
             return  # a plain step added one column per row: nothing to drop
@@ -134,8 +147,9 @@ class SeparateModelsRunner(RunnerBase):
             batch.rollback([kept.get(sid, sys.maxsize) for sid in batch.row_ids])
 
     def keep(self, sids: set[int]) -> None:
-        for batch in self.batches:
+        for batch, parts in zip(self.batches, self.parts):
             batch.keep(sids)
+            parts.keep(sids)
 
     def score_with_moments(
         self,
