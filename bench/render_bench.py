@@ -262,8 +262,39 @@ def eval_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def distributed(data: dict[str, Any]) -> str:
+    """``bench.distributed``: one process against 3 ranks per concurrency, the bytes rank 0
+    received and its wait for the workers per step, an empty call's round trip."""
+    meta, summary = data["meta"], data["summary"]
+    lines = [
+        f"{data['family']} family, {meta['date']}, {meta['cpus']} CPUs, {meta['threads']} "
+        f"torch thread(s) a process, median of {len(data['rounds'])} rounds:",
+        "",
+        "| c | one process (tok/s) | 3 ranks (tok/s) | ratio | received a step | "
+        "rank 0's wait a step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key in sorted((k for k in summary if k.startswith("c")), key=lambda k: int(k[1:])):
+        row = summary[key]
+        lines.append(
+            _row(
+                [
+                    key[1:],
+                    _rate(row["one_tokens_per_s"]),
+                    _rate(row["ranks_tokens_per_s"]),
+                    f"{row['ratio']:.2f}",
+                    f"{row['bytes_per_step'] / 1024:.1f} KiB",
+                    f"{row['wait_ms_per_step']:.1f} ms",
+                ]
+            )
+        )
+    lines += ["", f"An empty call's round trip (broadcast + gather): {summary['ping_ms']:.1f} ms."]
+    return "\n".join(lines)
+
+
 KINDS = {
     "adapters": adapters,
+    "distributed": distributed,
     "detok_step": detok_step,
     "cpu_linear": cpu_linear,
     "real_models": real_models,
