@@ -220,3 +220,62 @@ def test_torchrun_world_size_must_match_the_ranks(family: Path, torchrun_env: No
     path = _ranked(family, [0, 1, 2])
     with pytest.raises(ConfigError, match="torchrun started 2 processes but .* 3 ranks"):
         load_policy_set(load_config(path))
+
+
+def test_cancel_grammar_and_each_ranks_budget(family: Path, alone: PolicySet) -> None:
+    """A stream cancelled mid-reply is dropped on every rank (the rows after it still
+    decode as in one process); a grammar is applied on rank 0; a request whose KV cache
+    cannot fit a rank's budget is refused, naming ``max_new_tokens``."""
+    from mpo_core.decoding.grammar import GrammarSpec
+    from mpo_core.errors import InvalidParameter
+
+    spec = GrammarSpec(kind="regex", value="(ab|ba)+c", param="grammar")
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.0)
+    with Engine(alone) as engine:
+        want = engine.generate(GenerationRequest(PROMPTS[0], sampling, engine.mixture(None, 0.5)))
+        grammar = engine.compile_grammar(spec)
+        want_grammar = engine.generate(GenerationRequest(PROMPTS[1], sampling, grammar=grammar))
+    ranked = load_policy_set(load_config(_ranked(family, [0, 1, 2])))
+    limits = EngineLimits(max_running=4, kv_cache_bytes=64 * 1024)
+    with Engine(ranked, limits) as engine:
+        long = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+        stream = engine.submit(GenerationRequest(PROMPTS[2], long))
+        next(iter(stream))
+        stream.cancel()
+        assert [e.finish_reason for e in stream][-1:] in (["cancelled"], [])
+        got = engine.generate(GenerationRequest(PROMPTS[0], sampling, engine.mixture(None, 0.5)))
+        grammar = engine.compile_grammar(spec)
+        got_grammar = engine.generate(GenerationRequest(PROMPTS[1], sampling, grammar=grammar))
+        with pytest.raises(InvalidParameter) as refused:
+            engine.submit(GenerationRequest(PROMPTS[0], SamplingParams(max_new_tokens=200)))
+        assert refused.value.param == "max_new_tokens"
+        assert "rank 1" in engine.kv_budget.describe()
+    assert got.token_ids == want.token_ids
+    assert got_grammar.token_ids == want_grammar.token_ids
+    assert got_grammar.text == want_grammar.text
+
+
+def test_chunked_prefill_across_ranks(family: Path, alone: PolicySet) -> None:
+    """A prompt prefilled in chunks of 4 tokens (each chunk reaches the workers with the
+    next call) decodes as the whole prompt does in one process."""
+    prompt = list(range(5, 45))
+    sampling = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    with Engine(alone) as engine:
+        want = engine.generate(GenerationRequest(prompt, sampling, engine.mixture(None, 0.5)))
+    ranked = load_policy_set(load_config(_ranked(family, [0, 1, 2])))
+    with Engine(ranked, EngineLimits(max_running=4, prefill_chunk_tokens=4)) as engine:
+        chunks: list[list[int]] = []
+        forward = engine.runner.prefill_chunk
+
+        def counted(rows: Any, ends: Any) -> None:
+            chunks.append(list(ends))
+            forward(rows, ends)
+
+        engine.runner.prefill_chunk = counted  # type: ignore[method-assign]
+        short = engine.submit(GenerationRequest(PROMPTS[1], sampling))
+        got = engine.generate(GenerationRequest(prompt, sampling, engine.mixture(None, 0.5)))
+        assert len(list(short)) == 8
+    assert len(chunks) >= 5  # the 40-token prompt did run in chunks
+    assert got.token_ids == want.token_ids
+    for g, w in zip(got.events, want.events, strict=True):
+        assert abs(g.logprob - w.logprob) < 1e-5
