@@ -93,6 +93,8 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         kv_cache_bytes=settings.kv_cache_bytes,
         kv_cache_fraction=settings.kv_cache_fraction,
     )
+    if settings.prefill_chunk_tokens is not None:
+        limits.prefill_chunk_tokens = settings.prefill_chunk_tokens
     return Engine(policy_set, limits=limits, observer=metrics).start()
 
 

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     profile_family: str | None = Field(default=None, min_length=1, max_length=512)
     max_running: int = Field(default=16, ge=1)  # sequences decoded together
     max_queued: int = Field(default=64, ge=1)  # waiting beyond max_running; then 429
+    # Prompt tokens prefilled per engine step (chunked prefill, docs/engine.md): a longer
+    # prompt runs in chunks between the running requests' decode steps; 0 = whole
+    # prompts; unset: the engine's default (EngineLimits).
+    prefill_chunk_tokens: int | None = Field(default=None, ge=0)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
     max_n: int = Field(default=8, ge=1)  # choices per OpenAI request
     max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap

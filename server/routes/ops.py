@@ -73,6 +73,7 @@ def info(serving: ServingDep, store: StoreDep, settings: SettingsDep) -> dict[st
             "max_context": int(engine.max_context),
             "max_running": engine.limits.max_running,
             "max_queued": engine.limits.max_queued,
+            "prefill_chunk_tokens": engine.limits.prefill_chunk_tokens,
             "max_top_logprobs": settings.max_top_logprobs,
             "max_n": settings.max_n,
             "max_body_bytes": settings.max_body_bytes,

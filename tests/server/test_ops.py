@@ -22,6 +22,7 @@ def test_health_and_info(client: TestClient) -> None:
     assert info["adapters"] is None  # a family of full models
     assert info["vocab_size"] == 320
     assert info["limits"]["max_context"] == 256
+    assert info["limits"]["prefill_chunk_tokens"] == EngineLimits().prefill_chunk_tokens
     assert info["profiles"] == [] and info["default_profile"] is None
     assert isinstance(info["version"], str)
 

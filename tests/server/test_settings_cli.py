@@ -201,6 +201,28 @@ def test_retry_after_setting_reaches_the_engine(tmp_path: Path, tiny_yaml: Path)
         engine.stop(timeout=5)
 
 
+def test_prefill_chunk_setting_reaches_the_engine(
+    tmp_path: Path, tiny_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mpo_core.engine import EngineLimits
+    from server.app import load_engine
+    from server.metrics import Metrics
+
+    monkeypatch.setenv("MPO_PREFILL_CHUNK_TOKENS", "96")
+    for settings, want in (
+        (Settings(home=tmp_path, config=tiny_yaml), 96),
+        (Settings(home=tmp_path, config=tiny_yaml, prefill_chunk_tokens=0), 0),  # off
+    ):
+        engine = load_engine(settings, Metrics())
+        try:
+            assert engine.limits.prefill_chunk_tokens == want
+        finally:
+            engine.stop(timeout=5)
+    monkeypatch.delenv("MPO_PREFILL_CHUNK_TOKENS")
+    assert Settings(home=tmp_path).prefill_chunk_tokens is None  # the engine's default:
+    assert EngineLimits().prefill_chunk_tokens > 0  # chunking is on unless set to 0
+
+
 def test_cuda_graphs_flag_overrides_the_policy_set(llama_family: Path) -> None:
     from server.app import policy_config
 
