@@ -22,6 +22,7 @@ decode steps (``jobs``), so a fit never holds up serving for more than one chunk
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import threading
@@ -83,6 +84,13 @@ class Engine:
             )
         else:
             self.runner, self.max_context = runner, context_limit(runner, max_context)
+        rows = getattr(self.runner, "max_rows", None)
+        if rows is not None and rows < self.limits.max_running:
+            logger.warning(
+                "the backend runs at most %d requests at once: max_running %d -> %d",
+                rows, self.limits.max_running, rows,
+            )  # fmt: skip
+            self.limits = dataclasses.replace(self.limits, max_running=rows)
         # Static caches are preallocated within the budget: nothing to admit by memory.
         self.kv_budget.growing = getattr(self.runner, "max_context", None) is None
         logger.info(

@@ -126,6 +126,10 @@ class PolicyRunner(Protocol):
     # The longest prompt + reply the runner can hold (a static cache's columns); None: no
     # limit of its own. The engine caps requests at it (``context_limit``).
     max_context: int | None
+    # The most rows it can run at once, when fewer than it was asked for (llama.cpp's
+    # sequences per context); None: as many as it was given. The engine caps
+    # ``max_running`` at it.
+    max_rows: int | None
 
     def verify(
         self,
@@ -241,6 +245,7 @@ class RunnerBase:
 
     policy_set: PolicySet
     capabilities: Capabilities
+    max_rows: int | None = None  # as many rows as it was given
 
     def verify(
         self,

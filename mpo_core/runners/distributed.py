@@ -259,10 +259,12 @@ class DistributedRunner(RunnerBase):
             assert make_local is not None
             self.local, _ = make_local(cluster.local, max_rows, max_context, own)
         answers = cluster.call("setup", max_rows=max_rows, max_context=max_context)
-        limits = [a for a in answers.values() if a is not None]
-        if self.local is not None and self.local.max_context is not None:
-            limits.append(self.local.max_context)
+        if self.local is not None:
+            answers[0] = (self.local.max_context, getattr(self.local, "max_rows", None))
+        limits = [a[0] for a in answers.values() if a is not None and a[0] is not None]
         self.max_context: int | None = min(limits) if limits else None
+        rows = [a[1] for a in answers.values() if a is not None and a[1] is not None]
+        self.max_rows: int | None = min(rows) if rows else None  # a rank's own cap
         self.shard: Shard | None = world.shard
         self.owners = cluster.owners()
         self.names = [*policy_set.names, *([policy_set.reference_name or ""])]
@@ -681,7 +683,7 @@ def worker_loop(world: World, policy_set: PolicySet, kv_budget_for: Callable[...
                 runner, _ = make_runner(
                     policy_set, message["max_rows"], message["max_context"], budget
                 )
-                answer = runner.max_context
+                answer = (runner.max_context, getattr(runner, "max_rows", None))
             elif op == "score":
                 assert runner is not None
                 result = runner.score(

@@ -58,6 +58,9 @@ class Slot:
     ran: int = 0  # positions the last verify ran
 
 
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on the sequences of one context (LLAMA_MAX_SEQ)
+
+
 class LlamaCppRunner(RunnerBase):
     """GGUF families on llama.cpp: a sequence per (request, model it needs)."""
 
@@ -86,6 +89,12 @@ class LlamaCppRunner(RunnerBase):
             for m in group:
                 self.context_of[m] = c
         openings = personas.cached if personas is not None else [[]] * self.members
+        # llama.cpp holds at most LLAMA_MAX_SEQ sequences a context: a slot per (row,
+        # member of the group), one per opening and a spare; fewer rows when that is short.
+        widest = max(len(group) for group in groups)
+        fits = (LLAMA_MAX_SEQ - widest - 1) // widest
+        self.max_rows: int | None = min(max_rows, fits) if fits < max_rows else None
+        max_rows = min(max_rows, fits)
         self.contexts: list[LlamaContext] = []
         self.names: list[str] = []
         self._free: list[list[int]] = []

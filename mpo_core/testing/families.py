@@ -151,6 +151,7 @@ class ScriptedRunner:
     what is reported about known tokens (bytes, stops) use it in place of random models."""
 
     max_context: int | None = None
+    max_rows: int | None = None
 
     def __init__(self, num_models: int, vocab_size: int, script: list[int], eos: int) -> None:
         from ..runners import Capabilities

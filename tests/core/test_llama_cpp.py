@@ -249,3 +249,17 @@ def test_without_llama_cpp_python_one_line_names_the_install(
     assert "\n" not in message and 'pip install -e ".[llama]"' in message
     auto = parse_config({"policies": [{"name": "a", "model": str(tmp_path / "a.gguf")}]})
     assert not LlamaCppRunner.claims(auto)  # auto: transformers runs it
+
+
+def test_more_rows_than_a_context_holds_caps_max_running(gguf_personas: PolicySet) -> None:
+    """``mpo fit`` asks for 64 running requests; a persona context holds a sequence per
+    (request, member) and llama.cpp at most 256 of them: the runner says how many rows it
+    runs and the engine admits that many, instead of failing at start-up."""
+    members = len(gguf_personas.policies) + 1
+    with Engine(gguf_personas, EngineLimits(max_running=64)) as engine:
+        assert engine.limits.max_running == (256 - members - 1) // members
+        prompt = chat(gguf_personas, "Thank you")
+        reply = engine.generate(GenerationRequest(prompt, greedy(4), engine.mixture(None, 0.5)))
+        assert len(reply.token_ids) == 4
+    with Engine(gguf_personas, EngineLimits(max_running=8)) as engine:
+        assert engine.limits.max_running == 8  # within the limit: unchanged
