@@ -26,6 +26,7 @@ shard's own runner, send the answer back. docs/distributed.md.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -401,6 +402,8 @@ def start_world(
         )
         control = _control_group(settings)
     except BaseException:
+        with contextlib.suppress(Exception):  # the workers waiting for "go" exit now
+            store.set(settings.key("go", 0), "abort")
         stop_workers(workers)
         raise
     world = World(settings, shard, shards, reports, control, comm, workers, logs)
@@ -465,6 +468,9 @@ def run_worker(config: PolicySetConfig) -> int:
     store.set(settings.key("report", rank), base64.b64encode(pickle.dumps(report)).decode())
     store.set(settings.key("done", rank), "1")
     store.wait([settings.key("go", 0)], timedelta(seconds=settings.start_timeout_s))
+    if store.get(settings.key("go", 0)) == b"abort":
+        logger.error("rank %d: rank 0 did not start (its own error says why)", rank)
+        return 2
     comm = _comm_device(settings, policy_set)
     dist.init_process_group(
         settings.transport,

@@ -279,3 +279,24 @@ def test_chunked_prefill_across_ranks(family: Path, alone: PolicySet) -> None:
     assert got.token_ids == want.token_ids
     for g, w in zip(got.events, want.events, strict=True):
         assert abs(g.logprob - w.logprob) < 1e-5
+
+
+def test_a_rank_with_another_vocabulary_is_refused(family: Path, tmp_path: Path) -> None:
+    """Rank 1's member has one more token: the start-up check names rank 1 and the
+    vocabularies, and nothing is served."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    data = yaml.safe_load(family.read_text())
+    other = tmp_path / "harmless-extra"
+    shutil.copytree(family.parent / data["policies"][1]["model"], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(other)
+    data["policies"][1].update(model=str(other), rank=1)
+    path = tmp_path / "mismatch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="rank 1 loaded a different tokenizer"):
+        load_policy_set(parse_config(yaml.safe_load(path.read_text()), base_dir=family.parent))
+    assert not dist.is_initialized()
