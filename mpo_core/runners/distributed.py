@@ -532,9 +532,7 @@ class DistributedRunner(RunnerBase):
                     "rank": rank,
                     "host": report.get("host"),
                     "pid": report.get("pid"),
-                    "members": {
-                        names[g]: places.get(g, "rank 0") for g in shard.members if g != UNUSED
-                    },
+                    "members": {names[g]: places.get(g) for g in shard.members if g != UNUSED},
                 }
             )
         return {
@@ -625,7 +623,7 @@ def load_distributed(config: PolicySetConfig) -> PolicySet:
         device = resolve_device(config.mixing_device or config.device, "mixing_device")
         dtype, kv_dtype = torch.float32, torch.float32
         eos = reports[1]["eos_token_ids"]
-    contexts = [r["max_context"] for r in reports.values()]
+    contexts = [r["max_context"] for r in reports.values() if "max_context" in r]
     if local is not None:
         contexts.append(local.max_context)
     return PolicySet(

@@ -32,9 +32,11 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -406,6 +408,8 @@ def start_world(
             store.set(settings.key("go", 0), "abort")
         stop_workers(workers)
         raise
+    own = {"rank": 0, "pid": os.getpid(), "host": os.uname().nodename, "places": {}}
+    reports[0] = shard_report(shard, policy_set) if shard and policy_set else own
     world = World(settings, shard, shards, reports, control, comm, workers, logs)
     world.store = store  # type: ignore[attr-defined]  # kept open while the group lives
     return world
@@ -452,6 +456,7 @@ def run_worker(config: PolicySetConfig) -> int:
 
     settings = WorldSettings.from_env(config)
     rank = settings.rank
+    _outlive_signals(rank)
     store = _open_store(settings)
     shard = shard_of(config, rank)
     try:
@@ -489,6 +494,21 @@ def run_worker(config: PolicySetConfig) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _outlive_signals(rank: int) -> None:
+    """A worker ignores SIGTERM and SIGINT: torchrun, a pod's deletion or a Ctrl-C send
+    them to every rank at once, and rank 0 must drain its requests (every rank still
+    serving) before it tells the workers to stop. A worker ends on rank 0's "stop", on
+    rank 0's loss, or on SIGKILL."""
+
+    def note(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        logger.info("rank %d: %s: serving until rank 0 has drained and says stop", rank, name)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, note)
+        signal.signal(signal.SIGINT, note)
 
 
 def main() -> int:

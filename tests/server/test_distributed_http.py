@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 class Serve:
     """``python -m server serve --config <ranked family>`` on a free port."""
 
-    def __init__(self, config: Path, home: Path) -> None:
+    def __init__(self, config: Path, home: Path, launcher: list[str] | None = None) -> None:
         import socket
 
         with socket.socket() as sock:
@@ -50,7 +50,7 @@ class Serve:
             env.pop(key, None)
         self.log = (home / f"serve-{self.port}.log").open("w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--config", str(config),
+            [*(launcher or [sys.executable]), "-m", "server", "serve", "--config", str(config),
              "--port", str(self.port), "--log-level", "info"],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -205,3 +205,32 @@ def test_sigterm_drains_and_stops_the_workers(server: Serve) -> None:
     assert server.proc.wait(timeout=120) == 0
     for pid in server.workers:
         server.until(functools.partial(_gone, pid), f"worker {pid} to exit")
+
+
+def test_torchrun_launch_serves_and_drains(family: Path, tmp_path: Path) -> None:
+    """The several-machines launch on one machine: torchrun starts 3 processes of the same
+    ``mpo serve``; rank 0 serves, ranks 1 and 2 are workers. torchrun's SIGTERM reaches
+    every rank at once: the workers keep serving until rank 0 has drained its stream."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc-per-node", "3", "--master-addr", "127.0.0.1",
+                "--master-port", str(port)]  # fmt: skip
+    serve = Serve(_ranked(family), tmp_path, launcher=torchrun)
+    try:
+        info = serve.info()
+        assert [r["rank"] for r in info["distributed"]["ranks"]] == [0, 1, 2]
+        assert set(info["distributed"]["ranks"][2]["members"]) == {"concise"}
+        events = _stream(serve, 240)
+        assert "token" in next(events)
+        serve.proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+        rest = list(events)
+        assert "error" not in rest[-1] and rest[-1].get("generated_text") is not None, rest[-1]
+        assert 1 + len(rest) == 240
+        serve.proc.wait(timeout=120)
+        assert "rank 1: stop" in serve.output() or "rank 2: stop" in serve.output()
+    finally:
+        serve.stop()
