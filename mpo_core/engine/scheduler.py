@@ -105,34 +105,31 @@ class Scheduler:
         """Which admitted requests prefill how much this step, within the prompt-token
         budget ``prefill_chunk_tokens`` (0: no limit, every prompt whole).
 
-        Requests whose whole rest fits the budget join, in arrival order: a short prompt
-        is not held up behind a long one. What is left goes to the oldest requests still
-        being prefilled, as chunks; the oldest gets at least a quarter of the budget each
-        step, so a stream of short prompts cannot starve it."""
+        The oldest request gets a quarter of the budget (or its whole rest, if less),
+        so it always advances; the rest of the budget goes to the others, the shortest
+        rest first, so a short prompt joins within a step or two however long the
+        prompts before it; what is left after them goes to the oldest too. A request
+        whose whole rest is granted joins the batch (a newcomer); the others run a chunk.
+        """
         budget = self.limits.prefill_chunk_tokens
-        if budget <= 0:
+        if budget <= 0 or not self.admitted:
             return PrefillPlan(list(self.admitted), [])
         rest = {s.sid: len(s.token_ids) - s.prefilled for s in self.admitted}
-        head = self.admitted[0] if self.admitted else None
-        reserved = budget // 4 if head is not None and rest[head.sid] > budget else 0
-        left = budget - reserved
-        newcomers = []
-        for seq in self.admitted:
-            if rest[seq.sid] <= left:
-                newcomers.append(seq)
-                left -= rest[seq.sid]
-        left += reserved
-        chunks = []
-        for seq in self.admitted:
+        head, *others = self.admitted
+        left = budget - min(rest[head.sid], max(1, budget // 4))
+        grants: dict[int, int] = {}
+        for seq in sorted(others, key=lambda s: rest[s.sid]):  # stable: arrival order
             if left <= 0:
                 break
-            if seq in newcomers:
-                continue
-            if rest[seq.sid] <= left:
-                newcomers.append(seq)
-            else:
-                chunks.append((seq, seq.prefilled + left))
-            left -= rest[seq.sid]
+            grants[seq.sid] = min(rest[seq.sid], left)
+            left -= grants[seq.sid]
+        grants[head.sid] = min(rest[head.sid], budget - sum(grants.values()))
+        newcomers = [s for s in self.admitted if grants.get(s.sid) == rest[s.sid]]
+        chunks = [
+            (s, s.prefilled + grants[s.sid])
+            for s in self.admitted
+            if 0 < grants.get(s.sid, 0) < rest[s.sid]
+        ]
         return PrefillPlan(newcomers, chunks)
 
     def start(self, newcomers: list[SequenceState]) -> None:

@@ -178,8 +178,11 @@ def test_chunked_prefill_equals_whole_prefills(
         with _engine(ps, name, chunk) as engine:
             log, width = ChunkLog(engine), Widest(ps)
             requests = _requests(engine)
-            streams = [engine.submit(request) for request in requests]
-            results[chunk] = [list(stream) for stream in streams]
+            if cache == "llama.cpp":  # one at a time (below)
+                results[chunk] = [list(engine.submit(request)) for request in requests]
+            else:
+                streams = [engine.submit(request) for request in requests]
+                results[chunk] = [list(stream) for stream in streams]
             width.close()
             widest[chunk] = width.tokens
         # chunking off: every prompt whole; on: the long prompt in chunks of CHUNK
@@ -188,7 +191,10 @@ def test_chunked_prefill_equals_whole_prefills(
     extra = ps.personas.longest_extra if ps.personas is not None else 0
     assert widest[0] >= len(requests[0].prompt_ids) > CHUNK + extra
     assert widest[CHUNK] <= CHUNK + extra, (name, cache)
-    tolerance = 1e-5  # llama.cpp included (flash attention off: docs/models.md)
+    # llama.cpp runs the requests one at a time: its logits move (by up to 1.3e-2 on the
+    # tiny GGUF, measured) when other sequences' cells lie between a sequence's, chunked
+    # or not, which flips greedy near-ties of a random model; alone, chunked equals whole.
+    tolerance = 1e-5
     for got, want in zip(results[CHUNK], results[0]):
         assert [e.token_id for e in got] == [e.token_id for e in want], (name, cache)
         for a, b in zip(got, want):
@@ -253,18 +259,23 @@ def _seq(sid: int, prompt: int, prefilled: int = 0) -> Any:
 
 
 def test_the_plan_lets_short_prompts_join_and_the_oldest_long_one_advance() -> None:
-    scheduler = Scheduler(EngineLimits(prefill_chunk_tokens=100), KVBudget(10**9, [1], [[0]], True))
-    long, short, other = _seq(0, 1000, prefilled=300), _seq(1, 40), _seq(2, 50)
-    scheduler.admitted = [long, short, other]
+    budget = KVBudget(10**9, [1], [[0]], True)  # plan() reads no budget: any will do
+    scheduler = Scheduler(EngineLimits(prefill_chunk_tokens=100), budget)
+    long, other, short = _seq(0, 1000, prefilled=300), _seq(1, 50), _seq(2, 40)
+    scheduler.admitted = [long, other, short]
     plan = scheduler.plan()
-    # 25 reserved for the oldest; the short prompt (40) joins, 50 > 35 does not
+    # 25 for the oldest; of the other 75, the shortest rest first: 40 joins, 35 of 50 run
     assert plan.newcomers == [short]
-    assert plan.chunks == [(long, 300 + 60)]
-    long.prefilled, scheduler.admitted = 360, [long, other]
-    plan = scheduler.plan()
-    assert plan.newcomers == [other] and plan.chunks == [(long, 360 + 50)]
+    assert plan.chunks == [(long, 300 + 25), (other, 35)]
+    long.prefilled, other.prefilled, scheduler.admitted = 325, 35, [long, other]
+    plan = scheduler.plan()  # the other's last 15 join; the oldest takes the other 85
+    assert plan.newcomers == [other] and plan.chunks == [(long, 325 + 85)]
     long.prefilled, scheduler.admitted = 950, [long]
     assert scheduler.plan().newcomers == [long]  # its last 50 fit: it joins
-    off = Scheduler(EngineLimits(prefill_chunk_tokens=0), KVBudget(10**9, [1], [[0]], True))
+    tiny = Scheduler(EngineLimits(prefill_chunk_tokens=3), budget)
+    first, second = _seq(0, 10), _seq(1, 10)
+    tiny.admitted = [first, second]
+    assert tiny.plan().chunks == [(first, 1), (second, 2)]  # the oldest still advances
+    off = Scheduler(EngineLimits(prefill_chunk_tokens=0), budget)
     off.admitted = [long, short]
     assert off.plan().newcomers == [long, short] and not off.plan().chunks
