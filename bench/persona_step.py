@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from mpo_core.runners import load_policy_set
 
     raw = yaml.safe_load(build_real_demo().read_text())
-    raw.update(device="cpu", dtype="float32", speculative={"method": "off"})
+    # the transformers persona step (auto would take llama.cpp for the GGUF file, if installed)
+    raw.update(device="cpu", dtype="float32", speculative={"method": "off"}, backend="transformers")
     path = Path(tempfile.mkdtemp()) / "personas.yaml"
     path.write_text(yaml.safe_dump(raw))
     policy_set = load_policy_set(load_config(path))

@@ -68,7 +68,10 @@ def write_configs(folder: Path, speculative: str = "off") -> dict[str, Path]:
     demo = yaml.safe_load(build_real_demo().read_text())
     source = demo["reference"]["model"]
     folder.mkdir(parents=True, exist_ok=True)
-    common = {"device": "cpu", "dtype": "float32", "speculative": {"method": speculative}}
+    # the transformers backends are measured (with the llama extra, auto would take llama.cpp
+    # for the GGUF file: bench.llama_cpp measures that one)
+    common = {"device": "cpu", "dtype": "float32", "speculative": {"method": speculative},
+              "backend": "transformers"}  # fmt: skip
     configs = {
         "personas": demo | common,
         "full": {
