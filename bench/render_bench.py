@@ -292,8 +292,39 @@ def distributed(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def chunked_prefill(data: dict[str, Any]) -> str:
+    """``bench.chunked_prefill``: per budget, the short request and the long prompt alone
+    and beside each other, the two target ratios (bold: missed) and the long prompt's
+    time alone against chunking off."""
+    targets = data["meta"]["targets"]
+    lines = [
+        "| prefill_chunk_tokens | short alone (s) | short beside (s) | short ratio "
+        f"(<= {targets['short_ratio']}) | long alone (s) | long beside (s) | long ratio "
+        f"(<= {targets['long_ratio']}) | long alone / chunking off |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in data["settings"]:
+        short_ok = s["short_ratio"] <= targets["short_ratio"]
+        long_ok = s["long_ratio"] <= targets["long_ratio"]
+        short = f"{s['short_ratio']:.1f}" if short_ok else f"**{s['short_ratio']:.1f}**"
+        long = f"{s['long_ratio']:.2f}" if long_ok else f"**{s['long_ratio']:.2f}**"
+        cells = [
+            str(s["prefill_chunk_tokens"] or "0 (off)"),
+            f"{s['short_alone_s']:.2f}",
+            f"{s['short_beside_s']:.1f}",
+            short,
+            f"{s['long_alone_s']:.1f}",
+            f"{s['long_beside_s']:.1f}",
+            long,
+            f"{s['long_alone_vs_off']:.2f}" if "long_alone_vs_off" in s else "",
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
 KINDS = {
     "adapters": adapters,
+    "chunked_prefill": chunked_prefill,
     "distributed": distributed,
     "detok_step": detok_step,
     "cpu_linear": cpu_linear,

@@ -29,8 +29,9 @@ class EngineLimits:
     score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
     # Prompt tokens prefilled per step, over every request joining (chunked prefill: a
     # longer prompt is split over steps, decode steps of the others in between); 0 = no
-    # limit, every prompt in one piece.
-    prefill_chunk_tokens: int = 512
+    # limit, every prompt in one piece. 32: what bench/chunked_prefill.py picked on the
+    # CPU (docs/benchmarks.md); a GPU wants more.
+    prefill_chunk_tokens: int = 32
     retry_after_s: float = 1.0  # what Overloaded tells callers to wait
     # KV-cache memory budget (kv_budget): bytes, else this fraction of the memory available
     # when the engine starts; a request is admitted only when its worst-case cache fits.

@@ -96,6 +96,7 @@ class _Seq:
     request: GenerationRequest
     stream: _Stream = dataclasses.field(default_factory=_Stream)
     coefs: tuple[float, ...] = (0.5, 0.5, 0.0)
+    grammar: object = None  # a row with a grammar steps plainly
 
 
 class _Everything:
@@ -272,9 +273,9 @@ def test_the_persona_filler_slot_stays_through_verify(persona_set):
             fillers, at_verify = [], []
             prefill, verify = runner.batch.prefill, runner.verify
 
-            def counting(row_ids, prompts):
+            def counting(row_ids, prompts, *parts):  # parts: chunked prefills' caches
                 fillers.extend(r for r in row_ids if r == FILLER)
-                return prefill(row_ids, prompts)
+                return prefill(row_ids, prompts, *parts)
 
             def watching(running, drafts, newcomers):
                 at_verify.append(FILLER in runner.batch.row_ids)
