@@ -27,10 +27,10 @@ class EngineLimits:
     max_context: int | None = None  # prompt + new tokens; None = the models' own limit
     max_top_logprobs: int = 20
     score_chunk_tokens: int = 4096  # tokens per scoring chunk between decode steps
-    # Prompt tokens prefilled per step, over every request joining (chunked prefill: a
-    # longer prompt is split over steps, decode steps of the others in between); 0 = no
-    # limit, every prompt in one piece. 32: what bench/chunked_prefill.py picked on the
-    # CPU (docs/benchmarks.md); a GPU wants more.
+    # Chunked prefill: a prompt longer than this is split over steps, decode steps of the
+    # others in between, such prompts adding at most this many tokens a step (shorter
+    # ones join whole); 0 = no chunks, every prompt in one piece. 32: what
+    # bench/chunked_prefill.py picked on the CPU (docs/benchmarks.md); a GPU wants more.
     prefill_chunk_tokens: int = 32
     retry_after_s: float = 1.0  # what Overloaded tells callers to wait
     # KV-cache memory budget (kv_budget): bytes, else this fraction of the memory available

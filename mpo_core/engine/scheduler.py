@@ -102,34 +102,30 @@ class Scheduler:
         return self.plan()
 
     def plan(self) -> PrefillPlan:
-        """Which admitted requests prefill how much this step, within the prompt-token
-        budget ``prefill_chunk_tokens`` (0: no limit, every prompt whole).
+        """Which admitted requests prefill how much this step: a prompt (or what is left
+        of it) no longer than ``prefill_chunk_tokens`` joins whole, as before chunking,
+        so a burst of short requests is not throttled; longer ones share that budget as
+        chunks (0: no chunks, every prompt whole).
 
-        The oldest request gets a quarter of the budget (or its whole rest, if less),
-        so it always advances; the rest of the budget goes to the others, the shortest
-        rest first, so a short prompt joins within a step or two however long the
-        prompts before it; what is left after them goes to the oldest too. A request
-        whose whole rest is granted joins the batch (a newcomer); the others run a chunk.
+        The oldest long request takes the whole budget, or, while other long ones wait,
+        a quarter of it, so it always advances; the rest then goes to the waiting one
+        with the shortest rest, so a prompt a little over the budget joins within a
+        step or two however long the prompts before it.
         """
         budget = self.limits.prefill_chunk_tokens
-        if budget <= 0 or not self.admitted:
-            return PrefillPlan(list(self.admitted), [])
         rest = {s.sid: len(s.token_ids) - s.prefilled for s in self.admitted}
-        head, *others = self.admitted
-        left = budget - min(rest[head.sid], max(1, budget // 4))
-        grants: dict[int, int] = {}
-        for seq in sorted(others, key=lambda s: rest[s.sid]):  # stable: arrival order
-            if left <= 0:
-                break
-            grants[seq.sid] = min(rest[seq.sid], left)
-            left -= grants[seq.sid]
-        grants[head.sid] = min(rest[head.sid], budget - sum(grants.values()))
-        newcomers = [s for s in self.admitted if grants.get(s.sid) == rest[s.sid]]
-        chunks = [
-            (s, s.prefilled + grants[s.sid])
-            for s in self.admitted
-            if 0 < grants.get(s.sid, 0) < rest[s.sid]
-        ]
+        if budget <= 0:
+            return PrefillPlan(list(self.admitted), [])
+        newcomers = [s for s in self.admitted if rest[s.sid] <= budget]
+        long = [s for s in self.admitted if rest[s.sid] > budget]
+        if not long:
+            return PrefillPlan(newcomers, [])
+        head, *others = long
+        if not others:
+            return PrefillPlan(newcomers, [(head, head.prefilled + budget)])
+        quarter = max(1, budget // 4)
+        nearest = min(others, key=lambda s: rest[s.sid])  # the first of equals: arrival order
+        chunks = [(head, head.prefilled + quarter), (nearest, nearest.prefilled + budget - quarter)]
         return PrefillPlan(newcomers, chunks)
 
     def start(self, newcomers: list[SequenceState]) -> None:

@@ -261,15 +261,16 @@ def _seq(sid: int, prompt: int, prefilled: int = 0) -> Any:
 def test_the_plan_lets_short_prompts_join_and_the_oldest_long_one_advance() -> None:
     budget = KVBudget(10**9, [1], [[0]], True)  # plan() reads no budget: any will do
     scheduler = Scheduler(EngineLimits(prefill_chunk_tokens=100), budget)
-    long, other, short = _seq(0, 1000, prefilled=300), _seq(1, 50), _seq(2, 40)
-    scheduler.admitted = [long, other, short]
+    long, other, short, near = _seq(0, 1000, 300), _seq(1, 90), _seq(2, 40), _seq(3, 130)
+    scheduler.admitted = [long, other, short, near]
     plan = scheduler.plan()
-    # 25 for the oldest; of the other 75, the shortest rest first: 40 joins, 35 of 50 run
-    assert plan.newcomers == [short]
-    assert plan.chunks == [(long, 300 + 25), (other, 35)]
-    long.prefilled, other.prefilled, scheduler.admitted = 325, 35, [long, other]
-    plan = scheduler.plan()  # the other's last 15 join; the oldest takes the other 85
-    assert plan.newcomers == [other] and plan.chunks == [(long, 325 + 85)]
+    # prompts within the budget join whole (a burst of short ones is not throttled); the
+    # oldest long one takes a quarter, the nearest of the others the other 75
+    assert plan.newcomers == [other, short]
+    assert plan.chunks == [(long, 300 + 25), (near, 75)]
+    long.prefilled, near.prefilled, scheduler.admitted = 325, 75, [long, near]
+    plan = scheduler.plan()  # near's last 55 fit: it joins; the oldest takes the budget
+    assert plan.newcomers == [near] and plan.chunks == [(long, 325 + 100)]
     long.prefilled, scheduler.admitted = 950, [long]
     assert scheduler.plan().newcomers == [long]  # its last 50 fit: it joins
     tiny = Scheduler(EngineLimits(prefill_chunk_tokens=3), budget)
