@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: workers, no HTTP
-        from mpo_core.runners.distributed_world import run_worker
+        from mpo_core.runners.distributed_worker import run_worker
 
         from .app import policy_config
 

@@ -73,8 +73,17 @@ class Speculator:
     def _models(seq: SequenceState) -> int:
         return sum(1 for c in seq.coefs if c != 0)
 
-    def drafts(self, running: Sequence[SequenceState], max_context: int) -> dict[int, Draft]:
-        """The non-empty drafts of this step's running rows, by sid."""
+    def drafts(
+        self,
+        running: Sequence[SequenceState],
+        max_context: int,
+        newcomers: Sequence[SequenceState] = (),
+    ) -> dict[int, Draft]:
+        """The non-empty drafts of this step's running rows, by sid. A grammar's mask is
+        formed for one position per step: a step with a grammar row in it (a newcomer's
+        too) decodes plainly (docs/speculative.md)."""
+        if any(s.grammar is not None for s in (*running, *newcomers)):
+            return {}
         gammas = self.gammas(running, max_context)
         if max(gammas, default=0) == 0:
             for seq in running:

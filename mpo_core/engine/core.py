@@ -39,7 +39,7 @@ from ..decoding.prompt_logprobs import PromptLogprobs
 from ..decoding.speculator import Speculator, make_speculator
 from ..errors import BackendLost, EngineNotRunning, GenerationFailed
 from ..models.policies import PolicySet
-from ..runners import PolicyRunner, capabilities_of, context_limit, kv_budget_of, make_runner
+from ..runners import PolicyRunner, open_runner
 from ..runners.scoring import ScoreResult
 from .events import EventBuilder, broken_reason, emit_runs, final_event
 from .jobs import CallJob, ScoreJob, prompt_logprobs_job, score_job
@@ -72,30 +72,12 @@ class Engine:
         self.observer = observer
         self._watchers: tuple[EngineObserver, ...] = ()  # added by watch(); a tuple: swapped whole
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
-        self.runner: PolicyRunner
-        capabilities = runner.capabilities if runner is not None else capabilities_of(policy_set)
-        limits, shared = self.limits, capabilities.shared_forward
-        self.kv_budget = kv_budget_of(
-            policy_set, limits.kv_cache_bytes, limits.kv_cache_fraction, shared
-        )
-        if runner is None:
-            self.runner, self.max_context = make_runner(
-                policy_set, self.limits.max_running, max_context, self.kv_budget
-            )
-        else:
-            self.runner, self.max_context = runner, context_limit(runner, max_context)
-        rows = getattr(self.runner, "max_rows", None)
-        if rows is not None and rows < self.limits.max_running:
-            logger.warning(
-                "the backend runs at most %d requests at once: max_running %d -> %d",
-                rows, self.limits.max_running, rows,
-            )  # fmt: skip
-            self.limits = dataclasses.replace(self.limits, max_running=rows)
-        # Static caches are preallocated within the budget: nothing to admit by memory.
-        self.kv_budget.growing = getattr(self.runner, "max_context", None) is None
-        logger.info(
-            "%s; a request holds at most %d tokens", self.kv_budget.describe(), self.max_context
-        )
+        opened = open_runner(policy_set, self.limits, max_context, runner)
+        self.runner: PolicyRunner = opened.runner
+        self.max_context, self.kv_budget = opened.max_context, opened.kv_budget
+        if opened.max_running != self.limits.max_running:  # fewer rows than asked for
+            self.limits = dataclasses.replace(self.limits, max_running=opened.max_running)
+        capabilities = self.runner.capabilities
         self.events = EventBuilder(policy_set, self.max_context)
         self.grammars = GrammarCompiler(
             policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
@@ -368,7 +350,8 @@ class Engine:
         running = list(self._queue.running.values())
         if not running and not newcomers:
             return
-        drafts = self._drafts(running, newcomers)  # sid -> Draft; {} for a plain step
+        speculator = self.speculator  # sid -> Draft below; {} for a plain step
+        drafts = speculator.drafts(running, self.max_context, newcomers) if speculator else {}
         output = self.runner.verify(
             running, {sid: d.tokens for sid, d in drafts.items()}, newcomers
         )
@@ -395,15 +378,6 @@ class Engine:
         for observer in (self.observer, *self._watchers):
             if observer is not None:
                 observer.on_step(len(active), output.forward_seconds)
-
-    def _drafts(
-        self, running: list[SequenceState], newcomers: list[SequenceState]
-    ) -> dict[int, Draft]:
-        """The running rows' drafts. A grammar's mask is formed for one position per step:
-        a step with a grammar row in it decodes plainly (docs/speculative.md)."""
-        if self.speculator is None or any(s.grammar is not None for s in (*running, *newcomers)):
-            return {}
-        return self.speculator.drafts(running, self.max_context)
 
     def _fail(self, seqs: list[SequenceState]) -> None:
         """Fail the rows with no finite token to choose (a NaN mixture, a grammar that

@@ -26,6 +26,7 @@ from .factory import (
     kv_budget_of,
     load_policy_set,
     make_runner,
+    open_runner,
     static_or_growing,
 )
 from .llama_cpp import LlamaCppRunner
@@ -55,6 +56,7 @@ __all__ = [
     "kv_budget_of",
     "load_policy_set",
     "make_runner",
+    "open_runner",
     "soup_policy_set",
     "static_or_growing",
 ]

@@ -39,10 +39,19 @@ from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
 from ..errors import BackendLost, ConfigError
-from ..models.kv_budget import KVBudget
+from ..models.kv_budget import KVBudget, kv_budget_for
 from ..models.policies import LoadedModel, PolicySet, load_tokenizer, resolve_device
 from .base import Capabilities, PolicyRunner, Row, RunnerBase, StepOutput, StepRows
-from .distributed_world import UNUSED, Shard, World, shard_of, start_world, stop_workers
+from .distributed_world import (
+    UNUSED,
+    Shard,
+    World,
+    budget_part,
+    score_columns,
+    shard_of,
+    start_world,
+    stop_workers,
+)
 from .scoring import ScoreResult
 
 logger = logging.getLogger(__name__)
@@ -59,16 +68,6 @@ class RemoteMember:
 
 
 @dataclass
-class WireRow:
-    """A row as a rank sees it: its tokens so far and its coefficients for the rank's own
-    models (the ``Row`` protocol)."""
-
-    sid: int
-    token_ids: list[int]
-    coefs: tuple[float, ...]
-
-
-@dataclass
 class _View:
     """Rank 0's own shard's view of an engine row (its coefficients for the shard)."""
 
@@ -82,6 +81,23 @@ class _View:
     @property
     def token_ids(self) -> list[int]:
         return cast(list[int], self.row.token_ids)
+
+
+@dataclass(frozen=True)
+class LocalBackends:
+    """What a rank runs its shard with: the one-process backends' loader and capabilities.
+    ``runners.factory`` hands them over when it registers this backend (it imports this
+    module; this module does not import it)."""
+
+    load: Callable[[PolicySetConfig], PolicySet]
+    capabilities_of: Callable[[PolicySet], Capabilities]
+
+
+def local_backends() -> LocalBackends:
+    handed = DistributedRunner.local_backends
+    if handed is None:
+        raise ConfigError("the distributed backend is used before runners.factory registered it")
+    return handed
 
 
 @dataclass
@@ -231,14 +247,11 @@ class RankedBudget(KVBudget):
         return "; ".join(f"rank {rank}: {b.describe()}" for rank, b, _ in self.parts)
 
 
-def budget_part(budget: KVBudget) -> tuple[int, list[int], list[list[int]], bool]:
-    return budget.budget_bytes, budget.model_token_bytes, budget.groups, budget.growing
-
-
 class DistributedRunner(RunnerBase):
     """Rank 0's runner for a family placed over ranks: every call goes to every rank."""
 
     kind: ClassVar[str] = KIND
+    local_backends: ClassVar[LocalBackends | None] = None  # set by runners.factory
 
     def __init__(
         self,
@@ -300,15 +313,13 @@ class DistributedRunner(RunnerBase):
         policy_set: PolicySet, budget_bytes: int | None, fraction: float, shared: bool
     ) -> KVBudget:
         """Each rank's budget over its own models, from its own memory."""
-        from ..models.kv_budget import kv_budget_for
-
         cluster = cluster_of(policy_set)
         local = cluster.local
 
         def mine() -> tuple[int, list[int], list[list[int]], bool] | None:
             if local is None:
                 return None
-            shared_here = _capabilities(local).shared_forward
+            shared_here = local_backends().capabilities_of(local).shared_forward
             return budget_part(kv_budget_for(local, budget_bytes, fraction, True, shared_here))
 
         answers = cluster.call("budget", mine, budget_bytes=budget_bytes, fraction=fraction)
@@ -559,26 +570,6 @@ def _wait(work: Any, world: World) -> None:
         work.wait()
 
 
-def _capabilities(policy_set: PolicySet) -> Capabilities:
-    from .factory import capabilities_of
-
-    return capabilities_of(policy_set)
-
-
-def score_columns(shard: Shard, result: ScoreResult) -> dict[int, torch.Tensor]:
-    """A shard's scores as columns [N] by global model index."""
-    columns = {}
-    k_local = result.policy_logprobs.shape[1] if result.policy_logprobs.dim() == 2 else 0
-    for j, g in enumerate(shard.members):
-        if g == UNUSED:
-            continue
-        if j < k_local:
-            columns[g] = result.policy_logprobs[:, j].cpu()
-        elif result.reference_logprobs is not None:
-            columns[g] = result.reference_logprobs.cpu()
-    return columns
-
-
 def cluster_of(policy_set: PolicySet) -> Cluster:
     cluster = policy_set.backend_state
     if not isinstance(cluster, Cluster):
@@ -590,10 +581,8 @@ def cluster_of(policy_set: PolicySet) -> Cluster:
 def load_distributed(config: PolicySetConfig) -> PolicySet:
     """Rank 0: load its own shard, bring up the workers, and stand a ``PolicySet`` for the
     whole family (the workers' members as ``RemoteMember`` entries)."""
-    from .factory import load_policy_set
-
     shard = shard_of(config, 0)
-    local = load_policy_set(shard.config) if shard is not None else None
+    local = local_backends().load(shard.config) if shard is not None else None
     if local is not None:
         tokenizer = local.tokenizer
     else:
@@ -640,118 +629,3 @@ def load_distributed(config: PolicySetConfig) -> PolicySet:
         backend=KIND,
         backend_state=cluster,
     )
-
-
-# -- the worker's loop --------------------------------------------------------------------
-def worker_loop(world: World, policy_set: PolicySet, kv_budget_for: Callable[..., KVBudget]) -> int:
-    """Serve rank 0's calls on this rank's shard until it says stop."""
-    from .factory import capabilities_of, make_runner
-
-    shard = world.shard
-    assert shard is not None
-    rank = world.settings.rank
-    runner: PolicyRunner | None = None
-    budget: KVBudget | None = None
-    rows: dict[int, WireRow] = {}
-    logger.info("rank %d serving %s", rank, shard.config.policy_names)
-    while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=world.control)
-        message = box[0]
-        op = message["op"]
-        if op == "stop":
-            logger.info("rank %d: stop", rank)
-            return 0
-        if op == "verify":
-            assert runner is not None
-            _worker_step(world, shard, runner, rows, message)
-            continue
-        try:
-            if runner is not None:
-                apply_pending(shard, runner, rows, message["pending"])
-            if op == "ping":
-                answer: Any = "pong"
-            elif op == "budget":
-                shared = capabilities_of(policy_set).shared_forward
-                budget = kv_budget_for(
-                    policy_set, message["budget_bytes"], message["fraction"], True, shared
-                )
-                answer = budget_part(budget)
-            elif op == "setup":
-                runner, _ = make_runner(
-                    policy_set, message["max_rows"], message["max_context"], budget
-                )
-                answer = (runner.max_context, getattr(runner, "max_rows", None))
-            elif op == "score":
-                assert runner is not None
-                result = runner.score(
-                    message["prompts"], message["completions"], message["chunk_tokens"]
-                )
-                answer = score_columns(shard, result)
-            elif op == "prompt_positions":
-                assert runner is not None
-                wanted = message["wanted"].get(rank, [])
-                positions = runner.prompt_positions(message["tokens"], wanted) if wanted else {}
-                answer = {j: t.cpu() for j, t in positions.items()}
-            else:
-                raise ValueError(f"unknown call {op!r}")
-            reply: tuple[str, Any] = ("ok", answer)
-        except Exception as exc:
-            logger.exception("rank %d: %r failed", rank, op)
-            reply = ("error", f"{type(exc).__name__}: {exc}")
-        dist.gather_object(reply, None, dst=0, group=world.control)
-
-
-def apply_pending(
-    shard: Shard, runner: PolicyRunner, rows: dict[int, WireRow], pending: list[tuple[str, Any]]
-) -> None:
-    """What rank 0 did to its rows since the last call, in its order: rollbacks after a
-    verify, rows dropped, prompt chunks run ahead of a row's joining."""
-    for kind, value in pending:
-        if kind == "rollback":
-            runner.rollback(value)
-        elif kind == "keep":
-            runner.keep(value)
-            for sid in [sid for sid in rows if sid not in value]:
-                del rows[sid]
-        elif kind == "prefill_chunk":
-            chunk_rows, ends = value
-            wire = [
-                WireRow(sid, list(tokens), shard.local_coefs(c)) for sid, tokens, c in chunk_rows
-            ]
-            runner.prefill_chunk(wire, ends)
-        else:
-            raise ValueError(f"unknown pending call {kind!r}")
-
-
-def _worker_step(
-    world: World,
-    shard: Shard,
-    runner: PolicyRunner,
-    rows: dict[int, WireRow],
-    message: dict[str, Any],
-) -> None:
-    """Run one step's plan on this rank's models and send the log-probs to rank 0."""
-    device = world.comm_device
-    try:
-        apply_pending(shard, runner, rows, message["pending"])
-        running = []
-        for sid, gained in message["running"]:
-            row = rows[sid]
-            row.token_ids.extend(gained)
-            running.append(row)
-        newcomers = []
-        for sid, tokens, coefs in message["newcomers"]:
-            rows[sid] = WireRow(sid, list(tokens), shard.local_coefs(coefs))
-            newcomers.append(rows[sid])
-        out = runner.verify(running, message["drafts"], newcomers).logprobs  # [M_r, B, G, V]
-        used = [j for j, g in enumerate(shard.members) if g != UNUSED]
-        payload = out[used].to(device=device, dtype=torch.float32).contiguous()
-        header = torch.tensor([0, *payload.shape], dtype=torch.long, device=device)
-    except Exception as exc:
-        logger.exception("rank %d: the step failed", world.settings.rank)
-        text = f"{type(exc).__name__}: {exc}".encode()[:4000]
-        payload = torch.tensor(list(text), dtype=torch.uint8, device=device)
-        header = torch.tensor([1, len(text), 0, 0, 0], dtype=torch.long, device=device)
-    dist.send(header, dst=0)
-    dist.send(payload, dst=0)

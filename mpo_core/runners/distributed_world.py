@@ -1,4 +1,5 @@
-"""The processes of a family placed over several ranks: shards, start-up, the worker loop.
+"""The processes of a family placed over several ranks: shards, start-up, and what rank 0
+and the workers share (the rows a call carries, the answers' shapes).
 
 Each member names the rank (process) that runs it (``rank:``, default 0). Rank r loads its
 *shard*: a family of its own members only, run by the local backend that family's kind
@@ -11,7 +12,7 @@ Start-up (``start_world``, on rank 0):
 
 1. rank 0 opens the rendezvous (a ``torch.distributed.TCPStore``) and, unless torchrun
    started the ranks, spawns one worker process per other rank
-   (``python -m mpo_core.runners.distributed_world``), which reads the family from the file
+   (``python -m mpo_core.runners.distributed_worker``), which reads the family from the file
    rank 0 wrote;
 2. each worker loads its shard and posts a report (or its error) in the store: its
    tokenizer's fingerprint, the vocabulary, where each member landed;
@@ -19,8 +20,8 @@ Start-up (``start_world``, on rank 0):
    ``start_timeout_s`` is one error line naming its rank), checks the tokenizers and the
    placements, and every rank joins the process group.
 
-Then the workers run ``worker_loop``: take the next call rank 0 broadcasts, run it on the
-shard's own runner, send the answer back. docs/distributed.md.
+Then the workers run ``distributed_worker.worker_loop``: take the next call rank 0
+broadcasts, run it on the shard's own runner, send the answer back. docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -32,13 +33,10 @@ import json
 import logging
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -50,8 +48,9 @@ import torch.distributed as dist
 
 from ..config import PolicySetConfig
 from ..errors import ConfigError
-from ..models.kv_budget import kv_budget_for
+from ..models.kv_budget import KVBudget
 from ..models.policies import PolicySet
+from .scoring import ScoreResult
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ class World:
         return timedelta(seconds=self.settings.step_timeout_s)
 
 
-def _comm_device(settings: WorldSettings, policy_set: PolicySet | None) -> torch.device:
+def comm_device(settings: WorldSettings, policy_set: PolicySet | None) -> torch.device:
     if settings.transport != "nccl":
         return torch.device("cpu")
     device = policy_set.device if policy_set is not None else torch.device("cuda")
@@ -236,7 +235,7 @@ def _comm_device(settings: WorldSettings, policy_set: PolicySet | None) -> torch
     return torch.device("cuda", index)
 
 
-def _open_store(settings: WorldSettings) -> dist.TCPStore:
+def open_store(settings: WorldSettings) -> dist.TCPStore:
     # torchrun's agent holds the store its ranks meet at; started any other way (a
     # manifest setting RANK / WORLD_SIZE / MASTER_ADDR itself, or spawned here), rank 0 does.
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -274,7 +273,7 @@ def _spawn_workers(
         with logs[rank].open("wb") as log:
             workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "mpo_core.runners.distributed_world"],
+                    [sys.executable, "-m", "mpo_core.runners.distributed_worker"],
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -381,7 +380,7 @@ def start_world(
     settings = WorldSettings.from_env(config)
     if settings.rank != 0:
         raise ConfigError(f"start_world runs on rank 0, not on rank {settings.rank}")
-    store = _open_store(settings)
+    store = open_store(settings)
     port = store.port
     settings.master_port = port
     workers: list[subprocess.Popen[bytes]] = []
@@ -394,7 +393,7 @@ def start_world(
         shards = {r: s for r in range(settings.world_size) if (s := shard_of(config, r))}
         check_reports(shards, reports, tokenizer_fingerprint(tokenizer), len(tokenizer), config)
         store.set(settings.key("go", 0), "1")
-        comm = _comm_device(settings, policy_set)
+        comm = comm_device(settings, policy_set)
         dist.init_process_group(
             settings.transport,
             store=dist.PrefixStore(settings.prefix, store),
@@ -402,7 +401,7 @@ def start_world(
             world_size=settings.world_size,
             timeout=timedelta(seconds=settings.step_timeout_s),
         )
-        control = _control_group(settings)
+        control = control_group(settings)
     except BaseException:
         with contextlib.suppress(Exception):  # the workers waiting for "go" exit now
             store.set(settings.key("go", 0), "abort")
@@ -415,7 +414,7 @@ def start_world(
     return world
 
 
-def _control_group(settings: WorldSettings) -> Any:
+def control_group(settings: WorldSettings) -> Any:
     if settings.transport == "gloo":
         return dist.group.WORLD
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=settings.step_timeout_s))
@@ -433,96 +432,30 @@ def stop_workers(workers: Sequence[subprocess.Popen[bytes]], grace_s: float = 10
                 process.wait()
 
 
-# -- the worker ----------------------------------------------------------------------------
-def _worker_config() -> PolicySetConfig:
-    from ..config import parse_config
+# -- what both sides of a call share ----------------------------------------------------
+@dataclass
+class WireRow:
+    """A row as a rank sees it: its tokens so far and its coefficients for the rank's own
+    models (the ``Row`` protocol)."""
 
-    path = os.environ.get(CONFIG_ENV)
-    if path:
-        return parse_config(json.loads(Path(path).read_text()))
-    from ..config import load_config
-
-    config_path = os.environ.get("MPO_CONFIG")
-    if not config_path:
-        raise ConfigError(f"a worker rank needs the family: set {CONFIG_ENV} or MPO_CONFIG")
-    return load_config(config_path)
+    sid: int
+    token_ids: list[int]
+    coefs: tuple[float, ...]
 
 
-def run_worker(config: PolicySetConfig) -> int:
-    """A worker rank's whole life: load its shard, report, join, serve calls until rank 0
-    says stop (0) or is lost (1)."""
-    from .distributed import worker_loop
-    from .factory import load_policy_set
-
-    settings = WorldSettings.from_env(config)
-    rank = settings.rank
-    _outlive_signals(rank)
-    store = _open_store(settings)
-    shard = shard_of(config, rank)
-    try:
-        if shard is None:
-            raise ConfigError(f"rank {rank} hosts no member of the family")
-        policy_set = load_policy_set(shard.config)
-        report = shard_report(shard, policy_set)
-    except BaseException as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        logger.error("rank %d failed to load its members: %s", rank, message)
-        store.set(settings.key("error", rank), message)
-        store.set(settings.key("done", rank), "1")
-        return 2
-    store.set(settings.key("report", rank), base64.b64encode(pickle.dumps(report)).decode())
-    store.set(settings.key("done", rank), "1")
-    store.wait([settings.key("go", 0)], timedelta(seconds=settings.start_timeout_s))
-    if store.get(settings.key("go", 0)) == b"abort":
-        logger.error("rank %d: rank 0 did not start (its own error says why)", rank)
-        return 2
-    comm = _comm_device(settings, policy_set)
-    dist.init_process_group(
-        settings.transport,
-        store=dist.PrefixStore(settings.prefix, store),
-        rank=rank,
-        world_size=settings.world_size,
-        timeout=timedelta(seconds=settings.step_timeout_s),
-    )
-    control = _control_group(settings)
-    world = World(settings, shard, {rank: shard}, {}, control, comm)
-    try:
-        return worker_loop(world, policy_set, kv_budget_for)
-    except Exception:
-        logger.error("rank %d lost rank 0: %s", rank, traceback.format_exc(limit=3))
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def score_columns(shard: Shard, result: ScoreResult) -> dict[int, torch.Tensor]:
+    """A shard's scores as columns [N] by global model index."""
+    columns = {}
+    k_local = result.policy_logprobs.shape[1] if result.policy_logprobs.dim() == 2 else 0
+    for j, g in enumerate(shard.members):
+        if g == UNUSED:
+            continue
+        if j < k_local:
+            columns[g] = result.policy_logprobs[:, j].cpu()
+        elif result.reference_logprobs is not None:
+            columns[g] = result.reference_logprobs.cpu()
+    return columns
 
 
-def _outlive_signals(rank: int) -> None:
-    """A worker ignores SIGTERM and SIGINT: torchrun, a pod's deletion or a Ctrl-C send
-    them to every rank at once, and rank 0 must drain its requests (every rank still
-    serving) before it tells the workers to stop. A worker ends on rank 0's "stop", on
-    rank 0's loss, or on SIGKILL."""
-
-    def note(signum: int, _frame: object) -> None:
-        name = signal.Signals(signum).name
-        logger.info("rank %d: %s: serving until rank 0 has drained and says stop", rank, name)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, note)
-        signal.signal(signal.SIGINT, note)
-
-
-def main() -> int:
-    logging.basicConfig(
-        level=os.environ.get("MPO_LOG_LEVEL", "INFO").upper(),
-        format=f"%(levelname)s rank{os.environ.get('RANK', '?')} %(name)s: %(message)s",
-    )
-    try:
-        config = _worker_config()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_worker(config)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def budget_part(budget: KVBudget) -> tuple[int, list[int], list[list[int]], bool]:
+    return budget.budget_bytes, budget.model_token_bytes, budget.groups, budget.growing

@@ -12,6 +12,7 @@ with CUDA graphs, falling back per model with a warning.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from ..models.policies import LoadedModel, PolicySet, device_of
 from ..models.static_cache import DEFAULT_MAX_CACHE_LEN, StaticBatch, static_unsupported
 from .adapters import AdapterRunner
 from .base import Capabilities, DecodeBatch, PolicyRunner, context_limit
-from .distributed import DistributedRunner
+from .distributed import DistributedRunner, LocalBackends
 from .llama_cpp import LlamaCppRunner
 from .personas import PersonaRunner
 from .separate import SeparateModelsRunner
@@ -62,6 +63,42 @@ def backend_of(policy_set: PolicySet) -> Backend:
 def capabilities_of(policy_set: PolicySet) -> Capabilities:
     """What the backend of ``policy_set`` can do, before a runner is made."""
     return backend_of(policy_set).capabilities_of(policy_set)
+
+
+@dataclass
+class OpenedRunner:
+    """A policy set's runner, ready for an engine (``open_runner``)."""
+
+    runner: PolicyRunner
+    max_context: int  # a request's most tokens: the engine's, capped by the runner's
+    kv_budget: KVBudget  # what admission checks a request's worst case against
+    max_running: int  # the engine's, capped by the rows the runner can run (``max_rows``)
+
+
+def open_runner(
+    policy_set: PolicySet, limits: Any, max_context: int, runner: PolicyRunner | None = None
+) -> OpenedRunner:
+    """The runner of ``policy_set`` (or ``runner``, when given) with its KV budget, under
+    ``limits`` (``engine.EngineLimits``): the budget from ``kv_cache_bytes`` or
+    ``kv_cache_fraction``, ``max_running`` and ``max_context`` capped by the runner."""
+    shared = (runner.capabilities if runner else capabilities_of(policy_set)).shared_forward
+    budget = kv_budget_of(policy_set, limits.kv_cache_bytes, limits.kv_cache_fraction, shared)
+    if runner is None:
+        runner, max_context = make_runner(policy_set, limits.max_running, max_context, budget)
+    else:
+        max_context = context_limit(runner, max_context)
+    max_running = limits.max_running
+    rows = getattr(runner, "max_rows", None)
+    if rows is not None and rows < max_running:
+        logger.warning(
+            "the backend runs at most %d requests at once: max_running %d -> %d",
+            rows, max_running, rows,
+        )  # fmt: skip
+        max_running = rows
+    # Static caches are preallocated within the budget: nothing to admit by memory.
+    budget.growing = getattr(runner, "max_context", None) is None
+    logger.info("%s; a request holds at most %d tokens", budget.describe(), max_context)
+    return OpenedRunner(runner, max_context, budget, max_running)
 
 
 def kv_budget_of(
@@ -150,3 +187,7 @@ def static_or_growing(
             reason = f"{'graph capture' if graphs else 'static cache'} failed: {exc!r}"
     logger.warning("model %r decodes eagerly with a growing cache: %s", model.name, reason)
     return GrowingBatch(model, policy_set.vocab_size, device_of(model), storage)
+
+
+# A rank of a family over several processes loads its shard with the backends above.
+DistributedRunner.local_backends = LocalBackends(load_policy_set, capabilities_of)

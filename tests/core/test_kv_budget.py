@@ -131,7 +131,7 @@ def test_the_budget_is_logged_and_sizes_static_caches(llama_family, caplog):
     per_request = sum(
         token_bytes(m, policy_set.kv_dtype) for m in (*policy_set.policies, policy_set.reference)
     )
-    with caplog.at_level(logging.INFO, logger="mpo_core.engine.core"):
+    with caplog.at_level(logging.INFO, logger="mpo_core"):
         engine = Engine(policy_set, EngineLimits(max_running=2, kv_cache_bytes=per_request * 200))
     assert engine.max_context == 100  # 200 tokens of budget over 2 slots
     assert any("KV cache budget" in r.message and "200 tokens" in r.message for r in caplog.records)
