@@ -213,7 +213,8 @@ def _bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def _params() -> list[object]:
-    marks = {True: [pytest.mark.slow, pytest.mark.real], False: [pytest.mark.slow]}
+    slow = [pytest.mark.slow, pytest.mark.doccheck]  # not in the default run: pyproject.toml
+    marks = {True: [*slow, pytest.mark.real], False: slow}
     return [pytest.param(s, id=s.name, marks=marks[s.real]) for s in snippets()]
 
 
