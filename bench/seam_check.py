@@ -56,6 +56,10 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     engine_cls, limits_cls, request_cls, sampling_cls, load_policy_set, load_config = _imports()
     demo = yaml.safe_load(build_real_demo().read_text())
     common = {"device": "cpu", "dtype": "float32", "speculative": {"method": "off"}}
+    from mpo_core.config import PolicySetConfig
+
+    if "backend" in PolicySetConfig.model_fields:  # a checkout with the llama.cpp backend:
+        common["backend"] = "transformers"  # the seam's cost, not llama.cpp's speed
     single = {
         "served_name": "single",
         "policies": [{"name": REFERENCE, "model": demo["reference"]["model"]}],
