@@ -92,6 +92,7 @@ def load_engine(settings: Settings, metrics: Metrics | None = None) -> Engine:
         retry_after_s=settings.retry_after_s,
         kv_cache_bytes=settings.kv_cache_bytes,
         kv_cache_fraction=settings.kv_cache_fraction,
+        max_request_personas=settings.max_request_personas,
     )
     if settings.prefill_chunk_tokens is not None:
         limits.prefill_chunk_tokens = settings.prefill_chunk_tokens
@@ -122,6 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     unwatch = engine.watch(metrics)  # this app's metrics see every step while it serves
     ready_engine = engine
     metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
+    if ready_engine.personas.rules is not None:
+        metrics.track_personas(ready_engine.personas.cache_stats)
     profiles = ServedProfiles(store, settings.store_max_stale_s)
     serving = Serving(engine, store, settings, metrics, profiles)
     await anyio.to_thread.run_sync(serving.check_default)  # warns about a misfit default

@@ -32,6 +32,12 @@ _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-body-bytes", "max_body_bytes", int, "request body limit (MPO_MAX_BODY_BYTES)"),
     ("--max-n", "max_n", int, "choices per OpenAI request (MPO_MAX_N)"),
     (
+        "--max-request-personas",
+        "max_request_personas",
+        int,
+        "personas a request may bring on a persona family (MPO_MAX_REQUEST_PERSONAS)",
+    ),
+    (
         "--drain-timeout",
         "drain_timeout_s",
         float,

@@ -89,7 +89,10 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 # Pydantic names the member of a union that failed ("str", "list[int]",
 # "function-after[...]", a model such as a fan-out's "MixtureSpec"); those are not part
 # of the field's name.
-_UNION_MEMBERS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple", "MixtureSpec"}
+_UNION_MEMBERS = {
+    "str", "int", "float", "bool", "dict", "list", "none", "tuple", "MixtureSpec",
+    "PersonaPrompt",
+}  # fmt: skip
 
 
 def _loc_to_param(loc: Sequence[Any]) -> str:

@@ -17,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from .protocol.fit import FitState
 
@@ -88,6 +90,10 @@ class Metrics:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
 
+    def track_personas(self, read: Callable[[], dict[str, int] | None]) -> None:
+        """Read the request personas' cache look-ups at scrape time (persona families)."""
+        self.registry.register(_PersonaCaches(read))
+
     def track_in_flight(self, in_flight: Callable[[], float]) -> None:
         self.in_flight.set_function(in_flight)
 
@@ -99,3 +105,25 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PersonaCaches(Collector):
+    """``mpo_request_persona_openings_total`` and ``mpo_request_persona_rules_total`` by
+    ``result`` (hit, miss): an opening's KV and a prompt rule are computed on a miss only."""
+
+    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
+        self.read = read
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        stats = self.read()
+        if stats is None:
+            return
+        for kind, what in (("openings", "KV of an opening"), ("rules", "prompt rules")):
+            family = CounterMetricFamily(
+                f"mpo_request_persona_{kind}",
+                f"Look-ups of request personas' cached {what}, by result.",
+                labels=["result"],
+            )
+            family.add_metric(["hit"], stats[f"{kind[:-1]}_hits"])
+            family.add_metric(["miss"], stats[f"{kind[:-1]}_misses"])
+            yield family

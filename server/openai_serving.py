@@ -49,7 +49,8 @@ Choices = tuple[ResolvedMixture | None, list[ResolvedMixture], bool]
 async def resolve(serving: Serving, body: SamplingFields) -> Choices:
     """Each choice's mixture (n of them): the request's own, or with ``mixtures`` the
     fan-out's (``server/fanout.py``)."""
-    n = check_n(serving, body.n, "n" in body.model_fields_set, body.mixtures, "mixtures")
+    given = "n" in body.model_fields_set
+    n = check_n(serving, body.n, given, body.mixtures, "mixtures", body.persona_count())
     if isinstance(body.mixtures, list):
         if body.model is not None and body.model != serving.served_name:
             raise InvalidParameter(

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from mpo_core.decoding.mixing import MAX_TERM, MAX_WEIGHT
+from mpo_core.names import NAME_SCHEMA_PATTERN
 
 from .protocol.common import MAX_STOP_SEQUENCES
 from .protocol.errors import ErrorResponse
@@ -90,6 +91,7 @@ def install_openapi(app: FastAPI) -> None:
             tighten(schemas, policies)
             if serving is not None:
                 limit_counts(schemas, serving)
+                persona_fields(schemas, serving)
             if policies is None:  # before start-up: the weights' names are not known yet
                 return schema
             app.openapi_schema = schema
@@ -351,6 +353,8 @@ def tighten(schemas: dict[str, Any], policies: list[str] | None) -> None:
         _exactly_one(schemas["ProfilePut"], "weights", "version")
     if "FitRequest" in schemas:
         _exactly_one(schemas["FitRequest"], "prompts", "prompt_file")
+    if "PersonaPrompt" in schemas:
+        _exactly_one(schemas["PersonaPrompt"], "system", "prefix")
     if "ChatMessage" in schemas:
         role = schemas["ChatMessage"]["properties"]["role"]
         role["enum"] = ["system", "user", "assistant"]
@@ -358,6 +362,51 @@ def tighten(schemas: dict[str, Any], policies: list[str] | None) -> None:
             "developer and tool messages are passed to the model's chat template too, "
             "which may refuse them (400)"
         )
+
+
+def persona_fields(schemas: dict[str, Any], serving: Any) -> None:
+    """``personas``: on a family that runs them, at most the engine's limit, named by the
+    name rule, and the weights may name them (which names a request brings, and that they
+    differ from the family's members, is beyond JSON Schema: docs/server.md); elsewhere
+    only null or {}."""
+    engine = serving.engine
+    limit = engine.limits.max_request_personas if engine.personas.rules is not None else 0
+    models = ("TGIParameters", "CompletionRequest", "ChatCompletionRequest", "MixtureSpec")
+    for name in (*models, "ProfilePut"):
+        props = schemas.get(name, {}).get("properties", {})
+        if "personas" not in props:
+            continue
+        if limit == 0:
+            props["personas"] = {
+                "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
+                "description": "not supported by this family (persona families only): "
+                "only {} or null",
+            }
+            continue
+        for member in props["personas"].get("anyOf", []):
+            if member.get("type") == "object":
+                member["maxProperties"] = limit
+                member["propertyNames"] = {"pattern": NAME_SCHEMA_PATTERN}
+        props["personas"]["description"] = (
+            f"at most {limit} personas this request adds: {{name: system message or "
+            "{system} or {prefix}}, usable by name in weights; a name must differ from the "
+            "family's members"
+        )
+        weights = props.get("weights", {})
+        for member in weights.get("anyOf", []):
+            if member.get("type") == "object":  # a request's personas too
+                member.pop("anyOf", None)
+                member["additionalProperties"] = member["properties"][
+                    next(iter(member["properties"]))
+                ]
+                member["propertyNames"] = {"pattern": NAME_SCHEMA_PATTERN}
+            elif member.get("type") == "array":
+                member["maxItems"] = member["minItems"] + limit
+        if weights:
+            weights["description"] += (
+                "; with personas, the weights may name them too (a list: the policies, "
+                "then the personas in the request's order)"
+            )
 
 
 def limit_counts(schemas: dict[str, Any], serving: Any) -> None:

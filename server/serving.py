@@ -179,7 +179,7 @@ class Serving:
     def adapter_mixing(self, name: str, param: str, fields: MixingFields) -> ResolvedMixture:
         """One model alone: a policy with weight 1 (strength 1), or the reference (0)."""
         self.check_adapter(name, param)
-        for field in ("weights", "profile", "strength", "plausibility"):
+        for field in ("weights", "profile", "strength", "plausibility", "personas"):
             if getattr(fields, field) is not None:
                 raise InvalidParameter(
                     field, f"{param} selects one model alone; it cannot be combined with {field}"
@@ -193,12 +193,14 @@ class Serving:
         self, fields: MixingFields, model_profile: str | None = None
     ) -> ResolvedMixture:
         """Explicit weights, else the named profile, else the default profile, else uniform;
-        the request's strength and plausibility over the profile's.
+        the request's strength and plausibility over the profile's; the request's own
+        personas beside the policies (a profile's weights give them 0).
 
         Profiles are read off the event loop, and from this replica's cache while the store
         is down (``ServedProfiles``): UnknownProfile (404) or StoreUnavailable (503)."""
         weights, profile, strength = fields.weights, fields.profile, fields.strength
         alpha = _or(fields.plausibility, DEFAULT_PLAUSIBILITY)
+        personas = fields.persona_map()
         if profile is not None and model_profile is not None and profile != model_profile:
             raise InvalidParameter(
                 "profile",
@@ -208,24 +210,29 @@ class Serving:
         if weights is not None and profile is not None:
             raise InvalidParameter("weights", "give either weights or a profile, not both")
         if weights is not None:
-            return ResolvedMixture(self._build(weights, _or(strength, 1.0), alpha, None), None)
+            mixture = self._build(weights, _or(strength, 1.0), alpha, None, personas)
+            return ResolvedMixture(mixture, None)
         if profile is not None:
             found = await self.profiles.resolve(profile)
             assert found is not None  # a named profile resolves or raises
             stored = found[1]
-            mixture = self._build(stored.weights, _or(strength, stored.strength), alpha, profile)
+            s = _or(strength, stored.strength)
+            both = _with_profile_personas(stored, personas)
+            mixture = self._build(stored.weights, s, alpha, profile, both)
             return ResolvedMixture(mixture, profile)
         default = await self._default_profile()
         if default is not None:
             try:
                 s = _or(strength, default.strength)
-                return ResolvedMixture(self.engine.mixture(default.weights, s, alpha), default.name)
+                both = _with_profile_personas(default, personas)
+                mixture = self.engine.mixture(default.weights, s, alpha, both)
+                return ResolvedMixture(mixture, default.name)
             except InvalidParameter as exc:
-                own = exc.param in ("strength", "plausibility")
+                own = exc.param in ("strength", "plausibility") or _names_personas(exc.param)
                 if own and getattr(fields, str(exc.param)) is not None:
                     raise  # the request's own strength or alpha
                 self.warn_default(default, f"it does not fit the loaded policies: {exc}")
-        return ResolvedMixture(self._build(None, _or(strength, 1.0), alpha, None), None)
+        return ResolvedMixture(self._build(None, _or(strength, 1.0), alpha, None, personas), None)
 
     async def _default_profile(self) -> ProfileVersion | None:
         try:
@@ -263,15 +270,26 @@ class Serving:
         if found is None:
             return
         try:
-            self.engine.mixture(found[1].weights, found[1].strength)
+            stored = found[1]
+            self.engine.mixture(
+                stored.weights, stored.strength, personas=stored.request_personas or None
+            )
         except InvalidParameter as exc:
             self.warn_default(found[1], f"it does not fit the loaded policies: {exc}")
 
-    def _build(self, raw: Any, strength: float, alpha: float, profile: str | None) -> Mixture:
+    def _build(
+        self,
+        raw: Any,
+        strength: float,
+        alpha: float,
+        profile: str | None,
+        personas: dict[str, Any] | None = None,
+    ) -> Mixture:
         try:
-            return self.engine.mixture(raw, strength, alpha)
+            return self.engine.mixture(raw, strength, alpha, personas)
         except InvalidParameter as exc:
-            if profile is None or exc.param in ("strength", "plausibility"):
+            own = exc.param in ("strength", "plausibility") or _names_personas(exc.param)
+            if profile is None or own:
                 raise
             raise InvalidParameter(
                 "profile", f"stored profile {profile!r} does not fit the loaded policies: {exc}"
@@ -296,10 +314,20 @@ class Serving:
         return self.engine.events.is_special(token_id)
 
     def budget(
-        self, prompt_tokens: int, max_new_tokens: int | None, param: str, prompt_param: str
+        self,
+        prompt_tokens: int,
+        max_new_tokens: int | None,
+        param: str,
+        prompt_param: str,
+        mixings: Sequence[ResolvedMixture | None] = (),
     ) -> int:
-        """The number of new tokens to allow, or a 400 naming the context limit."""
+        """The number of new tokens to allow, or a 400 naming the context limit. A request
+        persona's opening longer than the family's takes the rest from the context: the
+        prompt counts as that much longer (``EnginePersonas.opening_tokens``)."""
         limit = int(self.engine.max_context)
+        own = self.engine.personas
+        openings = [own.opening_tokens(m.mixture) for m in mixings if m is not None]
+        prompt_tokens += max(openings, default=0)
         room = check_context(prompt_tokens, max_new_tokens, limit, param, prompt_param)
         if max_new_tokens is None:
             return min(self.settings.default_max_tokens, room)
@@ -436,6 +464,21 @@ class Serving:
                 for stream in streams:
                     stream.cancel()
                 await asyncio.gather(work, return_exceptions=True)
+
+
+def _with_profile_personas(
+    stored: ProfileVersion, personas: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A profile's own personas, then the request's (a request persona with a profile
+    persona's name takes its place)."""
+    if not stored.request_personas:
+        return personas
+    return {**stored.request_personas, **(personas or {})}
+
+
+def _names_personas(param: str | None) -> bool:
+    """The error is about the request's own personas (not a stored profile's weights)."""
+    return param is not None and (param == "personas" or param.startswith("personas."))
 
 
 def _or(value: float | None, fallback: float) -> float:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mpo_core.models.personas import MAX_REQUEST_PERSONAS
+
 from .store.base import Family, StoreTimeouts
 
 
@@ -54,6 +56,8 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int | None = Field(default=None, ge=0)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
     max_n: int = Field(default=8, ge=1)  # choices per OpenAI request
+    # Personas a request may bring on a persona family (docs/server.md, Request personas)
+    max_request_personas: int = Field(default=4, ge=0, le=MAX_REQUEST_PERSONAS)
     max_top_logprobs: int = Field(default=20, ge=0)  # top_n_tokens / top_logprobs cap
     default_max_tokens: int = Field(default=256, ge=1)  # when a request gives none
     retry_after_s: float = Field(default=1.0, gt=0)  # Retry-After on 429

@@ -51,7 +51,7 @@ async def prepare(
         prompt_ids = prompt_ids[-p.truncate :]
     serving.check_top_logprobs(p.top_n_tokens or 0, "parameters.top_n_tokens")
     max_new = serving.budget(
-        len(prompt_ids), p.max_new_tokens, "parameters.max_new_tokens", "inputs"
+        len(prompt_ids), p.max_new_tokens, "parameters.max_new_tokens", "inputs", [mixing]
     )
     return prompt_ids, p.to_sampling(max_new), mixing
 
@@ -133,7 +133,7 @@ async def choice_mixings(
             param, "mixtures needs details: true (the choices after the first are in "
             "details.best_of_sequences)",
         )  # fmt: skip
-    fanout_size(serving, p.mixtures, param)
+    fanout_size(serving, p.mixtures, param, p.persona_count())
     if isinstance(p.mixtures, list) and p.adapter_id is not None:
         raise InvalidParameter(
             "parameters.adapter_id", "adapter_id cannot be combined with a list of mixtures"

@@ -13,6 +13,10 @@ g log p(y | x)`` is the weights ``{c: 1 + g, plain: -g}``. A negative term rewar
 model finds unlikely, including tokens no model finds likely, so a mixture with a negative
 policy coefficient keeps only the tokens that the mixture of its positive terms finds
 plausible (Li et al., ACL 2023, eq. 3; ``plausible_tokens``).
+
+A request on a persona family may bring personas of its own (``Mixture.request_personas``): R
+more models, numbered after the reference (``K + 1 + i``), whose terms are policy terms
+like any other. Only a step with such a row has more than K + 1 models (``mix_step``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidParameter
+from ..models.personas import RequestPersonaText, check_request_personas
 
 # Strength extrapolates away from the reference past 1; far past it s * log p overflows
 # float32 to -inf/NaN, so it is bounded (decoding-time realignment uses s in about [0, 2]).
@@ -160,10 +165,11 @@ class Mixture:
     fields. ``coefficients`` are the factors of each model's log-probs in ``log p``.
     """
 
-    names: tuple[str, ...]
-    weights: tuple[float, ...]  # [K] summing to 1, each in [-MAX_TERM, MAX_TERM]
+    names: tuple[str, ...]  # the K policies, then the request's own personas
+    weights: tuple[float, ...]  # [K + R] summing to 1, each in [-MAX_TERM, MAX_TERM]
     strength: float = 1.0
     plausibility: float = DEFAULT_PLAUSIBILITY  # alpha in [0, 1)
+    request_personas: tuple[RequestPersonaText, ...] = ()  # [R] the request's own, in names' order
 
     @classmethod
     def build(
@@ -174,19 +180,33 @@ class Mixture:
         *,
         has_reference: bool,
         plausibility: object = DEFAULT_PLAUSIBILITY,
+        personas: object = None,
+        persona_limit: int = 0,
+        reserved: Sequence[str] = (),
     ) -> Mixture:
-        normalised = normalize_weights(weights, names)
+        """``names`` are the K policies; ``personas`` the request's own (at most
+        ``persona_limit``, named unlike the policies and ``reserved``: the plain model),
+        which the weights may name after the policies (a list: policies, then personas)."""
+        extra = check_request_personas(personas, [*names, *reserved], persona_limit)
+        every = (*names, *(p.name for p in extra))
+        normalised = normalize_weights(weights, every)
         checked = check_strength(strength, has_reference)
-        return cls(tuple(names), tuple(normalised), checked, check_plausibility(plausibility))
+        alpha = check_plausibility(plausibility)
+        return cls(every, tuple(normalised), checked, alpha, extra)
+
+    @property
+    def policy_names(self) -> tuple[str, ...]:
+        """The K configured policies (``names`` without the request's personas)."""
+        return self.names[: len(self.names) - len(self.request_personas)]
 
     def check_fits(self, names: Sequence[str], has_reference: bool) -> None:
         """A mixture built elsewhere must be over these policies, in this order, and its
         strength must be possible here (s != 1 needs the reference)."""
-        if self.names != tuple(names):
+        if self.policy_names != tuple(names):
             raise InvalidParameter(
                 "weights",
-                f"the mixture is over the policies {', '.join(self.names)}, but this policy "
-                f"set has {', '.join(names)}",
+                f"the mixture is over the policies {', '.join(self.policy_names)}, but this "
+                f"policy set has {', '.join(names)}",
             )
         check_strength(self.strength, has_reference)
 
@@ -195,15 +215,18 @@ class Mixture:
 
     @functools.cached_property  # read by every step for every row: computed once
     def coefficients(self) -> tuple[float, ...]:
-        """[K + 1]: ``s * w_k`` per policy, then ``1 - s`` for the reference."""
-        return (*(self.strength * w for w in self.weights), 1.0 - self.strength)
+        """[K + 1 + R]: ``s * w_k`` per policy, ``1 - s`` for the reference, then
+        ``s * w_r`` per request persona (none without them: the fixed [K + 1])."""
+        s, k = self.strength, len(self.names) - len(self.request_personas)
+        terms = [s * w for w in self.weights]
+        return (*terms[:k], 1.0 - s, *terms[k:])
 
     @property
     def alpha(self) -> float:
-        """The plausibility alpha in force: the request's when a policy's coefficient
-        ``s * w_k`` is negative, else 0. A negative reference coefficient (s > 1) alone is
-        strength's extrapolation and stays unconstrained, as it always was."""
-        return self.plausibility if any(c < 0 for c in self.coefficients[:-1]) else 0.0
+        """The plausibility alpha in force: the request's when a policy's (or a request
+        persona's) coefficient ``s * w_k`` is negative, else 0. A negative reference
+        coefficient (s > 1) alone is strength's extrapolation and stays unconstrained."""
+        return self.plausibility if any(w < 0 for w in self.weights) and self.strength else 0.0
 
     @property
     def is_uniform(self) -> bool:
@@ -290,9 +313,17 @@ def mix_step(
     """A decoding step's mixed log-probs, [B, G, V]: each row under its own mixture."""
     models, rows, width, vocab = logprobs.shape
     device = logprobs.device
-    coefs = torch.tensor([m.coefficients for m in mixtures], device=device)  # [B, K + 1]
     alphas = [m.alpha for m in mixtures]
     alpha = torch.tensor(alphas, device=device) if any(alphas) else None  # [B]
+    if any(m.request_personas for m in mixtures):  # M = K + 1 + R: the reference is one more term
+        padded = [(*c, *[0.0] * (models - len(c))) for c in (m.coefficients for m in mixtures)]
+        every = torch.tensor(padded, device=device).repeat_interleave(width, 0)  # [B * G, M]
+        return mix_logprobs(
+            logprobs.reshape(models, rows * width, vocab),
+            every,
+            alpha=None if alpha is None else alpha.repeat_interleave(width, 0),
+        ).view(rows, width, vocab)  # [B, G, V]
+    coefs = torch.tensor([m.coefficients for m in mixtures], device=device)  # [B, K + 1]
     return mix_rows(
         logprobs.reshape(models, rows * width, vocab),
         coefs.repeat_interleave(width, 0),  # [B * G, K + 1]

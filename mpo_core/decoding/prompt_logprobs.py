@@ -15,6 +15,8 @@ The prompt's tokens after the longest opening any used model replaced are in eve
 model's rendering, at the end; those get the mixed log-prob, each model's taken at
 its own shifted position. The tokens before them are the opening some persona swapped for
 its own, which that persona never reads: like the first token, they get no log-prob.
+A request's own personas (``Mixture.request_personas``) are models ``K + 1 + i``, rendered by
+the runner from their ids (``personas``), and mixed as policy terms.
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ from typing import Protocol
 
 import torch
 
+from ..models.personas import RequestPersona
 from ..models.policies import PolicySet
 from .mixing import Mixture, mix_logprobs
 
 
 class PromptRunner(Protocol):
     def prompt_positions(
-        self, tokens: Sequence[int], models: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        models: Sequence[int],
+        personas: Sequence[RequestPersona] = (),
     ) -> dict[int, torch.Tensor]: ...  # ``runners.PolicyRunner.prompt_positions``
 
 
@@ -48,24 +54,35 @@ def prompt_logprobs(
     prompt: Sequence[int],
     mixture: Mixture,
     top_n: int = 0,
+    personas: Sequence[RequestPersona] = (),
 ) -> PromptLogprobs:
-    """The mixture's log-prob of every prompt token given the tokens before it."""
+    """The mixture's log-prob of every prompt token given the tokens before it
+    (``personas``: the ids of ``mixture.request_personas``, in order)."""
     tokens = list(prompt)
     if len(tokens) < 2:
         return PromptLogprobs(tokens, [None] * len(tokens), [[] for _ in tokens])
     device = policy_set.device
-    coefs = mixture.coefficients  # [K + 1]
+    coefs = mixture.coefficients  # [K + 1 (+ R)]
     k = len(policy_set.policies)
-    has_model = [*([True] * k), policy_set.reference is not None]
-    used = [m for m in range(k + 1) if coefs[m] != 0 and has_model[m]]
+    has_model = [*([True] * k), policy_set.reference is not None, *([True] * len(personas))]
+    used = [m for m in range(len(coefs)) if coefs[m] != 0 and has_model[m]]
     # Each used model's log-probs of the prompt tokens it sees with a token before it,
     # aligned to the prompt's end (a persona sees the prompt after its own opening).
-    positions = runner.prompt_positions(tokens, used)  # m -> [T_m, V]
+    if personas:
+        positions = runner.prompt_positions(tokens, used, personas)  # m -> [T_m, V]
+    else:  # the runner's call without request personas, as before them
+        positions = runner.prompt_positions(tokens, used)
     scored = min([len(tokens) - 1] + [len(rows) for rows in positions.values()])
     if scored == 0:  # the whole prompt is an opening some persona replaces
         return PromptLogprobs(tokens, [None] * len(tokens), [[] for _ in tokens])
     vocab = policy_set.vocab_size
     rows = {m: positions[m][len(positions[m]) - scored :] for m in used}  # m -> [T, V]
+    if personas:  # the reference is one more term (mixing.mix_step does the same)
+        every = torch.stack([rows[m] for m in used])  # [M', T, V]
+        every_coef = torch.tensor([[coefs[m] for m in used]], device=device)  # [1, M']
+        alpha = torch.full((scored,), mixture.alpha, device=device) if mixture.alpha else None
+        mixed = mix_logprobs(every, every_coef.expand(scored, -1), alpha=alpha)  # [T, V]
+        return _picked(tokens, scored, mixed, top_n, vocab)
     policies = [m for m in used if m < k]
     per_policy = torch.zeros(0, scored, vocab, device=device)  # [0, T, V]: s = 0
     if policies:
@@ -77,6 +94,14 @@ def prompt_logprobs(
     mixed = mix_logprobs(
         per_policy, policy_coef.expand(scored, -1), ref_logprobs, ref_coef, alpha
     )  # [T, V]
+    return _picked(tokens, scored, mixed, top_n, vocab)
+
+
+def _picked(
+    tokens: list[int], scored: int, mixed: torch.Tensor, top_n: int, vocab: int
+) -> PromptLogprobs:
+    """The last ``scored`` tokens' log-probs under ``mixed`` [T, V] and their top ``top_n``."""
+    device = mixed.device
     targets = torch.tensor(tokens[-scored:], device=device)  # [T]
     picked = mixed.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()  # [T]
     unscored = len(tokens) - scored

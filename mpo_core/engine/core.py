@@ -43,6 +43,7 @@ from ..runners import PolicyRunner, open_runner
 from ..runners.scoring import ScoreResult
 from .events import EventBuilder, broken_reason, emit_runs, final_event
 from .jobs import CallJob, ScoreJob, prompt_logprobs_job, score_job
+from .personas import EnginePersonas, persona_slots
 from .requests import EngineLimits, GenerationRequest, SequenceState, prepare
 from .scheduler import EngineStats, PrefillPlan, Scheduler
 from .streams import GenerationResult, RequestStream
@@ -72,13 +73,15 @@ class Engine:
         self.observer = observer
         self._watchers: tuple[EngineObserver, ...] = ()  # added by watch(); a tuple: swapped whole
         max_context = min(self.limits.max_context or policy_set.max_context, policy_set.max_context)
-        opened = open_runner(policy_set, self.limits, max_context, runner)
+        slots = persona_slots(self.limits)  # a request's own personas
+        opened = open_runner(policy_set, self.limits, max_context, runner, slots)
         self.runner: PolicyRunner = opened.runner
         self.max_context, self.kv_budget = opened.max_context, opened.kv_budget
         if opened.max_running != self.limits.max_running:  # fewer rows than asked for
             self.limits = dataclasses.replace(self.limits, max_running=opened.max_running)
         capabilities = self.runner.capabilities
         self.events = EventBuilder(policy_set, self.max_context)
+        self.personas = EnginePersonas(policy_set, self.runner, self.limits)
         self.grammars = GrammarCompiler(
             policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
         )
@@ -133,12 +136,15 @@ class Engine:
         weights: WeightsInput = None,
         strength: object = 1.0,
         plausibility: object = DEFAULT_PLAUSIBILITY,
+        personas: object = None,
     ) -> Mixture:
-        """A mixture of this engine's policies (InvalidParameter names what is wrong)."""
-        names, reference = self.policy_names, self.has_reference
+        """A mixture of this engine's policies and, on a runner that has them, the
+        request's own ``personas`` (InvalidParameter names what is wrong)."""
+        names, reference, own = self.policy_names, self.has_reference, self.personas
         return Mixture.build(
-            names, weights, strength, has_reference=reference, plausibility=plausibility
-        )
+            names, weights, strength, has_reference=reference, plausibility=plausibility,
+            personas=personas, persona_limit=own.limit, reserved=own.reserved,
+        )  # fmt: skip
 
     def watch(self, observer: EngineObserver) -> Callable[[], None]:
         """Also report every step to ``observer`` (an app's metrics), until the call returned.
@@ -207,16 +213,9 @@ class Engine:
     # -- requests --------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream."""
-        seq = prepare(
-            request,
-            self.policy_set,
-            self.limits,
-            self.max_context,
-            next(self._ids),
-            self._wake,
-            self.events.token_texts,
-            self.kv_budget,
-        )
+        texts, rules = self.events.token_texts, self.personas.rules
+        seq = prepare(request, self.policy_set, self.limits, self.max_context, next(self._ids),
+                      self._wake, texts, self.kv_budget, rules)  # fmt: skip
         with self._lock:
             if not self._accepting or self._failure is not None:
                 raise EngineNotRunning(
@@ -252,7 +251,8 @@ class Engine:
     ) -> concurrent.futures.Future[PromptLogprobs]:
         """Each prompt token's log-prob under ``mixture`` (the first: None), computed on the
         engine thread between decode steps; the future holds the result."""
-        job = prompt_logprobs_job(self.runner, self.policy_set, prompt_ids, mixture, top_n)
+        own = self.personas.of(mixture)
+        job = prompt_logprobs_job(self.runner, self.policy_set, prompt_ids, mixture, top_n, own)
         self._run_job(job)
         return job.future
 

@@ -76,7 +76,6 @@ class EventBuilder:
             seq.generated.append(token)
             finish = self.finish_reason(seq, token)
             n = seq.sampling.top_logprobs
-            coefs = seq.coefs
             events.append(
                 TokenEvent(
                     index=len(seq.generated) - 1,
@@ -85,10 +84,7 @@ class EventBuilder:
                     text="",  # the reader's
                     logprob=chosen[row],
                     top_logprobs=finite_pairs(top_ids[row][:n], top_values[row][:n]) if n else [],
-                    policy_logprobs={
-                        name: per_model[row][m] if coefs[m] != 0 else None
-                        for m, name in enumerate(names)
-                    },
+                    policy_logprobs=self.policy_logprobs(seq, names, per_model[row]),
                     special=self.is_special(token),
                     finish_reason=finish,
                     token_bytes=self.bytes_of(token),  # its piece of text: the reader's
@@ -96,6 +92,19 @@ class EventBuilder:
                 )
             )
         return events
+
+    @staticmethod
+    def policy_logprobs(
+        seq: SequenceState, names: Sequence[str], per_model: list[float]
+    ) -> dict[str, float | None]:
+        """Each policy's log-prob of the token (None where the mixture does not run it),
+        then each of the request's own personas' (models K + 1 + i)."""
+        coefs = seq.coefs
+        out = {name: per_model[m] if coefs[m] != 0 else None for m, name in enumerate(names)}
+        first = len(names) + 1
+        for i, persona in enumerate(seq.mixture.request_personas):
+            out[persona.name] = per_model[first + i] if coefs[first + i] != 0 else None
+        return out
 
 
 def finite_pairs(ids: list[int], logprobs: list[float]) -> list[tuple[int, float]]:

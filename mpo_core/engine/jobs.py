@@ -15,6 +15,7 @@ from typing import Any
 from ..decoding.mixing import Mixture
 from ..decoding.prompt_logprobs import prompt_logprobs
 from ..errors import InvalidParameter
+from ..models.personas import RequestPersona
 from ..models.policies import PolicySet
 from ..rules import check_token_ids
 from ..runners import PolicyRunner
@@ -111,9 +112,13 @@ def prompt_logprobs_job(
     prompt_ids: Sequence[int],
     mixture: Mixture,
     top_n: int,
+    personas: Sequence[RequestPersona] = (),
 ) -> CallJob:
-    """``Engine.prompt_logprobs``'s job, its prompt checked."""
+    """``Engine.prompt_logprobs``'s job, its prompt checked (``personas``: the ids of the
+    mixture's own personas)."""
     vocab = policy_set.vocab_size
     if any(not 0 <= t < vocab for t in prompt_ids):
         raise InvalidParameter("prompt", "a prompt token id is outside the vocabulary")
-    return CallJob(lambda: prompt_logprobs(runner, policy_set, prompt_ids, mixture, top_n))
+    return CallJob(
+        lambda: prompt_logprobs(runner, policy_set, prompt_ids, mixture, top_n, personas)
+    )

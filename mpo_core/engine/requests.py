@@ -14,6 +14,7 @@ from ..decoding.mixing import Mixture
 from ..decoding.sampling import SamplingParams
 from ..errors import InvalidParameter
 from ..models.kv_budget import KVBudget, format_bytes
+from ..models.personas import PersonaRules, RequestPersona
 from ..models.policies import PolicySet
 from ..rules import check_context, check_token_ids
 from .detokenize import ReplyReader, TokenTexts
@@ -37,6 +38,8 @@ class EngineLimits:
     # when the engine starts; a request is admitted only when its worst-case cache fits.
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.5
+    # Personas a request may bring on a persona family (personas.MAX_REQUEST_PERSONAS at most)
+    max_request_personas: int = 4
 
 
 @dataclass
@@ -61,9 +64,10 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
     grammar: RowGrammar | None = None  # this sequence's place in its request's grammar
     prefilled: int = 0  # prompt tokens run by chunks before its last (chunked prefill)
+    request_personas: tuple[RequestPersona, ...] = ()  # the mixture's own personas, as token ids
 
     @property
-    def coefs(self) -> tuple[float, ...]:  # [K + 1] policies, then the reference
+    def coefs(self) -> tuple[float, ...]:  # [K + 1 (+ R)] policies, the reference, personas
         return self.mixture.coefficients
 
     @property
@@ -84,15 +88,16 @@ def prepare(
     on_cancel: Callable[[], None],
     token_texts: TokenTexts | None = None,
     budget: KVBudget | None = None,
+    persona_rules: PersonaRules | None = None,
 ) -> SequenceState:
-    """Check a request against the policy set and the limits; raise InvalidParameter if bad."""
+    """Check a request against the policy set and the limits; raise InvalidParameter if bad.
+    ``persona_rules``: the request personas' prompt rules (None: the runner has none)."""
     params = request.sampling
     params.validate(policy_set.vocab_size, limits.max_top_logprobs)
     prompt = list(request.prompt_ids)
     if not prompt:
         raise InvalidParameter("prompt", "the prompt is empty: at least one token is needed")
     check_token_ids(prompt, policy_set.vocab_size, "prompt")
-    check_context(len(prompt), params.max_new_tokens, max_context)
     if request.grammar is not None and params.ignore_eos:
         raise InvalidParameter(
             "ignore_eos", "ignore_eos cannot be combined with a grammar: EOS ends the grammar"
@@ -103,6 +108,10 @@ def prepare(
         mixture = Mixture.build(policy_set.names, None, 1.0, has_reference=has_reference)
     else:  # built once by its caller: a mixture made for another policy set fails here
         mixture.check_fits(policy_set.names, has_reference)
+    personas = request_personas(mixture, persona_rules)
+    # A request persona's opening longer than the family's takes the rest from the context.
+    beyond = persona_rules.beyond_room(personas) if persona_rules is not None else 0
+    check_context(len(prompt) + beyond, params.max_new_tokens, max_context)
     total = len(prompt) + params.max_new_tokens
     if budget is not None and not budget.fits([(mixture.coefficients, total)]):
         need = budget.worst_case([(mixture.coefficients, total)])
@@ -127,7 +136,20 @@ def prepare(
         on_cancel=on_cancel,
         reader=ReplyReader(tokenizer, list(params.stop), texts).read,
     )
-    seq = SequenceState(sid, request, mixture, stream, generator, prompt)
+    seq = SequenceState(sid, request, mixture, stream, generator, prompt, request_personas=personas)
     if request.grammar is not None:
         seq.grammar = request.grammar.matcher()
     return seq
+
+
+def request_personas(mixture: Mixture, rules: PersonaRules | None) -> tuple[RequestPersona, ...]:
+    """The mixture's own personas as the runner reads them (ids; computed once per text)."""
+    if not mixture.request_personas:
+        return ()
+    if rules is None:
+        raise InvalidParameter(
+            "personas",
+            "this server runs no request personas: they need a persona family (one model "
+            "under several system prompts) on a backend with room for them (docs/server.md)",
+        )
+    return tuple(rules.of(p) for p in mixture.request_personas)

@@ -106,11 +106,20 @@ class KVBudget:
         return self.budget_bytes // max(1, self.request_token_bytes)
 
     def worst_case(self, rows: Sequence[tuple[Sequence[float], int]]) -> int:
-        """Bytes the caches of ``rows`` (coefficients [K + 1], prompt + max_new_tokens)
+        """Bytes the caches of ``rows`` (coefficients [K + 1 (+ R)], prompt + max_new_tokens)
         may reach together: per batch, its slots padded to the longest, plus spare."""
         total = 0
+        fixed = len(self.model_token_bytes)
         for group in self.groups:
-            slots = [(length, m) for coefs, length in rows for m in group if coefs[m] != 0]
+            # A request's own personas (coefficients past the fixed models) are slots of
+            # the one shared batch, each costing a token of its shared model.
+            extra = [group[-1]] if len(self.groups) == 1 else []
+            slots = [
+                (length, m if m < fixed else extra[0])
+                for coefs, length in rows
+                for m, coef in enumerate(coefs)
+                if coef != 0 and (m in group or (m >= fixed and extra))
+            ]
             if slots:
                 columns = _capacity_for(max(length for length, _ in slots))
                 total += columns * sum(self.model_token_bytes[m] for _, m in slots)

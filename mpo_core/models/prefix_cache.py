@@ -15,6 +15,7 @@ prompt would (a row may have a hole of padding between its opening and the rest)
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -32,29 +33,62 @@ from .policies import LoadedModel
 
 
 class PrefixCache:
-    """The keys and values of a few token prefixes under one model, computed on first use."""
+    """The keys and values of a few token prefixes under one model, computed on first use.
+
+    The family's own openings stay for good; a request's openings (``pinned=False``: its
+    own personas) are kept for the ``capacity`` most recently used, and their look-ups
+    are counted (``hits``, ``misses``)."""
 
     def __init__(
-        self, loaded: LoadedModel, vocab_size: int, device: torch.device, storage: KVStorage
+        self,
+        loaded: LoadedModel,
+        vocab_size: int,
+        device: torch.device,
+        storage: KVStorage,
+        capacity: int = 16,
     ) -> None:
         self.loaded = loaded
         self.vocab_size = vocab_size
         self.device = device
         self.storage = storage
+        self.capacity = capacity
         self._kv: dict[tuple[int, ...], Layers] = {}
-        self.computed = 0  # prefixes run so far (each once)
+        self._recent: OrderedDict[tuple[int, ...], Layers] = OrderedDict()
+        self.computed = 0  # prefixes run so far (a pinned one once)
+        self.hits = 0  # unpinned look-ups found
+        self.misses = 0  # unpinned look-ups run
 
-    def get(self, prefix: Sequence[int]) -> Layers:
+    def get(self, prefix: Sequence[int], pinned: bool = True) -> Layers:
         """Per layer (keys, values) ``[1, H, L, D]`` of ``prefix`` (L = its length)."""
         key = tuple(prefix)
         kv = self._kv.get(key)
-        if kv is None:
-            _, cache, _ = prefill_prompts(
-                self.loaded, [list(prefix)], self.vocab_size, self.device, self.storage
-            )
-            kv = self._kv[key] = [(k.clone(), v.clone()) for k, v in cache_layers(cache)]
-            self.computed += 1
+        if kv is None and not pinned:
+            kv = self._recent.get(key)
+            if kv is not None:
+                self._recent.move_to_end(key)
+        if kv is not None:
+            self.hits += 0 if pinned else 1
+            return kv
+        _, cache, _ = prefill_prompts(
+            self.loaded, [list(prefix)], self.vocab_size, self.device, self.storage
+        )
+        kv = [(k.clone(), v.clone()) for k, v in cache_layers(cache)]
+        self.computed += 1
+        if pinned:
+            self._kv[key] = kv
+        else:
+            self.misses += 1
+            self._recent[key] = kv
+            while len(self._recent) > self.capacity:
+                self._recent.popitem(last=False)
         return kv
+
+    def stats(self) -> dict[str, int]:
+        """The request openings' cache: hits, misses, entries held and capacity."""
+        return {
+            "hits": self.hits, "misses": self.misses, "entries": len(self._recent),
+            "capacity": self.capacity,
+        }  # fmt: skip
 
 
 @torch.inference_mode()
@@ -62,9 +96,11 @@ def prefill_after_prefixes(
     prefixes: PrefixCache,
     openings: Sequence[Sequence[int]],
     rests: Sequence[Sequence[int]],
+    pinned: Sequence[bool] | None = None,
 ) -> tuple[torch.Tensor, Cache, torch.Tensor]:
     """Prefill rows ``openings[i] + rests[i]`` (each rest non-empty), reusing the cached
-    KV of every non-empty opening; same returns as ``kvcache.prefill_prompts``."""
+    KV of every non-empty opening (``pinned[i]``, default True: the family's own, kept for
+    good); same returns as ``kvcache.prefill_prompts``."""
     loaded, device, storage = prefixes.loaded, prefixes.device, prefixes.storage
     n = len(rests)
     past = max(len(o) for o in openings)  # P
@@ -79,7 +115,8 @@ def prefill_after_prefixes(
         positions[row, new - len(rest) :] = torch.arange(
             len(opening), len(opening) + len(rest), device=device
         )
-    kvs = [prefixes.get(o) if o else None for o in openings]
+    keeps = [True] * n if pinned is None else list(pinned)
+    kvs = [prefixes.get(o, keep) if o else None for o, keep in zip(openings, keeps)]
     shape_from = next(kv for kv in kvs if kv is not None)
     layers = []
     for layer, (keys, values) in enumerate(shape_from):

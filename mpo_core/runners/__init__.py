@@ -30,7 +30,7 @@ from .factory import (
     static_or_growing,
 )
 from .llama_cpp import LlamaCppRunner
-from .personas import PersonaRunner
+from .personas import PersonaRunner, request_persona_rules
 from .scoring import ScoreResult
 from .separate import SeparateModelsRunner
 from .soups import build_soup, soup_policy_set
@@ -57,6 +57,7 @@ __all__ = [
     "load_policy_set",
     "make_runner",
     "open_runner",
+    "request_persona_rules",
     "soup_policy_set",
     "static_or_growing",
 ]

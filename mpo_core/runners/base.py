@@ -1,7 +1,9 @@
 """The runner seam: rows in, per-model next-token log-probs out.
 
 The engine knows rows (one per running request), each with its tokens so far and its
-coefficients ``[K + 1]`` (``s * w_k`` per policy, then ``1 - s`` for the reference). Each
+coefficients ``[K + 1]`` (``s * w_k`` per policy, then ``1 - s`` for the reference; on a
+backend with ``request_personas``, ``[K + 1 + R]`` for a row that brings R personas of its
+own, ``Row.request_personas``, models ``K + 1 + i``). Each
 step it hands a runner the rows already decoding (each with the tokens drafted for it, if
 any) and the newcomers, and gets back every row's next-token log-probs under every model
 whose coefficient for that row is not zero, on the mixing device. How and where the models
@@ -23,6 +25,7 @@ from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
 from ..models.kvcache import GrowingBatch, KVStorage, Prefiller, to_logprobs
+from ..models.personas import RequestPersona
 from ..models.policies import LoadedModel, PolicySet, device_of
 from .scoring import ScoreResult, score_model, score_sequences
 
@@ -42,6 +45,8 @@ class Capabilities:
     token_moments: bool
     # Soups (parameter averages of the policies) can be built (``soup``).
     soups: bool = True
+    # A request may bring personas of its own (``Row.request_personas``): a persona family.
+    request_personas: bool = False
 
 
 class Row(Protocol):
@@ -54,13 +59,16 @@ class Row(Protocol):
     def token_ids(self) -> list[int]: ...  # prompt + generated so far
 
     @property
-    def coefs(self) -> Sequence[float]: ...  # [K + 1]; 0 = that model is not needed
+    def coefs(self) -> Sequence[float]: ...  # [K + 1 (+ R)]; 0 = that model is not needed
+
+    @property
+    def request_personas(self) -> Sequence[RequestPersona]: ...  # [R] model K + 1 + i: [i]
 
 
 @dataclass
 class StepOutput:
-    # [M, B, V] float32 (``verify``: [M, B, G, V]); M = K (+1 with a reference), rows in
-    # call order
+    # [M, B, V] float32 (``verify``: [M, B, G, V]); M = K (+1 with a reference, + the most
+    # request personas a row of the step brings), rows in call order
     logprobs: torch.Tensor
     forward_seconds: dict[str, float]  # per model that ran: wall time of its forwards
 
@@ -180,11 +188,15 @@ class PolicyRunner(Protocol):
         ...
 
     def prompt_positions(
-        self, tokens: Sequence[int], models: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        models: Sequence[int],
+        personas: Sequence[RequestPersona] = (),
     ) -> dict[int, torch.Tensor]:
         """For each model m of ``models``: its log-probs [T_m, V] (on the mixing device)
         predicting the last T_m tokens of ``tokens``, every prompt token that model sees
-        with a token before it (a persona sees the prompt after its own opening)."""
+        with a token before it (a persona sees the prompt after its own opening). Model
+        ``K + 1 + i`` is the request's persona ``personas[i]`` (``request_personas``)."""
         ...
 
     def score_reference(
@@ -271,8 +283,12 @@ class RunnerBase:
         return score_sequences(self.policy_set, prompts, completions, chunk_tokens)
 
     def prompt_positions(
-        self, tokens: Sequence[int], models: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        models: Sequence[int],
+        personas: Sequence[RequestPersona] = (),
     ) -> dict[int, torch.Tensor]:
+        assert not personas, "this backend runs no request personas"
         members = all_models(self.policy_set)
         return {m: position_logprobs(self.policy_set, members[m], tokens) for m in models}
 
@@ -341,8 +357,19 @@ class StepRows:
         return 1 + max((len(drafts.get(row.sid, ())) for row in self.running), default=0)
 
     def joining(self, models: int) -> list[tuple[Row, int]]:
-        """(newcomer, model) for every model of ``models`` a newcomer's mixture needs."""
-        return [(s, m) for s in self.newcomers for m in range(models) if s.coefs[m] != 0]
+        """(newcomer, model) for every model of the first ``models`` a newcomer's mixture
+        needs (a row's own personas included when ``models`` reaches them)."""
+        return [
+            (s, m)
+            for s in self.newcomers
+            for m in range(min(models, len(s.coefs)))
+            if s.coefs[m] != 0
+        ]
+
+    def models(self, fixed: int) -> int:
+        """The step's M: ``fixed`` (K + 1), plus the most personas a row of it brings (its
+        coefficients are that much longer)."""
+        return max([fixed, *(len(row.coefs) for row in (*self.running, *self.newcomers))])
 
 
 def verify_inputs(

@@ -40,6 +40,7 @@ from transformers import PreTrainedModel
 from ..config import PolicySetConfig
 from ..errors import BackendLost, ConfigError
 from ..models.kv_budget import KVBudget, kv_budget_for
+from ..models.personas import RequestPersona
 from ..models.policies import LoadedModel, PolicySet, load_tokenizer, resolve_device
 from .base import Capabilities, PolicyRunner, Row, RunnerBase, StepOutput, StepRows
 from .distributed_world import (
@@ -81,6 +82,10 @@ class _View:
     @property
     def token_ids(self) -> list[int]:
         return cast(list[int], self.row.token_ids)
+
+    @property
+    def request_personas(self) -> tuple[RequestPersona, ...]:
+        return ()  # this backend declares no request_personas
 
 
 @dataclass(frozen=True)
@@ -465,8 +470,12 @@ class DistributedRunner(RunnerBase):
         return ScoreResult(policy, reference)
 
     def prompt_positions(
-        self, tokens: Sequence[int], models: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        models: Sequence[int],
+        personas: Sequence[RequestPersona] = (),
     ) -> dict[int, torch.Tensor]:
+        assert not personas, "this backend runs no request personas"
         wanted: dict[int, list[int]] = {}
         for g in models:
             rank, j = self.owners[g]

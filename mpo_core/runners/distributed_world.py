@@ -49,6 +49,7 @@ import torch.distributed as dist
 from ..config import PolicySetConfig
 from ..errors import ConfigError
 from ..models.kv_budget import KVBudget
+from ..models.personas import RequestPersona
 from ..models.policies import PolicySet
 from .scoring import ScoreResult
 
@@ -441,6 +442,9 @@ class WireRow:
     sid: int
     token_ids: list[int]
     coefs: tuple[float, ...]
+    # A request's own personas: none here (the distributed backend declares no
+    # request_personas, so such requests are refused before they reach it).
+    request_personas: tuple[RequestPersona, ...] = ()
 
 
 def score_columns(shard: Shard, result: ScoreResult) -> dict[int, torch.Tensor]:

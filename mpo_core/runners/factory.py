@@ -76,15 +76,22 @@ class OpenedRunner:
 
 
 def open_runner(
-    policy_set: PolicySet, limits: Any, max_context: int, runner: PolicyRunner | None = None
+    policy_set: PolicySet,
+    limits: Any,
+    max_context: int,
+    runner: PolicyRunner | None = None,
+    request_personas: int = 0,
 ) -> OpenedRunner:
     """The runner of ``policy_set`` (or ``runner``, when given) with its KV budget, under
     ``limits`` (``engine.EngineLimits``): the budget from ``kv_cache_bytes`` or
-    ``kv_cache_fraction``, ``max_running`` and ``max_context`` capped by the runner."""
+    ``kv_cache_fraction``, ``max_running`` and ``max_context`` capped by the runner;
+    ``request_personas``: the most personas a request may bring (``make_runner``)."""
     shared = (runner.capabilities if runner else capabilities_of(policy_set)).shared_forward
     budget = kv_budget_of(policy_set, limits.kv_cache_bytes, limits.kv_cache_fraction, shared)
     if runner is None:
-        runner, max_context = make_runner(policy_set, limits.max_running, max_context, budget)
+        runner, max_context = make_runner(
+            policy_set, limits.max_running, max_context, budget, request_personas
+        )
     else:
         max_context = context_limit(runner, max_context)
     max_running = limits.max_running
@@ -113,7 +120,11 @@ def kv_budget_of(
 
 
 def make_runner(
-    policy_set: PolicySet, max_rows: int, max_context: int, budget: KVBudget | None = None
+    policy_set: PolicySet,
+    max_rows: int,
+    max_context: int,
+    budget: KVBudget | None = None,
+    request_personas: int = 0,
 ) -> tuple[PolicyRunner, int]:
     """The backend a policy set runs on: grouped LoRA for an adapter family, one batch
     of persona slots for a persona family, K separate models otherwise; on static caches
@@ -122,13 +133,17 @@ def make_runner(
     A static cache has the config's ``max_cache_len`` columns per slot, else as many as
     ``budget`` gives ``max_rows`` requests over every model, up to ``max_context``
     (without a budget: at most DEFAULT_MAX_CACHE_LEN). Returns the runner and the context
-    limit settled with it: ``max_context``, capped by the columns of a static cache."""
+    limit settled with it: ``max_context``, capped by the columns of a static cache.
+    ``request_personas``: the most personas a request may bring (llama.cpp sizes its
+    sequences by it; the other backends' batches grow)."""
     config = policy_set.config
     if policy_set.backend == DistributedRunner.kind:  # each rank runs its own, by these rules
         ranked = DistributedRunner(policy_set, max_rows, max_context, budget, make_runner)
         return ranked, context_limit(ranked, max_context)
     if policy_set.backend == LlamaCppRunner.kind:  # its own contexts, sized by the budget
-        llama = LlamaCppRunner(policy_set, max_rows, budget=budget)
+        llama = LlamaCppRunner(
+            policy_set, max_rows, budget=budget, request_personas=request_personas
+        )
         return llama, context_limit(llama, max_context)
     on_cuda = policy_set.device.type == "cuda"
     static = config.static_cache == "on" or (

@@ -10,6 +10,11 @@ A *slot* is a (request, model it needs) pair, and each slot is one sequence of a
 - a family of full GGUF models (and a GGUF reference) has a context per model, whose
   sequences are the slots of the requests that need it: a llama_decode per model a step.
 
+A request may bring personas of its own (``Row.request_personas``, a persona family's
+models ``K + 1 + i``): more sequences of the one context, each starting as a copy of its
+opening, which runs once on a sequence of its own and is kept for the most recently used
+``REQUEST_OPENINGS`` openings.
+
 A verify runs each slot's newest token and its drafts (G positions) in the same decode,
 with logits at each; ``rollback`` removes the rejected tail (``seq_rm``); ``keep`` removes
 the finished requests' sequences and frees their ids. Scoring and prompt log-probs run
@@ -22,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, cast
 
 import torch
@@ -31,7 +37,7 @@ from transformers import PreTrainedModel
 
 from ..config import PolicySetConfig
 from ..models.kv_budget import KVBudget, token_bytes
-from ..models.personas import common_suffix
+from ..models.personas import RequestPersona, common_suffix, render_prompt
 from ..models.policies import PolicySet
 from .base import Capabilities, Row, RunnerBase, StepOutput, StepRows, all_models
 from .llama_context import GGUFModel, LlamaContext
@@ -47,6 +53,9 @@ from .scoring import ScoreResult
 logger = logging.getLogger(__name__)
 
 DEFAULT_CELLS = 4096  # KV cells of a context when neither the config nor a budget says
+# Request personas' openings kept on sequences of their own (the most recently used).
+REQUEST_OPENINGS = 8
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on the sequences of one context (LLAMA_MAX_SEQ)
 
 
 @dataclass
@@ -72,6 +81,7 @@ class LlamaCppRunner(RunnerBase):
         max_rows: int = 16,
         batch_factory: Any = None,  # the factory's batches are torch caches: unused here
         budget: KVBudget | None = None,
+        request_personas: int = 0,  # the most personas a request may bring (persona family)
     ) -> None:
         self.policy_set = policy_set
         self.capabilities = self.capabilities_of(policy_set)
@@ -106,8 +116,20 @@ class LlamaCppRunner(RunnerBase):
             n_ctx = settings.context_tokens or min(
                 DEFAULT_CELLS, DEFAULT_CELLS if share is None else max(256, share // per_token)
             )
-            # a sequence per slot, one per opening, and a spare for scoring
+            # a sequence per slot, one per opening, and a spare for scoring; a persona
+            # family's requests may add slots and openings of their own, where they fit
             n_seq = max_rows * len(group) + len(group) + 1
+            extra = max_rows * request_personas + REQUEST_OPENINGS if personas else 0
+            if extra and n_seq + extra > LLAMA_MAX_SEQ:
+                logger.warning(
+                    "llama.cpp: requests bring no personas of their own here: %d rows with "
+                    "up to %d each need %d sequences, more than a context holds (%d); lower "
+                    "max_running or max_request_personas",
+                    max_rows, request_personas, n_seq + extra, LLAMA_MAX_SEQ,
+                )  # fmt: skip
+                extra = 0
+                self.capabilities = replace(self.capabilities, request_personas=False)
+            n_seq += extra
             context = LlamaContext(gguf, n_ctx, n_seq, settings, policy_set.kv_dtype)
             self.contexts.append(context)
             self._free.append(list(range(n_seq - 1, -1, -1)))
@@ -119,6 +141,10 @@ class LlamaCppRunner(RunnerBase):
         self._openings = self._run_openings(openings)
         self._slots: dict[tuple[int, int], Slot] = {}
         self._width = 1
+        # A request persona's opening (its prefix) -> (sequence, length), most recent last.
+        self._request_openings: OrderedDict[tuple[int, ...], tuple[int, int]] = OrderedDict()
+        self.opening_hits = 0
+        self.opening_misses = 0
 
     # -- the class-level half (``base.Backend``) -------------------------------------
     @staticmethod
@@ -136,6 +162,7 @@ class LlamaCppRunner(RunnerBase):
     def capabilities_of(policy_set: PolicySet) -> Capabilities:
         return Capabilities(
             shared_forward=policy_set.personas is not None,
+            request_personas=policy_set.personas is not None,
             reference_alone=True,
             token_moments=False,  # every member's full distributions: transformers only
             soups=False,  # no parameter averages of quantised GGUF weights
@@ -146,9 +173,43 @@ class LlamaCppRunner(RunnerBase):
         raise NotImplementedError("the llama.cpp backend builds no soups")
 
     # -- helpers -----------------------------------------------------------------------
-    def _render(self, model: int, tokens: Sequence[int]) -> list[int]:
+    def _render(
+        self, model: int, tokens: Sequence[int], own: Sequence[RequestPersona] = ()
+    ) -> list[int]:
+        """Model ``model``'s prompt for ``tokens``; past the family's models, the request's
+        own persona ``own[model - members]``."""
         personas = self.policy_set.personas
-        return personas.render(model, tokens) if personas is not None else list(tokens)
+        if personas is None:
+            return list(tokens)
+        if model < self.members:
+            return personas.render(model, tokens)
+        persona = own[model - self.members]
+        return render_prompt(persona.prefix, persona.strip, personas.bos_token_id, tokens)
+
+    def _context(self, model: int) -> int:
+        """The context of a model (a request's own persona: the persona family's one)."""
+        return self.context_of[model] if model < self.members else 0
+
+    def _request_opening(self, prefix: tuple[int, ...]) -> tuple[int, int]:
+        """The sequence holding a request persona's opening, run on first use: (seq,
+        length). The least recently used beyond REQUEST_OPENINGS is dropped (its cells stay
+        for the slots that share them)."""
+        found = self._request_openings.get(prefix)
+        if found is not None:
+            self.opening_hits += 1
+            self._request_openings.move_to_end(prefix)
+            return found
+        self.opening_misses += 1
+        full = len(self._request_openings) >= REQUEST_OPENINGS or not self._free[0]
+        if self._request_openings and full:
+            _, (old, _) = self._request_openings.popitem(last=False)
+            self._release(0, old)
+        if not self._free[0]:
+            raise RuntimeError("llama.cpp context 0 has no free sequence")
+        seq = self._free[0].pop()
+        self.contexts[0].decode([(seq, list(prefix), 0, len(prefix))])  # no logits
+        found = self._request_openings[prefix] = (seq, len(prefix))
+        return found
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, n_vocab] logits -> [N, V] float32 log-probs over the tokenizer's vocabulary."""
@@ -168,17 +229,26 @@ class LlamaCppRunner(RunnerBase):
             self.contexts[c].decode(part)  # no logits: the KV is what is kept
         return found
 
-    def _start(self, model: int, prompt: list[int]) -> tuple[int, int]:
+    def _start(
+        self, model: int, prompt: list[int], own: Sequence[RequestPersona] = ()
+    ) -> tuple[int, int]:
         """A fresh sequence for ``prompt`` on model's context, sharing its opening's cells
         when the prompt starts with it; (sequence, tokens already there)."""
-        c = self.context_of[model]
+        c = self._context(model)
+        cached: list[int] = []
+        opening = None
+        if model >= self.members:  # a request's own persona
+            prefix = own[model - self.members].prefix
+            if 0 < len(prefix) < len(prompt) and tuple(prompt[: len(prefix)]) == prefix:
+                opening, cached = self._request_opening(prefix), list(prefix)
+        elif self._openings[model] is not None:
+            opening = self._openings[model]
+            cached = self.policy_set.personas.cached[model]  # type: ignore[union-attr]
         if not self._free[c]:
             raise RuntimeError(f"llama.cpp context {c} has no free sequence")
         seq = self._free[c].pop()
-        opening = self._openings[model]
         if opening is not None:
             source, length = opening
-            cached = self.policy_set.personas.cached[model]  # type: ignore[union-attr]
             if length < len(prompt) and prompt[:length] == cached:
                 self.contexts[c].copy(source, seq, length)
                 return seq, length
@@ -199,12 +269,13 @@ class LlamaCppRunner(RunnerBase):
         its shared opening), in one llama_decode per context."""
         ps, rows = self.policy_set, StepRows(running, newcomers)
         width = self._width = rows.width(drafts)
-        logprobs = torch.zeros(self.members, rows.count, width, ps.vocab_size)  # [M, B, G, V]
+        models = rows.models(self.members)  # K + 1, + the most personas a row brings
+        logprobs = torch.zeros(models, rows.count, width, ps.vocab_size)  # [M, B, G, V]
         pieces: list[list[tuple[int, list[int], int, int]]] = [[] for _ in self.contexts]
         wanted: list[list[tuple[int, int, int]]] = [[] for _ in self.contexts]  # (m, row, n)
         for row in running:
             tokens = [row.token_ids[-1], *drafts.get(row.sid, ())]
-            for m in range(self.members):
+            for m in range(models):
                 slot = self._slots.get((row.sid, m))
                 if slot is None:
                     continue
@@ -212,11 +283,15 @@ class LlamaCppRunner(RunnerBase):
                 wanted[slot.context].append((m, rows.row_of[row.sid], len(tokens)))
                 slot.before, slot.ran = slot.length, len(tokens)
                 slot.length += len(tokens)
-        for row, m in rows.joining(self.members):
-            prompt = self._render(m, row.token_ids)
-            c = self.context_of[m]
+        for row, m in rows.joining(models):
+            own = row.request_personas if m >= self.members else ()
+            prompt = self._render(m, row.token_ids, own)
+            c = self._context(m)
             partial = self._slots.get((row.sid, m))  # started by ``prefill_chunk``
-            seq, there = (partial.seq, partial.length) if partial else self._start(m, prompt)
+            if partial is not None:
+                seq, there = partial.seq, partial.length
+            else:
+                seq, there = self._start(m, prompt, own)
             self._slots[(row.sid, m)] = Slot(c, seq, len(prompt))
             pieces[c].append((seq, prompt[there:], there, len(prompt) - there - 1))
             wanted[c].append((m, rows.row_of[row.sid], 1))
@@ -240,15 +315,16 @@ class LlamaCppRunner(RunnerBase):
         context. The slot then waits in ``_slots`` for its last chunk (``verify``)."""
         pieces: list[list[tuple[int, list[int], int, int]]] = [[] for _ in self.contexts]
         for row, end in zip(rows, ends):
-            for m in range(self.members):
+            for m in range(len(row.coefs)):  # the family's models, then the row's own
                 if row.coefs[m] == 0:
                     continue
-                prompt = self._render(m, row.token_ids)
+                own = row.request_personas if m >= self.members else ()
+                prompt = self._render(m, row.token_ids, own)
                 stop = min(end + len(prompt) - len(row.token_ids), len(prompt) - 1)
                 slot = self._slots.get((row.sid, m))
                 if slot is None:
-                    seq, there = self._start(m, prompt)
-                    slot = self._slots[(row.sid, m)] = Slot(self.context_of[m], seq, there)
+                    seq, there = self._start(m, prompt, own)
+                    slot = self._slots[(row.sid, m)] = Slot(self._context(m), seq, there)
                 if stop > slot.length:
                     tokens = prompt[slot.length : stop]
                     pieces[slot.context].append((slot.seq, tokens, slot.length, len(tokens)))
@@ -272,12 +348,18 @@ class LlamaCppRunner(RunnerBase):
             self._release(slot.context, slot.seq)
 
     # -- scoring -------------------------------------------------------------------------
-    def _positions(self, model: int, tokens: list[int], outputs_from: int) -> torch.Tensor:
+    def _positions(
+        self,
+        model: int,
+        tokens: list[int],
+        outputs_from: int,
+        own: Sequence[RequestPersona] = (),
+    ) -> torch.Tensor:
         """Run ``tokens`` on a spare sequence of model's context (after its shared opening
         when it starts with it); log-probs [len(tokens) - outputs_from, V] of the positions
         ``outputs_from...``."""
-        c = self.context_of[model]
-        seq, there = self._start(model, tokens)
+        c = self._context(model)
+        seq, there = self._start(model, tokens, own)
         there = min(there, outputs_from)
         if there:  # the copied opening must not cover a position whose logits we need
             self.contexts[c].remove(seq, there)
@@ -330,16 +412,20 @@ class LlamaCppRunner(RunnerBase):
         return self._score_model(self.members - 1, prompts, completions)
 
     def prompt_positions(
-        self, tokens: Sequence[int], models: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        models: Sequence[int],
+        personas: Sequence[RequestPersona] = (),
     ) -> dict[int, torch.Tensor]:
         """Each model's log-probs [T_m, V] of the prompt tokens it sees with a token before
-        them (a persona: the request's tokens at the end of its rendering)."""
+        them (a persona: the request's tokens at the end of its rendering; model
+        ``K + 1 + i``: the request's ``personas[i]``)."""
         out = {}
         for m in models:
-            rendered = self._render(m, tokens)
+            rendered = self._render(m, tokens, personas)
             seen = min(common_suffix(rendered, list(tokens)), len(rendered) - 1)
             start = len(rendered) - 1 - seen
-            out[m] = self._positions(m, rendered, start)[:seen]  # [T_m, V]
+            out[m] = self._positions(m, rendered, start, personas)[:seen]  # [T_m, V]
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -353,4 +439,8 @@ class LlamaCppRunner(RunnerBase):
             "threads": settings.threads,
             "batch_size": settings.batch_size,
             "gpu_layers": settings.gpu_layers,
-        }
+            "request_persona_openings": {
+                "hits": self.opening_hits, "misses": self.opening_misses,
+                "entries": len(self._request_openings), "capacity": REQUEST_OPENINGS,
+            },
+        }  # fmt: skip

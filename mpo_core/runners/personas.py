@@ -14,6 +14,11 @@ one) is run once and its KV reused by every later prefill that starts with it
 slots' buffers are filled by the static batch itself), so there the openings are
 recomputed per request; the results are the same.
 
+A request may bring personas of its own (``Row.request_personas``, ids computed by the engine):
+models ``K + 1 + i`` of that row, slots like any other, rendered from the persona's ids;
+their openings' KV is kept in the same cache, for the most recently used few. A step
+whose rows bring none returns the fixed [K + 1, B, G, V].
+
 Scoring teacher-forces each completion after each model's rendering of its prompt,
 all models' rows in the same chunks of one model.
 """
@@ -23,7 +28,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -32,7 +37,14 @@ from ..config import PolicySetConfig
 from ..errors import ConfigError
 from ..models.chunked_prefill import PartialPrefills
 from ..models.kvcache import KVStorage, release_free_memory
-from ..models.personas import build_persona_prompts, common_suffix
+from ..models.personas import (
+    MAX_REQUEST_PERSONAS,
+    PersonaRules,
+    RequestPersona,
+    build_persona_prompts,
+    common_suffix,
+    render_prompt,
+)
 from ..models.policies import (
     Kernels,
     LoadedModel,
@@ -64,6 +76,16 @@ from .scoring import ScoreResult, score_model
 # ``personas-padded``). So it is off: set ``PersonaRunner.pad_rows = PAD_ROWS`` to pad.
 PAD_ROWS = {3: 4}
 FILLER = -1  # the filler slot's id (a request's slots are >= 0)
+# Request personas' openings whose KV is kept (the most recently used; the family's own
+# are always kept).
+REQUEST_OPENINGS = 16
+
+
+def request_persona_rules(policy_set: PolicySet) -> PersonaRules:
+    """The prompt rules of the personas requests bring to this persona family: its
+    tokenizer, and the room its context limit leaves for an opening."""
+    assert policy_set.personas is not None, "not a persona family"
+    return PersonaRules(policy_set.tokenizer, room=policy_set.personas.longest_extra)
 
 
 class PersonaRunner(RunnerBase):
@@ -80,6 +102,8 @@ class PersonaRunner(RunnerBase):
         self.capabilities = self.capabilities_of(policy_set)
         self.prompts = prompts
         self.models = prompts.models  # K personas, then the plain model
+        # A request's slots are sid * stride + m: its K + 1 models, then its own personas.
+        self.stride = self.models + MAX_REQUEST_PERSONAS
         self.shared = reference
         storage = KVStorage(policy_set.kv_dtype)
         make = batch_factory or growing_batches(policy_set)
@@ -91,7 +115,7 @@ class PersonaRunner(RunnerBase):
         self.prefixes: PrefixCache | None = None
         if isinstance(self.batch, AppendableBatch):
             self.prefixes = PrefixCache(
-                reference, policy_set.vocab_size, device_of(reference), storage
+                reference, policy_set.vocab_size, device_of(reference), storage, REQUEST_OPENINGS
             )
         # A slot's prompt is longer than its request's by up to ``longest_extra`` tokens.
         limit = self.batch.max_len
@@ -141,7 +165,9 @@ class PersonaRunner(RunnerBase):
 
     @staticmethod
     def capabilities_of(policy_set: PolicySet) -> Capabilities:
-        return Capabilities(shared_forward=True, reference_alone=True, token_moments=False)
+        return Capabilities(
+            shared_forward=True, reference_alone=True, token_moments=False, request_personas=True
+        )
 
     @staticmethod
     def soup(policy_set: PolicySet, weights: Sequence[float]) -> PreTrainedModel:
@@ -161,7 +187,21 @@ class PersonaRunner(RunnerBase):
             self._filler_length = 1
 
     def _slot(self, sid: int, model: int) -> int:
-        return sid * self.models + model
+        return sid * self.stride + model
+
+    def _rule(self, row: Row, model: int) -> tuple[list[int], list[int], bool]:
+        """Model ``model``'s (prefix, strip) for ``row`` and whether it is the family's own
+        (a configured member) rather than the row's request persona."""
+        if model < self.models:
+            return self.prompts.prefix[model], self.prompts.strip[model], True
+        persona: RequestPersona = row.request_personas[model - self.models]
+        return list(persona.prefix), list(persona.strip), False
+
+    def _render(self, row: Row, model: int, tokens: Sequence[int]) -> list[int]:
+        if model < self.models:
+            return self.prompts.render(model, tokens)
+        prefix, strip, _ = self._rule(row, model)
+        return render_prompt(prefix, strip, self.prompts.bos_token_id, tokens)
 
     def _inputs(
         self, rows: StepRows, drafts: Mapping[int, Sequence[int]], width: int
@@ -172,7 +212,7 @@ class PersonaRunner(RunnerBase):
         their models [S'] and their rows of the output [S']."""
         slots = self.batch.row_ids
         real = [i for i, slot in enumerate(slots) if slot != FILLER]
-        seqs = [rows.by_sid[slots[i] // self.models] for i in real]
+        seqs = [rows.by_sid[slots[i] // self.stride] for i in real]
         tokens, positions = verify_inputs(seqs, drafts, width)
         positions = [[p + self._shift[slots[i]] for p in row] for i, row in zip(real, positions)]
         if len(real) < len(slots):
@@ -183,7 +223,7 @@ class PersonaRunner(RunnerBase):
         return (
             torch.tensor([tokens, positions], device=device),
             torch.tensor(real, device=device),
-            torch.tensor([slots[i] % self.models for i in real], device=device),
+            torch.tensor([slots[i] % self.stride for i in real], device=device),
             torch.tensor([rows.row_of[s.sid] for s in seqs], device=device),
         )
 
@@ -197,8 +237,8 @@ class PersonaRunner(RunnerBase):
         positions, all slots (and the filler, if present) in one forward."""
         ps, rows = self.policy_set, StepRows(running, newcomers)
         width = self._width = rows.width(drafts)
-        shape = (self.models, rows.count, width, ps.vocab_size)
-        logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]
+        shape = (rows.models(self.models), rows.count, width, ps.vocab_size)
+        logprobs = torch.zeros(shape, device=ps.device)  # [M, B, G, V]; M = K + 1 (+ R)
         started = time.perf_counter()
         if self.pad_rows and width == 1 and isinstance(self.batch, AppendableBatch):
             self._pad()
@@ -220,7 +260,7 @@ class PersonaRunner(RunnerBase):
         if self._width == 1:
             return
         slots = self.batch.row_ids
-        per_slot = [kept.get(slot // self.models, sys.maxsize) for slot in slots]
+        per_slot = [kept.get(slot // self.stride, sys.maxsize) for slot in slots]
         if FILLER in slots:  # as many columns as the longest run kept: the rest crop
             longest = max(kept.values(), default=1)
             per_slot[slots.index(FILLER)] = longest
@@ -230,40 +270,42 @@ class PersonaRunner(RunnerBase):
     def _join(self, rows: StepRows, logprobs: torch.Tensor) -> None:
         """Prefill the newcomers' slots, each with its persona's rendering of the prompt;
         their log-probs into ``logprobs`` [M, B, V] (a verify passes its column 0, a view)."""
-        joining = rows.joining(self.models)
+        joining = rows.joining(logprobs.shape[0])
         if not joining:
             return
         device = self.policy_set.device
         slots = [self._slot(s.sid, m) for s, m in joining]
-        prompts = [self.prompts.render(m, s.token_ids) for s, m in joining]
+        prompts = [self._render(s, m, s.token_ids) for s, m in joining]
         for slot, prompt, (s, _) in zip(slots, prompts, joining):
             self._shift[slot] = len(prompt) - len(s.token_ids)
         models = torch.tensor([m for _, m in joining], device=device)  # [S']
         index = torch.tensor([rows.row_of[s.sid] for s, _ in joining], device=device)
-        prefilled = self._prefill(slots, [m for _, m in joining], prompts)  # [S', V]
+        prefilled = self._prefill(slots, joining, prompts)  # [S', V]
         logprobs[models, index] = prefilled
 
     def _prefill(
-        self, slots: list[int], models: list[int], prompts: list[list[int]]
+        self, slots: list[int], joining: list[tuple[Row, int]], prompts: list[list[int]]
     ) -> torch.Tensor:
         """Add the slots to the batch; their last position's log-probs [S', V]."""
         started = any(slot in self.parts for slot in slots)  # by ``prefill_chunk``
         if self.prefixes is None or not isinstance(self.batch, AppendableBatch) or started:
             return self.batch.prefill(slots, prompts, self.parts)
-        openings = [self._opening(model, prompt) for model, prompt in zip(models, prompts)]
+        openings = [self._opening(row, m, prompt) for (row, m), prompt in zip(joining, prompts)]
+        pinned = [m < self.models for _, m in joining]  # the family's own: kept for good
         if not any(openings):
             return self.batch.prefill(slots, prompts)
         rests = [p[len(o) :] for o, p in zip(openings, prompts)]
-        result, cache, mask = prefill_after_prefixes(self.prefixes, openings, rests)
+        result, cache, mask = prefill_after_prefixes(self.prefixes, openings, rests, pinned)
         self.batch.append(slots, cache, mask)
         del cache
         if self.policy_set.device.type == "cpu":  # the prefill's buffers, back to the OS
             release_free_memory()
         return result
 
-    def _opening(self, model: int, prompt: list[int]) -> list[int]:
-        """Model's cached opening if ``prompt`` starts with it (and has more), else []."""
-        opening = self.prompts.cached[model]
+    def _opening(self, row: Row, model: int, prompt: list[int]) -> list[int]:
+        """Model's cached opening (a request persona's: its prefix) if ``prompt`` starts
+        with it (and has more), else []."""
+        opening = self.prompts.cached[model] if model < self.models else self._rule(row, model)[0]
         usable = 0 < len(opening) < len(prompt) and prompt[: len(opening)] == opening
         return opening if usable else []
 
@@ -271,17 +313,19 @@ class PersonaRunner(RunnerBase):
         """Each slot runs its rendering of the prompt up to the end's place there (its
         persona's tokens shift it), starting from its cached opening where it can."""
         for row, end in zip(rows, ends):
-            for m in range(self.models):
+            for m in range(len(row.coefs)):  # the family's models, then the row's own
                 if row.coefs[m] == 0:
                     continue
-                prompt = self.prompts.render(m, row.token_ids)
+                prompt = self._render(row, m, row.token_ids)
                 stop = min(end + len(prompt) - len(row.token_ids), len(prompt) - 1)
-                opening = self._opening(m, prompt) if self.prefixes is not None else []
-                cached = self.prefixes.get(opening) if self.prefixes and opening else None
+                opening = self._opening(row, m, prompt) if self.prefixes is not None else []
+                cached = None
+                if self.prefixes is not None and opening:
+                    cached = self.prefixes.get(opening, m < self.models)
                 self.parts.extend(self._slot(row.sid, m), prompt[: max(stop, 0)], cached)
 
     def keep(self, sids: set[int]) -> None:
-        kept = {self._slot(sid, m) for sid in sids for m in range(self.models)}
+        kept = {self._slot(sid, m) for sid in sids for m in range(self.stride)}
         self.parts.keep(kept)
         self.batch.keep(kept | {FILLER} if kept else kept)  # the next step re-pads
         self._shift = {slot: n for slot, n in self._shift.items() if slot in kept}
@@ -313,14 +357,30 @@ class PersonaRunner(RunnerBase):
         return score_model(self.shared, ps.vocab_size, prompts, completions, chunk_tokens)
 
     def prompt_positions(
-        self, tokens: Sequence[int], models: Sequence[int]
+        self,
+        tokens: Sequence[int],
+        models: Sequence[int],
+        personas: Sequence[RequestPersona] = (),
     ) -> dict[int, torch.Tensor]:
         """Model m runs its persona's rendering of the prompt; the positions it returns are
-        those predicting the request's own tokens at the end of that rendering."""
+        those predicting the request's own tokens at the end of that rendering. Model
+        ``K + 1 + i`` is the request's persona ``personas[i]``."""
         out = {}
         for m in models:
-            rendered = self.prompts.render(m, list(tokens))
+            if m < self.models:
+                rendered = self.prompts.render(m, list(tokens))
+            else:
+                own = personas[m - self.models]
+                bos = self.prompts.bos_token_id
+                rendered = render_prompt(own.prefix, own.strip, bos, tokens)
             seen = min(common_suffix(rendered, list(tokens)), len(rendered) - 1)
             logprobs = position_logprobs(self.policy_set, self.shared, rendered)  # [L_m - 1, V]
             out[m] = logprobs[len(logprobs) - seen :]  # [T_m, V]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """The backend, and the cache of request personas' openings (plain numbers)."""
+        out: dict[str, Any] = {"backend": self.policy_set.backend}
+        if self.prefixes is not None:
+            out["request_persona_openings"] = self.prefixes.stats()
         return out

@@ -10,7 +10,7 @@ from mpo_core.decoding.mixing import MAX_STRENGTH
 from mpo_core.errors import InvalidParameter
 from mpo_core.names import Name
 
-from .common import MAX_INT, JSONObject, OptInt, Weights
+from .common import MAX_INT, JSONObject, OptInt, Personas, Weights, persona_map
 
 
 class ProfilePut(BaseModel):
@@ -23,6 +23,8 @@ class ProfilePut(BaseModel):
     meta: JSONObject = Field(default_factory=dict)
     version: OptInt = Field(default=None, ge=1, le=MAX_INT)  # copy this old version as the newest
     default: bool | None = None  # true: mark this profile default
+    # Personas the profile brings (persona families), as a request's; its weights name them
+    personas: Personas = None
 
     @model_validator(mode="after")
     def _weights_xor_version(self) -> ProfilePut:
@@ -31,7 +33,15 @@ class ProfilePut(BaseModel):
                 "weights" if self.weights is None else "version",
                 "give either weights (new content) or version (a rollback), not both",
             )
+        if self.version is not None and self.personas is not None:
+            raise InvalidParameter(
+                "personas", "a rollback takes the version's own personas; give no personas"
+            )
         return self
+
+    def own_personas(self) -> dict[str, Any] | None:
+        """The ``personas`` field as the engine and the stores take them."""
+        return persona_map(self.personas)
 
 
 class DefaultPut(BaseModel):
@@ -51,6 +61,7 @@ class ProfileOut(BaseModel):
     created_at: float
     is_default: bool = False
     deleted: bool = False  # the version that deleted the profile (empty weights)
+    personas: dict[str, Any] = {}  # the personas it brings: {name: text | {system|prefix}}
 
 
 class ProfileList(BaseModel):

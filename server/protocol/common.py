@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 from mpo_core.decoding.mixing import MAX_STRENGTH, check_weight_list, check_weight_map
 from mpo_core.names import Name, name_problem
@@ -41,6 +48,49 @@ def _check_weights(
 Weights = Annotated[dict[str, float] | list[float] | None, AfterValidator(_check_weights)]
 
 
+class PersonaPrompt(BaseModel):
+    """A persona a request brings, as an object: exactly one of a system message (the chat
+    template renders it) or a raw prefix (its tokens go before the prompt)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    system: Annotated[str, AfterValidator(valid_text), Field(min_length=1)] | None = None
+    prefix: Annotated[str, AfterValidator(valid_text), Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> PersonaPrompt:
+        if (self.system is None) == (self.prefix is None):
+            raise ValueError("give exactly one of system (a system message) or prefix (raw text)")
+        return self
+
+
+def _check_personas(
+    personas: dict[str, str | PersonaPrompt] | None,
+) -> dict[str, str | PersonaPrompt] | None:
+    """The name rule on the personas' names (the engine checks the count and clashes)."""
+    for name in personas or {}:
+        problem = name_problem(name, "persona")
+        if problem is not None:
+            raise ValueError(problem)  # pydantic names the field
+    return personas
+
+
+# {name: "a system message" | {"system": ...} | {"prefix": ...}}: members this request
+# adds on a persona family, usable by name in its weights (docs/server.md).
+PersonaValue = Annotated[str, AfterValidator(valid_text), Field(min_length=1)] | PersonaPrompt
+Personas = Annotated[dict[str, PersonaValue] | None, AfterValidator(_check_personas)]
+
+
+def persona_map(personas: dict[str, str | PersonaPrompt] | None) -> dict[str, Any] | None:
+    """Personas as the engine and the stores take them: {name: text or {system|prefix}}."""
+    if personas is None:
+        return None
+    return {
+        name: value if isinstance(value, str) else value.model_dump(exclude_none=True)
+        for name, value in personas.items()
+    }
+
+
 class MixingFields(BaseModel):
     """How to blend the policies (docs/architecture.md); absent fields fall back to the profile.
 
@@ -55,11 +105,21 @@ class MixingFields(BaseModel):
     strength: float | None = Field(default=None, ge=0, le=MAX_STRENGTH, allow_inf_nan=False)
     # Li et al.'s alpha, in force when a policy's term is negative (null: the default, 0.1)
     plausibility: float | None = Field(default=None, ge=0, lt=1, allow_inf_nan=False)
+    # Personas this request adds (persona families): {name: system message or object}
+    personas: Personas = None
+
+    def persona_count(self) -> int:
+        """How many personas the request brings."""
+        return len(self.personas or {})
+
+    def persona_map(self) -> dict[str, Any] | None:
+        """``personas`` as the engine takes them: {name: text or {system|prefix: text}}."""
+        return persona_map(self.personas)
 
 
 class MixtureSpec(MixingFields):
-    """One mixture of a fan-out (``mixtures``): its weights or profile, its strength and
-    its plausibility, each as on a request (absent: the same fallbacks)."""
+    """One mixture of a fan-out (``mixtures``): its weights or profile, its strength, its
+    plausibility and its personas, each as on a request (absent: the same fallbacks)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

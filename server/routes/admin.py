@@ -89,7 +89,7 @@ def put_profile(name: Name, body: ProfilePut, store: StoreDep, engine: EngineDep
     201 when this creates the profile (again, after a delete), 409 for a rollback of a
     deleted profile."""
     weights: dict[str, float] | list[float] | None = body.weights
-    strength, meta = body.strength, body.meta
+    strength, meta, personas = body.strength, body.meta, body.own_personas()
     live = _is_live(store, name)
     if body.version is not None:
         if live is not None and not live:
@@ -102,12 +102,13 @@ def put_profile(name: Name, body: ProfilePut, store: StoreDep, engine: EngineDep
                 code="profile_deleted",
             )
         old = store.get(name, body.version)
-        weights, strength = old.weights, old.strength
+        weights, strength, personas = old.weights, old.strength, old.request_personas
         meta = {**body.meta, "rollback_of": body.version}
     # The engine's mixture checks the names against the loaded policies; the store then
     # applies the same core rules to what it writes.
-    mixture = engine.mixture(weights, strength)
-    version = store.put(name, mixture.as_dict(), mixture.strength, meta)
+    mixture = engine.mixture(weights, strength, personas=personas)
+    own = {p.name: p.wire() for p in mixture.request_personas}
+    version = store.put(name, mixture.as_dict(), mixture.strength, meta, own)
     if body.default:
         store.set_default(name)
     status = 200 if live else 201

@@ -191,7 +191,7 @@ async def plan_completion(serving: Serving, body: CompletionRequest) -> Plan:
     prompts = completion_prompts(serving, body)
     samplings = []
     for ids in prompts:
-        max_new = serving.budget(len(ids), body.max_tokens, "max_tokens", "prompt")
+        max_new = serving.budget(len(ids), body.max_tokens, "max_tokens", "prompt", choices[1])
         samplings += [body.to_sampling(max_new, top, seed_index(choices, j)) for j in range(n)]
     serving.check_capacity(len(samplings), "n" if n > 1 else "prompt")
     return Plan.build(prompts, samplings, choices)
@@ -289,7 +289,7 @@ async def plan_chat(serving: Serving, body: ChatCompletionRequest) -> Plan:
     top = serving.check_top_logprobs(body.top_logprobs or 0, "top_logprobs")
     prompt = chat_prompt(serving, body)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_new = serving.budget(len(prompt), body.max_new_tokens(), param, "messages")
+    max_new = serving.budget(len(prompt), body.max_new_tokens(), param, "messages", choices[1])
     samplings = [
         body.to_sampling(max_new, top, seed_index(choices, j)) for j in range(len(choices[1]))
     ]

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from mpo_core.decoding.mixing import check_strength, check_weight_map
 from mpo_core.errors import InvalidParameter, MPOError, UnknownProfile
+from mpo_core.models.personas import MAX_REQUEST_PERSONAS, check_request_personas
 from mpo_core.names import check_name
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ class ProfileVersion:
     meta: dict[str, Any] = field(default_factory=dict)  # free-form: who, why, fit job id
     created_at: float = 0.0  # unix seconds
     deleted: bool = False  # a tombstone: the profile was deleted here (weights empty)
+    # Personas the profile brings, as a request writes them: {name: text | {system|prefix}}
+    request_personas: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +132,7 @@ class ProfileVersion:
             "meta": dict(self.meta),
             "created_at": self.created_at,
             "deleted": self.deleted,
+            "personas": dict(self.request_personas),
         }
 
 
@@ -191,15 +195,35 @@ class NewVersion:
     strength: float
     meta: dict[str, Any]
     created_at: float
+    request_personas: dict[str, Any] = field(default_factory=dict)
+
+    def version(self, name: str, version: int) -> ProfileVersion:
+        return ProfileVersion(
+            name, version, self.weights, self.strength, self.meta, self.created_at,
+            request_personas=self.request_personas,
+        )  # fmt: skip
 
 
 def prepare_put(
-    name: str, weights: dict[str, float], strength: float, meta: dict[str, Any] | None
+    name: str,
+    weights: dict[str, float],
+    strength: float,
+    meta: dict[str, Any] | None,
+    personas: dict[str, Any] | None = None,
 ) -> NewVersion:
-    """Check a new version with the core's rules (the server also checks policy names)."""
+    """Check a new version with the core's rules (the server also checks policy names,
+    and the personas against the family's members)."""
     check_profile_name(name)
     checked = _check_weights(weights)
-    return NewVersion(checked, check_strength(strength), check_meta(meta), time.time())
+    own = check_stored_personas(personas)
+    return NewVersion(checked, check_strength(strength), check_meta(meta), time.time(), own)
+
+
+def check_stored_personas(personas: object) -> dict[str, Any]:
+    """A profile's personas in the request's own form, after the request's rules on their
+    shape, names and count (whatever the family: the server checks the clashes)."""
+    checked = check_request_personas(personas, (), MAX_REQUEST_PERSONAS)
+    return {p.name: p.wire() for p in checked}
 
 
 def _check_weights(weights: object) -> dict[str, float]:
@@ -211,7 +235,13 @@ def _check_weights(weights: object) -> dict[str, float]:
 
 
 def checked_version(
-    name: str, version: Any, weights: Any, strength: Any, meta: Any, created_at: Any
+    name: str,
+    version: Any,
+    weights: Any,
+    strength: Any,
+    meta: Any,
+    created_at: Any,
+    personas: Any = None,
 ) -> ProfileVersion:
     """A stored row (JSON columns as text or decoded) as a ProfileVersion, after the
     checks a put applies; UnreadableProfile when it breaks them. NULL weights: a tombstone."""
@@ -226,6 +256,8 @@ def checked_version(
             weights = json.loads(weights)
         if isinstance(meta, (str, bytes)):
             meta = json.loads(meta)
+        if isinstance(personas, (str, bytes)):
+            personas = json.loads(personas)
         return ProfileVersion(
             name=name,
             version=int(version),
@@ -233,6 +265,7 @@ def checked_version(
             strength=check_strength(strength),
             meta=check_meta(meta),
             created_at=float(created_at),
+            request_personas=check_stored_personas(personas),
         )
     except (ValueError, TypeError) as exc:  # InvalidParameter and JSONDecodeError included
         raise UnreadableProfile(str(name), version, str(exc)) from None
@@ -316,6 +349,7 @@ class ProfileStore(Protocol):
         weights: dict[str, float],
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
+        personas: dict[str, Any] | None = None,
     ) -> ProfileVersion:
         """Store a new version (creating the profile if needed) and return it."""
         ...

@@ -105,8 +105,9 @@ class GuardedStore:
         weights: dict[str, float],
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
+        personas: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        return self._call(self.backend.put, name, weights, strength, meta)
+        return self._call(self.backend.put, name, weights, strength, meta, personas)
 
     def delete(self, name: str) -> None:
         self._call(self.backend.delete, name)

@@ -81,8 +81,12 @@ CREATE TABLE IF NOT EXISTS mpo_family_profile_versions (
     strength   double precision NOT NULL DEFAULT 1.0,
     meta       json             NOT NULL DEFAULT '{}',
     created_at double precision NOT NULL,  -- unix seconds
+    personas   json             NOT NULL DEFAULT '{}',  -- the personas it brings
     PRIMARY KEY (family, name, version)
 );
+-- a table made before profiles held personas gains the column (each row: none)
+ALTER TABLE mpo_family_profile_versions
+    ADD COLUMN IF NOT EXISTS personas json NOT NULL DEFAULT '{}';
 CREATE TABLE IF NOT EXISTS mpo_family_settings (
     family text NOT NULL,
     key    text NOT NULL,
@@ -90,7 +94,9 @@ CREATE TABLE IF NOT EXISTS mpo_family_settings (
     PRIMARY KEY (family, key)
 );
 """
-_COLUMNS = "name, version, weights, strength, meta, created_at"
+_COLUMNS = "name, version, weights, strength, meta, created_at, personas"
+# The old, family-less table's columns (it has no personas), for adopting its rows.
+_LEGACY_COLUMNS = "name, version, weights, strength, meta, created_at"
 # json (not jsonb) keeps the weights' key order, as SQLite's text does; names sort bytewise
 # (COLLATE "C") as in SQLite, whatever the database's collation.
 _LIST = f"""
@@ -356,8 +362,8 @@ class PostgresProfileStore:
         if not names:
             return
         conn.execute(
-            f"INSERT INTO mpo_family_profile_versions (family, {_COLUMNS}) "
-            f"SELECT %s, {_COLUMNS} FROM mpo_profile_versions WHERE name = ANY(%s) "
+            f"INSERT INTO mpo_family_profile_versions (family, {_LEGACY_COLUMNS}) "
+            f"SELECT %s, {_LEGACY_COLUMNS} FROM mpo_profile_versions WHERE name = ANY(%s) "
             "ON CONFLICT DO NOTHING",
             (key, names),
         )
@@ -487,17 +493,18 @@ class PostgresProfileStore:
         weights: dict[str, float],
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
+        personas: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        new = prepare_put(name, weights, strength, meta)
+        new = prepare_put(name, weights, strength, meta, personas)
         with self._write(name) as conn:
             version = _next_version(conn, self.family.key, name)
             conn.execute(
                 f"INSERT INTO mpo_family_profile_versions (family, {_COLUMNS}) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (self.family.key, name, version, Json(new.weights), new.strength,
-                 Json(new.meta), new.created_at),
+                 Json(new.meta), new.created_at, Json(new.request_personas)),
             )  # fmt: skip
-        return ProfileVersion(name, version, new.weights, new.strength, new.meta, new.created_at)
+        return new.version(name, version)
 
     def delete(self, name: str) -> None:
         key = self.family.key

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS family_profile_versions (
     strength   REAL    NOT NULL DEFAULT 1.0,
     meta       TEXT    NOT NULL DEFAULT '{}',
     created_at REAL    NOT NULL,
+    personas   TEXT    NOT NULL DEFAULT '{}',  -- JSON object: the personas it brings
     PRIMARY KEY (family, name, version)
 );
 CREATE TABLE IF NOT EXISTS family_settings (
@@ -49,13 +50,15 @@ CREATE TABLE IF NOT EXISTS family_settings (
     PRIMARY KEY (family, key)
 );
 """
-_COLUMNS = "name, version, weights, strength, meta, created_at"
+_COLUMNS = "name, version, weights, strength, meta, created_at, personas"
+# The old, family-less table's columns (it has no personas), for adopting its rows.
+_LEGACY_COLUMNS = "name, version, weights, strength, meta, created_at"
 _LATEST = f"""
 SELECT {_COLUMNS} FROM family_profile_versions
 WHERE family = ? AND name = ? ORDER BY version DESC LIMIT 1
 """
 _LIST = """
-SELECT v.name, v.version, v.weights, v.strength, v.meta, v.created_at
+SELECT v.name, v.version, v.weights, v.strength, v.meta, v.created_at, v.personas
 FROM family_profile_versions v
 JOIN (SELECT name, MAX(version) AS version FROM family_profile_versions
       WHERE family = ? GROUP BY name) m
@@ -89,7 +92,18 @@ class SQLiteProfileStore:
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
+        self._add_personas_column()
         self._adopt_legacy()
+
+    def _add_personas_column(self) -> None:
+        """A file made before profiles held personas gains the column (each row: none)."""
+        with self._write() as conn:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(family_profile_versions)")}
+            if "personas" not in columns:
+                conn.execute(
+                    "ALTER TABLE family_profile_versions "
+                    "ADD COLUMN personas TEXT NOT NULL DEFAULT '{}'"
+                )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -137,8 +151,8 @@ class SQLiteProfileStore:
             names = adopted_names(self.family, rows)
             for name in sorted(names):
                 conn.execute(
-                    f"INSERT OR IGNORE INTO family_profile_versions (family, {_COLUMNS}) "
-                    f"SELECT ?, {_COLUMNS} FROM profile_versions WHERE name = ?",
+                    f"INSERT OR IGNORE INTO family_profile_versions (family, {_LEGACY_COLUMNS}) "
+                    f"SELECT ?, {_LEGACY_COLUMNS} FROM profile_versions WHERE name = ?",
                     (key, name),
                 )
             default = None
@@ -196,17 +210,18 @@ class SQLiteProfileStore:
         weights: dict[str, float],
         strength: float = 1.0,
         meta: dict[str, Any] | None = None,
+        personas: dict[str, Any] | None = None,
     ) -> ProfileVersion:
-        new = prepare_put(name, weights, strength, meta)
+        new = prepare_put(name, weights, strength, meta, personas)
         with self._write() as conn:
             version = _next_version(conn, self.family.key, name)
             conn.execute(
                 f"INSERT INTO family_profile_versions (family, {_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.family.key, name, version, json.dumps(new.weights), new.strength,
-                 json.dumps(new.meta), new.created_at),
+                 json.dumps(new.meta), new.created_at, json.dumps(new.request_personas)),
             )  # fmt: skip
-        return ProfileVersion(name, version, new.weights, new.strength, new.meta, new.created_at)
+        return new.version(name, version)
 
     def delete(self, name: str) -> None:
         key = self.family.key

@@ -24,6 +24,9 @@ DEFINING = {
     "mpo_core/models/policies.py",
     "mpo_core/models/adapters.py",
     "mpo_core/models/personas.py",
+    # the request field ``personas`` (a request's or a stored profile's own)
+    "server/protocol/common.py",
+    "server/protocol/admin.py",
 }
 
 

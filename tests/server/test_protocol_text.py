@@ -35,11 +35,12 @@ BASES: dict[str, dict[str, Any]] = {
     "StreamOptions": {},
     "ProfilePut": {"weights": {"helpful": 1.0}},
     "MixtureSpec": {},  # an item of a fan-out's mixtures
+    "PersonaPrompt": {"system": "Be brief."},  # a persona the request brings
     "DefaultPut": {"default": None},
     "FitRequest": {"prompts": ["Hi"], "iterations": 1, "max_new_tokens": 1},
 }
 # Fields that exclude another one: giving the first drops the second from the base.
-EXCLUSIVE = {("FitRequest", "prompt_file"): "prompts"}
+EXCLUSIVE = {("FitRequest", "prompt_file"): "prompts", ("PersonaPrompt", "prefix"): "system"}
 MODELS: dict[str, type[BaseModel]] = {
     name: value
     for module in (tgi, openai, admin, fit)
