@@ -17,7 +17,8 @@ recomputed per request; the results are the same.
 A request may bring personas of its own (``Row.request_personas``, ids computed by the engine):
 models ``K + 1 + i`` of that row, slots like any other, rendered from the persona's ids;
 their openings' KV is kept in the same cache, for the most recently used few. A step
-whose rows bring none returns the fixed [K + 1, B, G, V].
+whose rows bring none returns the fixed [K + 1, B, G, V]. A static batch, preallocated
+with a slot per (row, model of the family), runs none (``request_personas`` is off).
 
 Scoring teacher-forces each completion after each model's rendering of its prompt,
 all models' rows in the same chunks of one model.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -117,6 +119,8 @@ class PersonaRunner(RunnerBase):
             self.prefixes = PrefixCache(
                 reference, policy_set.vocab_size, device_of(reference), storage, REQUEST_OPENINGS
             )
+        else:  # a static batch has a slot per (row, model of the family) and no more
+            self.capabilities = replace(self.capabilities, request_personas=False)
         # A slot's prompt is longer than its request's by up to ``longest_extra`` tokens.
         limit = self.batch.max_len
         self.max_context = None if limit is None else limit - prompts.longest_extra

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from mpo_core.config import SpeculativeConfig, load_config
+from mpo_core.config import SpeculativeConfig, load_config, parse_config
 from mpo_core.decoding.mixing import Mixture, mix_logprobs, mix_step
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, EngineLimits, GenerationRequest
@@ -384,3 +384,16 @@ def _assert_chunks_agree(ps: PolicySet, tolerance: float) -> None:
         assert a.policy_logprobs["teacher"] == pytest.approx(
             b.policy_logprobs["teacher"], abs=tolerance
         )
+
+
+def test_static_caches_run_no_request_personas(personas: PolicySet) -> None:
+    """A static batch has a slot per (row, model of the family) and no more: the runner
+    runs no request personas there, and a request bringing them gets the 400."""
+    raw = personas.config.model_dump()
+    raw["static_cache"] = "on"
+    static = load_policy_set(parse_config(raw))
+    engine = Engine(static, EngineLimits(max_running=2))
+    assert not engine.runner.capabilities.request_personas
+    with engine, pytest.raises(InvalidParameter) as caught:
+        engine.mixture({"teacher": 1.0}, personas={"teacher": BRIEF})
+    assert caught.value.param == "personas"
