@@ -123,8 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     unwatch = engine.watch(metrics)  # this app's metrics see every step while it serves
     ready_engine = engine
     metrics.track_engine(lambda: ready_engine.stats().running, lambda: ready_engine.stats().waiting)
-    if ready_engine.personas.rules is not None:
-        metrics.track_personas(ready_engine.personas.cache_stats)
+    if ready_engine.own_personas.rules is not None:
+        metrics.track_personas(ready_engine.own_personas.cache_stats)
     profiles = ServedProfiles(store, settings.store_max_stale_s)
     serving = Serving(engine, store, settings, metrics, profiles)
     await anyio.to_thread.run_sync(serving.check_default)  # warns about a misfit default

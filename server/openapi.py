@@ -370,7 +370,7 @@ def persona_fields(schemas: dict[str, Any], serving: Any) -> None:
     differ from the family's members, is beyond JSON Schema: docs/server.md); elsewhere
     only null or {}."""
     engine = serving.engine
-    limit = engine.limits.max_request_personas if engine.personas.rules is not None else 0
+    limit = engine.limits.max_request_personas if engine.own_personas.rules is not None else 0
     models = ("TGIParameters", "CompletionRequest", "ChatCompletionRequest", "MixtureSpec")
     for name in (*models, "ProfilePut"):
         props = schemas.get(name, {}).get("properties", {})

@@ -325,7 +325,7 @@ class Serving:
         persona's opening longer than the family's takes the rest from the context: the
         prompt counts as that much longer (``EnginePersonas.opening_tokens``)."""
         limit = int(self.engine.max_context)
-        own = self.engine.personas
+        own = self.engine.own_personas
         openings = [own.opening_tokens(m.mixture) for m in mixings if m is not None]
         prompt_tokens += max(openings, default=0)
         room = check_context(prompt_tokens, max_new_tokens, limit, param, prompt_param)

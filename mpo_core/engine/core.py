@@ -81,7 +81,7 @@ class Engine:
             self.limits = dataclasses.replace(self.limits, max_running=opened.max_running)
         capabilities = self.runner.capabilities
         self.events = EventBuilder(policy_set, self.max_context)
-        self.personas = EnginePersonas(policy_set, self.runner, self.limits)
+        self.own_personas = EnginePersonas(policy_set, self.runner, self.limits)
         self.grammars = GrammarCompiler(
             policy_set.tokenizer, policy_set.vocab_size, policy_set.eos_token_ids
         )
@@ -140,7 +140,7 @@ class Engine:
     ) -> Mixture:
         """A mixture of this engine's policies and, on a runner that has them, the
         request's own ``personas`` (InvalidParameter names what is wrong)."""
-        names, reference, own = self.policy_names, self.has_reference, self.personas
+        names, reference, own = self.policy_names, self.has_reference, self.own_personas
         return Mixture.build(
             names, weights, strength, has_reference=reference, plausibility=plausibility,
             personas=personas, persona_limit=own.limit, reserved=own.reserved,
@@ -213,7 +213,7 @@ class Engine:
     # -- requests --------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream."""
-        texts, rules = self.events.token_texts, self.personas.rules
+        texts, rules = self.events.token_texts, self.own_personas.rules
         seq = prepare(request, self.policy_set, self.limits, self.max_context, next(self._ids),
                       self._wake, texts, self.kv_budget, rules)  # fmt: skip
         with self._lock:
@@ -251,7 +251,7 @@ class Engine:
     ) -> concurrent.futures.Future[PromptLogprobs]:
         """Each prompt token's log-prob under ``mixture`` (the first: None), computed on the
         engine thread between decode steps; the future holds the result."""
-        own = self.personas.of(mixture)
+        own = self.own_personas.of(mixture)
         job = prompt_logprobs_job(self.runner, self.policy_set, prompt_ids, mixture, top_n, own)
         self._run_job(job)
         return job.future

@@ -94,7 +94,7 @@ def test_request_persona_on_llama_cpp_equals_configured(gguf_personas: PolicySet
         ids = chat_ids(gguf_personas, REQUESTS[0])
         first = engine.generate(GenerationRequest(ids, greedy(3), mixture))
         again = engine.generate(GenerationRequest(ids, greedy(3), mixture))
-        stats = engine.personas.cache_stats()
+        stats = engine.own_personas.cache_stats()
         echoed = engine.prompt_logprobs(ids, mixture).result(timeout=60)
     assert first.token_ids == again.token_ids
     assert stats is not None and stats["opening_misses"] == 1 and stats["opening_hits"] >= 1
@@ -160,7 +160,7 @@ def test_opening_computed_once_per_distinct_prompt(personas: PolicySet) -> None:
         first = engine.generate(GenerationRequest(ids, greedy(4), mixture))
         again = engine.generate(GenerationRequest(ids, greedy(4), mixture))
         after = runner.prefixes.stats()
-        rules = engine.personas.rules
+        rules = engine.own_personas.rules
         described = runner.describe()["request_persona_openings"]
     assert first.token_ids == again.token_ids
     assert after["misses"] - before["misses"] == 1
@@ -190,7 +190,7 @@ def test_rows_without_personas_keep_the_fixed_width(personas: PolicySet) -> None
             self.coefs, self.request_personas = mixture.coefficients, personas
 
     assert runner.step([], [Row(0, plain, ())]).logprobs.shape[0] == k1
-    rules = Engine(personas).personas.rules
+    rules = Engine(personas).own_personas.rules
     assert rules is not None
     own = tuple(rules.of(p) for p in brought.request_personas)
     assert runner.step([Row(0, plain, ())], [Row(1, brought, own)]).logprobs.shape[0] == k1 + 2
@@ -277,7 +277,7 @@ def test_limit_is_a_setting_and_weights_name_personas(personas: PolicySet) -> No
 def test_a_family_without_personas_refuses_them(tmp_path: Path) -> None:
     family = load_policy_set(load_config(make_tiny_family(tmp_path)))
     with Engine(family) as engine:
-        assert engine.personas.rules is None
+        assert engine.own_personas.rules is None
         with pytest.raises(InvalidParameter) as caught:
             engine.mixture(None, personas={"teacher": "x"})
         assert caught.value.param == "personas"
@@ -297,11 +297,11 @@ def test_a_long_opening_takes_its_excess_from_the_context(personas: PolicySet) -
     long_text = " ".join(["Answer every question as a patient, kind teacher would."] * 3)
     with Engine(personas) as engine:
         mixture = engine.mixture({"teacher": 1.0}, personas={"teacher": long_text})
-        beyond = engine.personas.opening_tokens(mixture)
-        assert engine.personas.rules is not None
-        opening = engine.personas.rules.of(mixture.request_personas[0]).prefix
-        assert beyond == len(opening) - engine.personas.rules.room > 0
-        assert engine.personas.opening_tokens(engine.mixture({"brief": 1.0})) == 0
+        beyond = engine.own_personas.opening_tokens(mixture)
+        assert engine.own_personas.rules is not None
+        opening = engine.own_personas.rules.of(mixture.request_personas[0]).prefix
+        assert beyond == len(opening) - engine.own_personas.rules.room > 0
+        assert engine.own_personas.opening_tokens(engine.mixture({"brief": 1.0})) == 0
         ids = chat_ids(personas, REQUESTS[1])
         room = engine.max_context - len(ids)
         with pytest.raises(InvalidParameter) as caught:
