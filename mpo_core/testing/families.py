@@ -190,6 +190,9 @@ class ScriptedRunner:
     def rollback(self, kept: Any) -> None:
         pass  # nothing is cached
 
+    def prefill_chunk(self, rows: Any, ends: Any) -> None:
+        pass  # nothing is cached: the newcomer's step reads its whole prompt
+
     def keep(self, sids: set[int]) -> None:
         self._prompt_len = {s: n for s, n in self._prompt_len.items() if s in sids}
 
