@@ -363,9 +363,13 @@ class DistributedRunner(RunnerBase):
             forward_seconds: dict[str, float] = {}
             parts: list[tuple[list[int], torch.Tensor]] = []
             if self.local is not None and self.shard is not None:
-                out = self.local.verify(
-                    self._local_rows(running), drafts, self._local_rows(newcomers)
-                )
+                try:
+                    out = self.local.verify(
+                        self._local_rows(running), drafts, self._local_rows(newcomers)
+                    )
+                except Exception:  # the workers' answers are on their way: read them, so
+                    self._receive_step()  # the next step does not read this one's
+                    raise
                 forward_seconds.update(out.forward_seconds)
                 used = [j for j, g in enumerate(self.shard.members) if g != UNUSED]
                 parts.append(([self.shard.members[j] for j in used], out.logprobs[used]))

@@ -300,3 +300,34 @@ def test_a_rank_with_another_vocabulary_is_refused(family: Path, tmp_path: Path)
     with pytest.raises(ConfigError, match="rank 1 loaded a different tokenizer"):
         load_policy_set(parse_config(yaml.safe_load(path.read_text()), base_dir=family.parent))
     assert not dist.is_initialized()
+
+
+def test_a_step_that_fails_on_rank_0_leaves_the_workers_in_step(
+    family: Path, alone: PolicySet
+) -> None:
+    """Rank 0's own members fail one step after the workers ran it: their answers are still
+    read, so the next request decodes as in one process (not from last step's tensors)."""
+    from mpo_core.errors import GenerationFailed
+
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    with Engine(alone) as engine:
+        want = engine.generate(GenerationRequest(PROMPTS[0], sampling, engine.mixture(None, 0.5)))
+    ranked = load_policy_set(load_config(_ranked(family, [0, 1, 2])))
+    with Engine(ranked) as engine:
+        local = engine.runner.local  # type: ignore[attr-defined]
+        verify, failed = local.verify, []
+
+        def fail_once(*args: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("rank 0's members failed")
+            return verify(*args)
+
+        local.verify = fail_once
+        with pytest.raises(GenerationFailed):
+            engine.generate(GenerationRequest(PROMPTS[1], sampling, engine.mixture(None, 0.5)))
+        got = engine.generate(GenerationRequest(PROMPTS[0], sampling, engine.mixture(None, 0.5)))
+        assert engine.is_alive
+    assert got.token_ids == want.token_ids
+    for g, w in zip(got.events, want.events, strict=True):
+        assert abs(g.logprob - w.logprob) < 1e-5
