@@ -43,6 +43,13 @@ MAX_KEPT_JOBS = 100
 _PROGRESS_WRITE_S = 0.5  # progress reaches the store at most this often (states at once)
 
 
+# JSON Schema's (ECMA-262's) \s: what a prompt's pattern \S leaves out.
+SCHEMA_SPACE = frozenset(
+    "\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+)
+
+
 @dataclass
 class FitJob:
     id: str
@@ -243,7 +250,9 @@ class FitJobs:
         else:
             assert request.prompt_file is not None  # the request model checks one is given
             prompts = self._read_prompt_file(request.prompt_file)
-        if not prompts or any(not p.strip() for p in prompts):
+        # "Something besides whitespace" as the schema's pattern \S reads it (JSON Schema's
+        # whitespace, not Python's, which also counts \x1c-\x1f and \x85)
+        if not prompts or any(all(c in SCHEMA_SPACE for c in p) for p in prompts):
             raise InvalidParameter("prompts", "prompts must be non-empty strings")
         return prompts
 

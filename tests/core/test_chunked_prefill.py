@@ -194,7 +194,7 @@ def test_chunked_prefill_equals_whole_prefills(
     # llama.cpp runs the requests one at a time: its logits move (by up to 1.3e-2 on the
     # tiny GGUF, measured) when other sequences' cells lie between a sequence's, chunked
     # or not, which flips greedy near-ties of a random model; alone, chunked equals whole.
-    tolerance = 1e-5
+    tolerance = 1e-4  # float32 sums over chunks and whole prompts differ by ~1e-5
     for got, want in zip(results[CHUNK], results[0]):
         assert [e.token_id for e in got] == [e.token_id for e in want], (name, cache)
         for a, b in zip(got, want):
