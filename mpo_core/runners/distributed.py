@@ -142,12 +142,16 @@ class Cluster:
 
     def check(self) -> None:
         """Raise BackendLost if the group is gone (or a spawned worker has exited)."""
+        if self.poll_workers() is not None:
+            raise BackendLost(self.failure or "")
+
+    def poll_workers(self) -> str | None:
+        """Why the group is lost (a spawned worker that exited counts), else None."""
         if self.failure is None:
             for rank, process in enumerate(self.world.workers, start=1):
                 if process.poll() is not None:
                     self.lose(f"rank {rank} exited with code {process.returncode}")
-        if self.failure is not None:
-            raise BackendLost(self.failure)
+        return self.failure
 
     def lose(self, reason: str) -> None:
         """The group is broken: remember why, end the workers this rank spawned."""
@@ -501,12 +505,7 @@ class DistributedRunner(RunnerBase):
 
     # -- health and the end ------------------------------------------------------------------
     def failure(self) -> str | None:
-        cluster = self.cluster
-        if cluster.failure is None and cluster.world.workers:
-            for rank, process in enumerate(cluster.world.workers, start=1):
-                if process.poll() is not None:
-                    cluster.lose(f"rank {rank} exited with code {process.returncode}")
-        return cluster.failure
+        return self.cluster.poll_workers()
 
     def _beat(self) -> None:
         """While idle, ping the workers (a lost or hung one is noticed within a step's
