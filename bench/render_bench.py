@@ -322,9 +322,32 @@ def chunked_prefill(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LLAMA_THREAD_SETTINGS = {
+    "as-before": "neither (as before)",
+    "decoder-thread": "decoder thread only",
+    "torch-one-thread": "torch on one thread only",
+    "both": "both (the server now)",
+}
+
+
+def llama_threads(data: dict[str, Any]) -> str:
+    """``bench.llama_threads``: tokens/s per setting and against the setting as before."""
+    rounds = data["rounds"]
+    lines = [
+        f"| thread rules | tok/s (median of {len(rounds)}) | over as before | per round |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for key, label in LLAMA_THREAD_SETTINGS.items():
+        per_round = ", ".join(f"{r[key]['tokens_per_s']:.1f}" for r in rounds)
+        cells = [label, f"{data['tokens_per_s'][key]:.1f}", f"{data['over_as_before'][key]:.2f}"]
+        lines.append(_row([*cells, per_round]))
+    return "\n".join(lines)
+
+
 KINDS = {
     "adapters": adapters,
     "chunked_prefill": chunked_prefill,
+    "llama_threads": llama_threads,
     "distributed": distributed,
     "detok_step": detok_step,
     "cpu_linear": cpu_linear,

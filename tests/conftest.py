@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from mpo_core.config import load_config
 from mpo_core.engine.core import Engine, EngineLimits
 from mpo_core.models.policies import PolicySet
 from mpo_core.runners import load_policy_set
 from mpo_core.testing.families import make_tiny_family
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """A llama.cpp runner puts torch on one thread for its whole process
+    (runners/llama_context.py); the tests after it get the count they started with."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

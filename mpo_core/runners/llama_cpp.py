@@ -40,7 +40,7 @@ from ..models.kv_budget import KVBudget, token_bytes
 from ..models.personas import RequestPersona, common_suffix, render_prompt
 from ..models.policies import PolicySet
 from .base import Capabilities, Row, RunnerBase, StepOutput, StepRows, all_models
-from .llama_context import GGUFModel, LlamaContext
+from .llama_context import GGUFModel, LlamaContext, single_torch_thread
 from .llama_loading import (
     KIND,
     gguf_file,
@@ -83,6 +83,7 @@ class LlamaCppRunner(RunnerBase):
         budget: KVBudget | None = None,
         request_personas: int = 0,  # the most personas a request may bring (persona family)
     ) -> None:
+        single_torch_thread()
         self.policy_set = policy_set
         self.capabilities = self.capabilities_of(policy_set)
         self.max_context: int | None = None  # each context's cells are the KV budget's

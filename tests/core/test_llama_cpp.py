@@ -14,6 +14,7 @@ bit for bit, and are compared within 1e-3 (the issue's bound).
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,41 @@ def test_each_persona_opening_is_run_once(gguf_personas: PolicySet) -> None:
         assert first == len(opening) and tokens == rendered[len(opening) :], m
     runner.keep(set())
     assert all(len(free) == ctx.n_seq - 4 for free, ctx in zip(runner._free, runner.contexts))
+
+
+def test_every_decode_runs_on_one_thread_and_torch_on_one(
+    gguf_personas: PolicySet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two OpenMP teams on the cores (llama.cpp makes one per thread that decodes, torch one
+    per thread that runs a parallel op) slowed decoding up to twice (llama_context's
+    docstring): the runner puts torch on one thread, and every llama_decode runs on the
+    decoder thread whichever thread asks (here: the openings from this thread at load, a
+    step from this thread and one from another)."""
+    ps = gguf_personas
+    torch.set_num_threads(2)  # conftest restores the count after the test
+    llama = llama_context.import_llama()
+    real, threads = llama.llama_decode, []
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(llama, "llama_decode", spy)
+    runner, _ = make_runner(ps, max_rows=4, max_context=ps.max_context)
+    assert torch.get_num_threads() == 1
+    prompt = chat(ps, REQUESTS[1])
+
+    class Row:
+        def __init__(self, sid: int) -> None:
+            self.sid, self.token_ids, self.coefs = sid, list(prompt), (0.25, 0.25, 0.25, 0.25)
+
+    runner.step([], [Row(0)])
+    other = threading.Thread(target=runner.step, args=([], [Row(1)]), name="not-the-decoder")
+    other.start()
+    other.join()
+    runner.keep(set())
+    assert len(threads) >= 3  # the openings, then the two steps
+    assert set(threads) == {threads[0]} and threads[0].startswith("llama-decode"), threads
 
 
 def test_keep_frees_sequences_for_reuse(gguf_full: PolicySet) -> None:
