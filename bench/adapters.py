@@ -33,9 +33,7 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +49,8 @@ from .common import (
     scratch,
     set_threads,
     summarize,
+    worker_rows,
 )
-from .systems import REPO
 
 logger = logging.getLogger("bench.adapters")
 SYSTEMS = ("adapters", "base-rows", "full", "base")
@@ -179,17 +177,9 @@ def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _worker_rows(args: argparse.Namespace, worker: str) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "bench.adapters", "--worker", worker]
-    command += ["--size", args.size, "--k", str(args.k), "--rank", str(args.rank)]
-    command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
-    command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
-    command += ["--device", args.device, "--dtype", args.dtype, "--rounds", str(args.rounds)]
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{worker} failed:\n{done.stderr[-4000:]}")
-    logger.info("%s (%.0f s)", worker, time.monotonic() - started)
-    rows: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    extra = ["--size", args.size, "--k", str(args.k), "--rank", str(args.rank)]
+    extra += ["--device", args.device, "--dtype", args.dtype]
+    rows: list[dict[str, Any]] = worker_rows("bench.adapters", args, worker, logger, extra)
     return rows
 
 

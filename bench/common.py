@@ -7,13 +7,19 @@ prompt, and each generates exactly ``new_tokens`` tokens greedily (EOS ignored).
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -29,6 +35,7 @@ MAX_K = 4
 # Where a benchmark writes unless --out names a path: a scratch folder git ignores, so that
 # trying a documented command never changes the committed evidence under bench/results/.
 SCRATCH = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def scratch(name: str) -> Path:
@@ -200,3 +207,88 @@ def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+class Workloads(Protocol):
+    """A benchmark's systems, loaded once: ``run(system, c, new_tokens)`` times one
+    workload and returns its summary fields; ``stop()`` frees them."""
+
+    def run(self, system: str, c: int, new_tokens: int) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
+def rotating_rounds(
+    systems: Workloads,
+    names: tuple[str, ...],
+    concurrencies: list[int],
+    rounds: int,
+    new_tokens: int,
+    log: logging.Logger,
+    first_round: int = 0,
+) -> list[dict[str, Any]]:
+    """Every system at every concurrency, ``rounds`` times (numbered from ``first_round``),
+    the systems' order rotating each round (so no system always runs first); after a short
+    warm-up of each. One row per (round, concurrency, system). Stops the systems."""
+    rows = []
+    try:
+        for system in names:
+            systems.run(system, 1, 4)  # warm up
+        for round_index in range(first_round, first_round + rounds):
+            shift = round_index % len(names)
+            order = names[shift:] + names[:shift]
+            for c in concurrencies:
+                for system in order:
+                    fields = systems.run(system, c, new_tokens)
+                    fields.update(system=system, concurrency=c, round=round_index)
+                    rows.append(fields)
+                    log.info(
+                        "round %d c=%d %s: %.1f tok/s",
+                        round_index, c, system, fields["tokens_per_s"],
+                    )  # fmt: skip
+    finally:
+        systems.stop()
+    return rows
+
+
+def memory_rows(
+    systems: Workloads, system: str, concurrencies: list[int], new_tokens: int, baseline: float
+) -> list[dict[str, Any]]:
+    """One system alone in this process: its peak RSS at each concurrency, whole and above
+    ``baseline`` (the RSS before the system loaded). Stops the systems."""
+    rows = []
+    try:
+        systems.run(system, 1, 4)
+        for c in concurrencies:
+            reset_peak_rss()
+            fields = systems.run(system, c, new_tokens)
+            fields.update(system=system, concurrency=c, baseline_rss_mb=baseline)
+            fields.update(peak_rss_mb=peak_rss_mb())
+            fields.update(peak_above_baseline_mb=peak_rss_mb() - baseline)
+            rows.append(fields)
+    finally:
+        systems.stop()
+    return rows
+
+
+def worker_rows(
+    module: str,
+    args: argparse.Namespace,
+    worker: str,
+    log: logging.Logger,
+    extra: Sequence[str] = (),
+) -> Any:
+    """Run ``python -m <module> --worker <worker>`` in a fresh process from the repository
+    root, with the run's workload arguments (``--concurrency``, ``--new-tokens``,
+    ``--threads``, ``--models-dir``, ``--rounds``) and the module's own ``extra`` ones; the
+    JSON it prints last."""
+    command = [sys.executable, "-m", module, "--worker", worker, *extra]
+    command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
+    command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
+    command += ["--rounds", str(args.rounds)]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{worker} failed:\n{done.stderr[-4000:]}")
+    log.info("%s (%.0f s)", worker, time.monotonic() - started)
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -16,10 +16,13 @@ greedy tokens each (EOS ignored). The systems:
 - ``personas-k3-hf``: the same K = 3 persona family on the transformers backend
   (``backend: transformers``: the GGUF dequantised to float32), speculation off.
 
-Speed: one process holds every system and runs them in turn, ``--rounds`` times with the
-order rotating; each figure is the median over rounds, ratios the median of each round's
-ratio. Memory: each system then runs alone in a fresh process, its peak RSS reported whole
-(the process's, imports included) and above the RSS after imports.
+Speed: llama-cpp-python's generate, the server's llama.cpp systems and the transformers
+one are timed in three processes (why: ``TIMING`` below); each round runs the three, their
+order rotating, and the server's llama.cpp process runs its systems in turn, the order
+rotating too; each figure is the median over ``--rounds`` rounds,
+ratios the median of each round's ratio. Memory: each system then runs alone in a fresh
+process, its peak RSS reported whole (the process's, imports included) and above the RSS
+after imports.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import asyncio
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,18 +41,18 @@ import yaml
 
 from .common import (
     RequestTimes,
+    memory_rows,
     now,
-    peak_rss_mb,
     prompt_ids,
     prompt_texts,
-    reset_peak_rss,
+    rotating_rounds,
     rss_mb,
     scratch,
     set_threads,
     summarize,
+    worker_rows,
 )
 from .real_models import _submit_all
-from .systems import REPO
 
 logger = logging.getLogger("bench.llama_cpp")
 SYSTEMS = ("llama-generate", "one-member", "personas-k3", "personas-k3-spec", "personas-k3-hf")
@@ -162,28 +164,20 @@ class Systems:
             engine.stop()
 
 
+# Timed in three processes (runners/llama_context.py): llama.cpp computes with an OpenMP
+# team per thread that decodes, so llama-cpp-python's generate (on the worker's thread)
+# and the server's runner (on its decoder thread) each get a process; and the runner puts
+# torch on one thread for its process, which the transformers system must not inherit.
+TIMING = {"timing-generate": SYSTEMS[:1], "timing-llama": SYSTEMS[1:4], "timing-hf": SYSTEMS[4:]}
+
+
 def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    systems = Systems(args.models_dir, SYSTEMS, max(concurrencies), args.threads)
-    rows = []
-    try:
-        for system in SYSTEMS:
-            systems.run(system, 1, 4)  # warm up
-        for round_index in range(args.rounds):
-            shift = round_index % len(SYSTEMS)
-            order = SYSTEMS[shift:] + SYSTEMS[:shift]
-            for c in concurrencies:
-                for system in order:
-                    fields = systems.run(system, c, args.new_tokens)
-                    fields.update(system=system, concurrency=c, round=round_index)
-                    rows.append(fields)
-                    logger.info(
-                        "round %d c=%d %s: %.1f tok/s",
-                        round_index, c, system, fields["tokens_per_s"],
-                    )  # fmt: skip
-    finally:
-        systems.stop()
-    return rows
+    names = TIMING[args.worker]
+    systems = Systems(args.models_dir, names, max(concurrencies), args.threads)
+    return rotating_rounds(
+        systems, names, concurrencies, args.rounds, args.new_tokens, logger, args.first_round
+    )
 
 
 def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -194,33 +188,7 @@ def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     baseline = rss_mb()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     systems = Systems(args.models_dir, (args.worker,), max(concurrencies), args.threads)
-    rows = []
-    try:
-        systems.run(args.worker, 1, 4)
-        for c in concurrencies:
-            reset_peak_rss()
-            fields = systems.run(args.worker, c, args.new_tokens)
-            fields.update(system=args.worker, concurrency=c, baseline_rss_mb=baseline)
-            fields.update(peak_rss_mb=peak_rss_mb())
-            fields.update(peak_above_baseline_mb=peak_rss_mb() - baseline)
-            rows.append(fields)
-    finally:
-        systems.stop()
-    return rows
-
-
-def _worker_rows(args: argparse.Namespace, worker: str) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "bench.llama_cpp", "--worker", worker]
-    command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
-    command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
-    command += ["--rounds", str(args.rounds)]
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{worker} failed:\n{done.stderr[-4000:]}")
-    logger.info("%s (%.0f s)", worker, time.monotonic() - started)
-    rows: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
-    return rows
+    return memory_rows(systems, args.worker, concurrencies, args.new_tokens, baseline)
 
 
 def ratios(timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:
@@ -269,23 +237,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/mpo-bench-llama"))
     parser.add_argument("--out", type=Path, default=scratch("llama_cpp.json"))
     parser.add_argument("--memory", default=",".join(SYSTEMS), help="systems to measure RSS of")
-    parser.add_argument("--worker", choices=["timing", *SYSTEMS], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*TIMING, *SYSTEMS], help=argparse.SUPPRESS)
+    parser.add_argument("--first-round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
     set_threads(args.threads)
     if args.worker:
-        rows = timing_worker(args) if args.worker == "timing" else memory_worker(args)
+        rows = timing_worker(args) if args.worker in TIMING else memory_worker(args)
         print(json.dumps(rows))
         return 0
     args.models_dir.mkdir(parents=True, exist_ok=True)
     build(args.models_dir, args.threads)
-    timing = _worker_rows(args, "timing")
+    timing: list[dict[str, Any]] = []
+    one_round = argparse.Namespace(**{**vars(args), "rounds": 1})
+    for r in range(args.rounds):  # the timing processes' order rotates each round
+        for worker in list(TIMING)[r % len(TIMING) :] + list(TIMING)[: r % len(TIMING)]:
+            timing += worker_rows(
+                "bench.llama_cpp", one_round, worker, logger, ["--first-round", str(r)]
+            )
     memory: list[dict[str, Any]] = []
     # Written after the timing and after each memory worker: a run cut short keeps what
     # it measured.
     for system in [None, *args.memory.split(",")]:
         if system:
-            memory += _worker_rows(args, system)
+            memory += worker_rows("bench.llama_cpp", args, system, logger)
         result = {
             "ratios": ratios(timing, memory),
             "timing": timing,

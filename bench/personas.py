@@ -35,7 +35,6 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,8 +51,8 @@ from .common import (
     scratch,
     set_threads,
     summarize,
+    worker_rows,
 )
-from .systems import REPO
 
 logger = logging.getLogger("bench.personas")
 SYSTEMS = ("personas", "personas-padded", "full", "single")
@@ -187,17 +186,8 @@ def padding_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_worker(args: argparse.Namespace, worker: str) -> Any:
-    command = [sys.executable, "-m", "bench.personas", "--worker", worker]
-    command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
-    command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
-    command += ["--rounds", str(args.rounds), "--padding", str(args.padding)]
-    command += ["--speculative", args.speculative]
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{worker} failed:\n{done.stderr[-4000:]}")
-    logger.info("%s (%.0f s)", worker, time.monotonic() - started)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    extra = ["--padding", str(args.padding), "--speculative", args.speculative]
+    return worker_rows("bench.personas", args, worker, logger, extra)
 
 
 def ratios(timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:

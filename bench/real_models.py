@@ -34,25 +34,24 @@ import asyncio
 import json
 import logging
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .common import (
-    peak_rss_mb,
+    memory_rows,
     prompt_ids,
     prompt_texts,
-    reset_peak_rss,
+    rotating_rounds,
     rss_mb,
     scratch,
     set_threads,
     summarize,
+    worker_rows,
 )
-from .systems import REPO, _consume, greedy_params
+from .systems import _consume, greedy_params
 
 logger = logging.getLogger("bench.real_models")
 SYSTEMS = ("generate", "generate-torch", "one-policy", "full-k3", "adapters-k3", "adapters-one-hot")
@@ -166,25 +165,7 @@ class Systems:
 def timing_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     systems = Systems(args.models_dir, SYSTEMS, max(concurrencies))
-    rows = []
-    try:
-        for system in SYSTEMS:
-            systems.run(system, 1, 4)  # warm up
-        for round_index in range(args.rounds):
-            shift = round_index % len(SYSTEMS)
-            order = SYSTEMS[shift:] + SYSTEMS[:shift]
-            for c in concurrencies:
-                for system in order:
-                    fields = systems.run(system, c, args.new_tokens)
-                    fields.update(system=system, concurrency=c, round=round_index)
-                    rows.append(fields)
-                    logger.info(
-                        "round %d c=%d %s: %.1f tok/s",
-                        round_index, c, system, fields["tokens_per_s"],
-                    )  # fmt: skip
-    finally:
-        systems.stop()
-    return rows
+    return rotating_rounds(systems, SYSTEMS, concurrencies, args.rounds, args.new_tokens, logger)
 
 
 def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -192,32 +173,7 @@ def memory_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     baseline = rss_mb()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     systems = Systems(args.models_dir, (args.worker,), max(concurrencies))
-    rows = []
-    try:
-        systems.run(args.worker, 1, 4)
-        for c in concurrencies:
-            reset_peak_rss()
-            fields = systems.run(args.worker, c, args.new_tokens)
-            fields.update(system=args.worker, concurrency=c)
-            fields.update(peak_above_baseline_mb=peak_rss_mb() - baseline)
-            rows.append(fields)
-    finally:
-        systems.stop()
-    return rows
-
-
-def _worker_rows(args: argparse.Namespace, worker: str) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "bench.real_models", "--worker", worker]
-    command += ["--concurrency", args.concurrency, "--new-tokens", str(args.new_tokens)]
-    command += ["--threads", str(args.threads), "--models-dir", str(args.models_dir)]
-    command += ["--rounds", str(args.rounds)]
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{worker} failed:\n{done.stderr[-4000:]}")
-    logger.info("%s (%.0f s)", worker, time.monotonic() - started)
-    rows: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
-    return rows
+    return memory_rows(systems, args.worker, concurrencies, args.new_tokens, baseline)
 
 
 def ratios(timing: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.models_dir.mkdir(parents=True, exist_ok=True)
     build(args.models_dir)
-    timing = _worker_rows(args, "timing")
+    timing = worker_rows("bench.real_models", args, "timing", logger)
     memory: list[dict[str, Any]] = []
     # Written after the timing and after each memory worker: a run cut short keeps what
     # it measured.
     for system in [None, *args.memory.split(",")]:
         if system:
-            memory += _worker_rows(args, system)
+            memory += worker_rows("bench.real_models", args, system, logger)
         result = {
             "ratios": ratios(timing, memory),
             "timing": timing,

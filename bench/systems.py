@@ -22,9 +22,7 @@ import httpx
 from mpo_core.decoding.sampling import SamplingParams
 from mpo_core.engine.core import Engine, GenerationRequest
 
-from .common import PROMPT_TOKENS, RequestTimes, now
-
-REPO = Path(__file__).resolve().parent.parent
+from .common import PROMPT_TOKENS, REPO, RequestTimes, now
 
 
 def greedy_params(new_tokens: int) -> SamplingParams:
