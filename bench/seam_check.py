@@ -7,9 +7,11 @@ commits in one run (the backend seam's no-slowdown check, docs/benchmarks.md).
 ``--before`` is a checkout of the earlier commit (``git worktree add /tmp/mpo-before
 <commit>``), ``--after`` one of the later (default: this checkout, uncommitted edits
 included). Each round runs this checkout's worker and the earlier one's, one after the
-other, each in a fresh process that times the engine alone (no HTTP) on: the real demo's
+other (who goes first alternates between rounds, so an order effect cancels), each in a
+fresh process that times the engine alone (no HTTP) on: the real demo's
 persona family (K = 3 personas of SmolLM2-135M-Instruct, uniform weights) and one plain
-model, at concurrency 1 and 8, greedy, ``--new-tokens`` tokens a request (EOS ignored).
+model, at concurrency 1 and 8, greedy, ``--new-tokens`` tokens a request (EOS ignored);
+a worker's figure is the median of ``--repeats`` timed runs after one warm-up.
 A ratio is the median over rounds of that round's tokens/s ratio (this checkout over the
 earlier one). The worker imports what both layouts name, so the same file runs in either.
 """
@@ -68,13 +70,15 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, float] = {}
     for name, config in (("personas", demo | common), ("single", single | common)):
+        if not any(w.startswith(f"{name}-") for w in args.workloads.split(",")):
+            continue
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         policy_set = load_policy_set(load_config(path))
         tok = policy_set.tokenizer
         with engine_cls(policy_set, limits_cls(max_running=8)) as engine:
             for system, c in WORKLOADS:
-                if system != name:
+                if system != name or f"{system}-c{c}" not in args.workloads.split(","):
                     continue
                 prompts = [
                     tok.encode(f"Tell me about topic number {i} in a few words.") for i in range(c)
@@ -83,10 +87,13 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
                     max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True
                 )
                 engine.generate(request_cls(prompts[0], sampling))  # warm-up
-                started = time.perf_counter()
-                streams = [engine.submit(request_cls(p, sampling)) for p in prompts]
-                tokens = sum(len(list(s)) for s in streams)
-                out[f"{system}-c{c}"] = tokens / (time.perf_counter() - started)
+                speeds = []
+                for _ in range(args.repeats):
+                    started = time.perf_counter()
+                    streams = [engine.submit(request_cls(p, sampling)) for p in prompts]
+                    tokens = sum(len(list(s)) for s in streams)
+                    speeds.append(tokens / (time.perf_counter() - started))
+                out[f"{system}-c{c}"] = statistics.median(speeds)
     return out
 
 
@@ -99,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of each workload in a worker (median)"
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(f"{s}-c{c}" for s, c in WORKLOADS),
+        help="which of personas-c1, personas-c8, single-c1, single-c8 to time",
+    )
     parser.add_argument("--models-dir", default="/tmp/mpo-bench-seam")
     parser.add_argument("--out", type=Path, default=Path("bench/out/seam_check.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -109,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.before is None:
         parser.error("--before: a checkout of the commit to compare against")
     command = [sys.executable, "-m", "bench.seam_check", "--worker", "--threads", str(args.threads),
-               "--new-tokens", str(args.new_tokens), "--models-dir", args.models_dir]  # fmt: skip
+               "--new-tokens", str(args.new_tokens), "--models-dir", args.models_dir,
+               "--repeats", str(args.repeats), "--workloads", args.workloads]  # fmt: skip
     here = args.after or Path(__file__).resolve().parents[1]
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
         row = {}
-        for side, cwd in (("after", here), ("before", args.before)):
+        sides = [("after", here), ("before", args.before)]
+        for side, cwd in sides if r % 2 == 0 else sides[::-1]:  # alternate who runs first
             done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True)
             row[side] = json.loads(done.stdout.strip().splitlines()[-1])
         rounds.append(row)
