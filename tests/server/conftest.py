@@ -30,7 +30,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 # where OpenMP threads spin against each other (measured: ~20x per decode step).
 torch.set_num_threads(1)
 
+from postgres_helpers import fresh_schema, postgres_url  # noqa: E402
 from server_helpers import ADMIN_TOKEN, ClientFactory  # noqa: E402
+
+from server.store import ProfileStore, SQLiteProfileStore  # noqa: E402
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProfileStore]:
+    """The profile store on every backend: SQLite, and PostgreSQL in a new, empty schema
+    (skipped without a test database, failing under CI; postgres_helpers)."""
+    if request.param == "sqlite":
+        backend: ProfileStore = SQLiteProfileStore(tmp_path / "profiles.sqlite3")
+        yield backend
+        backend.close()
+        return
+    assert request.param == "postgres", request.param
+    with fresh_schema(postgres_url()) as url:
+        from server.store.postgres import PostgresProfileStore
+
+        request.node.pg_url = url  # for test_store.py's write_raw
+        backend = PostgresProfileStore(url)
+        yield backend
+        backend.close()
 
 
 @pytest.fixture(scope="session")

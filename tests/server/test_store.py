@@ -1,7 +1,7 @@
 """The profile store's contract, run against every backend the ``store`` fixture yields:
 SQLite, and PostgreSQL when a test database is given (``. .ci/services.sh`` starts one;
 without it those tests skip, except under CI where they fail). A new backend joins by
-adding a param to ``store`` below; what only one backend does is tested in its own file
+adding a param to ``store`` (conftest.py); what only one backend does is tested in its own file
 (``test_store_postgres.py``) or below, named after it.
 """
 
@@ -11,11 +11,11 @@ import logging
 import multiprocessing as mp
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from postgres_helpers import fresh_schema, postgres_url, sql, wait_until
+from postgres_helpers import sql, wait_until
 
 from mpo_core.errors import ConfigError, InvalidParameter, UnknownProfile
 from server.store import (
@@ -27,23 +27,6 @@ from server.store import (
 )
 
 WriteRaw = Callable[[str, int, str, str], None]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProfileStore]:
-    if request.param == "sqlite":
-        backend: ProfileStore = SQLiteProfileStore(tmp_path / "profiles.sqlite3")
-        yield backend
-        backend.close()
-        return
-    assert request.param == "postgres", request.param
-    with fresh_schema(postgres_url()) as url:  # a new, empty schema per test
-        from server.store.postgres import PostgresProfileStore
-
-        request.node.pg_url = url  # for write_raw
-        backend = PostgresProfileStore(url)
-        yield backend
-        backend.close()
 
 
 @pytest.fixture

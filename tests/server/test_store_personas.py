@@ -1,11 +1,11 @@
-"""Profiles that bring personas (issue 34.2), on every store backend: a version keeps the
-personas it was written with, a bad one is refused before anything is written, and a store
-made before profiles held personas gains the column, its rows bringing none."""
+"""Profiles that bring personas (issue 34.2), on every store backend (conftest.py's
+``store``): a version keeps the personas it was written with, a bad one is refused before
+anything is written, and a store made before profiles held personas gains the column, its
+rows bringing none."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +15,6 @@ from mpo_core.errors import InvalidParameter
 from server.store import ProfileStore, SQLiteProfileStore
 
 OWN = {"teacher": "You are a patient teacher.", "grateful": {"prefix": "Thank you."}}
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProfileStore]:
-    if request.param == "sqlite":
-        backend: ProfileStore = SQLiteProfileStore(tmp_path / "profiles.sqlite3")
-        yield backend
-        backend.close()
-        return
-    with fresh_schema(postgres_url()) as url:
-        from server.store.postgres import PostgresProfileStore
-
-        backend = PostgresProfileStore(url)
-        yield backend
-        backend.close()
 
 
 def test_a_version_keeps_its_personas(store: ProfileStore) -> None:
