@@ -114,8 +114,18 @@ def filter_scores(
     top_p: torch.Tensor,  # [B] float, 1 = off
     min_p: torch.Tensor,  # [B] float, 0 = off
 ) -> torch.Tensor:
-    """Set to -inf every token that top-k, top-p or min-p rules out; keeps at least one."""
+    """Set to -inf every token that top-k, top-p or min-p rules out; keeps at least one.
+    Rows with every filter off are returned as they are, unsorted (a sort of a 49k-token
+    vocabulary per row was half the engine's step on a sampled real-model batch)."""
     vocab = scores.shape[-1]
+    active = ((top_k > 0) & (top_k < vocab)) | (top_p < 1) | (min_p > 0)  # [B]
+    if not bool(active.any()):
+        return scores
+    if not bool(active.all()):
+        rows = active.nonzero().squeeze(-1)  # [n]
+        out = scores.clone()
+        out[rows] = filter_scores(scores[rows], top_k[rows], top_p[rows], min_p[rows])
+        return out
     sorted_scores, order = scores.sort(dim=-1, descending=True)  # [B, V]
     ranks = torch.arange(vocab, device=scores.device).unsqueeze(0)  # [1, V]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab).unsqueeze(-1)  # [B, 1]

@@ -55,6 +55,12 @@ def real_prompts() -> list[str]:
     return [p.text for i, p in enumerate(all_prompts()) if i % 9 in (0, 4)]
 
 
+def real_fit_prompts() -> list[str]:
+    """40 training prompts for fits on the real demo: the same 20 tasks in two other
+    request templates, so none is one of ``real_prompts()`` (the evaluation's)."""
+    return [p.text for i, p in enumerate(all_prompts()) if i % 9 in (2, 6)]
+
+
 def _hub_cache_has_model() -> bool:
     """The hub repository is in the local hub cache."""
     try:
@@ -143,5 +149,6 @@ def build_real_demo(home: str | Path | None = None, source: str | None = None) -
     _write(folder / "policy_set.yaml", yaml.safe_dump(config, sort_keys=False, width=1000))
     _write(folder / "rewards.yaml", yaml.safe_dump(rewards, sort_keys=False))
     _write(folder / "prompts.txt", "".join(f"{p}\n" for p in real_prompts()))
+    _write(folder / "fit_prompts.txt", "".join(f"{p}\n" for p in real_fit_prompts()))
     logger.info("real demo (model %s) written to %s", source, folder)
     return folder / "policy_set.yaml"

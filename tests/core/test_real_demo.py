@@ -50,6 +50,9 @@ def test_build_real_demo_writes_a_persona_family_and_its_rewards(
     assert objectives["polite"].score(["q"], ["Thank you, please do."]) == [2.0]
     prompts = (path.parent / "prompts.txt").read_text().splitlines()
     assert prompts == real.real_prompts() and len(prompts) == 40
+    fit_prompts = (path.parent / "fit_prompts.txt").read_text().splitlines()
+    assert fit_prompts == real.real_fit_prompts() and len(set(fit_prompts)) == 40
+    assert not set(fit_prompts) & set(prompts)  # a fit never sees an evaluation prompt
     monkeypatch.setattr(real, "_hub_answers", lambda: True)  # the hub id wins
     assert yaml.safe_load(real.build_real_demo().read_text())["reference"]["model"] == (
         real.REAL_MODEL_ID

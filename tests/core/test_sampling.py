@@ -55,6 +55,25 @@ def test_filters_keep_the_expected_tokens():
     torch.testing.assert_close(out[kept], logprobs[kept])
 
 
+def test_rows_with_every_filter_off_pass_through_and_the_others_filter_as_alone():
+    torch.manual_seed(0)
+    scores = torch.randn(5, 50).log_softmax(-1)  # [5, 50]
+    top_k = torch.tensor([0, 3, 0, 50, 0])  # 50 = the vocabulary: off
+    top_p = torch.tensor([1.0, 1.0, 0.6, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.2])
+    out = filter_scores(scores, top_k, top_p, min_p)
+    for row in range(5):
+        alone = filter_scores(scores[row : row + 1], top_k[row : row + 1],
+                              top_p[row : row + 1], min_p[row : row + 1])  # fmt: skip
+        assert torch.equal(out[row], alone[0])
+    assert torch.equal(out[[0, 3]], scores[[0, 3]])  # filters off: unchanged
+    assert torch.isfinite(out[1]).sum().item() == 3
+    assert 1 <= torch.isfinite(out[2]).sum().item() < 50
+    assert 1 <= torch.isfinite(out[4]).sum().item() < 50
+    off = filter_scores(scores, torch.zeros(5, dtype=torch.long), torch.ones(5), torch.zeros(5))
+    assert torch.equal(off, scores)
+
+
 def test_filters_never_drop_the_best_token():
     out = filter_scores(
         torch.tensor([[-0.1, -3.0]]), torch.tensor([0]), torch.tensor([1e-6]), torch.tensor([1.0])
