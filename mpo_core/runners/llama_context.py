@@ -159,6 +159,7 @@ class LlamaContext:
         n_seq: int,
         settings: LlamaCppConfig,
         kv_dtype: torch.dtype = torch.float16,
+        flash_attention: bool = False,  # bench.llama_pool compares both; the server: off
     ) -> None:
         llama = import_llama()
         self.llama = llama
@@ -175,7 +176,11 @@ class LlamaContext:
         # are removed from the shared cache (by up to 0.1 nats), and a prefill's change
         # with the micro-batch's size (64 tokens and more: up to 0.8 in a logit). Without
         # it every sequence gets exactly the logits it gets alone.
-        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (
+            llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attention
+            else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         params.no_perf = True
         self.handle = llama.llama_init_from_model(model.handle, params)
         if not self.handle:
