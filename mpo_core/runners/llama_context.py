@@ -175,7 +175,9 @@ class LlamaContext:
         # "auto" turns it on), a sequence's logits change once another sequence's cells
         # are removed from the shared cache (by up to 0.1 nats), and a prefill's change
         # with the micro-batch's size (64 tokens and more: up to 0.8 in a logit). Without
-        # it every sequence gets exactly the logits it gets alone.
+        # it, on the tests' tiny GGUF files, a sequence gets the logits it gets alone
+        # within 1e-5; on SmolLM2's Q4_1 file it does not (0.6 nats beside others, where
+        # flash attention gave identical ones up to 48 sequences): bench/llama_pool.py.
         params.flash_attn_type = (
             llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if flash_attention
