@@ -237,6 +237,12 @@ def _label(row: dict[str, Any]) -> str:
     return weights + (f" @ strength {strength:.2f}" if strength not in (None, 1) else "")
 
 
+def _worst_gap(row: dict[str, Any], compare: str) -> str:
+    """A row's gap in worst win rate to ``compare``, points, with its paired interval."""
+    gap = {k: 100 * v for k, v in row["worst_gap"][compare].items()}
+    return f"{gap['mean']:+.1f} [{gap['low']:+.1f}, {gap['high']:+.1f}]"
+
+
 def eval_summary(report: dict[str, Any]) -> str:
     """``mpo eval`` in one table: win rates against the baseline, the worst, mean KL, and
     against the first ``--compare`` row the paired win rates and the worst-win gap."""
@@ -256,8 +262,7 @@ def eval_summary(report: dict[str, Any]) -> str:
         cells.append("" if kl is None else f"{0.0 if abs(kl) < 5e-3 else kl:.2f}")
         if compare is not None:
             cells += [_percent(row["paired"][compare][n]) for n in names]
-            gap = {k: 100 * v for k, v in row["worst_gap"][compare].items()}
-            cells.append(f"{gap['mean']:+.1f} [{gap['low']:+.1f}, {gap['high']:+.1f}]")
+            cells.append(_worst_gap(row, compare))
         lines.append(_row(cells))
     return "\n".join(lines)
 
@@ -270,9 +275,7 @@ def eval_gaps(report: dict[str, Any]) -> str:
     lines = [_row(header), "|---|" + "---:|" * len(compare)]
     for row in report["rows"]:
         cells = [_label(row)]
-        for c in compare:
-            gap = {k: 100 * v for k, v in row["worst_gap"][c].items()}
-            cells.append(f"{gap['mean']:+.1f} [{gap['low']:+.1f}, {gap['high']:+.1f}]")
+        cells += [_worst_gap(row, c) for c in compare]
         lines.append(_row(cells))
     return "\n".join(lines)
 
